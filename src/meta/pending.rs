@@ -1,0 +1,205 @@
+//! The replayed store: the tree of metadata records by backing path, as recovered from the
+//! checkpoint and journal, before the filesystem has looked at the backing directories.
+//!
+//! The filesystem takes a directory's subtree out of this tree the first time it lists that
+//! directory (lazy reconciliation), so records of directories never visited cost only memory.
+//! This module only applies records; it never touches the stick.
+
+use std::collections::HashMap;
+
+use super::{Meta, Record};
+
+/// One node of the replayed tree: the metadata of the entry at this path (if a record set it)
+/// and the nodes below it, keyed by backing name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingTree {
+    pub meta: Option<Meta>,
+    pub children: HashMap<Vec<u8>, PendingTree>,
+}
+
+/// Everything a replay yields: the path tree and the hard-link inode table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replayed {
+    pub root: PendingTree,
+    pub inodes: HashMap<u64, Meta>,
+}
+
+impl PendingTree {
+    fn node_mut(&mut self, path: &[Vec<u8>]) -> &mut PendingTree {
+        let mut node = self;
+        for component in path {
+            node = node.children.entry(component.clone()).or_default();
+        }
+        node
+    }
+
+    fn take(&mut self, path: &[Vec<u8>]) -> Option<PendingTree> {
+        let (last, parents) = path.split_last()?;
+        let mut node = self;
+        for component in parents {
+            node = node.children.get_mut(component)?;
+        }
+        node.children.remove(last)
+    }
+
+    fn put_subtree(&mut self, path: &[Vec<u8>], subtree: Option<PendingTree>) {
+        let Some((last, parents)) = path.split_last() else {
+            return;
+        };
+        let parent = self.node_mut(parents);
+        match subtree {
+            Some(subtree) => {
+                parent.children.insert(last.clone(), subtree);
+            }
+            None => {
+                parent.children.remove(last);
+            }
+        }
+    }
+
+    /// Appends a record for every node that carries metadata, parents before children, with
+    /// `prefix` as the path of this node.
+    pub fn snapshot_into(&self, prefix: &mut Vec<Vec<u8>>, out: &mut Vec<Record>) {
+        if let Some(meta) = &self.meta {
+            if !prefix.is_empty() {
+                out.push(Record::Put {
+                    path: prefix.clone(),
+                    meta: meta.clone(),
+                });
+            }
+        }
+        // Sorted so that a checkpoint of the same state is the same bytes.
+        let mut names: Vec<&Vec<u8>> = self.children.keys().collect();
+        names.sort();
+        for name in names {
+            prefix.push(name.clone());
+            self.children[name].snapshot_into(prefix, out);
+            prefix.pop();
+        }
+    }
+}
+
+impl Replayed {
+    /// Applies one record. Records are applied in the order they were committed; every record
+    /// is total (a missing path is not an error), so a journal that lost some history by a
+    /// repair still replays.
+    pub fn apply(&mut self, record: Record) {
+        match record {
+            Record::Put { path, meta } => {
+                if !path.is_empty() {
+                    self.root.node_mut(&path).meta = Some(meta);
+                }
+            }
+            Record::Remove { path } => {
+                self.root.take(&path);
+            }
+            Record::Rename { from, to } => {
+                if from == to {
+                    return;
+                }
+                // Moving a directory into itself cannot be committed by the filesystem; a
+                // journal that says so is corrupt, and the safe reading is "nothing moved".
+                if to.starts_with(&from) {
+                    return;
+                }
+                let moved = self.root.take(&from);
+                self.root.put_subtree(&to, moved);
+            }
+            Record::Exchange { a, b } => {
+                if a == b || a.starts_with(&b) || b.starts_with(&a) {
+                    return;
+                }
+                let at_a = self.root.take(&a);
+                let at_b = self.root.take(&b);
+                self.root.put_subtree(&a, at_b);
+                self.root.put_subtree(&b, at_a);
+            }
+            Record::PutInode { id, meta } => {
+                self.inodes.insert(id, meta);
+            }
+            Record::RemoveInode { id } => {
+                self.inodes.remove(&id);
+            }
+        }
+    }
+
+    /// The records that rebuild this state from nothing: what a checkpoint holds.
+    pub fn snapshot(&self) -> Vec<Record> {
+        let mut out = Vec::new();
+        let mut ids: Vec<&u64> = self.inodes.keys().collect();
+        ids.sort();
+        for id in ids {
+            out.push(Record::PutInode {
+                id: *id,
+                meta: self.inodes[id].clone(),
+            });
+        }
+        self.root.snapshot_into(&mut Vec::new(), &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(parts: &[&str]) -> Vec<Vec<u8>> {
+        parts.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
+    fn meta(mode: u32) -> Meta {
+        Meta {
+            mode,
+            ..Meta::default()
+        }
+    }
+
+    #[test]
+    fn rename_moves_subtree_and_snapshot_replays_to_same_state() {
+        let mut r = Replayed::default();
+        r.apply(Record::Put {
+            path: p(&["a"]),
+            meta: meta(0o40755),
+        });
+        r.apply(Record::Put {
+            path: p(&["a", "f"]),
+            meta: meta(0o100644),
+        });
+        r.apply(Record::Put {
+            path: p(&["b"]),
+            meta: meta(0o100600),
+        });
+        r.apply(Record::Rename {
+            from: p(&["a"]),
+            to: p(&["c"]),
+        });
+        r.apply(Record::Exchange {
+            a: p(&["b"]),
+            b: p(&["c"]),
+        });
+        assert_eq!(
+            r.root.children[&b"b".to_vec()].children[&b"f".to_vec()].meta,
+            Some(meta(0o100644))
+        );
+        assert_eq!(r.root.children[&b"c".to_vec()].meta, Some(meta(0o100600)));
+        let mut again = Replayed::default();
+        for record in r.snapshot() {
+            again.apply(record);
+        }
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn rename_into_itself_is_ignored() {
+        let mut r = Replayed::default();
+        r.apply(Record::Put {
+            path: p(&["a"]),
+            meta: meta(0o40755),
+        });
+        r.apply(Record::Rename {
+            from: p(&["a"]),
+            to: p(&["a", "b"]),
+        });
+        assert!(r.root.children.contains_key(&b"a".to_vec()));
+    }
+}
