@@ -1,0 +1,312 @@
+//! Every access to the backing directory (the stick's `pershome/`) goes through here.
+//!
+//! Paths are resolved only with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` from the
+//! backing root, and leaf operations use `*at()` calls on a directory fd with `O_NOFOLLOW` /
+//! `AT_SYMLINK_NOFOLLOW`, so a symlink planted in the backing (possible on a plain-directory or
+//! sshfs backing; FAT itself has none) can never lead pershome outside the backing directory.
+//! This module knows nothing of POSIX names or metadata: it deals in backing names only.
+//! It counts the bytes pershome writes to the stick as file data, for the flash-wear figures.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// `stat` of a backing entry, reduced to what pershome uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackingStat {
+    pub is_dir: bool,
+    pub is_file: bool,
+    pub size: u64,
+    pub blocks: u64,
+    pub nlink: u64,
+    pub mtime: (i64, u32),
+}
+
+impl BackingStat {
+    fn from_raw(st: &libc::stat) -> BackingStat {
+        let fmt = st.st_mode & libc::S_IFMT;
+        BackingStat {
+            is_dir: fmt == libc::S_IFDIR,
+            is_file: fmt == libc::S_IFREG,
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            nlink: st.st_nlink,
+            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        }
+    }
+}
+
+/// An entry of a backing directory listing.
+#[derive(Debug, Clone)]
+pub struct BackingEntry {
+    pub name: Vec<u8>,
+    pub stat: BackingStat,
+}
+
+/// Counters of what pershome wrote to the backing as file data (metadata is counted by the
+/// journal). Bytes and write calls, for the flash-wear benchmark.
+#[derive(Debug, Default)]
+pub struct DataStats {
+    pub bytes: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// The backing directory, held open by fd for the lifetime of the mount.
+#[derive(Debug)]
+pub struct Backing {
+    root: OwnedFd,
+    pub stats: DataStats,
+}
+
+fn cstr(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A backing path relative to the root: backing names joined with `/`. Empty means the root.
+pub fn join(components: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, c) in components.iter().enumerate() {
+        if i > 0 {
+            out.push(b'/');
+        }
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+impl Backing {
+    /// Opens the backing directory given on the command line. The administrator's path may go
+    /// through symlinks (e.g. `/media/stick`); everything below it may not.
+    pub fn open(path: &Path) -> io::Result<Backing> {
+        let c = cstr(path.as_os_str().as_bytes())?;
+        // SAFETY: c is a valid NUL-terminated string; the returned fd is checked.
+        let fd = check(unsafe {
+            libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        })?;
+        // SAFETY: fd was just returned by open and is owned by nobody else.
+        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Backing { root, stats: DataStats::default() })
+    }
+
+    pub fn root(&self) -> BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Opens a directory below the root by relative backing path (empty = the root itself),
+    /// refusing symlinks anywhere on the way and any escape from the root.
+    pub fn open_dir(&self, rel: &[u8]) -> io::Result<OwnedFd> {
+        let path = if rel.is_empty() { cstr(b".")? } else { cstr(rel)? };
+        // SAFETY: open_how is plain data; all-zero is its documented default.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+        how.resolve =
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: arguments are valid for the duration of the call; the result is checked.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.root.as_raw_fd(),
+                path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openat2 returned a fresh fd.
+        Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) })
+    }
+
+    pub fn stat_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<BackingStat> {
+        let c = cstr(name)?;
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: st is written by fstatat on success, which check() verifies.
+        check(unsafe {
+            libc::fstatat(dir.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        })?;
+        // SAFETY: fstatat succeeded, so st is initialised.
+        Ok(BackingStat::from_raw(unsafe { &st.assume_init() }))
+    }
+
+    pub fn fstat(file: &File) -> io::Result<BackingStat> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: as in stat_at.
+        check(unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) })?;
+        // SAFETY: fstat succeeded.
+        Ok(BackingStat::from_raw(unsafe { &st.assume_init() }))
+    }
+
+    /// Lists a directory: every entry but `.` and `..`, with its `stat` (no symlink followed).
+    pub fn list(&self, dir: BorrowedFd<'_>) -> io::Result<Vec<BackingEntry>> {
+        // fdopendir takes ownership of the fd it is given, so hand it a duplicate.
+        let dup = dir.try_clone_to_owned()?;
+        let raw = dup.as_raw_fd();
+        // SAFETY: raw is a valid directory fd that fdopendir now owns (we forget `dup`).
+        let dirp = unsafe { libc::fdopendir(raw) };
+        if dirp.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        std::mem::forget(dup);
+        // SAFETY: rewinding a freshly opened stream is always valid; a dup shares the offset
+        // with the caller's fd, which may have been read before.
+        unsafe { libc::rewinddir(dirp) };
+        let mut names = Vec::new();
+        let result = loop {
+            // SAFETY: errno is thread-local; readdir's NULL is ambiguous without clearing it.
+            unsafe { *libc::__errno_location() = 0 };
+            // SAFETY: dirp is valid until closedir below.
+            let ent = unsafe { libc::readdir64(dirp) };
+            if ent.is_null() {
+                let err = io::Error::last_os_error();
+                break if err.raw_os_error() == Some(0) { Ok(()) } else { Err(err) };
+            }
+            // SAFETY: d_name is a NUL-terminated array inside the entry readdir returned.
+            let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+            if name != b"." && name != b".." {
+                names.push(name.to_vec());
+            }
+        };
+        // SAFETY: dirp came from fdopendir and is closed exactly once.
+        unsafe { libc::closedir(dirp) };
+        result?;
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            match self.stat_at(dir, &name) {
+                Ok(stat) => out.push(BackingEntry { name, stat }),
+                // Removed between readdir and stat (another process on a shared backing).
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens a file below `dir`, never following a symlink; `O_CLOEXEC` always.
+    pub fn open_at(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        flags: libc::c_int,
+        mode: libc::mode_t,
+    ) -> io::Result<File> {
+        let c = cstr(name)?;
+        let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // SAFETY: valid arguments; result checked.
+        let fd = check(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode as u32) })?;
+        // SAFETY: fresh fd.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    pub fn mkdir_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+        let c = cstr(name)?;
+        // The mode on the stick is irrelevant (FAT has none); the real mode is in the store.
+        // SAFETY: valid arguments; result checked.
+        check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o700) }).map(drop)
+    }
+
+    pub fn unlink_at(&self, dir: BorrowedFd<'_>, name: &[u8], is_dir: bool) -> io::Result<()> {
+        let c = cstr(name)?;
+        let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+        // SAFETY: valid arguments; result checked.
+        check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) }).map(drop)
+    }
+
+    /// `renameat2`; `flags` may hold `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
+    pub fn rename_at(
+        &self,
+        from_dir: BorrowedFd<'_>,
+        from: &[u8],
+        to_dir: BorrowedFd<'_>,
+        to: &[u8],
+        flags: libc::c_uint,
+    ) -> io::Result<()> {
+        let f = cstr(from)?;
+        let t = cstr(to)?;
+        // SAFETY: valid arguments; result checked.
+        check(unsafe {
+            libc::renameat2(from_dir.as_raw_fd(), f.as_ptr(), to_dir.as_raw_fd(), t.as_ptr(), flags)
+        })
+        .map(drop)
+    }
+
+    /// Creates (or truncates) a file and fills it with `content`; used for symlinks and
+    /// placeholders, which are small.
+    pub fn write_new_file(&self, dir: BorrowedFd<'_>, name: &[u8], content: &[u8]) -> io::Result<()> {
+        let file = self.open_at(dir, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
+        if !content.is_empty() {
+            self.write_at(&file, content, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Writes file data, counting it for the wear figures.
+    pub fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < data.len() {
+            match file.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => return Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+                Ok(n) => {
+                    done += n;
+                    self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Reads a whole small file (symlink bodies), refusing anything over `limit` bytes.
+    pub fn read_small(&self, dir: BorrowedFd<'_>, name: &[u8], limit: u64) -> io::Result<Vec<u8>> {
+        let file = self.open_at(dir, name, libc::O_RDONLY, 0)?;
+        let st = Backing::fstat(&file)?;
+        if st.size > limit {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let mut buf = vec![0u8; st.size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn statvfs(&self) -> io::Result<libc::statvfs> {
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: as in stat_at.
+        check(unsafe { libc::fstatvfs(self.root.as_raw_fd(), st.as_mut_ptr()) })?;
+        // SAFETY: fstatvfs succeeded.
+        Ok(unsafe { st.assume_init() })
+    }
+
+    pub fn fsync_dir(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+        // SAFETY: valid fd; result checked.
+        check(unsafe { libc::fsync(dir.as_raw_fd()) }).map(drop)
+    }
+}
+
+/// A backing name as an `OsStr`, for messages.
+pub fn display(name: &[u8]) -> &OsStr {
+    OsStr::from_bytes(name)
+}

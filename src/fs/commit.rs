@@ -1,0 +1,196 @@
+//! Committing gathered metadata changes to the store, and compacting it.
+//!
+//! A commit is one journal batch: the structural records (remove, rename, exchange) in the
+//! order they happened, then one `Put` per inode whose metadata changed, with its current path.
+//! That order replays correctly because a structural record only moves or drops paths, and
+//! every changed inode is written afresh at its final place.
+
+use std::os::fd::AsFd;
+
+use super::{link_file_name, DirState, Errno, Fs, Ino, Kind, Result, State, INODES_DIR, ROOT};
+use crate::meta::{Meta, Record, OWNER_ID, STORE_DIR};
+use crate::names::{self, Decoded};
+
+/// Compact the journal once it holds this many bytes more than the last checkpoint.
+const COMPACT_AFTER_BYTES: u64 = 4 << 20;
+
+impl Fs {
+    /// Commits everything pending. A no-op (no write at all) when nothing changed.
+    pub fn commit(&self) -> Result<()> {
+        let mut st = self.lock();
+        self.commit_locked(&mut st)
+    }
+
+    /// Metadata as stored: the mounting user's ids become `OWNER_ID` (design property 8).
+    pub(crate) fn stored_meta(&self, meta: &Meta) -> Meta {
+        let mut m = meta.clone();
+        if m.uid == self.opts.uid {
+            m.uid = OWNER_ID;
+        }
+        if m.gid == self.opts.gid {
+            m.gid = OWNER_ID;
+        }
+        m
+    }
+
+    /// The record that states an inode's metadata now, if it has a place in the store.
+    fn record_for(&self, st: &State, ino: Ino) -> Option<Record> {
+        let inode = st.inodes.get(&ino)?;
+        let mut meta = self.stored_meta(&inode.meta);
+        if let Some(id) = inode.link_id {
+            if inode.meta.nlink == 0 {
+                return None;
+            }
+            if let Some(stat) = self.backing_stat(format!("{STORE_DIR}/{INODES_DIR}").as_bytes(), &link_file_name(id)) {
+                meta.backing_size = stat.size;
+                meta.backing_mtime = crate::meta::Timespec { sec: stat.mtime.0, nsec: stat.mtime.1 };
+            }
+            meta.name = None;
+            return Some(Record::PutInode { id, meta });
+        }
+        if ino != ROOT && inode.parent == 0 {
+            return None;
+        }
+        let path = st.backing_path(ino).ok()?;
+        if let Some(backing_name) = path.last() {
+            // Keep the POSIX name in the record when decoding the backing name would not give
+            // it back (hashed names, names renamed after a clash).
+            let at_root = inode.parent == ROOT;
+            meta.name = match names::decode(backing_name, at_root) {
+                Decoded::Name(n) if n == inode.name => None,
+                _ => Some(inode.name.clone()),
+            };
+            if inode.kind == Kind::File {
+                let dir = super::join_path(&path[..path.len() - 1]);
+                if let Some(stat) = self.backing_stat(&dir, backing_name) {
+                    meta.backing_size = stat.size;
+                    meta.backing_mtime =
+                        crate::meta::Timespec { sec: stat.mtime.0, nsec: stat.mtime.1 };
+                }
+            }
+        }
+        Some(Record::Put { path, meta })
+    }
+
+    fn backing_stat(&self, dir: &[u8], name: &[u8]) -> Option<crate::backing::BackingStat> {
+        let fd = self.backing.open_dir(dir).ok()?;
+        self.backing.stat_at(fd.as_fd(), name).ok()
+    }
+
+    pub(crate) fn commit_locked(&self, st: &mut State) -> Result<()> {
+        if st.pending.is_empty() && st.dirty.is_empty() {
+            return Ok(());
+        }
+        if st.journal.is_none() {
+            return Err(Errno::EROFS);
+        }
+        let mut records = std::mem::take(&mut st.lazy_removes);
+        records.append(&mut std::mem::take(&mut st.pending));
+        let mut inos: Vec<Ino> = st.dirty.drain().chain(st.lazy_dirty.drain()).collect();
+        inos.sort_unstable();
+        inos.dedup();
+        for &ino in &inos {
+            if let Some(r) = self.record_for(st, ino) {
+                records.push(r);
+            }
+        }
+        let journal = st.journal.as_mut().ok_or(Errno::EROFS)?;
+        if let Err(e) = journal.append(&records) {
+            tracing::error!("committing metadata to the stick failed: {e}");
+            // Keep the changes queued so a later commit (after the stick is back, or space
+            // is freed) still writes them.
+            st.pending = records;
+            st.dirty.extend(inos);
+            return Err(Errno::EIO);
+        }
+        for ino in inos {
+            if let Some(i) = st.inodes.get_mut(&ino) {
+                i.persisted = true;
+            }
+        }
+        if journal.journal_len() > COMPACT_AFTER_BYTES {
+            let snapshot = self.snapshot(st);
+            let journal = st.journal.as_mut().ok_or(Errno::EROFS)?;
+            if let Err(e) = journal.checkpoint(&snapshot) {
+                // The journal still holds everything; compaction can wait.
+                tracing::warn!("compacting the metadata store failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole state as records: what a checkpoint holds.
+    pub(crate) fn snapshot(&self, st: &State) -> Vec<Record> {
+        let mut out = Vec::new();
+        let mut ids: Vec<(&u64, &Meta)> = st.link_meta.iter().collect();
+        ids.sort_by_key(|(id, _)| **id);
+        for (id, meta) in ids {
+            out.push(Record::PutInode { id: *id, meta: meta.clone() });
+        }
+        let mut linked: Vec<(&u64, &Ino)> = st.links.iter().collect();
+        linked.sort();
+        for (_, ino) in linked {
+            if let Some(r) = self.record_for(st, *ino) {
+                out.push(r);
+            }
+        }
+        if st.inodes.get(&ROOT).is_some_and(|r| r.persisted) {
+            if let Some(r) = self.record_for(st, ROOT) {
+                out.push(r);
+            }
+        }
+        self.snapshot_dir(st, ROOT, &mut Vec::new(), &mut out);
+        out
+    }
+
+    fn snapshot_dir(&self, st: &State, dir: Ino, path: &mut Vec<Vec<u8>>, out: &mut Vec<Record>) {
+        let Some(inode) = st.inodes.get(&dir) else { return };
+        match &inode.dir {
+            Some(DirState::Unloaded(tree)) => {
+                let mut prefix = path.clone();
+                for (name, child) in &tree.children {
+                    prefix.push(name.clone());
+                    child.snapshot_into(&mut prefix, out);
+                    prefix.pop();
+                }
+            }
+            Some(DirState::Loaded(children)) => {
+                for (name, dentry) in &children.entries {
+                    path.push(dentry.backing.clone());
+                    if let Some(child) = st.inodes.get(&dentry.ino) {
+                        if let Some(id) = child.link_id {
+                            let meta = Meta {
+                                mode: libc::S_IFREG,
+                                link: Some(id),
+                                name: Some(name.clone()).filter(|n| {
+                                    !matches!(names::decode(&dentry.backing, dir == ROOT), Decoded::Name(ref d) if d == n)
+                                }),
+                                ..Meta::default()
+                            };
+                            out.push(Record::Put { path: path.clone(), meta });
+                        } else if child.persisted {
+                            if let Some(r) = self.record_for(st, dentry.ino) {
+                                out.push(r);
+                            }
+                        }
+                        if child.kind == Kind::Dir {
+                            self.snapshot_dir(st, dentry.ino, path, out);
+                        }
+                    }
+                    path.pop();
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Called at unmount: commit what is pending; the daemon exits after this.
+    pub fn shutdown(&self) {
+        if self.opts.read_only {
+            return;
+        }
+        if let Err(e) = self.commit() {
+            tracing::error!("final metadata commit failed: {e}");
+        }
+    }
+}

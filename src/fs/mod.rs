@@ -1,0 +1,520 @@
+//! The filesystem operations, as plain functions `fn op(...) -> Result<T, Errno>` over a
+//! backing directory, callable in-process without a kernel mount (most tests use them so).
+//!
+//! This module owns the POSIX view: the inode table, the directory trees loaded so far, the
+//! choice of backing name for every new name, and what goes into the metadata store and when.
+//! It never calls `reply.*` (that is `crate::fuse`), never touches the backing except through
+//! `crate::backing`, and never writes the store except through `crate::meta::Journal`.
+//!
+//! Architecture invariants (see docs/architecture.md):
+//! - One POSIX name ⇄ one backing entry. Directories, files, symlinks (a Cygwin `!<symlink>`
+//!   file), fifos, sockets and device nodes (empty files) all have one; a hard-linked file's
+//!   names are empty placeholder files and its content lives in `.pershome/inodes/<id>`.
+//! - Reads, `stat`, `readdir` and atime never cause a store write by themselves: changes found
+//!   by reconciling with the backing are recorded only when something else is committed.
+//! - Metadata changes are gathered in memory (`dirty`, `pending`) and committed as one journal
+//!   batch: on fsync, on the commit timer, at unmount.
+
+mod commit;
+mod io_ops;
+mod namespace;
+mod reconcile;
+mod xattr;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use nix::errno::Errno;
+
+use crate::backing::Backing;
+use crate::meta::journal::{Journal, OpenMode, StoreError};
+use crate::meta::pending::PendingTree;
+use crate::meta::{Meta, Timespec, STORE_DIR};
+
+pub type Result<T> = std::result::Result<T, Errno>;
+pub type Ino = u64;
+pub const ROOT: Ino = 1;
+
+/// Where the content of hard-linked files lives, below the store directory.
+pub(crate) const INODES_DIR: &str = "inodes";
+
+/// Options of one mount, as the command line gives them.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Who the stick's owner appears as.
+    pub uid: u32,
+    pub gid: u32,
+    pub read_only: bool,
+    /// How long metadata changes may wait in memory before they are committed.
+    pub commit_interval: Duration,
+}
+
+/// File types pershome represents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl Kind {
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDevice,
+            libc::S_IFBLK => Kind::BlockDevice,
+            _ => return None,
+        })
+    }
+
+    pub fn type_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDevice => libc::S_IFCHR,
+            Kind::BlockDevice => libc::S_IFBLK,
+        }
+    }
+}
+
+/// The attributes of an inode, as `stat` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    /// Permission bits including setuid/setgid/sticky (no type bits).
+    pub perm: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub btime: Timespec,
+}
+
+/// Who is asking: the caller of the system call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// A time to set, as `utimensat` gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(Timespec),
+}
+
+/// What `setattr` changes; `None` leaves a field alone.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<Timespec>,
+    pub fh: Option<u64>,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub name: Vec<u8>,
+}
+
+pub(crate) fn now() -> Timespec {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
+}
+
+pub(crate) fn errno_of(e: &std::io::Error) -> Errno {
+    e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
+}
+
+/// A name in a loaded directory: which inode, and which backing entry stands for it.
+#[derive(Debug, Clone)]
+pub(crate) struct Dentry {
+    pub ino: Ino,
+    pub backing: Vec<u8>,
+}
+
+/// The children of a loaded directory.
+#[derive(Debug, Default)]
+pub(crate) struct Children {
+    /// By POSIX name.
+    pub entries: BTreeMap<Vec<u8>, Dentry>,
+    /// Fold keys (Windows case-insensitive form) of every backing name in the directory,
+    /// including entries pershome skips, so a new backing name never clashes on the stick.
+    pub folds: HashSet<Vec<u8>>,
+    pub subdirs: u32,
+}
+
+#[derive(Debug)]
+pub(crate) enum DirState {
+    /// Not listed yet: the store's records for the entries below, waiting for reconciliation.
+    Unloaded(PendingTree),
+    Loaded(Children),
+}
+
+#[derive(Debug)]
+pub(crate) struct Inode {
+    pub kind: Kind,
+    /// Metadata with real ids (the store's `OWNER_ID` already mapped to the mount owner).
+    pub meta: Meta,
+    pub size: u64,
+    pub blocks: u64,
+    /// For directories and files with one name: the directory holding the name, and the name.
+    /// `parent == 0` once unlinked. Unused for hard-linked files (see `dentries`).
+    pub parent: Ino,
+    pub name: Vec<u8>,
+    /// Hard-link inode id: the content is `.pershome/inodes/<id>`.
+    pub link_id: Option<u64>,
+    /// For hard-linked files: the names of it seen so far (directories not yet loaded may
+    /// hold more; `meta.nlink` is the true count).
+    pub dentries: Vec<(Ino, Vec<u8>)>,
+    pub dir: Option<DirState>,
+    /// For a directory not yet loaded: its link count from the backing.
+    pub nlink_hint: u32,
+    /// Whether the store holds (or the next commit writes) a record for this inode; entries
+    /// found on the stick without a record keep default metadata and cost no store bytes.
+    pub persisted: bool,
+    pub lookups: u64,
+    pub opens: u32,
+    pub symlink: Option<Vec<u8>>,
+}
+
+impl Inode {
+    pub fn children(&self) -> Option<&Children> {
+        match &self.dir {
+            Some(DirState::Loaded(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub fn children_mut(&mut self) -> Option<&mut Children> {
+        match &mut self.dir {
+            Some(DirState::Loaded(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub fn nlink(&self) -> u32 {
+        match self.kind {
+            Kind::Dir => match self.children() {
+                Some(c) => 2 + c.subdirs,
+                None => self.nlink_hint.max(2),
+            },
+            _ if self.link_id.is_some() => self.meta.nlink,
+            _ => u32::from(self.parent != 0),
+        }
+    }
+
+    pub fn attr(&self, ino: Ino) -> Attr {
+        Attr {
+            ino,
+            kind: self.kind,
+            perm: self.meta.mode & 0o7777,
+            nlink: self.nlink(),
+            uid: self.meta.uid,
+            gid: self.meta.gid,
+            rdev: self.meta.rdev,
+            size: self.size,
+            blocks: self.blocks,
+            atime: self.meta.atime,
+            mtime: self.meta.mtime,
+            ctime: self.meta.ctime,
+            btime: self.meta.btime,
+        }
+    }
+}
+
+/// An open file: the backing file it reads and writes.
+#[derive(Debug)]
+pub(crate) struct Handle {
+    pub ino: Ino,
+    pub file: Arc<File>,
+    pub writable: bool,
+}
+
+/// A directory listing taken at opendir, so readdir offsets stay stable while it changes.
+#[derive(Debug)]
+pub(crate) struct DirHandle {
+    pub entries: Vec<DirEntry>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub inodes: HashMap<Ino, Inode>,
+    pub next_ino: Ino,
+    /// Hard-link ids already materialised as inodes.
+    pub links: HashMap<u64, Ino>,
+    /// Hard-link inode records not yet materialised (their names are in unloaded dirs).
+    pub link_meta: HashMap<u64, Meta>,
+    pub next_link_id: u64,
+    pub journal: Option<Journal>,
+    /// Structural records (remove, rename) in the order they happened since the last commit.
+    pub pending: Vec<crate::meta::Record>,
+    /// Inodes whose metadata record is due at the next commit.
+    pub dirty: HashSet<Ino>,
+    /// Records found to be stale by reconciliation: written with the next real commit only.
+    pub lazy_removes: Vec<crate::meta::Record>,
+    pub lazy_dirty: HashSet<Ino>,
+    pub handles: HashMap<u64, Handle>,
+    pub dir_handles: HashMap<u64, DirHandle>,
+    pub next_fh: u64,
+    /// Size of the state at the last checkpoint, to decide when to compact the journal.
+    pub checkpoint_records: u64,
+    pub warnings: Vec<String>,
+}
+
+/// The filesystem: a backing directory, the metadata store and the in-memory view of both.
+#[derive(Debug)]
+pub struct Fs {
+    pub(crate) backing: Backing,
+    pub(crate) opts: FsOptions,
+    pub(crate) state: Mutex<State>,
+}
+
+/// Why a backing directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open the backing directory {path}: {source}")]
+    Backing { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Fs {
+    /// Opens a backing directory: recovers the metadata store to its last commit.
+    pub fn open_backing(backing_path: &Path, opts: FsOptions) -> std::result::Result<Fs, OpenError> {
+        let backing = Backing::open(backing_path).map_err(|source| OpenError::Backing {
+            path: backing_path.display().to_string(),
+            source,
+        })?;
+        let mode = if opts.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
+        let (journal, recovered) = Journal::open(backing.root(), mode)?;
+        for w in &recovered.warnings {
+            tracing::warn!("metadata store: {w}");
+        }
+        let root_stat = backing
+            .stat_at(backing.root(), b".")
+            .map_err(|source| OpenError::Backing { path: backing_path.display().to_string(), source })?;
+        let mut replayed = recovered.replayed;
+        let root_record = replayed.root.meta.take();
+        let tree = std::mem::take(&mut replayed.root);
+        let persisted = root_record.is_some();
+        let mut root_meta = match root_record {
+            Some(m) if m.mode & libc::S_IFMT == libc::S_IFDIR => m,
+            _ => reconcile::default_meta(Kind::Dir, &root_stat, &opts),
+        };
+        reconcile::map_ids_in(&mut root_meta, &opts);
+        let root = Inode {
+            kind: Kind::Dir,
+            meta: root_meta,
+            size: 4096,
+            blocks: 8,
+            parent: 0,
+            name: Vec::new(),
+            link_id: None,
+            dentries: Vec::new(),
+            dir: Some(DirState::Unloaded(tree)),
+            nlink_hint: root_stat.nlink as u32,
+            persisted,
+            lookups: 1,
+            opens: 0,
+            symlink: None,
+        };
+        let next_link_id = replayed.inodes.keys().max().map_or(1, |m| m + 1);
+        let mut inodes = HashMap::new();
+        inodes.insert(ROOT, root);
+        let state = State {
+            inodes,
+            next_ino: ROOT + 1,
+            links: HashMap::new(),
+            link_meta: replayed.inodes,
+            next_link_id,
+            journal: if opts.read_only { None } else { Some(journal) },
+            pending: Vec::new(),
+            dirty: HashSet::new(),
+            lazy_removes: Vec::new(),
+            lazy_dirty: HashSet::new(),
+            handles: HashMap::new(),
+            dir_handles: HashMap::new(),
+            next_fh: 1,
+            checkpoint_records: 0,
+            warnings: recovered.warnings,
+        };
+        Ok(Fs { backing, opts, state: Mutex::new(state) })
+    }
+
+    pub fn options(&self) -> &FsOptions {
+        &self.opts
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state is still the best we have, and
+        // refusing every later operation would lose the user's unsaved metadata.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Warnings from recovering the store (a torn journal tail, a corrupt checkpoint…).
+    pub fn recovery_warnings(&self) -> Vec<String> {
+        self.lock().warnings.clone()
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let st = self.lock();
+        st.inodes.get(&ino).map(|i| i.attr(ino)).ok_or(Errno::ENOENT)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.opts.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Drops `nlookup` kernel references to an inode; forgets it once nothing refers to it.
+    pub fn forget(&self, ino: Ino, nlookup: u64) {
+        let mut st = self.lock();
+        if let Some(inode) = st.inodes.get_mut(&ino) {
+            inode.lookups = inode.lookups.saturating_sub(nlookup);
+        }
+        st.maybe_drop(ino);
+    }
+
+    /// Backing statistics for the flash-wear figures: (data bytes, data writes, metadata
+    /// bytes, metadata writes).
+    pub fn write_stats(&self) -> (u64, u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = self.lock();
+        let (mb, mw) = st.journal.as_ref().map_or((0, 0), |j| {
+            let s = j.stats();
+            (s.bytes, s.writes)
+        });
+        (self.backing.stats.bytes.load(Relaxed), self.backing.stats.writes.load(Relaxed), mb, mw)
+    }
+}
+
+impl State {
+    pub fn inode(&self, ino: Ino) -> Result<&Inode> {
+        self.inodes.get(&ino).ok_or(Errno::ENOENT)
+    }
+
+    pub fn inode_mut(&mut self, ino: Ino) -> Result<&mut Inode> {
+        self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)
+    }
+
+    pub fn alloc_ino(&mut self) -> Ino {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        ino
+    }
+
+    /// Removes an inode that no name, kernel reference or open file refers to any more.
+    pub fn maybe_drop(&mut self, ino: Ino) {
+        if ino == ROOT {
+            return;
+        }
+        let Some(inode) = self.inodes.get(&ino) else { return };
+        let linked = match inode.link_id {
+            Some(_) => inode.meta.nlink > 0,
+            None => inode.parent != 0,
+        };
+        if !linked && inode.lookups == 0 && inode.opens == 0 {
+            if let Some(id) = inode.link_id {
+                self.links.remove(&id);
+            }
+            self.inodes.remove(&ino);
+            self.dirty.remove(&ino);
+            self.lazy_dirty.remove(&ino);
+        }
+    }
+
+    /// The backing path (backing names from the root) of a directory or single-name inode.
+    pub fn backing_path(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let inode = self.inode(cur)?;
+            if inode.parent == 0 {
+                return Err(Errno::ENOENT);
+            }
+            let parent = self.inode(inode.parent)?;
+            let dentry = parent
+                .children()
+                .and_then(|c| c.entries.get(&inode.name))
+                .ok_or(Errno::EIO)?;
+            parts.push(dentry.backing.clone());
+            cur = inode.parent;
+            if parts.len() > 4096 {
+                return Err(Errno::ELOOP);
+            }
+        }
+        parts.reverse();
+        Ok(parts)
+    }
+
+    /// Where an inode's content lives on the backing: (directory path, backing name).
+    pub fn content_location(&self, ino: Ino) -> Result<(Vec<u8>, Vec<u8>)> {
+        let inode = self.inode(ino)?;
+        if let Some(id) = inode.link_id {
+            return Ok((format!("{STORE_DIR}/{INODES_DIR}").into_bytes(), link_file_name(id)));
+        }
+        let mut path = self.backing_path(ino)?;
+        let name = path.pop().ok_or(Errno::EISDIR)?;
+        Ok((join_path(&path), name))
+    }
+
+    pub fn alloc_fh(&mut self) -> u64 {
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        fh
+    }
+
+    pub fn mark_dirty(&mut self, ino: Ino) {
+        self.dirty.insert(ino);
+    }
+}
+
+pub(crate) fn link_file_name(id: u64) -> Vec<u8> {
+    format!("{id:016x}").into_bytes()
+}
+
+pub(crate) fn join_path(parts: &[Vec<u8>]) -> Vec<u8> {
+    let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    crate::backing::join(&refs)
+}
+
+impl Fs {
+    pub(crate) fn open_dir_of(&self, st: &State, ino: Ino) -> Result<OwnedFd> {
+        let path = st.backing_path(ino)?;
+        self.backing.open_dir(&join_path(&path)).map_err(|e| errno_of(&e))
+    }
+}

@@ -1,0 +1,773 @@
+//! Operations on names: lookup, create, mkdir, mknod, symlink, link, unlink, rmdir, rename,
+//! readdir. Each picks or finds the backing name, changes the backing, then the in-memory tree,
+//! and queues what the store must learn.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use super::{
+    errno_of, link_file_name, now, Attr, Ctx, Dentry, DirEntry, DirHandle, DirState,
+    Errno, Fs, Ino, Inode, Kind, Result, State, INODES_DIR, ROOT,
+};
+use crate::fatrules::fold_key;
+use crate::meta::{Meta, Record, STORE_DIR};
+use crate::names::{self, Form};
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > 255 {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    if !names::is_valid_posix_name(name) {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}
+
+/// What a new inode is made of.
+pub(crate) struct NewNode<'a> {
+    pub kind: Kind,
+    pub perm: u32,
+    pub rdev: u64,
+    pub symlink: Option<&'a [u8]>,
+}
+
+impl Fs {
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let mut st = self.lock();
+        self.ensure_loaded(&mut st, parent)?;
+        let ino = st
+            .inode(parent)?
+            .children()
+            .and_then(|c| c.entries.get(name))
+            .map(|d| d.ino)
+            .ok_or(Errno::ENOENT)?;
+        let inode = st.inode_mut(ino)?;
+        inode.lookups += 1;
+        Ok(inode.attr(ino))
+    }
+
+    /// Picks the backing name for a new POSIX name in a loaded directory: the name itself when
+    /// FAT takes it, else its escaped form; when that clashes case-insensitively with another
+    /// name on the stick, the case-escaped form; as a last resort the hashed form.
+    pub(crate) fn choose_backing_name(
+        st: &State,
+        dir: Ino,
+        name: &[u8],
+        ignore: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        let children = st.inode(dir)?.children().ok_or(Errno::EIO)?;
+        let ignore_fold = ignore.map(fold_key);
+        for form in [Form::Natural, Form::CaseEscaped, Form::Hashed] {
+            let candidate = names::encode(name, form, dir == ROOT);
+            let fold = fold_key(&candidate);
+            if !children.folds.contains(&fold) || ignore_fold.as_ref() == Some(&fold) {
+                return Ok(candidate);
+            }
+        }
+        Err(Errno::EEXIST)
+    }
+
+    /// Creates a node of any kind; returns its attributes and, for regular files, the open
+    /// backing file.
+    pub(crate) fn create_node(
+        &self,
+        ctx: Ctx,
+        parent: Ino,
+        name: &[u8],
+        node: NewNode<'_>,
+        open_flags: Option<i32>,
+    ) -> Result<(Attr, Option<File>)> {
+        self.check_writable()?;
+        check_name(name)?;
+        let mut st = self.lock();
+        self.ensure_loaded(&mut st, parent)?;
+        let pinode = st.inode(parent)?;
+        let children = pinode.children().ok_or(Errno::ENOTDIR)?;
+        if pinode.parent == 0 && parent != ROOT {
+            return Err(Errno::ENOENT);
+        }
+        if children.entries.contains_key(name) {
+            return Err(Errno::EEXIST);
+        }
+        let parent_setgid = pinode.meta.mode & libc::S_ISGID != 0;
+        let parent_gid = pinode.meta.gid;
+        let backing_name = Self::choose_backing_name(&st, parent, name, None)?;
+        let dirfd = self.open_dir_of(&st, parent)?;
+        let dirfd = dirfd.as_fd();
+        let mut file = None;
+        let mut size = 0;
+        match node.kind {
+            Kind::Dir => self.backing.mkdir_at(dirfd, &backing_name),
+            Kind::File => {
+                let flags = open_flags.map_or(libc::O_RDWR, backing_open_flags);
+                self.backing
+                    .open_at(dirfd, &backing_name, flags | libc::O_CREAT | libc::O_EXCL, 0o600)
+                    .map(|f| file = Some(f))
+            }
+            Kind::Symlink => {
+                let target = node.symlink.unwrap_or_default();
+                size = target.len() as u64;
+                self.backing.write_new_file(
+                    dirfd,
+                    &backing_name,
+                    &super::reconcile::symlink_body(target),
+                )
+            }
+            _ => self.backing.write_new_file(dirfd, &backing_name, &[]),
+        }
+        .map_err(|e| errno_of(&e))?;
+        let t = now();
+        let mut mode = node.kind.type_bits() | (node.perm & 0o7777);
+        let gid = if parent_setgid { parent_gid } else { ctx.gid };
+        if parent_setgid && node.kind == Kind::Dir {
+            mode |= libc::S_ISGID;
+        }
+        let meta = Meta {
+            mode,
+            uid: ctx.uid,
+            gid,
+            rdev: node.rdev,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            btime: t,
+            ..Meta::default()
+        };
+        let ino = st.alloc_ino();
+        let inode = Inode {
+            kind: node.kind,
+            meta,
+            size,
+            blocks: 0,
+            parent,
+            name: name.to_vec(),
+            link_id: None,
+            dentries: Vec::new(),
+            dir: (node.kind == Kind::Dir).then(|| DirState::Loaded(Default::default())),
+            nlink_hint: 2,
+            persisted: true,
+            lookups: 1,
+            opens: 0,
+            symlink: node.symlink.map(|t| t.to_vec()),
+        };
+        let attr = inode.attr(ino);
+        st.inodes.insert(ino, inode);
+        let pinode = st.inode_mut(parent)?;
+        pinode.meta.mtime = t;
+        pinode.meta.ctime = t;
+        let children = pinode.children_mut().ok_or(Errno::EIO)?;
+        children.folds.insert(fold_key(&backing_name));
+        children.entries.insert(name.to_vec(), Dentry { ino, backing: backing_name });
+        if node.kind == Kind::Dir {
+            children.subdirs += 1;
+        }
+        st.mark_dirty(parent);
+        st.mark_dirty(ino);
+        // Re-read the attributes: a new directory changes its parent's link count only.
+        Ok((attr, file))
+    }
+
+    pub fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
+        let node = NewNode { kind: Kind::Dir, perm: mode, rdev: 0, symlink: None };
+        self.create_node(ctx, parent, name, node, None).map(|(a, _)| a)
+    }
+
+    pub fn mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32, rdev: u64) -> Result<Attr> {
+        let kind = Kind::from_mode(mode).unwrap_or(Kind::File);
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            return Err(Errno::EINVAL);
+        }
+        let rdev = if matches!(kind, Kind::CharDevice | Kind::BlockDevice) { rdev } else { 0 };
+        let node = NewNode { kind, perm: mode, rdev, symlink: None };
+        self.create_node(ctx, parent, name, node, None).map(|(a, _)| a)
+    }
+
+    pub fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
+        if target.is_empty() || target.contains(&0) {
+            return Err(Errno::ENOENT);
+        }
+        if target.len() > 4095 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let node = NewNode { kind: Kind::Symlink, perm: 0o777, rdev: 0, symlink: Some(target) };
+        self.create_node(ctx, parent, name, node, None).map(|(a, _)| a)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        let st = self.lock();
+        let inode = st.inode(ino)?;
+        if inode.kind != Kind::Symlink {
+            return Err(Errno::EINVAL);
+        }
+        inode.symlink.clone().ok_or(Errno::EIO)
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.remove_name(parent, name, false)
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        self.remove_name(parent, name, true)
+    }
+
+    fn remove_name(&self, parent: Ino, name: &[u8], want_dir: bool) -> Result<()> {
+        self.check_writable()?;
+        let mut st = self.lock();
+        self.ensure_loaded(&mut st, parent)?;
+        let dentry = st
+            .inode(parent)?
+            .children()
+            .and_then(|c| c.entries.get(name))
+            .cloned()
+            .ok_or(Errno::ENOENT)?;
+        let kind = st.inode(dentry.ino)?.kind;
+        match (want_dir, kind == Kind::Dir) {
+            (true, false) => return Err(Errno::ENOTDIR),
+            (false, true) => return Err(Errno::EISDIR),
+            (true, true) => {
+                self.ensure_loaded(&mut st, dentry.ino)?;
+                let empty = st.inode(dentry.ino)?.children().is_some_and(|c| c.entries.is_empty());
+                if !empty {
+                    return Err(Errno::ENOTEMPTY);
+                }
+            }
+            _ => {}
+        }
+        let dirfd = self.open_dir_of(&st, parent)?;
+        self.backing.unlink_at(dirfd.as_fd(), &dentry.backing, want_dir).map_err(|e| errno_of(&e))?;
+        let mut path = st.backing_path(parent)?;
+        path.push(dentry.backing.clone());
+        st.pending.push(Record::Remove { path });
+        self.detach_name(&mut st, parent, name, &dentry)?;
+        Ok(())
+    }
+
+    /// Takes a name out of a loaded directory (the backing entry is already gone or replaced)
+    /// and drops the inode's link to it.
+    fn detach_name(&self, st: &mut State, parent: Ino, name: &[u8], dentry: &Dentry) -> Result<()> {
+        let t = now();
+        let ino = dentry.ino;
+        let is_dir = st.inode(ino)?.kind == Kind::Dir;
+        {
+            let pinode = st.inode_mut(parent)?;
+            pinode.meta.mtime = t;
+            pinode.meta.ctime = t;
+            let children = pinode.children_mut().ok_or(Errno::EIO)?;
+            children.entries.remove(name);
+            children.folds.remove(&fold_key(&dentry.backing));
+            if is_dir {
+                children.subdirs = children.subdirs.saturating_sub(1);
+            }
+        }
+        st.mark_dirty(parent);
+        let inode = st.inode_mut(ino)?;
+        inode.meta.ctime = t;
+        match inode.link_id {
+            Some(id) => {
+                inode.meta.nlink = inode.meta.nlink.saturating_sub(1);
+                inode.dentries.retain(|(p, n)| !(*p == parent && n == name));
+                let nlink = inode.meta.nlink;
+                let opens = inode.opens;
+                st.mark_dirty(ino);
+                if nlink == 0 {
+                    if opens == 0 {
+                        self.remove_link_content(id);
+                    }
+                    st.pending.push(Record::RemoveInode { id });
+                } else if nlink == 1 {
+                    self.undo_link(st, ino)?;
+                }
+            }
+            None => {
+                inode.parent = 0;
+                st.dirty.remove(&ino);
+            }
+        }
+        st.maybe_drop(ino);
+        Ok(())
+    }
+
+    pub(crate) fn remove_link_content(&self, id: u64) {
+        let dir = format!("{STORE_DIR}/{INODES_DIR}");
+        if let Ok(fd) = self.backing.open_dir(dir.as_bytes()) {
+            if let Err(e) = self.backing.unlink_at(fd.as_fd(), &link_file_name(id), false) {
+                tracing::warn!("removing the content of hard link {id}: {e}");
+            }
+        }
+    }
+
+    /// A hard-linked file is down to one name that pershome knows: move its content back to
+    /// that name, so the stick shows an ordinary file again.
+    fn undo_link(&self, st: &mut State, ino: Ino) -> Result<()> {
+        let inode = st.inode(ino)?;
+        let (Some(id), [(parent, name)]) = (inode.link_id, inode.dentries.as_slice()) else {
+            return Ok(());
+        };
+        let (parent, name) = (*parent, name.clone());
+        let Some(dentry) = st.inode(parent)?.children().and_then(|c| c.entries.get(&name)).cloned()
+        else {
+            return Ok(());
+        };
+        let store_dir = self.backing.open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes());
+        let dirfd = self.open_dir_of(st, parent);
+        let (Ok(store_dir), Ok(dirfd)) = (store_dir, dirfd) else { return Ok(()) };
+        if let Err(e) = self.backing.rename_at(
+            store_dir.as_fd(),
+            &link_file_name(id),
+            dirfd.as_fd(),
+            &dentry.backing,
+            0,
+        ) {
+            // Leaving it as a one-name link is correct, only less tidy on the stick.
+            tracing::warn!("moving hard link content back: {e}");
+            return Ok(());
+        }
+        st.pending.push(Record::RemoveInode { id });
+        st.links.remove(&id);
+        let inode = st.inode_mut(ino)?;
+        inode.link_id = None;
+        inode.dentries.clear();
+        inode.parent = parent;
+        inode.name = name;
+        inode.meta.nlink = 0;
+        st.mark_dirty(ino);
+        Ok(())
+    }
+
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
+        self.check_writable()?;
+        check_name(newname)?;
+        let mut st = self.lock();
+        self.ensure_loaded(&mut st, newparent)?;
+        let inode = st.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(Errno::EPERM);
+        }
+        if inode.link_id.is_none() && inode.parent == 0 {
+            return Err(Errno::ENOENT);
+        }
+        if inode.link_id.is_some() && inode.meta.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        if inode.meta.nlink >= 65000 {
+            return Err(Errno::EMLINK);
+        }
+        if st.inode(newparent)?.children().ok_or(Errno::ENOTDIR)?.entries.contains_key(newname) {
+            return Err(Errno::EEXIST);
+        }
+        let new_backing = Self::choose_backing_name(&st, newparent, newname, None)?;
+        let mut new_path = st.backing_path(newparent)?;
+        new_path.push(new_backing.clone());
+        let newdir = self.open_dir_of(&st, newparent)?;
+        let t = now();
+        let id = match st.inode(ino)?.link_id {
+            Some(id) => {
+                self.backing
+                    .write_new_file(newdir.as_fd(), &new_backing, &[])
+                    .map_err(|e| errno_of(&e))?;
+                id
+            }
+            None => self.start_link(&mut st, ino, &new_path, &new_backing, newdir.as_fd())?,
+        };
+        st.pending.push(Record::Put { path: new_path, meta: link_name_meta(id) });
+        let inode = st.inode_mut(ino)?;
+        inode.meta.nlink += 1;
+        inode.meta.ctime = t;
+        inode.dentries.push((newparent, newname.to_vec()));
+        inode.lookups += 1;
+        let attr = inode.attr(ino);
+        st.mark_dirty(ino);
+        let pinode = st.inode_mut(newparent)?;
+        pinode.meta.mtime = t;
+        pinode.meta.ctime = t;
+        let children = pinode.children_mut().ok_or(Errno::EIO)?;
+        children.folds.insert(fold_key(&new_backing));
+        children.entries.insert(newname.to_vec(), Dentry { ino, backing: new_backing });
+        st.mark_dirty(newparent);
+        Ok(attr)
+    }
+
+    /// Turns a one-name file into a hard-linked one: the records go to the stick first, then
+    /// the content moves into the store's inode directory and both names become placeholders.
+    /// A crash between the steps leaves a name that still holds the content, which the next
+    /// mount reads as an ordinary file (see reconcile).
+    fn start_link(
+        &self,
+        st: &mut State,
+        ino: Ino,
+        new_path: &[Vec<u8>],
+        new_backing: &[u8],
+        newdir: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<u64> {
+        let id = st.next_link_id;
+        st.next_link_id += 1;
+        let old_path = st.backing_path(ino)?;
+        let (old_parent, old_name) = {
+            let i = st.inode(ino)?;
+            (i.parent, i.name.clone())
+        };
+        let old_backing = old_path.last().cloned().ok_or(Errno::EIO)?;
+        let mut link_meta = st.inode(ino)?.meta.clone();
+        link_meta.nlink = 2;
+        st.pending.push(Record::Put { path: old_path.clone(), meta: link_name_meta(id) });
+        st.pending.push(Record::Put { path: new_path.to_vec(), meta: link_name_meta(id) });
+        st.pending.push(Record::PutInode { id, meta: self.stored_meta(&link_meta) });
+        self.commit_locked(st)?;
+        let store = self.backing.open_dir(STORE_DIR.as_bytes()).map_err(|e| errno_of(&e))?;
+        match self.backing.mkdir_at(store.as_fd(), INODES_DIR.as_bytes()) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
+            _ => {}
+        }
+        let inodes_dir = self
+            .backing
+            .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
+            .map_err(|e| errno_of(&e))?;
+        let old_dir = self.open_dir_of(st, old_parent)?;
+        self.backing
+            .rename_at(old_dir.as_fd(), &old_backing, inodes_dir.as_fd(), &link_file_name(id), 0)
+            .map_err(|e| errno_of(&e))?;
+        self.backing.write_new_file(old_dir.as_fd(), &old_backing, &[]).map_err(|e| errno_of(&e))?;
+        self.backing.write_new_file(newdir, new_backing, &[]).map_err(|e| errno_of(&e))?;
+        st.links.insert(id, ino);
+        let inode = st.inode_mut(ino)?;
+        inode.link_id = Some(id);
+        inode.meta.nlink = 1; // link() adds the new name
+        inode.dentries = vec![(old_parent, old_name)];
+        inode.parent = 0;
+        Ok(id)
+    }
+
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        newparent: Ino,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        self.check_writable()?;
+        check_name(newname)?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0
+            || (exchange && noreplace)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let mut st = self.lock();
+        self.ensure_loaded(&mut st, parent)?;
+        self.ensure_loaded(&mut st, newparent)?;
+        let src = st
+            .inode(parent)?
+            .children()
+            .and_then(|c| c.entries.get(name))
+            .cloned()
+            .ok_or(Errno::ENOENT)?;
+        let dst = st.inode(newparent)?.children().and_then(|c| c.entries.get(newname)).cloned();
+        let src_kind = st.inode(src.ino)?.kind;
+        // Moving a directory below itself.
+        if src_kind == Kind::Dir {
+            let mut cur = newparent;
+            while cur != ROOT && cur != 0 {
+                if cur == src.ino {
+                    return Err(Errno::EINVAL);
+                }
+                cur = st.inode(cur)?.parent;
+            }
+            if newparent == src.ino {
+                return Err(Errno::EINVAL);
+            }
+        }
+        if exchange {
+            let dst = dst.ok_or(Errno::ENOENT)?;
+            return self.exchange(&mut st, parent, name, &src, newparent, newname, &dst);
+        }
+        if let Some(dst) = &dst {
+            if noreplace {
+                return Err(Errno::EEXIST);
+            }
+            if dst.ino == src.ino {
+                return Ok(());
+            }
+            let dst_kind = st.inode(dst.ino)?.kind;
+            match (src_kind == Kind::Dir, dst_kind == Kind::Dir) {
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                (true, true) => {
+                    self.ensure_loaded(&mut st, dst.ino)?;
+                    if st.inode(dst.ino)?.children().is_some_and(|c| !c.entries.is_empty()) {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let new_backing = match &dst {
+            Some(d) => d.backing.clone(),
+            None => {
+                let ignore = (parent == newparent).then_some(src.backing.as_slice());
+                Self::choose_backing_name(&st, newparent, newname, ignore)?
+            }
+        };
+        let from_dir = self.open_dir_of(&st, parent)?;
+        let to_dir = self.open_dir_of(&st, newparent)?;
+        if !(parent == newparent && src.backing == new_backing) {
+            self.backing
+                .rename_at(from_dir.as_fd(), &src.backing, to_dir.as_fd(), &new_backing, 0)
+                .map_err(|e| errno_of(&e))?;
+        }
+        let mut from = st.backing_path(parent)?;
+        from.push(src.backing.clone());
+        let mut to = st.backing_path(newparent)?;
+        to.push(new_backing.clone());
+        if let Some(dst) = &dst {
+            // The replaced name is gone; its inode loses a link (the Rename record below
+            // replaces its record on the stick).
+            self.detach_name(&mut st, newparent, newname, dst)?;
+        }
+        st.pending.push(Record::Rename { from, to });
+        let t = now();
+        let is_dir = src_kind == Kind::Dir;
+        {
+            let pinode = st.inode_mut(parent)?;
+            pinode.meta.mtime = t;
+            pinode.meta.ctime = t;
+            let c = pinode.children_mut().ok_or(Errno::EIO)?;
+            c.entries.remove(name);
+            c.folds.remove(&fold_key(&src.backing));
+            if is_dir {
+                c.subdirs = c.subdirs.saturating_sub(1);
+            }
+        }
+        {
+            let pinode = st.inode_mut(newparent)?;
+            pinode.meta.mtime = t;
+            pinode.meta.ctime = t;
+            let c = pinode.children_mut().ok_or(Errno::EIO)?;
+            c.folds.insert(fold_key(&new_backing));
+            c.entries.insert(newname.to_vec(), Dentry { ino: src.ino, backing: new_backing });
+            if is_dir {
+                c.subdirs += 1;
+            }
+        }
+        let inode = st.inode_mut(src.ino)?;
+        inode.meta.ctime = t;
+        if inode.link_id.is_some() {
+            for d in inode.dentries.iter_mut() {
+                if d.0 == parent && d.1 == name {
+                    *d = (newparent, newname.to_vec());
+                }
+            }
+        } else {
+            inode.parent = newparent;
+            inode.name = newname.to_vec();
+        }
+        st.mark_dirty(src.ino);
+        st.mark_dirty(parent);
+        st.mark_dirty(newparent);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exchange(
+        &self,
+        st: &mut State,
+        parent: Ino,
+        name: &[u8],
+        src: &Dentry,
+        newparent: Ino,
+        newname: &[u8],
+        dst: &Dentry,
+    ) -> Result<()> {
+        if src.ino == dst.ino {
+            return Ok(());
+        }
+        // Exchanging a directory with something inside it.
+        for (a, b) in [(src.ino, newparent), (dst.ino, parent)] {
+            let mut cur = b;
+            while cur != 0 {
+                if cur == a {
+                    return Err(Errno::EINVAL);
+                }
+                if cur == ROOT {
+                    break;
+                }
+                cur = st.inode(cur)?.parent;
+            }
+        }
+        let a_dir = self.open_dir_of(st, parent)?;
+        let b_dir = self.open_dir_of(st, newparent)?;
+        let swapped = self.backing.rename_at(
+            a_dir.as_fd(),
+            &src.backing,
+            b_dir.as_fd(),
+            &dst.backing,
+            libc::RENAME_EXCHANGE,
+        );
+        if let Err(e) = swapped {
+            match e.raw_os_error() {
+                // FAT drivers and FUSE backings without RENAME_EXCHANGE: three renames through
+                // a temporary name in the store, undone if a step fails.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    self.exchange_by_steps(a_dir.as_fd(), &src.backing, b_dir.as_fd(), &dst.backing)?
+                }
+                _ => return Err(errno_of(&e)),
+            }
+        }
+        let mut a = st.backing_path(parent)?;
+        a.push(src.backing.clone());
+        let mut b = st.backing_path(newparent)?;
+        b.push(dst.backing.clone());
+        st.pending.push(Record::Exchange { a, b });
+        let t = now();
+        let a_is_dir = st.inode(src.ino)?.kind == Kind::Dir;
+        let b_is_dir = st.inode(dst.ino)?.kind == Kind::Dir;
+        for (dir, nm, ino, delta_in, delta_out) in [
+            (parent, name, dst.ino, b_is_dir, a_is_dir),
+            (newparent, newname, src.ino, a_is_dir, b_is_dir),
+        ] {
+            let pinode = st.inode_mut(dir)?;
+            pinode.meta.mtime = t;
+            pinode.meta.ctime = t;
+            let c = pinode.children_mut().ok_or(Errno::EIO)?;
+            if let Some(d) = c.entries.get_mut(nm) {
+                d.ino = ino;
+            }
+            if parent != newparent {
+                c.subdirs = c.subdirs + u32::from(delta_in) - u32::from(delta_out);
+            }
+        }
+        for (ino, (from_dir, from_name), (to_dir, to_name)) in [
+            (src.ino, (parent, name), (newparent, newname)),
+            (dst.ino, (newparent, newname), (parent, name)),
+        ] {
+            let inode = st.inode_mut(ino)?;
+            inode.meta.ctime = t;
+            if inode.link_id.is_some() {
+                for d in inode.dentries.iter_mut() {
+                    if d.0 == from_dir && d.1 == from_name {
+                        *d = (to_dir, to_name.to_vec());
+                    }
+                }
+            } else {
+                inode.parent = to_dir;
+                inode.name = to_name.to_vec();
+            }
+            st.mark_dirty(ino);
+        }
+        st.mark_dirty(parent);
+        st.mark_dirty(newparent);
+        Ok(())
+    }
+
+    fn exchange_by_steps(
+        &self,
+        a_dir: std::os::fd::BorrowedFd<'_>,
+        a: &[u8],
+        b_dir: std::os::fd::BorrowedFd<'_>,
+        b: &[u8],
+    ) -> Result<()> {
+        let store = self.backing.open_dir(STORE_DIR.as_bytes()).map_err(|e| errno_of(&e))?;
+        let tmp = b"exchange.tmp";
+        let err = |e: std::io::Error| errno_of(&e);
+        self.backing.rename_at(a_dir, a, store.as_fd(), tmp, 0).map_err(err)?;
+        if let Err(e) = self.backing.rename_at(b_dir, b, a_dir, a, 0) {
+            let _ = self.backing.rename_at(store.as_fd(), tmp, a_dir, a, 0);
+            return Err(errno_of(&e));
+        }
+        if let Err(e) = self.backing.rename_at(store.as_fd(), tmp, b_dir, b, 0) {
+            let _ = self.backing.rename_at(a_dir, a, b_dir, b, 0);
+            let _ = self.backing.rename_at(store.as_fd(), tmp, a_dir, a, 0);
+            return Err(errno_of(&e));
+        }
+        Ok(())
+    }
+
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        let mut st = self.lock();
+        self.ensure_loaded(&mut st, ino)?;
+        let inode = st.inode(ino)?;
+        let parent = if ino == ROOT { ROOT } else { inode.parent.max(ROOT) };
+        let mut entries = vec![
+            DirEntry { ino, kind: Kind::Dir, name: b".".to_vec() },
+            DirEntry { ino: parent, kind: Kind::Dir, name: b"..".to_vec() },
+        ];
+        let children = inode.children().ok_or(Errno::ENOTDIR)?;
+        for (name, d) in &children.entries {
+            let kind = st.inode(d.ino).map(|i| i.kind).unwrap_or(Kind::File);
+            entries.push(DirEntry { ino: d.ino, kind, name: name.clone() });
+        }
+        let fh = st.alloc_fh();
+        st.dir_handles.insert(fh, DirHandle { entries });
+        Ok(fh)
+    }
+
+    /// Entries of an open directory from `offset` on; the offset of entry i is i + 1.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>> {
+        let st = self.lock();
+        let handle = st.dir_handles.get(&fh).ok_or(Errno::EBADF)?;
+        Ok(handle
+            .entries
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, e)| (i as u64 + 1, e.clone()))
+            .collect())
+    }
+
+    /// Like `readdir`, with attributes; every entry but `.` and `..` counts as a lookup.
+    pub fn readdirplus(&self, fh: u64, offset: u64, max: usize) -> Result<Vec<(u64, DirEntry, Attr)>> {
+        let mut st = self.lock();
+        let entries: Vec<(u64, DirEntry)> = {
+            let handle = st.dir_handles.get(&fh).ok_or(Errno::EBADF)?;
+            handle
+                .entries
+                .iter()
+                .enumerate()
+                .skip(offset as usize)
+                .take(max)
+                .map(|(i, e)| (i as u64 + 1, e.clone()))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for (off, e) in entries {
+            let Ok(inode) = st.inode(e.ino) else { continue };
+            let attr = inode.attr(e.ino);
+            out.push((off, e, attr));
+        }
+        Ok(out)
+    }
+
+    /// The adapter tells how many readdirplus entries the kernel took, so lookups stay exact.
+    pub fn count_lookups(&self, inos: &[Ino]) {
+        let mut st = self.lock();
+        for ino in inos {
+            if let Some(i) = st.inodes.get_mut(ino) {
+                i.lookups += 1;
+            }
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.lock().dir_handles.remove(&fh);
+    }
+}
+
+fn link_name_meta(id: u64) -> Meta {
+    Meta { mode: libc::S_IFREG, link: Some(id), ..Meta::default() }
+}
+
+/// Flags for opening a backing file on behalf of an `open`: always readable, because the
+/// kernel's writeback cache reads pages of files opened write-only; no `O_APPEND`, because
+/// the kernel gives every write its offset.
+pub(crate) fn backing_open_flags(flags: i32) -> i32 {
+    let acc = flags & libc::O_ACCMODE;
+    let mut out = if acc == libc::O_RDONLY { libc::O_RDONLY } else { libc::O_RDWR };
+    if flags & libc::O_TRUNC != 0 && acc != libc::O_RDONLY {
+        out |= libc::O_TRUNC;
+    }
+    out
+}

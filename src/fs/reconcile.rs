@@ -1,0 +1,351 @@
+//! Lazy reconciliation: the first time a directory is needed, its backing listing is matched
+//! with the store's records for it (design property 4). Entries made on another computer get
+//! default metadata, files changed elsewhere get their new size and mtime, records of entries
+//! that vanished are dropped. Nothing here writes to the stick: what it finds is recorded with
+//! the next commit that something else causes.
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use super::{
+    errno_of, join_path, link_file_name, now, Children, Dentry, DirState, Errno, Fs, Ino, Inode,
+    Kind, Result, State, INODES_DIR,
+};
+use crate::backing::{BackingEntry, BackingStat};
+use crate::fatrules::fold_key;
+use crate::meta::pending::PendingTree;
+use crate::meta::{Meta, Record, Timespec, OWNER_ID, STORE_DIR};
+use crate::names::{self, Decoded};
+
+/// The largest symlink body pershome reads: `!<symlink>`, a BOM, 4096 UTF-16 units and a NUL.
+pub(crate) const SYMLINK_FILE_MAX: u64 = 12 + 2 * 4096 + 2;
+pub(crate) const SYMLINK_MAGIC: &[u8] = b"!<symlink>";
+
+fn ts((sec, nsec): (i64, u32)) -> Timespec {
+    Timespec { sec, nsec }
+}
+
+/// Metadata for an entry that has no record: what another computer's edit looks like.
+pub(crate) fn default_meta(kind: Kind, stat: &BackingStat, opts: &super::FsOptions) -> Meta {
+    let perm = match kind {
+        Kind::Dir => 0o755,
+        Kind::Symlink => 0o777,
+        _ => 0o644,
+    };
+    let t = ts(stat.mtime);
+    Meta {
+        mode: kind.type_bits() | perm,
+        uid: opts.uid,
+        gid: opts.gid,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        btime: t,
+        backing_size: stat.size,
+        backing_mtime: t,
+        ..Meta::default()
+    }
+}
+
+/// Stored ids → ids on this machine: the stick's owner becomes whoever mounts it.
+pub(crate) fn map_ids_in(meta: &mut Meta, opts: &super::FsOptions) {
+    if meta.uid == OWNER_ID {
+        meta.uid = opts.uid;
+    }
+    if meta.gid == OWNER_ID {
+        meta.gid = opts.gid;
+    }
+}
+
+/// Parses a symlink file: Cygwin's `!<symlink>` followed by UTF-16LE with a BOM and a NUL, or
+/// by raw bytes and a NUL (the form pershome writes for targets that are not UTF-8).
+pub(crate) fn parse_symlink(body: &[u8]) -> Option<Vec<u8>> {
+    let rest = body.strip_prefix(SYMLINK_MAGIC)?;
+    if let Some(utf16) = rest.strip_prefix(&[0xff, 0xfe]) {
+        let units: Vec<u16> =
+            utf16.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let end = units.iter().position(|&u| u == 0).unwrap_or(units.len());
+        let s = String::from_utf16(&units[..end]).ok()?;
+        return (!s.is_empty()).then(|| s.into_bytes());
+    }
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    (end > 0).then(|| rest[..end].to_vec())
+}
+
+/// The body pershome writes for a symlink (see `parse_symlink`).
+pub(crate) fn symlink_body(target: &[u8]) -> Vec<u8> {
+    let mut body = SYMLINK_MAGIC.to_vec();
+    match std::str::from_utf8(target) {
+        Ok(s) => {
+            body.extend_from_slice(&[0xff, 0xfe]);
+            for unit in s.encode_utf16() {
+                body.extend_from_slice(&unit.to_le_bytes());
+            }
+            body.extend_from_slice(&[0, 0]);
+        }
+        Err(_) => {
+            body.extend_from_slice(target);
+            body.push(0);
+        }
+    }
+    body
+}
+
+fn valid_meta_kind(meta: &Meta) -> Option<Kind> {
+    Kind::from_mode(meta.mode)
+}
+
+impl Fs {
+    /// Makes sure a directory's children are known, listing its backing directory once.
+    pub(crate) fn ensure_loaded(&self, st: &mut State, ino: Ino) -> Result<()> {
+        match &st.inode(ino)?.dir {
+            Some(DirState::Loaded(_)) => return Ok(()),
+            Some(DirState::Unloaded(_)) => {}
+            None => return Err(Errno::ENOTDIR),
+        }
+        let dir_path = st.backing_path(ino)?;
+        let dirfd = self.backing.open_dir(&join_path(&dir_path)).map_err(|e| errno_of(&e))?;
+        let entries = self.backing.list(dirfd.as_fd()).map_err(|e| {
+            tracing::error!("listing backing directory {:?}: {e}", String::from_utf8_lossy(&join_path(&dir_path)));
+            errno_of(&e)
+        })?;
+        let pending = match st.inode_mut(ino)?.dir.take() {
+            Some(DirState::Unloaded(t)) => t,
+            _ => PendingTree::default(),
+        };
+        let mut records = pending.children;
+        let at_root = ino == super::ROOT;
+        let mut children = Children::default();
+        let mut sorted = entries;
+        // Deterministic order, so that when two backing names claim the same POSIX name the
+        // same one keeps it at every mount.
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        for entry in sorted {
+            children.folds.insert(fold_key(&entry.name));
+            if !entry.stat.is_dir && !entry.stat.is_file {
+                // FAT holds nothing else; on a directory backing, anything else was not made
+                // by pershome and is not followed or shown.
+                continue;
+            }
+            let record = records.remove(&entry.name);
+            let (meta, subtree) = match record {
+                Some(t) => (t.meta, t.children),
+                None => (None, Default::default()),
+            };
+            let decoded = names::decode(&entry.name, at_root);
+            if matches!(decoded, Decoded::Reserved) {
+                continue;
+            }
+            let mut name = match (&meta, decoded) {
+                (Some(Meta { name: Some(n), .. }), _) if names::is_valid_posix_name(n) => n.clone(),
+                (_, Decoded::Name(n)) if names::is_valid_posix_name(&n) => n,
+                // A hashed name whose record is gone, or a name that decodes to something a
+                // POSIX name cannot be: show the backing name itself, which is always valid.
+                _ => entry.name.clone(),
+            };
+            if children.entries.contains_key(&name) {
+                // Two backing names claim one POSIX name (made on another computer): keep
+                // both, the later one under a marked name the user can rename.
+                let base = name.clone();
+                let mut n = 1;
+                while children.entries.contains_key(&name) {
+                    name = base.clone();
+                    name.extend_from_slice(format!("~dup{n}").as_bytes());
+                    n += 1;
+                }
+            }
+            let child = self.inode_from_backing(st, ino, &name, &entry, meta, subtree, dirfd.as_fd())?;
+            if st.inode(child)?.kind == Kind::Dir {
+                children.subdirs += 1;
+            }
+            children.entries.insert(name, Dentry { ino: child, backing: entry.name.clone() });
+        }
+        // Records whose backing entry is gone: deleted or renamed on another computer.
+        for (backing_name, tree) in records {
+            if tree.meta.is_some() || !tree.children.is_empty() {
+                let mut path = dir_path.clone();
+                path.push(backing_name);
+                st.lazy_removes.push(Record::Remove { path });
+            }
+        }
+        st.inode_mut(ino)?.dir = Some(DirState::Loaded(children));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn inode_from_backing(
+        &self,
+        st: &mut State,
+        parent: Ino,
+        name: &[u8],
+        entry: &BackingEntry,
+        meta: Option<Meta>,
+        subtree: std::collections::HashMap<Vec<u8>, PendingTree>,
+        dirfd: BorrowedFd<'_>,
+    ) -> Result<Ino> {
+        let opts = &self.opts;
+        let stat = &entry.stat;
+        let mut persisted = meta.is_some();
+        let mut lazy_dirty = false;
+        let mut link_id = None;
+        let mut size = stat.size;
+        let mut blocks = stat.blocks;
+        let mut symlink = None;
+        let (kind, mut meta) = if stat.is_dir {
+            match meta {
+                Some(m) if valid_meta_kind(&m) == Some(Kind::Dir) => (Kind::Dir, m),
+                _ => {
+                    persisted = false;
+                    (Kind::Dir, default_meta(Kind::Dir, stat, opts))
+                }
+            }
+        } else {
+            match meta.filter(|m| matches!(valid_meta_kind(m), Some(k) if k != Kind::Dir)) {
+                Some(m) if m.link.is_some() => {
+                    let id = m.link.unwrap_or_default();
+                    if let Some(&ino) = st.links.get(&id) {
+                        let inode = st.inode_mut(ino)?;
+                        inode.dentries.push((parent, name.to_vec()));
+                        return Ok(ino);
+                    }
+                    let content = self.link_content_stat(id);
+                    match (st.link_meta.remove(&id), content) {
+                        (Some(link_meta), Some(cstat)) => {
+                            link_id = Some(id);
+                            size = cstat.size;
+                            blocks = cstat.blocks;
+                            let kind = valid_meta_kind(&link_meta).unwrap_or(Kind::File);
+                            (kind, link_meta)
+                        }
+                        (link_meta, _) => {
+                            // The link's content file is gone (a crash while a link was made
+                            // or undone): this name holds the content now.
+                            lazy_dirty = true;
+                            persisted = false;
+                            match link_meta {
+                                Some(mut lm) => {
+                                    lm.nlink = 0;
+                                    (valid_meta_kind(&lm).unwrap_or(Kind::File), lm)
+                                }
+                                None => (Kind::File, default_meta(Kind::File, stat, opts)),
+                            }
+                        }
+                    }
+                }
+                Some(mut m) => {
+                    let kind = valid_meta_kind(&m).unwrap_or(Kind::File);
+                    if kind == Kind::File
+                        && (m.backing_size != stat.size || m.backing_mtime != ts(stat.mtime))
+                    {
+                        // Changed on another computer since pershome last wrote it.
+                        m.mtime = ts(stat.mtime);
+                        m.ctime = now();
+                        m.backing_size = stat.size;
+                        m.backing_mtime = ts(stat.mtime);
+                        lazy_dirty = true;
+                    }
+                    (kind, m)
+                }
+                None => {
+                    let looks_like_symlink =
+                        stat.size >= SYMLINK_MAGIC.len() as u64 + 1 && stat.size <= SYMLINK_FILE_MAX;
+                    let target = if looks_like_symlink {
+                        self.backing
+                            .read_small(dirfd, &entry.name, SYMLINK_FILE_MAX)
+                            .ok()
+                            .and_then(|body| parse_symlink(&body))
+                    } else {
+                        None
+                    };
+                    match target {
+                        Some(t) => {
+                            symlink = Some(t);
+                            (Kind::Symlink, default_meta(Kind::Symlink, stat, opts))
+                        }
+                        None => (Kind::File, default_meta(Kind::File, stat, opts)),
+                    }
+                }
+            }
+        };
+        map_ids_in(&mut meta, opts);
+        meta.mode = kind.type_bits() | (meta.mode & 0o7777);
+        meta.name = None;
+        match kind {
+            Kind::Symlink if symlink.is_none() => {
+                let body = self.read_content_small(st, dirfd, &entry.name, link_id);
+                symlink = Some(body.as_deref().and_then(parse_symlink).unwrap_or_default());
+            }
+            Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => {
+                size = 0;
+                blocks = 0;
+            }
+            _ => {}
+        }
+        if kind == Kind::Symlink {
+            size = symlink.as_ref().map_or(0, |t| t.len() as u64);
+        }
+        let ino = st.alloc_ino();
+        let dir = (kind == Kind::Dir).then(|| {
+            DirState::Unloaded(PendingTree { meta: None, children: subtree })
+        });
+        let inode = Inode {
+            kind,
+            meta,
+            size,
+            blocks,
+            parent,
+            name: name.to_vec(),
+            link_id,
+            dentries: if link_id.is_some() { vec![(parent, name.to_vec())] } else { Vec::new() },
+            dir,
+            nlink_hint: stat.nlink as u32,
+            persisted,
+            lookups: 0,
+            opens: 0,
+            symlink,
+        };
+        st.inodes.insert(ino, inode);
+        if let Some(id) = link_id {
+            st.links.insert(id, ino);
+        }
+        if lazy_dirty {
+            st.lazy_dirty.insert(ino);
+        }
+        Ok(ino)
+    }
+
+    fn link_content_stat(&self, id: u64) -> Option<BackingStat> {
+        let dir = self.backing.open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes()).ok()?;
+        let stat = self.backing.stat_at(dir.as_fd(), &link_file_name(id)).ok()?;
+        stat.is_file.then_some(stat)
+    }
+
+    fn read_content_small(
+        &self,
+        _st: &State,
+        dirfd: BorrowedFd<'_>,
+        backing_name: &[u8],
+        link_id: Option<u64>,
+    ) -> Option<Vec<u8>> {
+        match link_id {
+            Some(id) => {
+                let dir =
+                    self.backing.open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes()).ok()?;
+                self.backing.read_small(dir.as_fd(), &link_file_name(id), SYMLINK_FILE_MAX).ok()
+            }
+            None => self.backing.read_small(dirfd, backing_name, SYMLINK_FILE_MAX).ok(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlink_bodies_round_trip() {
+        for target in [&b"/etc/passwd"[..], b"a", "é/ü".as_bytes(), &[0xff, b'x', 0x80]] {
+            assert_eq!(parse_symlink(&symlink_body(target)).as_deref(), Some(target));
+        }
+        assert_eq!(parse_symlink(b"hello"), None);
+    }
+}
