@@ -1,4 +1,7 @@
 //! pershome: a POSIX home directory layered on the `pershome/` directory of a FAT or exFAT
 //! USB stick. See `docs/architecture.md` for the bird's-eye view and the module map.
 
+pub mod audit;
+pub mod fatrules;
 pub mod meta;
+pub mod names;
