@@ -94,11 +94,17 @@ impl Backing {
         let c = cstr(path.as_os_str().as_bytes())?;
         // SAFETY: c is a valid NUL-terminated string; the returned fd is checked.
         let fd = check(unsafe {
-            libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
         })?;
         // SAFETY: fd was just returned by open and is owned by nobody else.
         let root = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Backing { root, stats: DataStats::default() })
+        Ok(Backing {
+            root,
+            stats: DataStats::default(),
+        })
     }
 
     pub fn root(&self) -> BorrowedFd<'_> {
@@ -108,10 +114,15 @@ impl Backing {
     /// Opens a directory below the root by relative backing path (empty = the root itself),
     /// refusing symlinks anywhere on the way and any escape from the root.
     pub fn open_dir(&self, rel: &[u8]) -> io::Result<OwnedFd> {
-        let path = if rel.is_empty() { cstr(b".")? } else { cstr(rel)? };
+        let path = if rel.is_empty() {
+            cstr(b".")?
+        } else {
+            cstr(rel)?
+        };
         // SAFETY: open_how is plain data; all-zero is its documented default.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+        how.flags =
+            (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
         how.resolve =
             libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
         // SAFETY: arguments are valid for the duration of the call; the result is checked.
@@ -136,7 +147,12 @@ impl Backing {
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: st is written by fstatat on success, which check() verifies.
         check(unsafe {
-            libc::fstatat(dir.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+            libc::fstatat(
+                dir.as_raw_fd(),
+                c.as_ptr(),
+                st.as_mut_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
         })?;
         // SAFETY: fstatat succeeded, so st is initialised.
         Ok(BackingStat::from_raw(unsafe { &st.assume_init() }))
@@ -172,7 +188,11 @@ impl Backing {
             let ent = unsafe { libc::readdir64(dirp) };
             if ent.is_null() {
                 let err = io::Error::last_os_error();
-                break if err.raw_os_error() == Some(0) { Ok(()) } else { Err(err) };
+                break if err.raw_os_error() == Some(0) {
+                    Ok(())
+                } else {
+                    Err(err)
+                };
             }
             // SAFETY: d_name is a NUL-terminated array inside the entry readdir returned.
             let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
@@ -206,7 +226,7 @@ impl Backing {
         let c = cstr(name)?;
         let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: valid arguments; result checked.
-        let fd = check(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode as u32) })?;
+        let fd = check(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode) })?;
         // SAFETY: fresh fd.
         Ok(unsafe { File::from_raw_fd(fd) })
     }
@@ -238,15 +258,31 @@ impl Backing {
         let t = cstr(to)?;
         // SAFETY: valid arguments; result checked.
         check(unsafe {
-            libc::renameat2(from_dir.as_raw_fd(), f.as_ptr(), to_dir.as_raw_fd(), t.as_ptr(), flags)
+            libc::renameat2(
+                from_dir.as_raw_fd(),
+                f.as_ptr(),
+                to_dir.as_raw_fd(),
+                t.as_ptr(),
+                flags,
+            )
         })
         .map(drop)
     }
 
     /// Creates (or truncates) a file and fills it with `content`; used for symlinks and
     /// placeholders, which are small.
-    pub fn write_new_file(&self, dir: BorrowedFd<'_>, name: &[u8], content: &[u8]) -> io::Result<()> {
-        let file = self.open_at(dir, name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
+    pub fn write_new_file(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        content: &[u8],
+    ) -> io::Result<()> {
+        let file = self.open_at(
+            dir,
+            name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )?;
         if !content.is_empty() {
             self.write_at(&file, content, 0)?;
         }

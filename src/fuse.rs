@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::xattr::XattrReply;
@@ -57,7 +57,10 @@ fn to_system_time(t: Timespec) -> SystemTime {
 
 fn from_system_time(t: SystemTime) -> Timespec {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
         Err(e) => {
             let d = e.duration();
             let mut sec = -(d.as_secs() as i64);
@@ -108,7 +111,11 @@ fn err(e: Errno) -> fuser::Errno {
 }
 
 fn ctx(req: &Request) -> Ctx {
-    Ctx { uid: req.uid(), gid: req.gid(), pid: req.pid() }
+    Ctx {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+    }
 }
 
 fn set_time(t: TimeOrNow) -> SetTime {
@@ -120,11 +127,18 @@ fn set_time(t: TimeOrNow) -> SetTime {
 
 impl Adapter {
     pub fn new(fs: Fs) -> Adapter {
-        Adapter { fs: Arc::new(fs), timer: None, destroyed: AtomicBool::new(false) }
+        Adapter {
+            fs: Arc::new(fs),
+            timer: None,
+            destroyed: AtomicBool::new(false),
+        }
     }
 
     /// Opens a backing directory for mounting (see `Fs::open_backing`).
-    pub fn open(backing: &Path, opts: crate::fs::FsOptions) -> Result<Adapter, crate::fs::OpenError> {
+    pub fn open(
+        backing: &Path,
+        opts: crate::fs::FsOptions,
+    ) -> Result<Adapter, crate::fs::OpenError> {
         Fs::open_backing(backing, opts).map(Adapter::new)
     }
 
@@ -197,23 +211,28 @@ impl Filesystem for Adapter {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let fs = self.fs.clone();
         let stop2 = stop.clone();
-        let thread = std::thread::Builder::new().name("commit".into()).spawn(move || {
-            let (lock, cvar) = &*stop2;
-            let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                let (guard, _) = cvar
-                    .wait_timeout(stopped, interval)
-                    .unwrap_or_else(|p| p.into_inner());
-                stopped = guard;
-                if *stopped {
-                    return;
+        let thread = std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                let (lock, cvar) = &*stop2;
+                let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    let (guard, _) = cvar
+                        .wait_timeout(stopped, interval)
+                        .unwrap_or_else(|p| p.into_inner());
+                    stopped = guard;
+                    if *stopped {
+                        return;
+                    }
+                    if let Err(e) = fs.commit() {
+                        tracing::warn!("timed metadata commit failed: {e}");
+                    }
                 }
-                if let Err(e) = fs.commit() {
-                    tracing::warn!("timed metadata commit failed: {e}");
-                }
-            }
-        })?;
-        self.timer = Some(Timer { stop, thread: Some(thread) });
+            })?;
+        self.timer = Some(Timer {
+            stop,
+            thread: Some(thread),
+        });
         Ok(())
     }
 
@@ -290,7 +309,11 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(reply, self.fs.mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev as u64));
+        self.entry(
+            reply,
+            self.fs
+                .mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev as u64),
+        );
     }
 
     fn mkdir(
@@ -302,7 +325,10 @@ impl Filesystem for Adapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(reply, self.fs.mkdir(ctx(req), parent.0, name.as_bytes(), mode));
+        self.entry(
+            reply,
+            self.fs.mkdir(ctx(req), parent.0, name.as_bytes(), mode),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -321,7 +347,12 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.fs.symlink(ctx(req), parent.0, link_name.as_bytes(), target.as_os_str().as_bytes());
+        let r = self.fs.symlink(
+            ctx(req),
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+        );
         self.entry(reply, r);
     }
 
@@ -335,7 +366,13 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.fs.rename(parent.0, name.as_bytes(), newparent.0, newname.as_bytes(), flags.bits());
+        let r = self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        );
         Self::empty(reply, r);
     }
 
@@ -418,7 +455,14 @@ impl Filesystem for Adapter {
         Self::empty(reply, self.fs.release(fh.0));
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         Self::empty(reply, self.fs.fsync(fh.0, datasync));
     }
 
@@ -440,7 +484,12 @@ impl Filesystem for Adapter {
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for (off, e) in entries {
-                    if reply.add(INodeNo(e.ino), off, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        off,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -464,7 +513,14 @@ impl Filesystem for Adapter {
                 let mut taken = Vec::new();
                 for (off, e, a) in entries {
                     let name = OsStr::from_bytes(&e.name);
-                    if reply.add(INodeNo(e.ino), off, name, &TTL, &file_attr(&a), Generation(0)) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        off,
+                        name,
+                        &TTL,
+                        &file_attr(&a),
+                        Generation(0),
+                    ) {
                         break;
                     }
                     if e.name != b"." && e.name != b".." {
@@ -521,7 +577,10 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.fs.setxattr(ino.0, name.as_bytes(), value, flags));
+        Self::empty(
+            reply,
+            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -546,7 +605,10 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.fs.create(ctx(req), parent.0, name.as_bytes(), mode, flags) {
+        match self
+            .fs
+            .create(ctx(req), parent.0, name.as_bytes(), mode, flags)
+        {
             Ok((a, fh)) => reply.created(
                 &TTL,
                 &file_attr(&a),
@@ -599,7 +661,10 @@ impl Filesystem for Adapter {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self.fs.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
+        match self
+            .fs
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+        {
             Ok(n) => reply.written(n.min(u32::MAX as u64) as u32),
             Err(e) => reply.error(err(e)),
         }

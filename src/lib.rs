@@ -2,6 +2,9 @@
 //! USB stick. See `docs/architecture.md` for the bird's-eye view and the module map.
 
 pub mod audit;
+pub mod backing;
 pub mod fatrules;
+pub mod fs;
+pub mod fuse;
 pub mod meta;
 pub mod names;

@@ -41,9 +41,15 @@ impl Fs {
             if inode.meta.nlink == 0 {
                 return None;
             }
-            if let Some(stat) = self.backing_stat(format!("{STORE_DIR}/{INODES_DIR}").as_bytes(), &link_file_name(id)) {
+            if let Some(stat) = self.backing_stat(
+                format!("{STORE_DIR}/{INODES_DIR}").as_bytes(),
+                &link_file_name(id),
+            ) {
                 meta.backing_size = stat.size;
-                meta.backing_mtime = crate::meta::Timespec { sec: stat.mtime.0, nsec: stat.mtime.1 };
+                meta.backing_mtime = crate::meta::Timespec {
+                    sec: stat.mtime.0,
+                    nsec: stat.mtime.1,
+                };
             }
             meta.name = None;
             return Some(Record::PutInode { id, meta });
@@ -64,8 +70,10 @@ impl Fs {
                 let dir = super::join_path(&path[..path.len() - 1]);
                 if let Some(stat) = self.backing_stat(&dir, backing_name) {
                     meta.backing_size = stat.size;
-                    meta.backing_mtime =
-                        crate::meta::Timespec { sec: stat.mtime.0, nsec: stat.mtime.1 };
+                    meta.backing_mtime = crate::meta::Timespec {
+                        sec: stat.mtime.0,
+                        nsec: stat.mtime.1,
+                    };
                 }
             }
         }
@@ -125,7 +133,10 @@ impl Fs {
         let mut ids: Vec<(&u64, &Meta)> = st.link_meta.iter().collect();
         ids.sort_by_key(|(id, _)| **id);
         for (id, meta) in ids {
-            out.push(Record::PutInode { id: *id, meta: meta.clone() });
+            out.push(Record::PutInode {
+                id: *id,
+                meta: meta.clone(),
+            });
         }
         let mut linked: Vec<(&u64, &Ino)> = st.links.iter().collect();
         linked.sort();
@@ -144,7 +155,9 @@ impl Fs {
     }
 
     fn snapshot_dir(&self, st: &State, dir: Ino, path: &mut Vec<Vec<u8>>, out: &mut Vec<Record>) {
-        let Some(inode) = st.inodes.get(&dir) else { return };
+        let Some(inode) = st.inodes.get(&dir) else {
+            return;
+        };
         match &inode.dir {
             Some(DirState::Unloaded(tree)) => {
                 let mut prefix = path.clone();
@@ -167,7 +180,10 @@ impl Fs {
                                 }),
                                 ..Meta::default()
                             };
-                            out.push(Record::Put { path: path.clone(), meta });
+                            out.push(Record::Put {
+                                path: path.clone(),
+                                meta,
+                            });
                         } else if child.persisted {
                             if let Some(r) = self.record_for(st, dentry.ino) {
                                 out.push(r);

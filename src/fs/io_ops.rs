@@ -33,14 +33,24 @@ impl Fs {
         mode: u32,
         flags: i32,
     ) -> Result<(Attr, u64)> {
-        let node = NewNode { kind: Kind::File, perm: mode, rdev: 0, symlink: None };
+        let node = NewNode {
+            kind: Kind::File,
+            perm: mode,
+            rdev: 0,
+            symlink: None,
+        };
         let (attr, file) = self.create_node(ctx, parent, name, node, Some(flags))?;
         let file = file.ok_or(Errno::EIO)?;
         let mut st = self.lock();
         let fh = st.alloc_fh();
         st.inode_mut(attr.ino)?.opens += 1;
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        st.handles.insert(fh, Handle { ino: attr.ino, file: Arc::new(file), writable });
+        st.handles.insert(
+            fh,
+            Handle {
+                ino: attr.ino,
+                file: Arc::new(file),
+            },
+        );
         Ok((attr, fh))
     }
 
@@ -59,8 +69,15 @@ impl Fs {
         }
         let (dir, name) = st.content_location(ino)?;
         let dirfd = self.backing.open_dir(&dir).map_err(|e| errno_of(&e))?;
-        let bflags = if self.opts.read_only { libc::O_RDONLY } else { backing_open_flags(flags) };
-        let file = self.backing.open_at(dirfd.as_fd(), &name, bflags, 0).map_err(|e| errno_of(&e))?;
+        let bflags = if self.opts.read_only {
+            libc::O_RDONLY
+        } else {
+            backing_open_flags(flags)
+        };
+        let file = self
+            .backing
+            .open_at(dirfd.as_fd(), &name, bflags, 0)
+            .map_err(|e| errno_of(&e))?;
         let fh = st.alloc_fh();
         let inode = st.inode_mut(ino)?;
         inode.opens += 1;
@@ -72,7 +89,13 @@ impl Fs {
             inode.meta.ctime = t;
             st.mark_dirty(ino);
         }
-        st.handles.insert(fh, Handle { ino, file: Arc::new(file), writable: acc != libc::O_RDONLY });
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                file: Arc::new(file),
+            },
+        );
         Ok(fh)
     }
 
@@ -105,7 +128,10 @@ impl Fs {
         if end > MAX_FILE_SIZE + 1 {
             return Err(Errno::EFBIG);
         }
-        let n = self.backing.write_at(&file, data, offset).map_err(|e| errno_of(&e))?;
+        let n = self
+            .backing
+            .write_at(&file, data, offset)
+            .map_err(|e| errno_of(&e))?;
         let mut st = self.lock();
         if let Ok(inode) = st.inode_mut(ino) {
             let t = now();
@@ -124,7 +150,9 @@ impl Fs {
 
     pub fn release(&self, fh: u64) -> Result<()> {
         let mut st = self.lock();
-        let Some(handle) = st.handles.remove(&fh) else { return Ok(()) };
+        let Some(handle) = st.handles.remove(&fh) else {
+            return Ok(());
+        };
         let ino = handle.ino;
         drop(handle);
         let mut remove_link = None;
@@ -146,7 +174,11 @@ impl Fs {
     /// Makes a file's data and all metadata durable on the stick.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let (_, file) = self.handle_file(fh)?;
-        let r = if datasync { file.sync_data() } else { file.sync_all() };
+        let r = if datasync {
+            file.sync_data()
+        } else {
+            file.sync_all()
+        };
         r.map_err(|e| errno_of(&e))?;
         self.commit()
     }
@@ -164,14 +196,21 @@ impl Fs {
         }
         // SAFETY: valid fd; result checked.
         let r = unsafe {
-            libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t)
+            libc::fallocate(
+                file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
         };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             // FAT cannot punch holes or allocate without zeroing; plain allocation can always be
             // done by writing zeros, which is what FAT stores for unwritten space anyway.
             if mode == 0 && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                let size = crate::backing::Backing::fstat(&file).map_err(|e| errno_of(&e))?.size;
+                let size = crate::backing::Backing::fstat(&file)
+                    .map_err(|e| errno_of(&e))?
+                    .size;
                 if end > size {
                     file.set_len(end).map_err(|e| errno_of(&e))?;
                 }
@@ -217,7 +256,11 @@ impl Fs {
         let (_, fin) = self.handle_file(fh_in)?;
         let (ino_out, fout) = self.handle_file(fh_out)?;
         let end = off_out.checked_add(len).ok_or(Errno::EFBIG)?;
-        let len = if end > MAX_FILE_SIZE + 1 { (MAX_FILE_SIZE + 1).saturating_sub(off_out) } else { len };
+        let len = if end > MAX_FILE_SIZE + 1 {
+            (MAX_FILE_SIZE + 1).saturating_sub(off_out)
+        } else {
+            len
+        };
         if len == 0 && end > MAX_FILE_SIZE + 1 {
             return Err(Errno::EFBIG);
         }
@@ -236,17 +279,31 @@ impl Fs {
         };
         let n = if r < 0 {
             let e = std::io::Error::last_os_error();
-            if !matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EXDEV)
+                    | Some(libc::EOPNOTSUPP)
+                    | Some(libc::ENOSYS)
+                    | Some(libc::EINVAL)
+            ) {
                 return Err(errno_of(&e));
             }
             // The backing cannot copy in-kernel: copy through a buffer.
             let chunk = len.min(1 << 20) as usize;
             let mut buf = vec![0u8; chunk];
             let got = fin.read_at(&mut buf, off_in).map_err(|e| errno_of(&e))?;
-            self.backing.write_at(&fout, &buf[..got], off_out).map_err(|e| errno_of(&e))? as u64
+            self.backing
+                .write_at(&fout, &buf[..got], off_out)
+                .map_err(|e| errno_of(&e))? as u64
         } else {
-            self.backing.stats.bytes.fetch_add(r as u64, std::sync::atomic::Ordering::Relaxed);
-            self.backing.stats.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.backing
+                .stats
+                .bytes
+                .fetch_add(r as u64, std::sync::atomic::Ordering::Relaxed);
+            self.backing
+                .stats
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             r as u64
         };
         if n > 0 {
@@ -269,7 +326,10 @@ impl Fs {
             if size > MAX_FILE_SIZE {
                 return Err(Errno::EFBIG);
             }
-            let handle_file = set.fh.and_then(|fh| self.handle_file(fh).ok()).map(|(_, f)| f);
+            let handle_file = set
+                .fh
+                .and_then(|fh| self.handle_file(fh).ok())
+                .map(|(_, f)| f);
             let file = match handle_file {
                 Some(f) => f,
                 None => {
@@ -338,4 +398,3 @@ impl Fs {
         })
     }
 }
-

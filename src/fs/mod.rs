@@ -19,7 +19,7 @@ mod commit;
 mod io_ops;
 mod namespace;
 mod reconcile;
-mod xattr;
+pub mod xattr;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -148,8 +148,13 @@ pub struct DirEntry {
 }
 
 pub(crate) fn now() -> Timespec {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timespec {
+        sec: d.as_secs() as i64,
+        nsec: d.subsec_nanos(),
+    }
 }
 
 pub(crate) fn errno_of(e: &std::io::Error) -> Errno {
@@ -258,7 +263,6 @@ impl Inode {
 pub(crate) struct Handle {
     pub ino: Ino,
     pub file: Arc<File>,
-    pub writable: bool,
 }
 
 /// A directory listing taken at opendir, so readdir offsets stay stable while it changes.
@@ -287,8 +291,6 @@ pub(crate) struct State {
     pub handles: HashMap<u64, Handle>,
     pub dir_handles: HashMap<u64, DirHandle>,
     pub next_fh: u64,
-    /// Size of the state at the last checkpoint, to decide when to compact the journal.
-    pub checkpoint_records: u64,
     pub warnings: Vec<String>,
 }
 
@@ -304,26 +306,40 @@ pub struct Fs {
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("cannot open the backing directory {path}: {source}")]
-    Backing { path: String, source: std::io::Error },
+    Backing {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 impl Fs {
     /// Opens a backing directory: recovers the metadata store to its last commit.
-    pub fn open_backing(backing_path: &Path, opts: FsOptions) -> std::result::Result<Fs, OpenError> {
+    pub fn open_backing(
+        backing_path: &Path,
+        opts: FsOptions,
+    ) -> std::result::Result<Fs, OpenError> {
         let backing = Backing::open(backing_path).map_err(|source| OpenError::Backing {
             path: backing_path.display().to_string(),
             source,
         })?;
-        let mode = if opts.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite };
+        let mode = if opts.read_only {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        };
         let (journal, recovered) = Journal::open(backing.root(), mode)?;
         for w in &recovered.warnings {
             tracing::warn!("metadata store: {w}");
         }
-        let root_stat = backing
-            .stat_at(backing.root(), b".")
-            .map_err(|source| OpenError::Backing { path: backing_path.display().to_string(), source })?;
+        let root_stat =
+            backing
+                .stat_at(backing.root(), b".")
+                .map_err(|source| OpenError::Backing {
+                    path: backing_path.display().to_string(),
+                    source,
+                })?;
         let mut replayed = recovered.replayed;
         let root_record = replayed.root.meta.take();
         let tree = std::mem::take(&mut replayed.root);
@@ -366,10 +382,13 @@ impl Fs {
             handles: HashMap::new(),
             dir_handles: HashMap::new(),
             next_fh: 1,
-            checkpoint_records: 0,
             warnings: recovered.warnings,
         };
-        Ok(Fs { backing, opts, state: Mutex::new(state) })
+        Ok(Fs {
+            backing,
+            opts,
+            state: Mutex::new(state),
+        })
     }
 
     pub fn options(&self) -> &FsOptions {
@@ -389,7 +408,10 @@ impl Fs {
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
         let st = self.lock();
-        st.inodes.get(&ino).map(|i| i.attr(ino)).ok_or(Errno::ENOENT)
+        st.inodes
+            .get(&ino)
+            .map(|i| i.attr(ino))
+            .ok_or(Errno::ENOENT)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -418,7 +440,12 @@ impl Fs {
             let s = j.stats();
             (s.bytes, s.writes)
         });
-        (self.backing.stats.bytes.load(Relaxed), self.backing.stats.writes.load(Relaxed), mb, mw)
+        (
+            self.backing.stats.bytes.load(Relaxed),
+            self.backing.stats.writes.load(Relaxed),
+            mb,
+            mw,
+        )
     }
 }
 
@@ -442,7 +469,9 @@ impl State {
         if ino == ROOT {
             return;
         }
-        let Some(inode) = self.inodes.get(&ino) else { return };
+        let Some(inode) = self.inodes.get(&ino) else {
+            return;
+        };
         let linked = match inode.link_id {
             Some(_) => inode.meta.nlink > 0,
             None => inode.parent != 0,
@@ -485,7 +514,10 @@ impl State {
     pub fn content_location(&self, ino: Ino) -> Result<(Vec<u8>, Vec<u8>)> {
         let inode = self.inode(ino)?;
         if let Some(id) = inode.link_id {
-            return Ok((format!("{STORE_DIR}/{INODES_DIR}").into_bytes(), link_file_name(id)));
+            return Ok((
+                format!("{STORE_DIR}/{INODES_DIR}").into_bytes(),
+                link_file_name(id),
+            ));
         }
         let mut path = self.backing_path(ino)?;
         let name = path.pop().ok_or(Errno::EISDIR)?;
@@ -515,6 +547,8 @@ pub(crate) fn join_path(parts: &[Vec<u8>]) -> Vec<u8> {
 impl Fs {
     pub(crate) fn open_dir_of(&self, st: &State, ino: Ino) -> Result<OwnedFd> {
         let path = st.backing_path(ino)?;
-        self.backing.open_dir(&join_path(&path)).map_err(|e| errno_of(&e))
+        self.backing
+            .open_dir(&join_path(&path))
+            .map_err(|e| errno_of(&e))
     }
 }

@@ -6,8 +6,8 @@ use std::fs::File;
 use std::os::fd::AsFd;
 
 use super::{
-    errno_of, link_file_name, now, Attr, Ctx, Dentry, DirEntry, DirHandle, DirState,
-    Errno, Fs, Ino, Inode, Kind, Result, State, INODES_DIR, ROOT,
+    errno_of, link_file_name, now, Attr, Ctx, Dentry, DirEntry, DirHandle, DirState, Errno, Fs,
+    Ino, Inode, Kind, Result, State, INODES_DIR, ROOT,
 };
 use crate::fatrules::fold_key;
 use crate::meta::{Meta, Record, STORE_DIR};
@@ -104,7 +104,12 @@ impl Fs {
             Kind::File => {
                 let flags = open_flags.map_or(libc::O_RDWR, backing_open_flags);
                 self.backing
-                    .open_at(dirfd, &backing_name, flags | libc::O_CREAT | libc::O_EXCL, 0o600)
+                    .open_at(
+                        dirfd,
+                        &backing_name,
+                        flags | libc::O_CREAT | libc::O_EXCL,
+                        0o600,
+                    )
                     .map(|f| file = Some(f))
             }
             Kind::Symlink => {
@@ -160,7 +165,13 @@ impl Fs {
         pinode.meta.ctime = t;
         let children = pinode.children_mut().ok_or(Errno::EIO)?;
         children.folds.insert(fold_key(&backing_name));
-        children.entries.insert(name.to_vec(), Dentry { ino, backing: backing_name });
+        children.entries.insert(
+            name.to_vec(),
+            Dentry {
+                ino,
+                backing: backing_name,
+            },
+        );
         if node.kind == Kind::Dir {
             children.subdirs += 1;
         }
@@ -171,8 +182,14 @@ impl Fs {
     }
 
     pub fn mkdir(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32) -> Result<Attr> {
-        let node = NewNode { kind: Kind::Dir, perm: mode, rdev: 0, symlink: None };
-        self.create_node(ctx, parent, name, node, None).map(|(a, _)| a)
+        let node = NewNode {
+            kind: Kind::Dir,
+            perm: mode,
+            rdev: 0,
+            symlink: None,
+        };
+        self.create_node(ctx, parent, name, node, None)
+            .map(|(a, _)| a)
     }
 
     pub fn mknod(&self, ctx: Ctx, parent: Ino, name: &[u8], mode: u32, rdev: u64) -> Result<Attr> {
@@ -180,9 +197,19 @@ impl Fs {
         if kind == Kind::Dir || kind == Kind::Symlink {
             return Err(Errno::EINVAL);
         }
-        let rdev = if matches!(kind, Kind::CharDevice | Kind::BlockDevice) { rdev } else { 0 };
-        let node = NewNode { kind, perm: mode, rdev, symlink: None };
-        self.create_node(ctx, parent, name, node, None).map(|(a, _)| a)
+        let rdev = if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
+            rdev
+        } else {
+            0
+        };
+        let node = NewNode {
+            kind,
+            perm: mode,
+            rdev,
+            symlink: None,
+        };
+        self.create_node(ctx, parent, name, node, None)
+            .map(|(a, _)| a)
     }
 
     pub fn symlink(&self, ctx: Ctx, parent: Ino, name: &[u8], target: &[u8]) -> Result<Attr> {
@@ -192,8 +219,14 @@ impl Fs {
         if target.len() > 4095 {
             return Err(Errno::ENAMETOOLONG);
         }
-        let node = NewNode { kind: Kind::Symlink, perm: 0o777, rdev: 0, symlink: Some(target) };
-        self.create_node(ctx, parent, name, node, None).map(|(a, _)| a)
+        let node = NewNode {
+            kind: Kind::Symlink,
+            perm: 0o777,
+            rdev: 0,
+            symlink: Some(target),
+        };
+        self.create_node(ctx, parent, name, node, None)
+            .map(|(a, _)| a)
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
@@ -229,7 +262,10 @@ impl Fs {
             (false, true) => return Err(Errno::EISDIR),
             (true, true) => {
                 self.ensure_loaded(&mut st, dentry.ino)?;
-                let empty = st.inode(dentry.ino)?.children().is_some_and(|c| c.entries.is_empty());
+                let empty = st
+                    .inode(dentry.ino)?
+                    .children()
+                    .is_some_and(|c| c.entries.is_empty());
                 if !empty {
                     return Err(Errno::ENOTEMPTY);
                 }
@@ -237,7 +273,9 @@ impl Fs {
             _ => {}
         }
         let dirfd = self.open_dir_of(&st, parent)?;
-        self.backing.unlink_at(dirfd.as_fd(), &dentry.backing, want_dir).map_err(|e| errno_of(&e))?;
+        self.backing
+            .unlink_at(dirfd.as_fd(), &dentry.backing, want_dir)
+            .map_err(|e| errno_of(&e))?;
         let mut path = st.backing_path(parent)?;
         path.push(dentry.backing.clone());
         st.pending.push(Record::Remove { path });
@@ -293,7 +331,10 @@ impl Fs {
     pub(crate) fn remove_link_content(&self, id: u64) {
         let dir = format!("{STORE_DIR}/{INODES_DIR}");
         if let Ok(fd) = self.backing.open_dir(dir.as_bytes()) {
-            if let Err(e) = self.backing.unlink_at(fd.as_fd(), &link_file_name(id), false) {
+            if let Err(e) = self
+                .backing
+                .unlink_at(fd.as_fd(), &link_file_name(id), false)
+            {
                 tracing::warn!("removing the content of hard link {id}: {e}");
             }
         }
@@ -307,13 +348,21 @@ impl Fs {
             return Ok(());
         };
         let (parent, name) = (*parent, name.clone());
-        let Some(dentry) = st.inode(parent)?.children().and_then(|c| c.entries.get(&name)).cloned()
+        let Some(dentry) = st
+            .inode(parent)?
+            .children()
+            .and_then(|c| c.entries.get(&name))
+            .cloned()
         else {
             return Ok(());
         };
-        let store_dir = self.backing.open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes());
+        let store_dir = self
+            .backing
+            .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes());
         let dirfd = self.open_dir_of(st, parent);
-        let (Ok(store_dir), Ok(dirfd)) = (store_dir, dirfd) else { return Ok(()) };
+        let (Ok(store_dir), Ok(dirfd)) = (store_dir, dirfd) else {
+            return Ok(());
+        };
         if let Err(e) = self.backing.rename_at(
             store_dir.as_fd(),
             &link_file_name(id),
@@ -355,7 +404,13 @@ impl Fs {
         if inode.meta.nlink >= 65000 {
             return Err(Errno::EMLINK);
         }
-        if st.inode(newparent)?.children().ok_or(Errno::ENOTDIR)?.entries.contains_key(newname) {
+        if st
+            .inode(newparent)?
+            .children()
+            .ok_or(Errno::ENOTDIR)?
+            .entries
+            .contains_key(newname)
+        {
             return Err(Errno::EEXIST);
         }
         let new_backing = Self::choose_backing_name(&st, newparent, newname, None)?;
@@ -372,7 +427,10 @@ impl Fs {
             }
             None => self.start_link(&mut st, ino, &new_path, &new_backing, newdir.as_fd())?,
         };
-        st.pending.push(Record::Put { path: new_path, meta: link_name_meta(id) });
+        st.pending.push(Record::Put {
+            path: new_path,
+            meta: link_name_meta(id),
+        });
         let inode = st.inode_mut(ino)?;
         inode.meta.nlink += 1;
         inode.meta.ctime = t;
@@ -385,7 +443,13 @@ impl Fs {
         pinode.meta.ctime = t;
         let children = pinode.children_mut().ok_or(Errno::EIO)?;
         children.folds.insert(fold_key(&new_backing));
-        children.entries.insert(newname.to_vec(), Dentry { ino, backing: new_backing });
+        children.entries.insert(
+            newname.to_vec(),
+            Dentry {
+                ino,
+                backing: new_backing,
+            },
+        );
         st.mark_dirty(newparent);
         Ok(attr)
     }
@@ -412,11 +476,23 @@ impl Fs {
         let old_backing = old_path.last().cloned().ok_or(Errno::EIO)?;
         let mut link_meta = st.inode(ino)?.meta.clone();
         link_meta.nlink = 2;
-        st.pending.push(Record::Put { path: old_path.clone(), meta: link_name_meta(id) });
-        st.pending.push(Record::Put { path: new_path.to_vec(), meta: link_name_meta(id) });
-        st.pending.push(Record::PutInode { id, meta: self.stored_meta(&link_meta) });
+        st.pending.push(Record::Put {
+            path: old_path.clone(),
+            meta: link_name_meta(id),
+        });
+        st.pending.push(Record::Put {
+            path: new_path.to_vec(),
+            meta: link_name_meta(id),
+        });
+        st.pending.push(Record::PutInode {
+            id,
+            meta: self.stored_meta(&link_meta),
+        });
         self.commit_locked(st)?;
-        let store = self.backing.open_dir(STORE_DIR.as_bytes()).map_err(|e| errno_of(&e))?;
+        let store = self
+            .backing
+            .open_dir(STORE_DIR.as_bytes())
+            .map_err(|e| errno_of(&e))?;
         match self.backing.mkdir_at(store.as_fd(), INODES_DIR.as_bytes()) {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
             _ => {}
@@ -427,10 +503,20 @@ impl Fs {
             .map_err(|e| errno_of(&e))?;
         let old_dir = self.open_dir_of(st, old_parent)?;
         self.backing
-            .rename_at(old_dir.as_fd(), &old_backing, inodes_dir.as_fd(), &link_file_name(id), 0)
+            .rename_at(
+                old_dir.as_fd(),
+                &old_backing,
+                inodes_dir.as_fd(),
+                &link_file_name(id),
+                0,
+            )
             .map_err(|e| errno_of(&e))?;
-        self.backing.write_new_file(old_dir.as_fd(), &old_backing, &[]).map_err(|e| errno_of(&e))?;
-        self.backing.write_new_file(newdir, new_backing, &[]).map_err(|e| errno_of(&e))?;
+        self.backing
+            .write_new_file(old_dir.as_fd(), &old_backing, &[])
+            .map_err(|e| errno_of(&e))?;
+        self.backing
+            .write_new_file(newdir, new_backing, &[])
+            .map_err(|e| errno_of(&e))?;
         st.links.insert(id, ino);
         let inode = st.inode_mut(ino)?;
         inode.link_id = Some(id);
@@ -452,8 +538,7 @@ impl Fs {
         check_name(newname)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
-        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0
-            || (exchange && noreplace)
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
         {
             return Err(Errno::EINVAL);
         }
@@ -466,7 +551,11 @@ impl Fs {
             .and_then(|c| c.entries.get(name))
             .cloned()
             .ok_or(Errno::ENOENT)?;
-        let dst = st.inode(newparent)?.children().and_then(|c| c.entries.get(newname)).cloned();
+        let dst = st
+            .inode(newparent)?
+            .children()
+            .and_then(|c| c.entries.get(newname))
+            .cloned();
         let src_kind = st.inode(src.ino)?.kind;
         // Moving a directory below itself.
         if src_kind == Kind::Dir {
@@ -498,7 +587,11 @@ impl Fs {
                 (false, true) => return Err(Errno::EISDIR),
                 (true, true) => {
                     self.ensure_loaded(&mut st, dst.ino)?;
-                    if st.inode(dst.ino)?.children().is_some_and(|c| !c.entries.is_empty()) {
+                    if st
+                        .inode(dst.ino)?
+                        .children()
+                        .is_some_and(|c| !c.entries.is_empty())
+                    {
                         return Err(Errno::ENOTEMPTY);
                     }
                 }
@@ -516,7 +609,13 @@ impl Fs {
         let to_dir = self.open_dir_of(&st, newparent)?;
         if !(parent == newparent && src.backing == new_backing) {
             self.backing
-                .rename_at(from_dir.as_fd(), &src.backing, to_dir.as_fd(), &new_backing, 0)
+                .rename_at(
+                    from_dir.as_fd(),
+                    &src.backing,
+                    to_dir.as_fd(),
+                    &new_backing,
+                    0,
+                )
                 .map_err(|e| errno_of(&e))?;
         }
         let mut from = st.backing_path(parent)?;
@@ -548,7 +647,13 @@ impl Fs {
             pinode.meta.ctime = t;
             let c = pinode.children_mut().ok_or(Errno::EIO)?;
             c.folds.insert(fold_key(&new_backing));
-            c.entries.insert(newname.to_vec(), Dentry { ino: src.ino, backing: new_backing });
+            c.entries.insert(
+                newname.to_vec(),
+                Dentry {
+                    ino: src.ino,
+                    backing: new_backing,
+                },
+            );
             if is_dir {
                 c.subdirs += 1;
             }
@@ -611,9 +716,8 @@ impl Fs {
             match e.raw_os_error() {
                 // FAT drivers and FUSE backings without RENAME_EXCHANGE: three renames through
                 // a temporary name in the store, undone if a step fails.
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
-                    self.exchange_by_steps(a_dir.as_fd(), &src.backing, b_dir.as_fd(), &dst.backing)?
-                }
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => self
+                    .exchange_by_steps(a_dir.as_fd(), &src.backing, b_dir.as_fd(), &dst.backing)?,
                 _ => return Err(errno_of(&e)),
             }
         }
@@ -670,10 +774,15 @@ impl Fs {
         b_dir: std::os::fd::BorrowedFd<'_>,
         b: &[u8],
     ) -> Result<()> {
-        let store = self.backing.open_dir(STORE_DIR.as_bytes()).map_err(|e| errno_of(&e))?;
+        let store = self
+            .backing
+            .open_dir(STORE_DIR.as_bytes())
+            .map_err(|e| errno_of(&e))?;
         let tmp = b"exchange.tmp";
         let err = |e: std::io::Error| errno_of(&e);
-        self.backing.rename_at(a_dir, a, store.as_fd(), tmp, 0).map_err(err)?;
+        self.backing
+            .rename_at(a_dir, a, store.as_fd(), tmp, 0)
+            .map_err(err)?;
         if let Err(e) = self.backing.rename_at(b_dir, b, a_dir, a, 0) {
             let _ = self.backing.rename_at(store.as_fd(), tmp, a_dir, a, 0);
             return Err(errno_of(&e));
@@ -690,15 +799,31 @@ impl Fs {
         let mut st = self.lock();
         self.ensure_loaded(&mut st, ino)?;
         let inode = st.inode(ino)?;
-        let parent = if ino == ROOT { ROOT } else { inode.parent.max(ROOT) };
+        let parent = if ino == ROOT {
+            ROOT
+        } else {
+            inode.parent.max(ROOT)
+        };
         let mut entries = vec![
-            DirEntry { ino, kind: Kind::Dir, name: b".".to_vec() },
-            DirEntry { ino: parent, kind: Kind::Dir, name: b"..".to_vec() },
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: parent,
+                kind: Kind::Dir,
+                name: b"..".to_vec(),
+            },
         ];
         let children = inode.children().ok_or(Errno::ENOTDIR)?;
         for (name, d) in &children.entries {
             let kind = st.inode(d.ino).map(|i| i.kind).unwrap_or(Kind::File);
-            entries.push(DirEntry { ino: d.ino, kind, name: name.clone() });
+            entries.push(DirEntry {
+                ino: d.ino,
+                kind,
+                name: name.clone(),
+            });
         }
         let fh = st.alloc_fh();
         st.dir_handles.insert(fh, DirHandle { entries });
@@ -719,8 +844,13 @@ impl Fs {
     }
 
     /// Like `readdir`, with attributes; every entry but `.` and `..` counts as a lookup.
-    pub fn readdirplus(&self, fh: u64, offset: u64, max: usize) -> Result<Vec<(u64, DirEntry, Attr)>> {
-        let mut st = self.lock();
+    pub fn readdirplus(
+        &self,
+        fh: u64,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, DirEntry, Attr)>> {
+        let st = self.lock();
         let entries: Vec<(u64, DirEntry)> = {
             let handle = st.dir_handles.get(&fh).ok_or(Errno::EBADF)?;
             handle
@@ -757,7 +887,11 @@ impl Fs {
 }
 
 fn link_name_meta(id: u64) -> Meta {
-    Meta { mode: libc::S_IFREG, link: Some(id), ..Meta::default() }
+    Meta {
+        mode: libc::S_IFREG,
+        link: Some(id),
+        ..Meta::default()
+    }
 }
 
 /// Flags for opening a backing file on behalf of an `open`: always readable, because the
@@ -765,7 +899,11 @@ fn link_name_meta(id: u64) -> Meta {
 /// the kernel gives every write its offset.
 pub(crate) fn backing_open_flags(flags: i32) -> i32 {
     let acc = flags & libc::O_ACCMODE;
-    let mut out = if acc == libc::O_RDONLY { libc::O_RDONLY } else { libc::O_RDWR };
+    let mut out = if acc == libc::O_RDONLY {
+        libc::O_RDONLY
+    } else {
+        libc::O_RDWR
+    };
     if flags & libc::O_TRUNC != 0 && acc != libc::O_RDONLY {
         out |= libc::O_TRUNC;
     }

@@ -61,8 +61,10 @@ pub(crate) fn map_ids_in(meta: &mut Meta, opts: &super::FsOptions) {
 pub(crate) fn parse_symlink(body: &[u8]) -> Option<Vec<u8>> {
     let rest = body.strip_prefix(SYMLINK_MAGIC)?;
     if let Some(utf16) = rest.strip_prefix(&[0xff, 0xfe]) {
-        let units: Vec<u16> =
-            utf16.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let units: Vec<u16> = utf16
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
         let end = units.iter().position(|&u| u == 0).unwrap_or(units.len());
         let s = String::from_utf16(&units[..end]).ok()?;
         return (!s.is_empty()).then(|| s.into_bytes());
@@ -103,9 +105,15 @@ impl Fs {
             None => return Err(Errno::ENOTDIR),
         }
         let dir_path = st.backing_path(ino)?;
-        let dirfd = self.backing.open_dir(&join_path(&dir_path)).map_err(|e| errno_of(&e))?;
+        let dirfd = self
+            .backing
+            .open_dir(&join_path(&dir_path))
+            .map_err(|e| errno_of(&e))?;
         let entries = self.backing.list(dirfd.as_fd()).map_err(|e| {
-            tracing::error!("listing backing directory {:?}: {e}", String::from_utf8_lossy(&join_path(&dir_path)));
+            tracing::error!(
+                "listing backing directory {:?}: {e}",
+                String::from_utf8_lossy(&join_path(&dir_path))
+            );
             errno_of(&e)
         })?;
         let pending = match st.inode_mut(ino)?.dir.take() {
@@ -153,11 +161,18 @@ impl Fs {
                     n += 1;
                 }
             }
-            let child = self.inode_from_backing(st, ino, &name, &entry, meta, subtree, dirfd.as_fd())?;
+            let child =
+                self.inode_from_backing(st, ino, &name, &entry, meta, subtree, dirfd.as_fd())?;
             if st.inode(child)?.kind == Kind::Dir {
                 children.subdirs += 1;
             }
-            children.entries.insert(name, Dentry { ino: child, backing: entry.name.clone() });
+            children.entries.insert(
+                name,
+                Dentry {
+                    ino: child,
+                    backing: entry.name.clone(),
+                },
+            );
         }
         // Records whose backing entry is gone: deleted or renamed on another computer.
         for (backing_name, tree) in records {
@@ -247,7 +262,7 @@ impl Fs {
                 }
                 None => {
                     let looks_like_symlink =
-                        stat.size >= SYMLINK_MAGIC.len() as u64 + 1 && stat.size <= SYMLINK_FILE_MAX;
+                        stat.size > SYMLINK_MAGIC.len() as u64 && stat.size <= SYMLINK_FILE_MAX;
                     let target = if looks_like_symlink {
                         self.backing
                             .read_small(dirfd, &entry.name, SYMLINK_FILE_MAX)
@@ -285,7 +300,10 @@ impl Fs {
         }
         let ino = st.alloc_ino();
         let dir = (kind == Kind::Dir).then(|| {
-            DirState::Unloaded(PendingTree { meta: None, children: subtree })
+            DirState::Unloaded(PendingTree {
+                meta: None,
+                children: subtree,
+            })
         });
         let inode = Inode {
             kind,
@@ -295,7 +313,11 @@ impl Fs {
             parent,
             name: name.to_vec(),
             link_id,
-            dentries: if link_id.is_some() { vec![(parent, name.to_vec())] } else { Vec::new() },
+            dentries: if link_id.is_some() {
+                vec![(parent, name.to_vec())]
+            } else {
+                Vec::new()
+            },
             dir,
             nlink_hint: stat.nlink as u32,
             persisted,
@@ -314,8 +336,14 @@ impl Fs {
     }
 
     fn link_content_stat(&self, id: u64) -> Option<BackingStat> {
-        let dir = self.backing.open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes()).ok()?;
-        let stat = self.backing.stat_at(dir.as_fd(), &link_file_name(id)).ok()?;
+        let dir = self
+            .backing
+            .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
+            .ok()?;
+        let stat = self
+            .backing
+            .stat_at(dir.as_fd(), &link_file_name(id))
+            .ok()?;
         stat.is_file.then_some(stat)
     }
 
@@ -328,11 +356,18 @@ impl Fs {
     ) -> Option<Vec<u8>> {
         match link_id {
             Some(id) => {
-                let dir =
-                    self.backing.open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes()).ok()?;
-                self.backing.read_small(dir.as_fd(), &link_file_name(id), SYMLINK_FILE_MAX).ok()
+                let dir = self
+                    .backing
+                    .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
+                    .ok()?;
+                self.backing
+                    .read_small(dir.as_fd(), &link_file_name(id), SYMLINK_FILE_MAX)
+                    .ok()
             }
-            None => self.backing.read_small(dirfd, backing_name, SYMLINK_FILE_MAX).ok(),
+            None => self
+                .backing
+                .read_small(dirfd, backing_name, SYMLINK_FILE_MAX)
+                .ok(),
         }
     }
 }
@@ -343,8 +378,16 @@ mod tests {
 
     #[test]
     fn symlink_bodies_round_trip() {
-        for target in [&b"/etc/passwd"[..], b"a", "é/ü".as_bytes(), &[0xff, b'x', 0x80]] {
-            assert_eq!(parse_symlink(&symlink_body(target)).as_deref(), Some(target));
+        for target in [
+            &b"/etc/passwd"[..],
+            b"a",
+            "é/ü".as_bytes(),
+            &[0xff, b'x', 0x80],
+        ] {
+            assert_eq!(
+                parse_symlink(&symlink_body(target)).as_deref(),
+                Some(target)
+            );
         }
         assert_eq!(parse_symlink(b"hello"), None);
     }

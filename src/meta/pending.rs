@@ -85,11 +85,8 @@ impl Replayed {
     /// repair still replays.
     pub fn apply(&mut self, record: Record) {
         match record {
-            Record::Put { path, meta } => {
-                if !path.is_empty() {
-                    self.root.node_mut(&path).meta = Some(meta);
-                }
-            }
+            // An empty path is the backing root itself (the home directory's own mode).
+            Record::Put { path, meta } => self.root.node_mut(&path).meta = Some(meta),
             Record::Remove { path } => {
                 self.root.take(&path);
             }
@@ -200,6 +197,6 @@ mod tests {
             from: p(&["a"]),
             to: p(&["a", "b"]),
         });
-        assert!(r.root.children.contains_key(&b"a".to_vec()));
+        assert!(r.root.children.contains_key(b"a".as_slice()));
     }
 }
