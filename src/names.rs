@@ -171,6 +171,11 @@ fn escaped_pieces(name: &[u8], escape_letters: bool, at_root: bool) -> Vec<Strin
     pieces
 }
 
+/// The longest backing name in UTF-8 bytes. FAT counts UTF-16 units, but a backing directory
+/// may also be an ext4 or sshfs directory standing in for the stick, whose limit is 255 bytes;
+/// a name within both limits works on all of them.
+pub const MAX_BACKING_BYTES: usize = 255;
+
 /// `Form::Hashed`: a readable prefix of the natural escape, then U+F000 `~` and 32 hex digits
 /// of SHA-256 of the POSIX name.
 fn encode_hashed(name: &[u8], at_root: bool) -> Vec<u8> {
@@ -188,7 +193,7 @@ fn encode_hashed(name: &[u8], at_root: bool) -> Vec<u8> {
     let mut used = 0;
     for piece in escaped_pieces(name, false, at_root) {
         let len = fatrules::utf16_len(&piece);
-        if used + len > budget {
+        if used + len > budget || prefix.len() + piece.len() + suffix.len() > MAX_BACKING_BYTES {
             break;
         }
         used += len;
@@ -439,6 +444,20 @@ mod tests {
     }
 
     #[test]
+    fn hashed_form_fits_a_255_byte_directory_too() {
+        for name in [
+            vec![b'.'; 255],
+            vec![0xfe; 255],
+            "\u{F041}".repeat(85).into_bytes(),
+            "é".repeat(127).into_bytes(),
+        ] {
+            let got = encode(&name, Form::Hashed, false);
+            assert!(got.len() <= MAX_BACKING_BYTES, "{} bytes", got.len());
+            assert_eq!(fatrules::check_name(&got), Ok(()));
+        }
+    }
+
+    #[test]
     fn hashed_form() {
         let names: Vec<Vec<u8>> = vec![
             "\u{e9}cole".into(),
@@ -498,9 +517,10 @@ mod tests {
             show(&got)
         );
         // A cut prefix keeps whole escape pairs: a dangling U+F000 would hide the hash marker.
-        let name = format!("{}{}", "a".repeat(220), "\u{F041}".repeat(10));
+        // 217 bytes of `a` leave room for the 38-byte suffix but not for a 6-byte escape pair.
+        let name = format!("{}{}", "a".repeat(217), "\u{F041}".repeat(10));
         let got = encode(name.as_bytes(), Form::Hashed, false);
-        let expected = format!("{}\u{F000}~", "a".repeat(220));
+        let expected = format!("{}\u{F000}~", "a".repeat(217));
         assert!(
             got.starts_with(expected.as_bytes()),
             "expected a prefix of {expected:?}, got {}",

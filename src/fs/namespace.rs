@@ -62,6 +62,9 @@ impl Fs {
         let ignore_fold = ignore.map(fold_key);
         for form in [Form::Natural, Form::CaseEscaped, Form::Hashed] {
             let candidate = names::encode(name, form, dir == ROOT);
+            if candidate.len() > names::MAX_BACKING_BYTES {
+                continue;
+            }
             let fold = fold_key(&candidate);
             if !children.folds.contains(&fold) || ignore_fold.as_ref() == Some(&fold) {
                 return Ok(candidate);

@@ -1,0 +1,564 @@
+//! In-process tests of the filesystem operations over a temporary backing directory: no
+//! kernel mount, so they run anywhere and fast. Every test that writes ends with the FAT audit
+//! of the backing tree, and most with a "remount" (a fresh `Fs` over the same backing) that
+//! must show exactly what was there before.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use pershome::audit::assert_fat_clean;
+use pershome::fs::{Attr, Ctx, Errno, Fs, FsOptions, Ino, Kind, SetAttr, SetTime, ROOT};
+use pershome::meta::Timespec;
+
+const USER: Ctx = Ctx {
+    uid: 1000,
+    gid: 1000,
+    pid: 1,
+};
+
+fn opts() -> FsOptions {
+    FsOptions {
+        uid: 1000,
+        gid: 1000,
+        read_only: false,
+        commit_interval: Duration::from_secs(5),
+    }
+}
+
+fn open(backing: &Path) -> Fs {
+    Fs::open_backing(backing, opts()).expect("open backing")
+}
+
+/// Unmount and mount again: commit everything, then read it all back from the stick.
+fn remount(fs: Fs, backing: &Path) -> Fs {
+    fs.shutdown();
+    drop(fs);
+    open(backing)
+}
+
+fn lookup(fs: &Fs, path: &[&[u8]]) -> Attr {
+    let mut ino = ROOT;
+    let mut attr = fs.getattr(ROOT).unwrap();
+    for part in path {
+        attr = fs
+            .lookup(ino, part)
+            .unwrap_or_else(|e| panic!("lookup {:?}: {e}", String::from_utf8_lossy(part)));
+        ino = attr.ino;
+    }
+    attr
+}
+
+fn create_file(fs: &Fs, parent: Ino, name: &[u8], mode: u32, content: &[u8]) -> Attr {
+    let (attr, fh) = fs.create(USER, parent, name, mode, libc::O_RDWR).unwrap();
+    if !content.is_empty() {
+        fs.write(fh, 0, content).unwrap();
+    }
+    fs.release(fh).unwrap();
+    fs.getattr(attr.ino).unwrap()
+}
+
+fn read_all(fs: &Fs, ino: Ino) -> Vec<u8> {
+    let fh = fs.open(ino, libc::O_RDONLY).unwrap();
+    let data = fs.read(fh, 0, 1 << 20).unwrap();
+    fs.release(fh).unwrap();
+    data
+}
+
+fn list(fs: &Fs, ino: Ino) -> Vec<Vec<u8>> {
+    let fh = fs.opendir(ino).unwrap();
+    let names = fs
+        .readdir(fh, 0)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.name)
+        .filter(|n| n != b"." && n != b"..")
+        .collect();
+    fs.releasedir(fh);
+    names
+}
+
+/// Everything observable about a tree, for before/after comparisons.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    kind: Kind,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    size: u64,
+    mtime: Timespec,
+    atime: Timespec,
+    ctime: Timespec,
+    rdev: u64,
+    link: Option<Vec<u8>>,
+    content: Option<Vec<u8>>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+fn snapshot(fs: &Fs) -> BTreeMap<Vec<Vec<u8>>, Seen> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(ROOT, Vec::new())];
+    while let Some((dir, path)) = stack.pop() {
+        for name in list(fs, dir) {
+            let a = fs.lookup(dir, &name).unwrap();
+            let mut p: Vec<Vec<u8>> = path.clone();
+            p.push(name.clone());
+            let xattrs = match fs.listxattr(a.ino, 1 << 16).unwrap() {
+                pershome::fs::xattr::XattrReply::Data(list) => list
+                    .split(|&b| b == 0)
+                    .filter(|n| !n.is_empty())
+                    .map(|n| {
+                        let v = match fs.getxattr(a.ino, n, 1 << 16).unwrap() {
+                            pershome::fs::xattr::XattrReply::Data(v) => v,
+                            other => panic!("getxattr gave {other:?}"),
+                        };
+                        (n.to_vec(), v)
+                    })
+                    .collect(),
+                pershome::fs::xattr::XattrReply::Size(_) => Vec::new(),
+            };
+            out.insert(
+                p.clone(),
+                Seen {
+                    kind: a.kind,
+                    perm: a.perm,
+                    uid: a.uid,
+                    gid: a.gid,
+                    nlink: a.nlink,
+                    size: a.size,
+                    mtime: a.mtime,
+                    atime: a.atime,
+                    ctime: a.ctime,
+                    rdev: a.rdev,
+                    link: (a.kind == Kind::Symlink).then(|| fs.readlink(a.ino).unwrap()),
+                    content: (a.kind == Kind::File).then(|| read_all(fs, a.ino)),
+                    xattrs,
+                },
+            );
+            if a.kind == Kind::Dir {
+                stack.push((a.ino, p));
+            }
+        }
+    }
+    out
+}
+
+fn show(path: &[Vec<u8>]) -> String {
+    path.iter()
+        .map(|p| format!("{:?}", String::from_utf8_lossy(p)))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Compares two snapshots and fails listing only the entries that differ.
+fn assert_same_tree(
+    before: &BTreeMap<Vec<Vec<u8>>, Seen>,
+    after: &BTreeMap<Vec<Vec<u8>>, Seen>,
+    what: &str,
+) {
+    let mut problems = Vec::new();
+    for (path, seen) in before {
+        match after.get(path) {
+            None => problems.push(format!("{} is missing", show(path))),
+            Some(now) if now != seen => problems.push(format!(
+                "{}:\n  expected {seen:?}\n  got      {now:?}",
+                show(path)
+            )),
+            _ => {}
+        }
+    }
+    for path in after.keys().filter(|p| !before.contains_key(*p)) {
+        problems.push(format!("{} appeared", show(path)));
+    }
+    assert!(
+        problems.is_empty(),
+        "{what}: {} differences:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+fn hostile_names() -> Vec<Vec<u8>> {
+    let mut names: Vec<Vec<u8>> = [
+        "Makefile",
+        "makefile",
+        "MAKEFILE",
+        "a.",
+        "a",
+        "a..",
+        "a ",
+        "a. .",
+        "CON",
+        "con.txt",
+        "nul",
+        "COM1",
+        "LPT¹.doc",
+        "aux.tar.gz",
+        "q:?",
+        "star*",
+        "<angle>",
+        "pipe|",
+        "quote\"",
+        "back\\slash",
+        "tab\tname",
+        "new\nline",
+        " leading space",
+        "...",
+        "report.odt",
+        "été",
+        "ÉTÉ",
+        "😀 emoji",
+        "\u{F041}pua",
+        "\u{F000}",
+        "trailing dot.",
+        "CONIN$",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    names.push(vec![0xff, b'a', 0x80]);
+    names.push(vec![b'x'; 255]);
+    names.push("é".repeat(127).into_bytes());
+    names.push(vec![b'.'; 255]);
+    names.push(vec![0xfe; 255]);
+    names.push((1u8..32).collect());
+    names
+}
+
+#[test]
+fn hostile_names_round_trip_and_stay_fat_legal() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let sub = fs.mkdir(USER, ROOT, b"sub", 0o755).unwrap();
+    let mut expected = Vec::new();
+    for (i, name) in hostile_names().into_iter().enumerate() {
+        for parent in [ROOT, sub.ino] {
+            let content = format!("file {i}").into_bytes();
+            create_file(&fs, parent, &name, 0o640, &content);
+        }
+        expected.push(name);
+    }
+    // The store directory's own name is an ordinary name for the user.
+    create_file(&fs, ROOT, b".pershome", 0o600, b"mine");
+    create_file(&fs, ROOT, b".PERSHOME", 0o600, b"mine too");
+    let before = snapshot(&fs);
+    let mut names = list(&fs, sub.ino);
+    names.sort();
+    expected.sort();
+    assert_eq!(names, expected, "names listed in a subdirectory");
+    let fs = remount(fs, backing);
+    assert_same_tree(&before, &snapshot(&fs), "the tree after a remount");
+    assert_eq!(read_all(&fs, lookup(&fs, &[b".pershome"]).ino), b"mine");
+    assert_fat_clean(backing);
+    // A FAT-legal name keeps its name on the stick, byte for byte.
+    assert_eq!(
+        std::fs::read(backing.join("sub/report.odt")).unwrap(),
+        b"file 24"
+    );
+}
+
+#[test]
+fn name_too_long_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = open(dir.path());
+    let r = fs.create(USER, ROOT, &[b'x'; 256], 0o644, libc::O_RDWR);
+    assert_eq!(r.err(), Some(Errno::ENAMETOOLONG));
+}
+
+#[test]
+fn metadata_survives_remount_to_the_nanosecond() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let f = create_file(&fs, ROOT, b"f", 0o644, b"hello");
+    let t = Timespec {
+        sec: 1_234_567_890,
+        nsec: 123_456_789,
+    };
+    let set = SetAttr {
+        mode: Some(0o4751),
+        uid: Some(4242),
+        gid: Some(77),
+        atime: Some(SetTime::At(Timespec { sec: -5, nsec: 1 })),
+        mtime: Some(SetTime::At(t)),
+        ..SetAttr::default()
+    };
+    fs.setattr(f.ino, set).unwrap();
+    fs.setxattr(f.ino, b"user.colour", b"blue", 0).unwrap();
+    fs.setxattr(f.ino, b"trusted.x", &[0, 1, 2], 0).unwrap();
+    fs.setxattr(f.ino, b"system.posix_acl_access", &[2, 0, 0, 0], 0)
+        .unwrap();
+    let d = fs.mkdir(USER, ROOT, b"d", 0o1777).unwrap();
+    fs.mknod(USER, d.ino, b"fifo", libc::S_IFIFO | 0o600, 0)
+        .unwrap();
+    fs.mknod(USER, d.ino, b"sock", libc::S_IFSOCK | 0o600, 0)
+        .unwrap();
+    fs.mknod(
+        USER,
+        d.ino,
+        b"tty",
+        libc::S_IFCHR | 0o620,
+        libc::makedev(4, 1),
+    )
+    .unwrap();
+    fs.mknod(
+        USER,
+        d.ino,
+        b"sda",
+        libc::S_IFBLK | 0o660,
+        libc::makedev(8, 0),
+    )
+    .unwrap();
+    fs.symlink(USER, d.ino, b"link", b"../f").unwrap();
+    fs.symlink(USER, d.ino, b"bad-utf8", &[b'x', 0xff]).unwrap();
+    let before = snapshot(&fs);
+    let fs = remount(fs, backing);
+    let after = snapshot(&fs);
+    assert_same_tree(&before, &after, "after a remount");
+    let f = &after[&vec![b"f".to_vec()]];
+    assert_eq!((f.perm, f.uid, f.gid, f.mtime), (0o4751, 4242, 77, t));
+    assert_eq!(f.atime, Timespec { sec: -5, nsec: 1 });
+    assert_fat_clean(backing);
+}
+
+#[test]
+fn the_sticks_owner_maps_to_whoever_mounts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    create_file(&fs, ROOT, b"mine", 0o600, b"x");
+    let root_owned = create_file(&fs, ROOT, b"roots", 0o600, b"x");
+    fs.setattr(
+        root_owned.ino,
+        SetAttr {
+            uid: Some(0),
+            gid: Some(0),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    fs.shutdown();
+    drop(fs);
+    let library = FsOptions {
+        uid: 2001,
+        gid: 3001,
+        ..opts()
+    };
+    let fs = Fs::open_backing(backing, library).unwrap();
+    let mine = lookup(&fs, &[b"mine"]);
+    assert_eq!(
+        (mine.uid, mine.gid),
+        (2001, 3001),
+        "the owner on another machine"
+    );
+    let roots = lookup(&fs, &[b"roots"]);
+    assert_eq!(
+        (roots.uid, roots.gid),
+        (0, 0),
+        "other owners are kept as stored"
+    );
+}
+
+#[test]
+fn hard_links_share_content_and_survive_any_name_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let d = fs.mkdir(USER, ROOT, b"d", 0o755).unwrap();
+    let a = create_file(&fs, ROOT, b"a", 0o644, b"shared");
+    fs.link(a.ino, d.ino, b"b").unwrap();
+    let c = fs.link(a.ino, ROOT, b"c").unwrap();
+    assert_eq!(c.nlink, 3);
+    assert_eq!(c.ino, a.ino);
+    let fh = fs.open(a.ino, libc::O_WRONLY).unwrap();
+    fs.write(fh, 6, b" content").unwrap();
+    fs.release(fh).unwrap();
+    assert_fat_clean(backing);
+    let fs = remount(fs, backing);
+    let b = lookup(&fs, &[b"d", b"b"]);
+    assert_eq!(b.nlink, 3);
+    assert_eq!(read_all(&fs, b.ino), b"shared content");
+    fs.unlink(ROOT, b"a").unwrap();
+    let d = lookup(&fs, &[b"d"]);
+    fs.rename(d.ino, b"b", ROOT, b"renamed", 0).unwrap();
+    let fs = remount(fs, backing);
+    let r = lookup(&fs, &[b"renamed"]);
+    let c = lookup(&fs, &[b"c"]);
+    assert_eq!((r.ino, r.nlink), (c.ino, 2));
+    fs.unlink(ROOT, b"c").unwrap();
+    let r = lookup(&fs, &[b"renamed"]);
+    assert_eq!(r.nlink, 1);
+    // Down to one name: the content is an ordinary file on the stick again.
+    assert_eq!(
+        std::fs::read(backing.join("renamed")).unwrap(),
+        b"shared content"
+    );
+    let fs = remount(fs, backing);
+    assert_eq!(
+        read_all(&fs, lookup(&fs, &[b"renamed"]).ino),
+        b"shared content"
+    );
+    assert_fat_clean(backing);
+}
+
+#[test]
+fn rename_flags_behave_as_on_ext4() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    create_file(&fs, ROOT, b"x", 0o644, b"X");
+    create_file(&fs, ROOT, b"y", 0o644, b"Y");
+    let d = fs.mkdir(USER, ROOT, b"d", 0o755).unwrap();
+    create_file(&fs, d.ino, b"inner", 0o644, b"I");
+    assert_eq!(
+        fs.rename(ROOT, b"x", ROOT, b"y", libc::RENAME_NOREPLACE),
+        Err(Errno::EEXIST)
+    );
+    fs.rename(ROOT, b"x", ROOT, b"d", libc::RENAME_EXCHANGE)
+        .unwrap();
+    assert_eq!(read_all(&fs, lookup(&fs, &[b"d"]).ino), b"X");
+    assert_eq!(read_all(&fs, lookup(&fs, &[b"x", b"inner"]).ino), b"I");
+    fs.rename(ROOT, b"y", ROOT, b"d", 0).unwrap();
+    assert_eq!(read_all(&fs, lookup(&fs, &[b"d"]).ino), b"Y");
+    // Case-only rename on a stick that folds case.
+    create_file(&fs, ROOT, b"readme", 0o644, b"R");
+    fs.rename(ROOT, b"readme", ROOT, b"README", 0).unwrap();
+    let fs = remount(fs, backing);
+    assert_eq!(read_all(&fs, lookup(&fs, &[b"README"]).ino), b"R");
+    assert_eq!(read_all(&fs, lookup(&fs, &[b"x", b"inner"]).ino), b"I");
+    assert_eq!(fs.lookup(ROOT, b"y").err(), Some(Errno::ENOENT));
+    assert_fat_clean(backing);
+}
+
+#[test]
+fn setgid_directories_pass_on_their_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = open(dir.path());
+    let d = fs.mkdir(USER, ROOT, b"shared", 0o2775).unwrap();
+    fs.setattr(
+        d.ino,
+        SetAttr {
+            gid: Some(500),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    let f = create_file(&fs, d.ino, b"f", 0o644, b"");
+    assert_eq!(f.gid, 500);
+    let sub = fs.mkdir(USER, d.ino, b"sub", 0o755).unwrap();
+    assert_eq!((sub.gid, sub.perm & 0o2000), (500, 0o2000));
+}
+
+#[test]
+fn reads_and_stats_never_write_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let d = fs.mkdir(USER, ROOT, b"d", 0o755).unwrap();
+    for i in 0..20 {
+        create_file(&fs, d.ino, format!("f{i}").as_bytes(), 0o644, b"data");
+    }
+    let fs = remount(fs, backing);
+    let before = fs.write_stats();
+    let snap = snapshot(&fs);
+    assert_eq!(snap.len(), 21);
+    fs.commit().unwrap();
+    assert_eq!(
+        fs.write_stats(),
+        before,
+        "(data bytes, data writes, metadata bytes, metadata writes)"
+    );
+}
+
+#[test]
+fn edits_made_elsewhere_are_reconciled() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let docs = fs.mkdir(USER, ROOT, b"Docs", 0o700).unwrap();
+    let kept = create_file(&fs, docs.ino, b"kept.txt", 0o600, b"old");
+    fs.setxattr(kept.ino, b"user.tag", b"t", 0).unwrap();
+    create_file(&fs, docs.ino, b"gone.txt", 0o600, b"bye");
+    create_file(&fs, docs.ino, b"changed.txt", 0o600, b"short");
+    fs.shutdown();
+    drop(fs);
+    // Another computer: a new file and directory, a changed file, a deleted file, and a
+    // directory renamed.
+    std::fs::write(backing.join("Docs/new.txt"), b"from windows").unwrap();
+    std::fs::create_dir(backing.join("Docs/NewDir")).unwrap();
+    std::fs::remove_file(backing.join("Docs/gone.txt")).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(backing.join("Docs/changed.txt"), b"much longer now").unwrap();
+    std::fs::rename(backing.join("Docs"), backing.join("Documents")).unwrap();
+    let fs = open(backing);
+    assert_eq!(fs.lookup(ROOT, b"Docs").err(), Some(Errno::ENOENT));
+    let new = lookup(&fs, &[b"Documents", b"new.txt"]);
+    assert_eq!(
+        (new.perm, new.uid, new.gid, new.kind),
+        (0o644, 1000, 1000, Kind::File)
+    );
+    let nd = lookup(&fs, &[b"Documents", b"NewDir"]);
+    assert_eq!((nd.perm, nd.kind), (0o755, Kind::Dir));
+    let changed = lookup(&fs, &[b"Documents", b"changed.txt"]);
+    assert_eq!(changed.size, 15);
+    let on_disk = std::fs::metadata(backing.join("Documents/changed.txt")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(changed.mtime.sec, on_disk.mtime());
+    let documents = lookup(&fs, &[b"Documents"]);
+    let mut names = list(&fs, documents.ino);
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            b"NewDir".to_vec(),
+            b"changed.txt".to_vec(),
+            b"kept.txt".to_vec(),
+            b"new.txt".to_vec()
+        ]
+    );
+    // A file edited in place keeps its mode (its record still matches its path).
+    assert_eq!(changed.perm, 0o600);
+    assert_fat_clean(backing);
+}
+
+#[test]
+fn a_symlink_survives_the_loss_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    fs.symlink(USER, ROOT, b"to-docs", b"Documents/report.odt")
+        .unwrap();
+    fs.shutdown();
+    drop(fs);
+    std::fs::remove_dir_all(backing.join(".pershome")).unwrap();
+    let fs = open(backing);
+    let a = lookup(&fs, &[b"to-docs"]);
+    assert_eq!(a.kind, Kind::Symlink);
+    assert_eq!(fs.readlink(a.ino).unwrap(), b"Documents/report.odt");
+}
+
+#[test]
+fn read_only_mount_refuses_changes_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    create_file(&fs, ROOT, b"f", 0o644, b"x");
+    fs.shutdown();
+    drop(fs);
+    let fs = Fs::open_backing(
+        backing,
+        FsOptions {
+            read_only: true,
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_all(&fs, lookup(&fs, &[b"f"]).ino), b"x");
+    assert_eq!(fs.mkdir(USER, ROOT, b"d", 0o755).err(), Some(Errno::EROFS));
+    assert_eq!(
+        fs.open(lookup(&fs, &[b"f"]).ino, libc::O_WRONLY).err(),
+        Some(Errno::EROFS)
+    );
+}
