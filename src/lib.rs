@@ -1,4 +1,8 @@
 //! pershome: a POSIX home directory layered on the `pershome/` directory of a FAT or exFAT
 //! USB stick. See `docs/architecture.md` for the bird's-eye view and the module map.
 
+pub mod cli;
+pub mod daemon;
+pub mod logging;
 pub mod meta;
+pub mod mount_opts;
