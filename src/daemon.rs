@@ -12,16 +12,17 @@
 //! timer, say), since only the forking thread survives fork(2). The parent therefore still
 //! "returns only once the mount is ready", with the child's exit code when it is not.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use fuser::{Config, Filesystem, MountOption, Session, SessionACL, SessionUnmounter};
+use fuser::{Config, Filesystem, MountOption, Session, SessionACL};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
@@ -144,32 +145,19 @@ pub fn block_termination_signals() -> io::Result<()> {
 /// A mounted filesystem whose session loop has not started yet.
 pub struct MountedSession<F: Filesystem> {
     session: Session<F>,
-    unmounter: Unmounter,
+    mount: Arc<OurMount>,
 }
 
-/// How to unmount: through fuser (it used fusermount3), or our own direct mount as root.
-enum Unmounter {
-    Fuser(SessionUnmounter),
-    Direct(Arc<DirectMount>),
-}
-
-impl Unmounter {
-    fn unmount(&mut self) -> io::Result<()> {
-        match self {
-            Unmounter::Fuser(u) => u.unmount(),
-            Unmounter::Direct(m) => m.unmount(),
-        }
-    }
-}
-
-/// A mount made by [`mount_direct`]. `dev` is a duplicate of the session's /dev/fuse
-/// descriptor, kept only to ask the kernel whether this very mount still exists.
-struct DirectMount {
-    mountpoint: CString,
+/// A mount made by [`mount`]. `dev` is a duplicate of the session's /dev/fuse descriptor,
+/// kept only to ask the kernel whether this very mount still exists.
+struct OurMount {
+    mountpoint: PathBuf,
     dev: OwnedFd,
+    /// Made by the setuid `fusermount3` (so only it can unmount), not by mount(2) as root.
+    by_helper: bool,
 }
 
-impl DirectMount {
+impl OurMount {
     /// Whether the connection is still alive. Checked before unmounting so that we never
     /// unmount a different filesystem mounted later at the same place.
     fn is_mounted(&self) -> bool {
@@ -184,84 +172,114 @@ impl DirectMount {
                         .is_some_and(|r| r.contains(PollFlags::POLLERR))
                 }
                 Err(Errno::EINTR) => continue,
-                // Cannot tell: assume mounted, the umount call itself will then say.
+                // Cannot tell: assume mounted, the unmount itself will then say.
                 Err(_) => return true,
             }
         }
     }
 
-    /// Unmounts; if files are still open (EBUSY), detaches lazily: the mount vanishes from the
+    /// Unmounts; if files are still open (busy), detaches lazily: the mount vanishes from the
     /// tree at once and the daemon keeps serving the open files until they are closed, then
     /// the session ends normally and `destroy` commits.
     fn unmount(&self) -> io::Result<()> {
         if !self.is_mounted() {
             return Ok(());
         }
-        match nix::mount::umount2(self.mountpoint.as_c_str(), MntFlags::empty()) {
+        if self.by_helper {
+            if run_fusermount_unmount(&self.mountpoint, false).is_ok() {
+                return Ok(());
+            }
+            tracing::warn!(
+                "{} is busy: detaching it now, the daemon ends when the last open file is \
+                 closed",
+                self.mountpoint.display()
+            );
+            return run_fusermount_unmount(&self.mountpoint, true);
+        }
+        match nix::mount::umount2(&self.mountpoint, MntFlags::empty()) {
             Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
             Err(Errno::EBUSY) => {
                 tracing::warn!(
-                    "{:?} is busy: detaching it now, the daemon ends when the last open file \
+                    "{} is busy: detaching it now, the daemon ends when the last open file \
                      is closed",
-                    self.mountpoint
+                    self.mountpoint.display()
                 );
-                nix::mount::umount2(self.mountpoint.as_c_str(), MntFlags::MNT_DETACH)
-                    .map_err(io::Error::from)
+                nix::mount::umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(io::Error::from)
             }
             Err(e) => Err(e.into()),
         }
     }
 }
 
-/// Mounts `fs` on `mountpoint` and performs the FUSE handshake (the filesystem's `init` runs
-/// here), so the mount is usable when this returns. As root the mount is made directly with
-/// type `fuse.<subtype>`; otherwise (or if the kernel refuses with EPERM) fuser mounts through
-/// the setuid `fusermount3`, which sets the same type from the `subtype=` option.
-pub fn mount<F: Filesystem>(
-    fs: F,
-    mountpoint: &Path,
-    config: &Config,
-) -> io::Result<MountedSession<F>> {
-    let fs = if nix::unistd::geteuid().is_root() {
-        match mount_direct(fs, mountpoint, config)? {
-            Ok(mounted) => return Ok(mounted),
-            Err(fs) => fs,
-        }
-    } else {
-        fs
-    };
-    // fusermount3 splits its option list at commas and honours backslash escapes; fuser
-    // passes the fsname unescaped, so escape it here.
-    let mut config = config.clone();
-    for option in &mut config.mount_options {
-        if let MountOption::FSName(name) = option {
-            *name = crate::mount_opts::escape_option_value(name);
-        }
+fn run_fusermount_unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
+    let mut cmd = Command::new(FUSERMOUNT);
+    cmd.arg("-u").arg("-q");
+    if lazy {
+        cmd.arg("-z");
     }
-    let mut session = Session::new(fs, mountpoint, &config)?;
-    let unmounter = Unmounter::Fuser(session.unmount_callable());
-    Ok(MountedSession { session, unmounter })
+    let out = cmd
+        .arg("--")
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "{FUSERMOUNT} -u {}: {}",
+            mountpoint.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
 }
 
-/// The kernel's mount(2) arguments for a configuration: (source, fstype, flags, options).
-fn kernel_mount_args(config: &Config) -> io::Result<(String, String, MsFlags, Vec<String>)> {
-    let mut source = String::from("/dev/fuse");
-    let mut fstype = String::from("fuse");
-    // nosuid,nodev always: the stick is untrusted, whatever the configuration says.
-    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    let mut options = Vec::new();
+/// The setuid mount helper of FUSE 3.
+const FUSERMOUNT: &str = "fusermount3";
+
+/// What to mount, worked out from a fuser configuration once for both ways of mounting.
+#[derive(Debug, PartialEq, Eq)]
+struct MountPlan {
+    /// The source shown by `mount` and `df` (`fsname`).
+    source: String,
+    /// The subtype: the type shows as `fuse.<subtype>`.
+    subtype: String,
+    /// The generic mount flags, always with nosuid and nodev.
+    flags: MsFlags,
+    /// The same flags as option words, for fusermount3.
+    flag_words: Vec<&'static str>,
+    /// FUSE's own options (`default_permissions`, `allow_other`).
+    fuse_options: Vec<&'static str>,
+}
+
+fn mount_plan(config: &Config) -> io::Result<MountPlan> {
+    fn flag(plan: &mut MountPlan, f: MsFlags, word: &'static str) {
+        plan.flags |= f;
+        if !plan.flag_words.contains(&word) {
+            plan.flag_words.push(word);
+        }
+    }
+    let mut plan = MountPlan {
+        source: String::from("pershomefs"),
+        subtype: String::from(crate::mount_opts::SUBTYPE),
+        // nosuid,nodev always: the stick is untrusted, whatever the configuration says.
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        flag_words: vec!["nosuid", "nodev"],
+        fuse_options: Vec::new(),
+    };
     for option in &config.mount_options {
         match option {
-            MountOption::FSName(name) => source = name.clone(),
-            MountOption::Subtype(subtype) => fstype = format!("fuse.{subtype}"),
-            MountOption::DefaultPermissions => options.push("default_permissions".to_owned()),
-            MountOption::NoSuid => flags |= MsFlags::MS_NOSUID,
-            MountOption::NoDev => flags |= MsFlags::MS_NODEV,
-            MountOption::RO => flags |= MsFlags::MS_RDONLY,
-            MountOption::NoExec => flags |= MsFlags::MS_NOEXEC,
-            MountOption::NoAtime => flags |= MsFlags::MS_NOATIME,
-            MountOption::Sync => flags |= MsFlags::MS_SYNCHRONOUS,
-            MountOption::DirSync => flags |= MsFlags::MS_DIRSYNC,
+            MountOption::FSName(name) => plan.source = name.clone(),
+            MountOption::Subtype(subtype) => plan.subtype = subtype.clone(),
+            MountOption::DefaultPermissions => plan.fuse_options.push("default_permissions"),
+            MountOption::NoSuid => flag(&mut plan, MsFlags::MS_NOSUID, "nosuid"),
+            MountOption::NoDev => flag(&mut plan, MsFlags::MS_NODEV, "nodev"),
+            MountOption::RO => flag(&mut plan, MsFlags::MS_RDONLY, "ro"),
+            MountOption::NoExec => flag(&mut plan, MsFlags::MS_NOEXEC, "noexec"),
+            MountOption::NoAtime => flag(&mut plan, MsFlags::MS_NOATIME, "noatime"),
+            MountOption::Sync => flag(&mut plan, MsFlags::MS_SYNCHRONOUS, "sync"),
+            MountOption::DirSync => flag(&mut plan, MsFlags::MS_DIRSYNC, "dirsync"),
             MountOption::RW | MountOption::Exec | MountOption::Atime | MountOption::Async => {}
             other => {
                 return Err(io::Error::new(
@@ -273,23 +291,52 @@ fn kernel_mount_args(config: &Config) -> io::Result<(String, String, MsFlags, Ve
     }
     match config.acl {
         // The kernel only knows allow_other; fuser itself refuses other users for RootAndOwner.
-        SessionACL::All | SessionACL::RootAndOwner => options.push("allow_other".to_owned()),
+        SessionACL::All | SessionACL::RootAndOwner => plan.fuse_options.push("allow_other"),
         SessionACL::Owner => {}
     }
-    Ok((source, fstype, flags, options))
+    Ok(plan)
 }
 
-/// Mounts as root with mount(2), then hands the /dev/fuse descriptor to fuser. Returns the
-/// filesystem back (`Ok(Err(fs))`) when the kernel says EPERM, so the caller can try
-/// fusermount3 (root without CAP_SYS_ADMIN, e.g. in a user namespace).
-fn mount_direct<F: Filesystem>(
+/// Mounts `fs` on `mountpoint` and performs the FUSE handshake (the filesystem's `init` runs
+/// here), so the mount is usable when this returns. As root the mount is made with mount(2);
+/// otherwise, or when the kernel says EPERM (root without CAP_SYS_ADMIN), through the setuid
+/// `fusermount3`. Either way the type is `fuse.<subtype>`. (fuser's own mount code is not
+/// used: as root it mounts with type plain `fuse`, and it gives up without trying
+/// fusermount3 when /dev/fuse is not readable by the user.)
+pub fn mount<F: Filesystem>(
     fs: F,
     mountpoint: &Path,
     config: &Config,
-) -> io::Result<Result<MountedSession<F>, F>> {
-    let (source, fstype, flags, extra) = kernel_mount_args(config)?;
+) -> io::Result<MountedSession<F>> {
+    let plan = mount_plan(config)?;
     let mountpoint = mountpoint.canonicalize()?;
-    let root_mode = std::fs::metadata(&mountpoint)?.mode() & libc::S_IFMT;
+    let mut made = None;
+    if nix::unistd::geteuid().is_root() {
+        made = mount_with_syscall(&plan, &mountpoint)?;
+    }
+    let (dev, by_helper) = match made {
+        Some(dev) => (dev, false),
+        None => (mount_with_fusermount(&plan, &mountpoint)?, true),
+    };
+    let mount = Arc::new(OurMount {
+        mountpoint: mountpoint.clone(),
+        dev: dev.try_clone()?,
+        by_helper,
+    });
+    match Session::from_fd(fs, dev, config.acl, config.clone()) {
+        Ok(session) => Ok(MountedSession { session, mount }),
+        Err(e) => {
+            if let Err(u) = mount.unmount() {
+                tracing::error!("unmounting {mountpoint:?} after a failed handshake: {u}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// mount(2) as root. `Ok(None)` when the kernel refuses with EPERM.
+fn mount_with_syscall(plan: &MountPlan, mountpoint: &Path) -> io::Result<Option<OwnedFd>> {
+    let root_mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
     let dev: OwnedFd = File::options()
         .read(true)
         .write(true)
@@ -303,43 +350,127 @@ fn mount_direct<F: Filesystem>(
         nix::unistd::getuid(),
         nix::unistd::getgid()
     );
-    for option in extra {
+    for option in &plan.fuse_options {
         data.push(',');
-        data.push_str(&option);
+        data.push_str(option);
     }
+    let fstype = format!("fuse.{}", plan.subtype);
     match nix::mount::mount(
-        Some(source.as_str()),
-        &mountpoint,
+        Some(plan.source.as_str()),
+        mountpoint,
         Some(fstype.as_str()),
-        flags,
+        plan.flags,
         Some(data.as_str()),
     ) {
-        Ok(()) => {}
-        Err(Errno::EPERM) => return Ok(Err(fs)),
-        Err(e) => {
-            return Err(io::Error::new(
-                io::Error::from(e).kind(),
-                format!("mount({source:?}, {mountpoint:?}, {fstype}, {data}): {e}"),
-            ))
-        }
+        Ok(()) => Ok(Some(dev)),
+        Err(Errno::EPERM) => Ok(None),
+        Err(e) => Err(io::Error::new(
+            io::Error::from(e).kind(),
+            format!(
+                "mount({:?}, {mountpoint:?}, {fstype}, {data}): {e}",
+                plan.source
+            ),
+        )),
     }
-    let direct = Arc::new(DirectMount {
-        mountpoint: CString::new(mountpoint.as_os_str().as_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
-        dev: dev.try_clone()?,
-    });
-    match Session::from_fd(fs, dev, config.acl, config.clone()) {
-        Ok(session) => Ok(Ok(MountedSession {
-            session,
-            unmounter: Unmounter::Direct(direct),
-        })),
-        Err(e) => {
-            if let Err(u) = direct.unmount() {
-                tracing::error!("unmounting {mountpoint:?} after a failed handshake: {u}");
+}
+
+/// The option list fusermount3 gets; it splits at commas, so the fsname is escaped.
+fn fusermount_options(plan: &MountPlan) -> String {
+    let mut options = vec![
+        format!(
+            "fsname={}",
+            crate::mount_opts::escape_option_value(&plan.source)
+        ),
+        format!("subtype={}", plan.subtype),
+    ];
+    options.extend(plan.flag_words.iter().map(|w| (*w).to_owned()));
+    options.extend(plan.fuse_options.iter().map(|w| (*w).to_owned()));
+    options.join(",")
+}
+
+/// Mounts through `fusermount3`, which opens /dev/fuse, mounts, and passes the descriptor
+/// back over a socket named by `_FUSE_COMMFD`.
+fn mount_with_fusermount(plan: &MountPlan, mountpoint: &Path) -> io::Result<OwnedFd> {
+    let (ours, theirs) = UnixStream::pair()?;
+    let theirs_fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(FUSERMOUNT);
+    cmd.arg("-o")
+        .arg(fusermount_options(plan))
+        .arg("--")
+        .arg(mountpoint)
+        .env("_FUSE_COMMFD", theirs_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure only calls fcntl(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            // std opens sockets close-on-exec; fusermount3 must inherit this one.
+            let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
             }
-            Err(e)
+            Ok(())
+        })
+    };
+    let child = cmd.spawn().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("running {FUSERMOUNT}: {e} (is the fuse3 package installed?)"),
+        )
+    })?;
+    drop(theirs);
+    let received = receive_fd(&ours);
+    drop(ours);
+    // Without auto_unmount, fusermount3 exits right after passing the descriptor.
+    let output = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    match received {
+        Ok(Some(fd)) => Ok(fd),
+        Ok(None) | Err(_) if !stderr.is_empty() => Err(io::Error::other(stderr)),
+        Ok(None) => Err(io::Error::other(format!(
+            "{FUSERMOUNT} exited ({}) without mounting",
+            output.status
+        ))),
+        Err(e) => Err(io::Error::other(format!(
+            "receiving the FUSE descriptor from {FUSERMOUNT}: {e}"
+        ))),
+    }
+}
+
+/// Receives one file descriptor sent with SCM_RIGHTS; `None` when the sender closed the
+/// socket without sending one (fusermount3 failed).
+fn receive_fd(socket: &UnixStream) -> io::Result<Option<OwnedFd>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    use std::os::fd::{FromRawFd, RawFd};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(RawFd);
+    let msg = loop {
+        match recvmsg::<UnixAddr>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut received = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for fd in fds {
+                // SAFETY: the kernel just installed this descriptor for us; nothing else
+                // owns it. Any extra descriptors are closed by their OwnedFd being dropped.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if received.is_none() {
+                    received = Some(owned);
+                }
+            }
         }
     }
+    Ok(received)
 }
 
 impl<F: Filesystem> MountedSession<F> {
@@ -347,25 +478,19 @@ impl<F: Filesystem> MountedSession<F> {
     /// a termination signal (caught by a thread started here; see
     /// [`block_termination_signals`]). The filesystem's `destroy` has run when this returns.
     pub fn run(self) -> io::Result<()> {
-        let MountedSession { session, unmounter } = self;
-        let direct = match &unmounter {
-            Unmounter::Direct(d) => Some(Arc::clone(d)),
-            Unmounter::Fuser(_) => None,
-        };
-        spawn_signal_thread(unmounter)?;
+        let MountedSession { session, mount } = self;
+        spawn_signal_thread(Arc::clone(&mount))?;
         let result = session.run();
-        // fuser unmounts its own mounts when the session is dropped; ours we unmount here,
-        // which matters only when the loop ended with an error while still mounted.
-        if let Some(direct) = direct {
-            if let Err(e) = direct.unmount() {
-                tracing::error!("unmounting after the session ended: {e}");
-            }
+        // Normally the mount is already gone (that is what ended the loop); if the loop ended
+        // with an error while still mounted, unmount so no dead mount is left behind.
+        if let Err(e) = mount.unmount() {
+            tracing::error!("unmounting after the session ended: {e}");
         }
         result
     }
 }
 
-fn spawn_signal_thread(mut unmounter: Unmounter) -> io::Result<()> {
+fn spawn_signal_thread(mount: Arc<OurMount>) -> io::Result<()> {
     let set = termination_signals();
     std::thread::Builder::new()
         .name("signals".to_owned())
@@ -373,7 +498,7 @@ fn spawn_signal_thread(mut unmounter: Unmounter) -> io::Result<()> {
             match set.wait() {
                 Ok(signal) => {
                     tracing::info!("received {signal}: unmounting");
-                    if let Err(e) = unmounter.unmount() {
+                    if let Err(e) = mount.unmount() {
                         tracing::error!("unmounting on {signal}: {e}");
                     }
                 }
@@ -391,7 +516,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_args_are_always_nosuid_nodev() {
+    fn plan_is_always_nosuid_nodev() {
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("/media/s,x/pershome".into()),
@@ -399,20 +524,26 @@ mod tests {
             MountOption::DefaultPermissions,
             MountOption::RO,
             MountOption::NoExec,
+            MountOption::NoSuid,
         ];
         config.acl = SessionACL::RootAndOwner;
-        let got = kernel_mount_args(&config).map_err(|e| e.to_string());
-        let expected = Ok((
-            "/media/s,x/pershome".to_owned(),
-            "fuse.pershomefs".to_owned(),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY | MsFlags::MS_NOEXEC,
-            vec!["default_permissions".to_owned(), "allow_other".to_owned()],
-        ));
+        let got = mount_plan(&config).map_err(|e| e.to_string());
+        let expected = Ok(MountPlan {
+            source: "/media/s,x/pershome".to_owned(),
+            subtype: "pershomefs".to_owned(),
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY | MsFlags::MS_NOEXEC,
+            flag_words: vec!["nosuid", "nodev", "ro", "noexec"],
+            fuse_options: vec!["default_permissions", "allow_other"],
+        });
         assert_eq!(got, expected, "expected {expected:?}, got {got:?}");
+        let plan = mount_plan(&config).map_err(|e| e.to_string());
+        let words = plan.map(|p| fusermount_options(&p));
+        let expected = Ok(r"fsname=/media/s\,x/pershome,subtype=pershomefs,nosuid,nodev,ro,noexec,default_permissions,allow_other".to_owned());
+        assert_eq!(words, expected, "fusermount3 options");
     }
 
     #[test]
-    fn kernel_args_refuse_suid_and_dev() {
+    fn plan_refuses_suid_and_dev() {
         for bad in [
             MountOption::Suid,
             MountOption::Dev,
@@ -421,7 +552,7 @@ mod tests {
             let mut config = Config::default();
             config.mount_options = vec![bad.clone()];
             assert!(
-                kernel_mount_args(&config).is_err(),
+                mount_plan(&config).is_err(),
                 "expected {bad:?} to be refused"
             );
         }

@@ -552,12 +552,8 @@ mod tests {
                 other => panic!("{bad}: expected InvalidValue, got {other:?}"),
             }
         }
-        assert_eq!(
-            err(&["commit=99999999999"])
-                .to_string()
-                .contains("too large"),
-            true
-        );
+        let too_big = err(&["commit=99999999999"]).to_string();
+        assert!(too_big.contains("too large"), "got {too_big}");
         assert_eq!(err(&["commit"]), OptionError::MissingValue("commit".into()));
         assert_eq!(
             err(&["commit="]),
