@@ -3,8 +3,12 @@
 
 pub mod audit;
 pub mod backing;
+pub mod cli;
+pub mod daemon;
 pub mod fatrules;
 pub mod fs;
 pub mod fuse;
+pub mod logging;
 pub mod meta;
+pub mod mount_opts;
 pub mod names;
