@@ -1,1 +1,29 @@
-fn main() {}
+//! `pershomefs BACKING MOUNTPOINT [-o OPTIONS]`: see `pershomefs --help` and pershomefs(1).
+
+use std::process::ExitCode;
+
+use pershome::cli::OpenError;
+use pershome::fs::{FsOptions, OpenError as FsOpenError};
+use pershome::meta::journal::StoreError;
+
+fn main() -> ExitCode {
+    pershome::cli::pershomefs::main(std::env::args_os(), |backing, opts| {
+        let fs_opts = FsOptions {
+            uid: opts.uid,
+            gid: opts.gid,
+            read_only: opts.read_only,
+            commit_interval: opts.commit_interval,
+        };
+        pershome::fuse::Adapter::open(backing, fs_opts).map_err(|e| match e {
+            FsOpenError::Backing { .. } => OpenError::Backing(anyhow::Error::new(e)),
+            FsOpenError::Store(StoreError::NewerFormat { .. }) => OpenError::NewerFormat(format!(
+                "{e}: this stick was written by a newer pershome; update pershome on this \
+                 computer, or mount it read-only with a newer version"
+            )),
+            FsOpenError::Store(s) => OpenError::Refused(format!(
+                "the metadata store in {}/.pershome cannot be used: {s}; run `pershome fsck` on it",
+                backing.display()
+            )),
+        })
+    })
+}

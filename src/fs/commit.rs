@@ -5,10 +5,8 @@
 //! That order replays correctly because a structural record only moves or drops paths, and
 //! every changed inode is written afresh at its final place.
 
-use std::os::fd::AsFd;
-
-use super::{link_file_name, DirState, Errno, Fs, Ino, Kind, Result, State, INODES_DIR, ROOT};
-use crate::meta::{Meta, Record, OWNER_ID, STORE_DIR};
+use super::{DirState, Errno, Fs, Ino, Kind, Result, State, ROOT};
+use crate::meta::{Meta, Record, OWNER_ID};
 use crate::names::{self, Decoded};
 
 /// Compact the journal once it holds this many bytes more than the last checkpoint.
@@ -41,16 +39,6 @@ impl Fs {
             if inode.meta.nlink == 0 {
                 return None;
             }
-            if let Some(stat) = self.backing_stat(
-                format!("{STORE_DIR}/{INODES_DIR}").as_bytes(),
-                &link_file_name(id),
-            ) {
-                meta.backing_size = stat.size;
-                meta.backing_mtime = crate::meta::Timespec {
-                    sec: stat.mtime.0,
-                    nsec: stat.mtime.1,
-                };
-            }
             meta.name = None;
             return Some(Record::PutInode { id, meta });
         }
@@ -66,23 +54,8 @@ impl Fs {
                 Decoded::Name(n) if n == inode.name => None,
                 _ => Some(inode.name.clone()),
             };
-            if inode.kind == Kind::File {
-                let dir = super::join_path(&path[..path.len() - 1]);
-                if let Some(stat) = self.backing_stat(&dir, backing_name) {
-                    meta.backing_size = stat.size;
-                    meta.backing_mtime = crate::meta::Timespec {
-                        sec: stat.mtime.0,
-                        nsec: stat.mtime.1,
-                    };
-                }
-            }
         }
         Some(Record::Put { path, meta })
-    }
-
-    fn backing_stat(&self, dir: &[u8], name: &[u8]) -> Option<crate::backing::BackingStat> {
-        let fd = self.backing.open_dir(dir).ok()?;
-        self.backing.stat_at(fd.as_fd(), name).ok()
     }
 
     pub(crate) fn commit_locked(&self, st: &mut State) -> Result<()> {

@@ -154,7 +154,14 @@ impl Fs {
             return Ok(());
         };
         let ino = handle.ino;
+        // Remember what the backing file looks like after our writes, so the next mount can
+        // tell our changes from another computer's (the kernel has flushed cached writes
+        // before it releases a file).
+        let stat = crate::backing::Backing::fstat(&handle.file).ok();
         drop(handle);
+        if let (Some(stat), Ok(inode)) = (stat, st.inode_mut(ino)) {
+            inode.note_backing(&stat);
+        }
         let mut remove_link = None;
         if let Ok(inode) = st.inode_mut(ino) {
             inode.opens = inode.opens.saturating_sub(1);
@@ -350,6 +357,10 @@ impl Fs {
                 }
             };
             file.set_len(size).map_err(|e| errno_of(&e))?;
+            let stat = crate::backing::Backing::fstat(&file).ok();
+            if let (Some(stat), Ok(inode)) = (stat, self.lock().inode_mut(ino)) {
+                inode.note_backing(&stat);
+            }
         }
         let mut st = self.lock();
         let t = now();

@@ -239,6 +239,16 @@ impl Inode {
         }
     }
 
+    /// Records the backing file's size and mtime after pershome changed it (see
+    /// `Meta::backing_size`).
+    pub fn note_backing(&mut self, stat: &crate::backing::BackingStat) {
+        self.meta.backing_size = stat.size;
+        self.meta.backing_mtime = Timespec {
+            sec: stat.mtime.0,
+            nsec: stat.mtime.1,
+        };
+    }
+
     pub fn attr(&self, ino: Ino) -> Attr {
         Attr {
             ino,
@@ -300,6 +310,7 @@ pub struct Fs {
     pub(crate) backing: Backing,
     pub(crate) opts: FsOptions,
     pub(crate) state: Mutex<State>,
+    pub(crate) dir_cache: Mutex<HashMap<Ino, Arc<OwnedFd>>>,
 }
 
 /// Why a backing directory could not be opened.
@@ -388,6 +399,7 @@ impl Fs {
             backing,
             opts,
             state: Mutex::new(state),
+            dir_cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -544,11 +556,36 @@ pub(crate) fn join_path(parts: &[Vec<u8>]) -> Vec<u8> {
     crate::backing::join(&refs)
 }
 
+/// How many backing directory fds to keep open. A directory fd stays valid when the directory
+/// is renamed, so the cache is keyed by inode and only forgets a directory when it is removed.
+const DIR_CACHE_MAX: usize = 512;
+
 impl Fs {
-    pub(crate) fn open_dir_of(&self, st: &State, ino: Ino) -> Result<OwnedFd> {
+    /// An open fd of a directory inode's backing directory, from the cache when possible:
+    /// resolving a path with `openat2` for every create or unlink costs more than the rest of
+    /// the operation.
+    pub(crate) fn open_dir_of(&self, st: &State, ino: Ino) -> Result<Arc<OwnedFd>> {
+        let mut cache = self.dir_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = cache.get(&ino) {
+            return Ok(fd.clone());
+        }
         let path = st.backing_path(ino)?;
-        self.backing
-            .open_dir(&join_path(&path))
-            .map_err(|e| errno_of(&e))
+        let fd = Arc::new(
+            self.backing
+                .open_dir(&join_path(&path))
+                .map_err(|e| errno_of(&e))?,
+        );
+        if cache.len() >= DIR_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(ino, fd.clone());
+        Ok(fd)
+    }
+
+    pub(crate) fn forget_dir_fd(&self, ino: Ino) {
+        self.dir_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ino);
     }
 }

@@ -161,6 +161,13 @@ impl Fs {
             opens: 0,
             symlink: node.symlink.map(|t| t.to_vec()),
         };
+        let mut inode = inode;
+        if let Some(stat) = file
+            .as_ref()
+            .and_then(|f| crate::backing::Backing::fstat(f).ok())
+        {
+            inode.note_backing(&stat);
+        }
         let attr = inode.attr(ino);
         st.inodes.insert(ino, inode);
         let pinode = st.inode_mut(parent)?;
@@ -282,6 +289,9 @@ impl Fs {
         let mut path = st.backing_path(parent)?;
         path.push(dentry.backing.clone());
         st.pending.push(Record::Remove { path });
+        if want_dir {
+            self.forget_dir_fd(dentry.ino);
+        }
         self.detach_name(&mut st, parent, name, &dentry)?;
         Ok(())
     }
@@ -626,6 +636,7 @@ impl Fs {
         let mut to = st.backing_path(newparent)?;
         to.push(new_backing.clone());
         if let Some(dst) = &dst {
+            self.forget_dir_fd(dst.ino);
             // The replaced name is gone; its inode loses a link (the Rename record below
             // replaces its record on the stick).
             self.detach_name(&mut st, newparent, newname, dst)?;
