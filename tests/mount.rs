@@ -1,0 +1,257 @@
+//! Real mounts: start the `pershomefs` binary, work through the kernel, unmount, mount again.
+//! Each mount is owned by a guard that unmounts it (and waits for the daemon to go) even when
+//! the test fails, so no mount outlives a test.
+
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pershome::audit::assert_fat_clean;
+
+fn mounted(path: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let want = path.to_str()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 3 && f[1] == want).then(|| l.to_string())
+    })
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A mounted pershomefs; dropping it unmounts.
+struct Mount {
+    mountpoint: PathBuf,
+}
+
+impl Mount {
+    fn new(backing: &Path, mountpoint: &Path, opts: &str) -> Mount {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pershomefs"));
+        cmd.arg(backing).arg(mountpoint);
+        if !opts.is_empty() {
+            cmd.arg("-o").arg(opts);
+        }
+        let out = cmd.output().expect("run pershomefs");
+        assert!(
+            out.status.success(),
+            "pershomefs failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // pershomefs returns once the mount is ready; no waiting should be needed.
+        assert!(mounted(mountpoint).is_some(), "pershomefs returned before the mount was there");
+        Mount { mountpoint: mountpoint.to_path_buf() }
+    }
+
+    fn unmount(self) {
+        drop(self)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mountpoint)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        }
+        let mp = self.mountpoint.clone();
+        wait_until("the mount is gone", || mounted(&mp).is_none());
+    }
+}
+
+fn can_mount() -> bool {
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok()
+        && nix::unistd::geteuid().is_root();
+    if !ok {
+        eprintln!("skipping: real mounts need root and /dev/fuse");
+    }
+    ok
+}
+
+struct Scratch {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+}
+
+fn scratch() -> Scratch {
+    let dir = tempfile::Builder::new().prefix("pershome-mount").tempdir_in("/var/tmp").unwrap();
+    let backing = dir.path().join("stick/pershome");
+    let mnt = dir.path().join("home");
+    std::fs::create_dir_all(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    Scratch { _dir: dir, backing, mnt }
+}
+
+fn c(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings and buffer for the duration of the call.
+    let r = unsafe {
+        libc::lsetxattr(c(p).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+    };
+    assert_eq!(r, 0, "setxattr {name} on {p:?}: {}", std::io::Error::last_os_error());
+}
+
+fn get_xattr(p: &Path, name: &str) -> Vec<u8> {
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::lgetxattr(c(p).as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    };
+    assert!(r >= 0, "getxattr {name} on {p:?}: {}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf
+}
+
+fn set_times_ns(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
+    let ts = [
+        libc::timespec { tv_sec: atime.0, tv_nsec: atime.1 },
+        libc::timespec { tv_sec: mtime.0, tv_nsec: mtime.1 },
+    ];
+    // SAFETY: valid path and array of two timespecs.
+    let r = unsafe {
+        libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+    };
+    assert_eq!(r, 0, "utimensat {p:?}: {}", std::io::Error::last_os_error());
+}
+
+/// Everything `lstat`, `readlink` and the content say about a tree.
+fn describe(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for p in entries {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            let extra = if m.file_type().is_symlink() {
+                format!("-> {:?}", std::fs::read_link(&p).unwrap())
+            } else if m.is_file() {
+                format!("content {:?}", std::fs::read(&p).unwrap())
+            } else {
+                String::new()
+            };
+            out.push(format!(
+                "{:?} mode {:o} uid {} gid {} nlink {} size {} mtime {}.{:09} rdev {} {extra}",
+                String::from_utf8_lossy(&rel),
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.nlink(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.rdev()
+            ));
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_home_survives_unmount_and_remount_through_the_kernel() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let m = Mount::new(&s.backing, &s.mnt, "");
+    let home = &s.mnt;
+    let project = home.join("project: draft?");
+    std::fs::create_dir(&project).unwrap();
+    std::fs::write(home.join("report.odt"), b"the report").unwrap();
+    std::fs::write(project.join("Makefile"), b"all:\n").unwrap();
+    std::fs::write(project.join("makefile"), b"# lower\n").unwrap();
+    std::fs::write(project.join("a."), b"dot").unwrap();
+    std::fs::write(project.join("a"), b"plain").unwrap();
+    std::fs::write(project.join("CON"), b"device name").unwrap();
+    std::fs::write(home.join(OsStr::from_bytes(&[b'x'; 255])), b"long").unwrap();
+    std::fs::write(home.join(OsStr::from_bytes(&[0xff, b'z'])), b"not utf-8").unwrap();
+    let script = project.join("run.sh");
+    std::fs::write(&script, b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::symlink("../report.odt", project.join("link")).unwrap();
+    std::fs::hard_link(home.join("report.odt"), project.join("hard")).unwrap();
+    nix::unistd::mkfifo(&project.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    set_xattr(&home.join("report.odt"), "user.author", b"joseph");
+    set_times_ns(&project.join("Makefile"), (1_000_000_000, 5), (1_600_000_000, 123_456_789));
+    std::os::unix::fs::chown(&project.join("a"), Some(4321), Some(8765)).unwrap();
+    let before = describe(home);
+    m.unmount();
+    assert_fat_clean(&s.backing);
+    assert_eq!(std::fs::read(s.backing.join("report.odt")).ok(), None, "a hard-linked file's content moves into the store");
+    let m = Mount::new(&s.backing, &s.mnt, "");
+    let after = describe(home);
+    assert_eq!(after, before, "the tree after a remount");
+    assert_eq!(get_xattr(&home.join("report.odt"), "user.author"), b"joseph");
+    // Undo the hard link: the report is a plain file on the stick again, readable on Windows.
+    std::fs::remove_file(project.join("hard")).unwrap();
+    m.unmount();
+    assert_eq!(std::fs::read(s.backing.join("report.odt")).unwrap(), b"the report");
+    assert_fat_clean(&s.backing);
+}
+
+#[test]
+fn mount_shows_type_and_options() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let m = Mount::new(&s.backing, &s.mnt, "fsname=stick");
+    let line = mounted(&s.mnt).unwrap();
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(fields[0], "stick", "source in {line}");
+    assert_eq!(fields[2], "fuse.pershomefs", "type in {line}");
+    for opt in ["nosuid", "nodev", "default_permissions"] {
+        assert!(fields[3].split(',').any(|o| o == opt), "{opt} missing in {line}");
+    }
+    let vfs = nix::sys::statvfs::statvfs(&s.mnt).unwrap();
+    assert!(vfs.name_max() >= 255);
+    m.unmount();
+}
+
+#[test]
+fn fsync_makes_metadata_durable_before_unmount() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let m = Mount::new(&s.backing, &s.mnt, "commit=3600");
+    let f = s.mnt.join("secret");
+    std::fs::write(&f, b"x").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::File::open(&f).unwrap().sync_all().unwrap();
+    // The daemon dies without unmounting cleanly: only what was committed survives.
+    let pid = Command::new("pgrep").arg("-f").arg(format!("pershomefs .* {}$", s.mnt.display())).output().unwrap();
+    let pids = String::from_utf8_lossy(&pid.stdout).to_string();
+    for p in pids.split_whitespace() {
+        let _ = Command::new("kill").arg("-9").arg(p).status();
+    }
+    drop(m);
+    let m = Mount::new(&s.backing, &s.mnt, "");
+    let mode = std::fs::metadata(&f).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o600, "the mode set before fsync");
+    m.unmount();
+}
