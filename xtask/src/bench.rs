@@ -262,3 +262,33 @@ fn format_table(options: &Options, filesystems: &[Fs], best: &BTreeMap<(usize, W
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_is_deterministic_and_not_constant() {
+        let mut a = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut b = Rng(0x9e37_79b9_7f4a_7c15);
+        let xs: Vec<u64> = (0..4).map(|_| a.next()).collect();
+        let ys: Vec<u64> = (0..4).map(|_| b.next()).collect();
+        assert_eq!(xs, ys, "same seed must give the same sequence: expected {xs:?}, got {ys:?}");
+        assert!(xs.windows(2).all(|w| w[0] != w[1]), "expected changing values, got {xs:?}");
+    }
+
+    #[test]
+    fn table_ratios_use_time_for_trees_and_throughput_for_data() {
+        let options = Options { files: 10, dirs: 2, big_mib: 100, quick: true, fs: vec![] };
+        let mut best = BTreeMap::new();
+        for workload in WORKLOADS {
+            best.insert((0, workload), Duration::from_secs(1));
+            best.insert((1, workload), Duration::from_secs(4));
+        }
+        let table = format_table(&options, &[Fs::Raw, Fs::Posixovl], &best, 1);
+        let extract = table.lines().find(|l| l.starts_with("tar x")).unwrap_or("");
+        let write = table.lines().find(|l| l.starts_with("write")).unwrap_or("");
+        assert!(extract.contains("4.000s 4.0x"), "expected a 4.0x time ratio, got {extract:?}");
+        assert!(write.contains("25MiB/s 0.25x"), "expected 25 MiB/s at 0.25x raw, got {write:?}");
+    }
+}

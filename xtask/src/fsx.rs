@@ -174,3 +174,39 @@ pub fn run(options: &Options) -> Result<()> {
     target.unmount()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A private directory under the system temp dir (these tests need no root).
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-fsx-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the test's temp dir");
+        dir
+    }
+
+    #[test]
+    fn compare_files_reports_first_difference_and_size() {
+        let dir = scratch("compare");
+        let cases: [(&[u8], &[u8], Option<&str>); 4] = [
+            (b"abcdef", b"abcdef", None),
+            (b"abcdef", b"abXdef", Some("at byte 2: expected 0x63, got 0x58")),
+            (b"abcdef", b"abc", Some("has 3 bytes, expected 6")),
+            (b"", b"x", Some("has 1 bytes, expected 0")),
+        ];
+        for (want, have, error) in cases {
+            let (a, b) = (dir.join("want"), dir.join("have"));
+            std::fs::write(&a, want).expect("writing want");
+            std::fs::write(&b, have).expect("writing have");
+            let got = compare_files(&a, &b).err().map(|e| e.to_string());
+            match (error, &got) {
+                (None, None) => {}
+                (Some(fragment), Some(message)) if message.contains(fragment) => {}
+                _ => panic!("want {want:?} vs have {have:?}: expected error containing {error:?}, got {got:?}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

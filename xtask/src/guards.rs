@@ -241,8 +241,10 @@ pub struct Mount {
     mounted: bool,
 }
 
-/// How long a FUSE daemon may take to appear, and to finish after unmount.
-const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a mount may take to appear after its command returned (pershomefs, posixovl and
+/// exfat-fuse all return once it is ready, so this is only slack), and how long a daemon may
+/// take to finish after unmount (pershomefs commits its metadata then).
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(5);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Mount {
@@ -379,11 +381,11 @@ pub fn sweep_stale() -> Result<()> {
             None => true,
         }
     };
-    // Innermost mounts first (the fs under test sits on top of the exFAT mount).
-    let mut stale: Vec<MountEntry> =
+    // Newest mounts first: the fs under test was mounted after, and on top of, the exFAT
+    // mount (its backing is inside it), and mountinfo lists mounts in the order they were made.
+    let stale: Vec<MountEntry> =
         mounts_under(base)?.into_iter().filter(|m| !owner_alive(&m.mountpoint)).collect();
-    stale.sort_by_key(|m| std::cmp::Reverse(m.mountpoint.as_os_str().len()));
-    for m in stale {
+    for m in stale.into_iter().rev() {
         eprintln!("cleaning up a stale mount from a killed run: {}", m.mountpoint.display());
         Mount::adopt(&m.fstype, &m.mountpoint, processes_with_arg(&m.mountpoint)).unmount()?;
     }

@@ -97,6 +97,8 @@ pub fn run_child(mut command: Command, what: &str) -> Result<(ExitStatus, Durati
             .try_wait()
             .with_context(|| format!("waiting for {what}"))?
         {
+            // A Ctrl-C reaches the child too: report the interrupt, not the child's death.
+            check_interrupted()?;
             return Ok((status, start.elapsed()));
         }
         if INTERRUPTED.load(Ordering::SeqCst) {
