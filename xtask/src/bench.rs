@@ -110,15 +110,27 @@ fn tarball(options: &Options) -> Result<PathBuf> {
             buf.extend_from_slice(&rng.next().to_le_bytes());
         }
         buf.truncate(size);
-        let path = tree.join(format!("d{:04}", f % dirs)).join(format!("f{f:06}.dat"));
+        let path = tree
+            .join(format!("d{:04}", f % dirs))
+            .join(format!("f{f:06}.dat"));
         File::create(&path)
             .and_then(|mut file| file.write_all(&buf))
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let partial = dir.join(format!("tree-{}-{}.tar.partial", options.files, options.dirs));
+    let partial = dir.join(format!(
+        "tree-{}-{}.tar.partial",
+        options.files, options.dirs
+    ));
     let mut command = Command::new("tar");
     command
-        .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-cf"])
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+            "-cf",
+        ])
         .arg(&partial)
         .arg("-C")
         .arg(scratch.path())
@@ -135,19 +147,29 @@ fn timed(program: &str, args: &[&std::ffi::OsStr]) -> Result<Duration> {
     util::run_checked(command, program)
 }
 
-fn run_workloads(target: &mut Target, tar: &Path, options: &Options) -> Result<Vec<(Workload, Duration)>> {
+fn run_workloads(
+    target: &mut Target,
+    tar: &Path,
+    options: &Options,
+) -> Result<Vec<(Workload, Duration)>> {
     let mut times = Vec::new();
     let os = |s: &'static str| std::ffi::OsStr::new(s);
     for workload in WORKLOADS {
         util::check_interrupted()?;
-        if matches!(workload, Workload::FindCold | Workload::LsCold | Workload::ReadCold) {
+        if matches!(
+            workload,
+            Workload::FindCold | Workload::LsCold | Workload::ReadCold
+        ) {
             target.make_cold()?;
         }
         let root = target.path().to_path_buf();
         let tree = root.join("tree");
         let big = root.join("big.bin");
         let elapsed = match workload {
-            Workload::Extract => timed("tar", &[os("-xf"), tar.as_os_str(), os("-C"), root.as_os_str()])?,
+            Workload::Extract => timed(
+                "tar",
+                &[os("-xf"), tar.as_os_str(), os("-C"), root.as_os_str()],
+            )?,
             Workload::FindCold | Workload::FindWarm => timed("find", &[tree.as_os_str()])?,
             Workload::LsCold | Workload::LsWarm => timed("ls", &[os("-lR"), tree.as_os_str()])?,
             Workload::Write => {
@@ -155,12 +177,27 @@ fn run_workloads(target: &mut Target, tar: &Path, options: &Options) -> Result<V
                 let count = format!("count={}", options.big_mib);
                 timed(
                     "dd",
-                    &[os("if=/dev/zero"), of.as_ref(), os("bs=1M"), count.as_ref(), os("conv=fsync"), os("status=none")],
+                    &[
+                        os("if=/dev/zero"),
+                        of.as_ref(),
+                        os("bs=1M"),
+                        count.as_ref(),
+                        os("conv=fsync"),
+                        os("status=none"),
+                    ],
                 )?
             }
             Workload::ReadCold => {
                 let input = format!("if={}", big.display());
-                timed("dd", &[input.as_ref(), os("of=/dev/null"), os("bs=1M"), os("status=none")])?
+                timed(
+                    "dd",
+                    &[
+                        input.as_ref(),
+                        os("of=/dev/null"),
+                        os("bs=1M"),
+                        os("status=none"),
+                    ],
+                )?
             }
             Workload::Remove => timed("rm", &[os("-rf"), tree.as_os_str()])?,
         };
@@ -178,7 +215,11 @@ pub fn run(options: &Options) -> Result<()> {
             filesystems.push(fs);
         }
     }
-    let bin = if filesystems.contains(&Fs::Pershomefs) { Some(pershomefs_binary()?) } else { None };
+    let bin = if filesystems.contains(&Fs::Pershomefs) {
+        Some(pershomefs_binary()?)
+    } else {
+        None
+    };
     let tar = tarball(options)?;
     let reps = if options.quick { 1 } else { 3 };
     // best[(fs index, workload)] = fastest time seen.
@@ -190,13 +231,23 @@ pub fn run(options: &Options) -> Result<()> {
             util::banner(&format!("bench run {rep}/{reps}: {}", fs.name()));
             let scratch = TempDir::new(&format!("bench-{}", fs.name()))?;
             let backing = Backing::create(BackingKind::Dir, &scratch)?;
-            let mut target = Target::mount(fs, backing.dir(), &scratch.path().join("m"), &[], bin.as_deref())?;
+            let mut target = Target::mount(
+                fs,
+                backing.dir(),
+                &scratch.path().join("m"),
+                &[],
+                bin.as_deref(),
+            )?;
             let times = run_workloads(&mut target, &tar, options)?;
             target.unmount()?;
             drop(backing);
             drop(scratch);
             for (workload, elapsed) in times {
-                eprintln!("  {:<24} {:>8.3} s", workload.label(options), elapsed.as_secs_f64());
+                eprintln!(
+                    "  {:<24} {:>8.3} s",
+                    workload.label(options),
+                    elapsed.as_secs_f64()
+                );
                 let cell = best.entry((index, workload)).or_insert(elapsed);
                 *cell = (*cell).min(elapsed);
             }
@@ -210,7 +261,12 @@ pub fn run(options: &Options) -> Result<()> {
     Ok(())
 }
 
-fn format_table(options: &Options, filesystems: &[Fs], best: &BTreeMap<(usize, Workload), Duration>, reps: u32) -> String {
+fn format_table(
+    options: &Options,
+    filesystems: &[Fs],
+    best: &BTreeMap<(usize, Workload), Duration>,
+    reps: u32,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -218,7 +274,11 @@ fn format_table(options: &Options, filesystems: &[Fs], best: &BTreeMap<(usize, W
         options.files,
         options.dirs,
         options.big_mib,
-        if reps == 1 { "one run".to_owned() } else { format!("best of {reps}") }
+        if reps == 1 {
+            "one run".to_owned()
+        } else {
+            format!("best of {reps}")
+        }
     );
     let _ = write!(out, "{:<24}", "workload");
     for fs in filesystems {
@@ -235,7 +295,10 @@ fn format_table(options: &Options, filesystems: &[Fs], best: &BTreeMap<(usize, W
                 Some(t) => {
                     let secs = t.as_secs_f64();
                     let mut cell = if workload.is_throughput() {
-                        format!("{secs:.3}s {:.0}MiB/s", f64::from(options.big_mib) / secs.max(1e-9))
+                        format!(
+                            "{secs:.3}s {:.0}MiB/s",
+                            f64::from(options.big_mib) / secs.max(1e-9)
+                        )
                     } else {
                         format!("{secs:.3}s")
                     };
@@ -273,13 +336,25 @@ mod tests {
         let mut b = Rng(0x9e37_79b9_7f4a_7c15);
         let xs: Vec<u64> = (0..4).map(|_| a.next()).collect();
         let ys: Vec<u64> = (0..4).map(|_| b.next()).collect();
-        assert_eq!(xs, ys, "same seed must give the same sequence: expected {xs:?}, got {ys:?}");
-        assert!(xs.windows(2).all(|w| w[0] != w[1]), "expected changing values, got {xs:?}");
+        assert_eq!(
+            xs, ys,
+            "same seed must give the same sequence: expected {xs:?}, got {ys:?}"
+        );
+        assert!(
+            xs.windows(2).all(|w| w[0] != w[1]),
+            "expected changing values, got {xs:?}"
+        );
     }
 
     #[test]
     fn table_ratios_use_time_for_trees_and_throughput_for_data() {
-        let options = Options { files: 10, dirs: 2, big_mib: 100, quick: true, fs: vec![] };
+        let options = Options {
+            files: 10,
+            dirs: 2,
+            big_mib: 100,
+            quick: true,
+            fs: vec![],
+        };
         let mut best = BTreeMap::new();
         for workload in WORKLOADS {
             best.insert((0, workload), Duration::from_secs(1));
@@ -288,7 +363,13 @@ mod tests {
         let table = format_table(&options, &[Fs::Raw, Fs::Posixovl], &best, 1);
         let extract = table.lines().find(|l| l.starts_with("tar x")).unwrap_or("");
         let write = table.lines().find(|l| l.starts_with("write")).unwrap_or("");
-        assert!(extract.contains("4.000s 4.0x"), "expected a 4.0x time ratio, got {extract:?}");
-        assert!(write.contains("25MiB/s 0.25x"), "expected 25 MiB/s at 0.25x raw, got {write:?}");
+        assert!(
+            extract.contains("4.000s 4.0x"),
+            "expected a 4.0x time ratio, got {extract:?}"
+        );
+        assert!(
+            write.contains("25MiB/s 0.25x"),
+            "expected 25 MiB/s at 0.25x raw, got {write:?}"
+        );
     }
 }

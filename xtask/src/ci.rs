@@ -13,13 +13,20 @@ use crate::{bench, deps, fsx, pjdfstest, util};
 
 pub fn run(sh: &Shell) -> Result<()> {
     let started = std::time::Instant::now();
-    let step = |name: &str| util::banner(&format!("CI step: {name} (at {:.0} s)", started.elapsed().as_secs_f64()));
+    let step = |name: &str| {
+        util::banner(&format!(
+            "CI step: {name} (at {:.0} s)",
+            started.elapsed().as_secs_f64()
+        ))
+    };
 
     step("deps");
     deps::run(sh).context("CI step `deps` failed")?;
 
     step("cargo fmt --all -- --check");
-    cmd!(sh, "cargo fmt --all -- --check").run().context("CI step `cargo fmt --check` failed: run `cargo fmt --all`")?;
+    cmd!(sh, "cargo fmt --all -- --check")
+        .run()
+        .context("CI step `cargo fmt --check` failed: run `cargo fmt --all`")?;
 
     step("cargo clippy --workspace --all-targets -- -D warnings");
     cmd!(sh, "cargo clippy --workspace --all-targets -- -D warnings")
@@ -30,12 +37,23 @@ pub fn run(sh: &Shell) -> Result<()> {
     crate::cargo_test(sh).context("CI step `cargo test` failed")?;
 
     step("pjdfstest --backing both");
-    pjdfstest::run(sh, &pjdfstest::Options { backing: pjdfstest::BackingChoice::Both, fs: Fs::Pershomefs })
-        .context("CI step `pjdfstest --backing both` failed")?;
+    pjdfstest::run(
+        sh,
+        &pjdfstest::Options {
+            backing: pjdfstest::BackingChoice::Both,
+            fs: Fs::Pershomefs,
+        },
+    )
+    .context("CI step `pjdfstest --backing both` failed")?;
 
     step("fsx");
-    fsx::run(&fsx::Options { ops: 100_000, seed: None, fs: Fs::Pershomefs, backing: BackingKind::Dir })
-        .context("CI step `fsx` failed")?;
+    fsx::run(&fsx::Options {
+        ops: 100_000,
+        seed: None,
+        fs: Fs::Pershomefs,
+        backing: BackingKind::Dir,
+    })
+    .context("CI step `fsx` failed")?;
 
     step("bench --quick --files 2000 --big-mib 128 (informational)");
     let quick = bench::Options {

@@ -28,7 +28,11 @@ pub fn run(sh: &Shell) -> Result<()> {
     if mounted_type(&home)?.is_some() {
         util::banner("unmounting the previous demo");
         // Reuse the guard's unmount, which also waits for the old daemon to finish.
-        let previous = Mount::adopt("pershomefs (previous demo)", &home, processes_with_arg(&home));
+        let previous = Mount::adopt(
+            "pershomefs (previous demo)",
+            &home,
+            processes_with_arg(&home),
+        );
         previous.unmount()?;
     }
     if root.exists() {
@@ -37,7 +41,12 @@ pub fn run(sh: &Shell) -> Result<()> {
     std::fs::create_dir_all(&backing).with_context(|| format!("creating {}", backing.display()))?;
     std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
 
-    util::banner(&format!("mounting: {} {} {}", bin.display(), backing.display(), home.display()));
+    util::banner(&format!(
+        "mounting: {} {} {}",
+        bin.display(),
+        backing.display(),
+        home.display()
+    ));
     let mut mount_cmd = Command::new(&bin);
     mount_cmd.arg(&backing).arg(&home);
     let mount = Mount::start("pershomefs", mount_cmd, &home)?;
@@ -51,9 +60,15 @@ pub fn run(sh: &Shell) -> Result<()> {
     // From here on the mount is meant to stay.
     mount.leak();
 
-    util::banner(&format!("what you see through pershomefs: ls -la {}", home.display()));
+    util::banner(&format!(
+        "what you see through pershomefs: ls -la {}",
+        home.display()
+    ));
     cmd!(sh, "ls -la {home}").run()?;
-    util::banner(&format!("what is on the (FAT-safe) stick: ls -laR {}", stick.display()));
+    util::banner(&format!(
+        "what is on the (FAT-safe) stick: ls -laR {}",
+        stick.display()
+    ));
     cmd!(sh, "ls -laR {stick}").run()?;
     println!(
         "\nThe demo is still mounted: explore {home}, and compare with {stick}.\n\
@@ -73,7 +88,10 @@ fn write_examples(home: &Path) -> Result<()> {
         Ok(())
     };
     // Characters FAT forbids in names.
-    write("notes: draft?.txt", "A name with ':' and '?', which FAT forbids.\n")?;
+    write(
+        "notes: draft?.txt",
+        "A name with ':' and '?', which FAT forbids.\n",
+    )?;
     // Names differing only in case: FAT would make them one file.
     write("Makefile", "all:\n\techo upper\n")?;
     write("makefile", "all:\n\techo lower\n")?;
@@ -89,7 +107,10 @@ fn write_examples(home: &Path) -> Result<()> {
     println!("chmod 0600 \"secret.txt\"");
     // A plain name keeps its name on the stick.
     std::fs::create_dir(home.join("Documents")).context("creating Documents")?;
-    write("Documents/report.txt", "Readable on Windows under the same name.\n")?;
+    write(
+        "Documents/report.txt",
+        "Readable on Windows under the same name.\n",
+    )?;
 
     // Read back what matters, so the demo shows it working rather than just claims it.
     let mode = std::fs::metadata(&secret)

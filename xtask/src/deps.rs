@@ -32,7 +32,8 @@ pub const APT_PACKAGES: &[&str] = &[
 /// crates.io tools: (crate, exact version, binary). Exact versions because the harness parses
 /// their output (pjdfstest's summary line) and fsx's op sequence per seed depends on its
 /// version.
-pub const CARGO_TOOLS: &[(&str, &str, &str)] = &[("pjdfstest", "0.2.2", "pjdfstest"), ("fsx", "0.3.2", "fsx")];
+pub const CARGO_TOOLS: &[(&str, &str, &str)] =
+    &[("pjdfstest", "0.2.2", "pjdfstest"), ("fsx", "0.3.2", "fsx")];
 
 fn missing_packages(sh: &Shell) -> Result<Vec<&'static str>> {
     // dpkg-query exits 1 when some package is unknown; its stdout still lists the known ones.
@@ -49,7 +50,11 @@ fn missing_packages(sh: &Shell) -> Result<Vec<&'static str>> {
         .filter(|(_, status)| *status == "install ok installed")
         .map(|(pkg, _)| pkg.split(':').next().unwrap_or(pkg))
         .collect();
-    Ok(APT_PACKAGES.iter().copied().filter(|p| !installed.contains(p)).collect())
+    Ok(APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect())
 }
 
 /// The directory `cargo install` puts binaries in.
@@ -96,7 +101,9 @@ pub fn run(sh: &Shell) -> Result<()> {
         } else {
             bail!("missing Debian packages {missing:?}: run as root or install sudo");
         };
-        cmd!(sh, "env {sudo...} apt-get update").run().context("apt-get update")?;
+        cmd!(sh, "env {sudo...} apt-get update")
+            .run()
+            .context("apt-get update")?;
         cmd!(sh, "env {sudo...} DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {missing...}")
             .run()
             .context("apt-get install")?;
@@ -112,7 +119,9 @@ pub fn run(sh: &Shell) -> Result<()> {
         }
         eprintln!("installing {krate} {version} from crates.io");
         let spec = format!("{krate}@={version}");
-        cmd!(sh, "cargo install --locked {spec}").run().with_context(|| format!("cargo install {spec}"))?;
+        cmd!(sh, "cargo install --locked {spec}")
+            .run()
+            .with_context(|| format!("cargo install {spec}"))?;
         if !tool_version_ok(bin, version) {
             bail!("cargo install {spec} finished but `{bin} --version` does not report {version}");
         }

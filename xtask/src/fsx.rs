@@ -57,13 +57,20 @@ impl TempDirAnywhere {
         if crate::guards::mounted_type(shm)?.as_deref() == Some("tmpfs") {
             let path = shm.join(format!("pershome-fsx-ref-{}", std::process::id()));
             if path.exists() {
-                std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
             }
             std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-            return Ok(TempDirAnywhere { path, _on_disk: None });
+            return Ok(TempDirAnywhere {
+                path,
+                _on_disk: None,
+            });
         }
         let dir = TempDir::new("fsx-reference")?;
-        Ok(TempDirAnywhere { path: dir.path().to_path_buf(), _on_disk: Some(dir) })
+        Ok(TempDirAnywhere {
+            path: dir.path().to_path_buf(),
+            _on_disk: Some(dir),
+        })
     }
 }
 
@@ -84,9 +91,17 @@ fn fsx(args: &[String], file: &Path, artifacts: &Path, log: &Path) -> Result<()>
     let what = format!("fsx {} {}", args.join(" "), file.display());
     eprintln!("running {what}");
     let status = util::run_logged(command, &what, log)?;
-    let output = std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let output =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
     if !status.success() || !output.contains("All operations completed A-OK!") {
-        let tail: Vec<&str> = output.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: Vec<&str> = output
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         bail!(
             "{what} failed ({status}); full log {}, expected file contents in {}; last lines:\n{}",
             log.display(),
@@ -99,10 +114,15 @@ fn fsx(args: &[String], file: &Path, artifacts: &Path, log: &Path) -> Result<()>
 
 /// Compare `got` with `expected` byte for byte; the error says where they first differ.
 fn compare_files(expected: &Path, got: &Path) -> Result<()> {
-    let want = std::fs::read(expected).with_context(|| format!("reading {}", expected.display()))?;
+    let want =
+        std::fs::read(expected).with_context(|| format!("reading {}", expected.display()))?;
     let have = std::fs::read(got).with_context(|| format!("reading {}", got.display()))?;
     if want == have {
-        eprintln!("{} matches fsx's expected contents ({} bytes)", got.display(), have.len());
+        eprintln!(
+            "{} matches fsx's expected contents ({} bytes)",
+            got.display(),
+            have.len()
+        );
         return Ok(());
     }
     let first = want.iter().zip(&have).position(|(a, b)| a != b);
@@ -146,13 +166,24 @@ pub fn run(options: &Options) -> Result<()> {
 
     let scratch = TempDir::new(&format!("fsx-{}", options.fs.name()))?;
     let backing = Backing::create(options.backing, &scratch)?;
-    let mut target = Target::mount(options.fs, backing.dir(), &scratch.path().join("m"), &[], bin.as_deref())?;
+    let mut target = Target::mount(
+        options.fs,
+        backing.dir(),
+        &scratch.path().join("m"),
+        &[],
+        bin.as_deref(),
+    )?;
     let reference = reference_dir()?;
     let seed_s = seed.to_string();
 
     // 1. The plain run.
     let plain = target.path().join("fsx-plain.bin");
-    fsx(&["-N".into(), ops.to_string(), "-S".into(), seed_s.clone()], &plain, &logs, &logs.join("plain.log"))?;
+    fsx(
+        &["-N".into(), ops.to_string(), "-S".into(), seed_s.clone()],
+        &plain,
+        &logs,
+        &logs.join("plain.log"),
+    )?;
     println!("fsx plain run: {ops} ops, seed {seed}: OK");
 
     // 2. The run across a remount.
@@ -160,17 +191,38 @@ pub fn run(options: &Options) -> Result<()> {
     let first_half = ["-N".into(), half.to_string(), "-S".into(), seed_s.clone()];
     fsx(&first_half, &file, &logs, &logs.join("remount-1.log"))?;
     let ref_half = reference.path.join("half.bin");
-    fsx(&first_half, &ref_half, &reference.path, &logs.join("reference-half.log"))?;
+    fsx(
+        &first_half,
+        &ref_half,
+        &reference.path,
+        &logs.join("reference-half.log"),
+    )?;
     target.remount()?;
     let file = target.path().join("fsx-remount.bin");
     compare_files(&ref_half, &file).context("after the first half and a remount")?;
-    let second_half = ["-b".into(), (half + 1).to_string(), "-N".into(), ops.to_string(), "-S".into(), seed_s.clone()];
+    let second_half = [
+        "-b".into(),
+        (half + 1).to_string(),
+        "-N".into(),
+        ops.to_string(),
+        "-S".into(),
+        seed_s.clone(),
+    ];
     fsx(&second_half, &file, &logs, &logs.join("remount-2.log"))?;
     let ref_full = reference.path.join("full.bin");
-    fsx(&["-N".into(), ops.to_string(), "-S".into(), seed_s], &ref_full, &reference.path, &logs.join("reference-full.log"))?;
+    fsx(
+        &["-N".into(), ops.to_string(), "-S".into(), seed_s],
+        &ref_full,
+        &reference.path,
+        &logs.join("reference-full.log"),
+    )?;
     target.remount()?;
-    compare_files(&ref_full, &target.path().join("fsx-remount.bin")).context("after the second half and a remount")?;
-    println!("fsx remount run: {half} ops, remount, compare, ops {}..{ops}, remount, compare: OK", half + 1);
+    compare_files(&ref_full, &target.path().join("fsx-remount.bin"))
+        .context("after the second half and a remount")?;
+    println!(
+        "fsx remount run: {half} ops, remount, compare, ops {}..{ops}, remount, compare: OK",
+        half + 1
+    );
     target.unmount()?;
     Ok(())
 }
@@ -181,7 +233,8 @@ mod tests {
 
     /// A private directory under the system temp dir (these tests need no root).
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("xtask-fsx-test-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("xtask-fsx-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the test's temp dir");
         dir
@@ -192,7 +245,11 @@ mod tests {
         let dir = scratch("compare");
         let cases: [(&[u8], &[u8], Option<&str>); 4] = [
             (b"abcdef", b"abcdef", None),
-            (b"abcdef", b"abXdef", Some("at byte 2: expected 0x63, got 0x58")),
+            (
+                b"abcdef",
+                b"abXdef",
+                Some("at byte 2: expected 0x63, got 0x58"),
+            ),
             (b"abcdef", b"abc", Some("has 3 bytes, expected 6")),
             (b"", b"x", Some("has 1 bytes, expected 0")),
         ];

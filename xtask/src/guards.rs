@@ -41,7 +41,9 @@ fn unescape_mount_field(field: &str) -> PathBuf {
         if bytes[i] == b'\\' && i + 4 <= bytes.len() {
             let digits = &bytes[i + 1..i + 4];
             if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                let value = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
                 if let Ok(byte) = u8::try_from(value) {
                     out.push(byte);
                     i += 4;
@@ -57,15 +59,21 @@ fn unescape_mount_field(field: &str) -> PathBuf {
 
 /// The current mounts of this mount namespace.
 pub fn mounts() -> Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("reading /proc/self/mountinfo")?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let mut entries = Vec::new();
     for line in text.lines() {
         // Fields: id parent major:minor root mountpoint options [optional...] - fstype source super
         let fields: Vec<&str> = line.split(' ').collect();
-        let Some(mountpoint) = fields.get(4) else { continue };
-        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
-        let Some(fstype) = fields.get(dash + 1) else { continue };
+        let Some(mountpoint) = fields.get(4) else {
+            continue;
+        };
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let Some(fstype) = fields.get(dash + 1) else {
+            continue;
+        };
         entries.push(MountEntry {
             mountpoint: unescape_mount_field(mountpoint),
             fstype: (*fstype).to_owned(),
@@ -112,7 +120,10 @@ impl Proc {
         // A zombie has finished serving; only its parent can reap it.
         let state = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
             .ok()
-            .and_then(|s| s.rfind(')').map(|i| s[i + 1..].trim_start().starts_with('Z')));
+            .and_then(|s| {
+                s.rfind(')')
+                    .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+            });
         match state {
             Some(true) | None => false,
             Some(false) => proc_start_time(self.pid) == Some(self.start_time),
@@ -124,17 +135,28 @@ impl Proc {
 /// started with that mountpoint (mountpoints are unique per run, so nothing else matches).
 pub fn processes_with_arg(arg: &Path) -> Vec<Proc> {
     let mut found = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return found };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     let own = std::process::id();
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if u32::try_from(pid).ok() == Some(own) {
             continue;
         }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if cmdline.split(|b| *b == 0).any(|a| a == arg.as_os_str().as_bytes()) {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline
+            .split(|b| *b == 0)
+            .any(|a| a == arg.as_os_str().as_bytes())
+        {
             if let Some(start_time) = proc_start_time(pid) {
                 found.push(Proc { pid, start_time });
             }
@@ -154,16 +176,25 @@ impl TempDir {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         std::fs::create_dir_all(RUN_BASE).with_context(|| format!("creating {RUN_BASE}"))?;
         // The pid in the name lets `sweep_stale` tell a dead run's leftovers from a live one's.
-        let name = format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         let path = Path::new(RUN_BASE).join(name);
         if path.exists() {
             // Left by an earlier process with the same pid that was killed outright.
             if !mounts_under(&path)?.is_empty() {
-                bail!("{} ({label}) exists and has mounts below it; unmount them first", path.display());
+                bail!(
+                    "{} ({label}) exists and has mounts below it; unmount them first",
+                    path.display()
+                );
             }
-            std::fs::remove_dir_all(&path).with_context(|| format!("removing stale {}", path.display()))?;
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing stale {}", path.display()))?;
         }
-        std::fs::create_dir(&path).with_context(|| format!("creating {} ({label})", path.display()))?;
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating {} ({label})", path.display()))?;
         Ok(TempDir { path })
     }
 
@@ -213,7 +244,9 @@ impl LoopDev {
         if !device.starts_with("/dev/loop") {
             bail!("losetup printed {device:?}, expected a /dev/loopN path");
         }
-        Ok(LoopDev { device: PathBuf::from(device) })
+        Ok(LoopDev {
+            device: PathBuf::from(device),
+        })
     }
 
     pub fn device(&self) -> &Path {
@@ -225,7 +258,10 @@ impl Drop for LoopDev {
     fn drop(&mut self) {
         let status = Command::new("losetup").arg("-d").arg(&self.device).status();
         if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("warning: losetup -d {} failed ({status:?})", self.device.display());
+            eprintln!(
+                "warning: losetup -d {} failed ({status:?})",
+                self.device.display()
+            );
         }
     }
 }
@@ -267,7 +303,9 @@ impl Mount {
             guard.daemons = processes_with_arg(mountpoint);
             bail!("{what} failed ({}): {command:?}\n{stderr}", output.status);
         }
-        if !wait_until(MOUNT_TIMEOUT, || matches!(mounted_type(mountpoint), Ok(Some(_)))) {
+        if !wait_until(MOUNT_TIMEOUT, || {
+            matches!(mounted_type(mountpoint), Ok(Some(_)))
+        }) {
             guard.daemons = processes_with_arg(mountpoint);
             bail!(
                 "{what} exited 0 but {} is not mounted after {MOUNT_TIMEOUT:?}: {command:?}\n{stderr}",
@@ -373,8 +411,12 @@ pub fn sweep_stale() -> Result<()> {
         return Ok(());
     }
     let owner_alive = |path: &Path| -> bool {
-        let Ok(rel) = path.strip_prefix(base) else { return true };
-        let Some(first) = rel.components().next() else { return true };
+        let Ok(rel) = path.strip_prefix(base) else {
+            return true;
+        };
+        let Some(first) = rel.components().next() else {
+            return true;
+        };
         let name = first.as_os_str().to_string_lossy();
         match name.split('-').next().and_then(|p| p.parse::<u32>().ok()) {
             Some(pid) => pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists(),
@@ -383,19 +425,29 @@ pub fn sweep_stale() -> Result<()> {
     };
     // Newest mounts first: the fs under test was mounted after, and on top of, the exFAT
     // mount (its backing is inside it), and mountinfo lists mounts in the order they were made.
-    let stale: Vec<MountEntry> =
-        mounts_under(base)?.into_iter().filter(|m| !owner_alive(&m.mountpoint)).collect();
+    let stale: Vec<MountEntry> = mounts_under(base)?
+        .into_iter()
+        .filter(|m| !owner_alive(&m.mountpoint))
+        .collect();
     for m in stale.into_iter().rev() {
-        eprintln!("cleaning up a stale mount from a killed run: {}", m.mountpoint.display());
+        eprintln!(
+            "cleaning up a stale mount from a killed run: {}",
+            m.mountpoint.display()
+        );
         Mount::adopt(&m.fstype, &m.mountpoint, processes_with_arg(&m.mountpoint)).unmount()?;
     }
-    if let Ok(out) = Command::new("losetup").args(["-n", "-O", "NAME,BACK-FILE", "-l"]).output() {
+    if let Ok(out) = Command::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .output()
+    {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let mut parts = line.split_whitespace();
             if let (Some(dev), Some(file)) = (parts.next(), parts.next()) {
                 if Path::new(file).starts_with(base) && !owner_alive(Path::new(file)) {
                     eprintln!("cleaning up a stale loop device from a killed run: {dev}");
-                    drop(LoopDev { device: PathBuf::from(dev) });
+                    drop(LoopDev {
+                        device: PathBuf::from(dev),
+                    });
                 }
             }
         }
@@ -424,7 +476,11 @@ mod tests {
             ("/not\\999octal", "/not\\999octal"),
         ] {
             let got = unescape_mount_field(field);
-            assert_eq!(got, PathBuf::from(want), "field {field:?}: expected {want:?}, got {got:?}");
+            assert_eq!(
+                got,
+                PathBuf::from(want),
+                "field {field:?}: expected {want:?}, got {got:?}"
+            );
         }
     }
 
@@ -432,6 +488,9 @@ mod tests {
     fn own_process_start_time_is_readable() {
         let pid = i32::try_from(std::process::id()).expect("pid fits i32");
         let got = proc_start_time(pid);
-        assert!(got.is_some(), "expected a start time for our own pid {pid}, got None");
+        assert!(
+            got.is_some(),
+            "expected a start time for our own pid {pid}, got None"
+        );
     }
 }

@@ -70,7 +70,12 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Filesystems to compare, comma-separated (raw is always included).
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "raw,pershomefs,posixovl")]
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "raw,pershomefs,posixovl"
+        )]
         fs: Vec<Fs>,
     },
     /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, a short bench.
@@ -100,15 +105,37 @@ fn run() -> Result<()> {
         }
         Cmd::Demo => demo::run(&sh),
         Cmd::Pjdfstest { backing, fs } => pjdfstest::run(&sh, &pjdfstest::Options { backing, fs }),
-        Cmd::Fsx { ops, seed, fs, backing } => fsx::run(&fsx::Options { ops, seed, fs, backing }),
-        Cmd::Bench { files, dirs, big_mib, quick, fs } => {
-            bench::run(&bench::Options { files, dirs, big_mib, quick, fs })
-        }
+        Cmd::Fsx {
+            ops,
+            seed,
+            fs,
+            backing,
+        } => fsx::run(&fsx::Options {
+            ops,
+            seed,
+            fs,
+            backing,
+        }),
+        Cmd::Bench {
+            files,
+            dirs,
+            big_mib,
+            quick,
+            fs,
+        } => bench::run(&bench::Options {
+            files,
+            dirs,
+            big_mib,
+            quick,
+            fs,
+        }),
         Cmd::Ci => ci::run(&sh),
     }
 }
 
 pub fn cargo_test(sh: &Shell) -> Result<()> {
     util::banner("cargo test --workspace");
-    cmd!(sh, "cargo test --workspace").run().context("cargo test --workspace failed")
+    cmd!(sh, "cargo test --workspace")
+        .run()
+        .context("cargo test --workspace failed")
 }

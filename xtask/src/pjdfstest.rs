@@ -52,7 +52,10 @@ pub struct Summary {
 
 /// Parse pjdfstest's output; `None` when it has no summary line (the suite crashed).
 pub fn parse_output(output: &str) -> Option<Summary> {
-    let line = output.lines().rev().find_map(|l| l.trim().strip_prefix("Summary:"))?;
+    let line = output
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("Summary:"))?;
     let mut summary = Summary::default();
     for part in line.split(',') {
         let part = part.trim();
@@ -90,9 +93,12 @@ fn ensure_tests_user(sh: &Shell) -> Result<()> {
         cmd!(sh, "groupadd tests").run().context("groupadd tests")?;
     }
     if !have("passwd") {
-        cmd!(sh, "useradd --gid tests --no-create-home --shell /usr/sbin/nologin tests")
-            .run()
-            .context("useradd tests")?;
+        cmd!(
+            sh,
+            "useradd --gid tests --no-create-home --shell /usr/sbin/nologin tests"
+        )
+        .run()
+        .context("useradd tests")?;
     }
     Ok(())
 }
@@ -120,13 +126,18 @@ pub fn run(sh: &Shell, options: &Options) -> Result<()> {
         let summary = run_one(options.fs, kind, bin.as_deref())?;
         // pershomefs must pass everything. The raw directory must too (that checks the harness
         // and the machine); raw exFAT and posixovl are yardsticks, reported but not judged.
-        let judged = options.fs == Fs::Pershomefs || (options.fs == Fs::Raw && kind == BackingKind::Dir);
+        let judged =
+            options.fs == Fs::Pershomefs || (options.fs == Fs::Raw && kind == BackingKind::Dir);
         if summary.failed > 0 && judged {
             failures.push(format!("{} failed over {}", summary.failed, kind.name()));
         }
     }
     if !failures.is_empty() {
-        bail!("pjdfstest on {}: {}", options.fs.name(), failures.join(", "));
+        bail!(
+            "pjdfstest on {}: {}",
+            options.fs.name(),
+            failures.join(", ")
+        );
     }
     Ok(())
 }
@@ -140,11 +151,21 @@ fn log_path(fs: Fs, kind: BackingKind) -> std::path::PathBuf {
 }
 
 fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
-    util::banner(&format!("pjdfstest: {} over a {} backing", fs.name(), kind.name()));
+    util::banner(&format!(
+        "pjdfstest: {} over a {} backing",
+        fs.name(),
+        kind.name()
+    ));
     // Drop order (reverse of declaration): target, backing, scratch.
     let scratch = TempDir::new(&format!("pjdfstest-{}-{}", fs.name(), kind.name()))?;
     let backing = Backing::create(kind, &scratch)?;
-    let target = Target::mount(fs, backing.dir(), &scratch.path().join("m"), &["allow_other"], bin)?;
+    let target = Target::mount(
+        fs,
+        backing.dir(),
+        &scratch.path().join("m"),
+        &["allow_other"],
+        bin,
+    )?;
     let config = scratch.path().join("pjdfstest.toml");
     std::fs::write(&config, CONFIG).with_context(|| format!("writing {}", config.display()))?;
     // The suite runs parts as `tests` and `nobody`: they must be able to enter the root.
@@ -159,9 +180,13 @@ fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
     command.current_dir(scratch.path());
     let status = util::run_logged(command, "pjdfstest", &log)?;
     target.unmount()?;
-    let output = std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
+    let output =
+        std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
     let Some(summary) = parse_output(&output) else {
-        bail!("pjdfstest printed no summary line (exit {status}); see {}", log.display());
+        bail!(
+            "pjdfstest printed no summary line (exit {status}); see {}",
+            log.display()
+        );
     };
     for name in &summary.failed_tests {
         eprintln!("  FAILED {name}");
@@ -178,7 +203,10 @@ fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
     );
     // The exit status and the summary must agree; a mismatch means the output format changed.
     if status.success() != (summary.failed == 0) {
-        bail!("pjdfstest exit status {status} disagrees with its summary ({} failed)", summary.failed);
+        bail!(
+            "pjdfstest exit status {status} disagrees with its summary ({} failed)",
+            summary.failed
+        );
     }
     Ok(summary)
 }

@@ -89,7 +89,11 @@ impl Backing {
             BackingKind::Dir => {
                 let dir = scratch.path().join("b");
                 std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                Ok(Backing { dir, _exfat: None, _loop: None })
+                Ok(Backing {
+                    dir,
+                    _exfat: None,
+                    _loop: None,
+                })
             }
             BackingKind::Exfat => {
                 let image = scratch.path().join("exfat.img");
@@ -99,7 +103,9 @@ impl Backing {
                     .with_context(|| format!("sizing {} to 1 GiB", image.display()))?;
                 drop(file);
                 let mut mkfs = Command::new("mkfs.exfat");
-                mkfs.args(["-L", "PERSHOME"]).arg(&image).stdout(std::process::Stdio::null());
+                mkfs.args(["-L", "PERSHOME"])
+                    .arg(&image)
+                    .stdout(std::process::Stdio::null());
                 util::run_checked(mkfs, "mkfs.exfat")?;
                 let loop_dev = LoopDev::attach(&image)?;
                 let stick = scratch.path().join("s");
@@ -108,11 +114,18 @@ impl Backing {
                 let mut mount = Command::new("mount.exfat-fuse");
                 // allow_other only matters for `--fs raw`, where the suites use the exFAT
                 // mount directly as other users.
-                mount.arg(loop_dev.device()).arg(&stick).args(["-o", "allow_other"]);
+                mount
+                    .arg(loop_dev.device())
+                    .arg(&stick)
+                    .args(["-o", "allow_other"]);
                 let exfat = Mount::start("mount.exfat-fuse", mount, &stick)?;
                 let dir = stick.join("pershome");
                 std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                Ok(Backing { dir, _exfat: Some(exfat), _loop: Some(loop_dev) })
+                Ok(Backing {
+                    dir,
+                    _exfat: Some(exfat),
+                    _loop: Some(loop_dev),
+                })
             }
         }
     }
@@ -164,7 +177,10 @@ impl Target {
         let command = match self.fs {
             Fs::Raw => return Ok(()),
             Fs::Pershomefs => {
-                let bin = self.pershomefs.as_deref().unwrap_or(Path::new("pershomefs"));
+                let bin = self
+                    .pershomefs
+                    .as_deref()
+                    .unwrap_or(Path::new("pershomefs"));
                 let mut c = Command::new(bin);
                 c.arg(&self.backing).arg(&self.mountpoint);
                 if !opts.is_empty() {
@@ -186,7 +202,10 @@ impl Target {
             let want = format!("fuse.{}", self.fs.name());
             if fstype != want {
                 mount.unmount()?;
-                bail!("{} is mounted as {fstype}, expected {want}", self.mountpoint.display());
+                bail!(
+                    "{} is mounted as {fstype}, expected {want}",
+                    self.mountpoint.display()
+                );
             }
         }
         self.mount = Some(mount);

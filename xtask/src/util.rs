@@ -108,7 +108,9 @@ pub fn run_child(mut command: Command, what: &str) -> Result<(ExitStatus, Durati
             bail!("interrupted by a signal while running {what}");
         }
         let elapsed = start.elapsed();
-        std::thread::sleep((elapsed / 50).clamp(Duration::from_micros(200), Duration::from_millis(20)));
+        std::thread::sleep(
+            (elapsed / 50).clamp(Duration::from_micros(200), Duration::from_millis(20)),
+        );
     }
 }
 
