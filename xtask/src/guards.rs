@@ -9,6 +9,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -195,6 +196,12 @@ impl TempDir {
         }
         std::fs::create_dir(&path)
             .with_context(|| format!("creating {} ({label})", path.display()))?;
+        // pjdfstest switches to other users who must reach the mountpoint, whatever the
+        // caller's umask.
+        for dir in [Path::new(RUN_BASE), path.as_path()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .with_context(|| format!("chmod 755 {}", dir.display()))?;
+        }
         Ok(TempDir { path })
     }
 
