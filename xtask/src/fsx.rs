@@ -39,46 +39,63 @@ fn random_seed() -> u64 {
     (nanos as u64) ^ (u64::from(std::process::id()) << 32) ^ ((nanos >> 64) as u64)
 }
 
-/// A directory for the reference runs: tmpfs when there is one (fast, and certainly not the
-/// filesystem under test), else the normal disk.
-fn reference_dir() -> Result<TempDirAnywhere> {
-    TempDirAnywhere::new()
-}
-
-/// A scratch directory on /dev/shm, removed on drop (no mounts ever go in it).
-struct TempDirAnywhere {
+/// Where the reference runs write: tmpfs when there is one (fast, and certainly not the
+/// filesystem under test), else a run directory on the normal disk. Removed on drop.
+struct ReferenceDir {
     path: PathBuf,
-    _on_disk: Option<TempDir>,
+    /// Set when the directory is a run directory, which removes itself.
+    on_disk: Option<TempDir>,
 }
 
-impl TempDirAnywhere {
+/// Prefix of the reference directories on /dev/shm; `sweep_stale_references` knows it.
+const SHM_PREFIX: &str = "pershome-fsx-ref-";
+
+impl ReferenceDir {
     fn new() -> Result<Self> {
         let shm = Path::new("/dev/shm");
         if crate::guards::mounted_type(shm)?.as_deref() == Some("tmpfs") {
-            let path = shm.join(format!("pershome-fsx-ref-{}", std::process::id()));
+            let path = shm.join(format!("{SHM_PREFIX}{}", std::process::id()));
             if path.exists() {
                 std::fs::remove_dir_all(&path)
                     .with_context(|| format!("removing {}", path.display()))?;
             }
             std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-            return Ok(TempDirAnywhere {
+            return Ok(ReferenceDir {
                 path,
-                _on_disk: None,
+                on_disk: None,
             });
         }
         let dir = TempDir::new("fsx-reference")?;
-        Ok(TempDirAnywhere {
+        Ok(ReferenceDir {
             path: dir.path().to_path_buf(),
-            _on_disk: Some(dir),
+            on_disk: Some(dir),
         })
     }
 }
 
-impl Drop for TempDirAnywhere {
+impl Drop for ReferenceDir {
     fn drop(&mut self) {
-        if self._on_disk.is_none() {
+        if self.on_disk.is_none() {
             if let Err(e) = std::fs::remove_dir_all(&self.path) {
                 eprintln!("warning: removing {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// Remove reference directories that runs killed outright left on /dev/shm.
+fn sweep_stale_references() {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(SHM_PREFIX)) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                eprintln!("warning: removing stale {}: {e}", entry.path().display());
             }
         }
     }
@@ -147,6 +164,7 @@ fn compare_files(expected: &Path, got: &Path) -> Result<()> {
 
 pub fn run(options: &Options) -> Result<()> {
     crate::guards::sweep_stale()?;
+    sweep_stale_references();
     let seed = options.seed.unwrap_or_else(random_seed);
     let ops = options.ops.max(2);
     let half = ops / 2;
@@ -173,7 +191,7 @@ pub fn run(options: &Options) -> Result<()> {
         &[],
         bin.as_deref(),
     )?;
-    let reference = reference_dir()?;
+    let reference = ReferenceDir::new()?;
     let seed_s = seed.to_string();
 
     // 1. The plain run.
