@@ -1,1 +1,141 @@
-fn main() {}
+//! `cargo xtask`: the project's developer automation (dependencies, tests, the demo, the
+//! conformance suites, the benchmark and CI), in Rust with xshell so it runs the same on every
+//! machine and needs no shell scripts beyond `.ci/run`.
+//!
+//! This file owns the command line and dispatch only. No subcommand may leave a mount, a
+//! daemon or a loop device behind, even when it fails or is interrupted: see `guards`.
+
+mod bench;
+mod ci;
+mod demo;
+mod deps;
+mod fsx;
+mod guards;
+mod pjdfstest;
+mod target;
+mod util;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use xshell::{cmd, Shell};
+
+use crate::target::{BackingKind, Fs};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "pershome developer automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the Debian packages and cargo tools the project needs (idempotent).
+    Deps,
+    /// `deps`, then `cargo test --workspace`.
+    Test,
+    /// Mount pershomefs over a demo "stick" in /tmp/pershome-demo and show what it stores.
+    Demo,
+    /// Run pjdfstest (as root) against a filesystem over a directory and/or exFAT backing.
+    Pjdfstest {
+        #[arg(long, value_enum, default_value = "both")]
+        backing: pjdfstest::BackingChoice,
+        #[arg(long, value_enum, default_value = "pershomefs")]
+        fs: Fs,
+    },
+    /// Run fsx on a file in a mount, then again across an unmount/remount.
+    Fsx {
+        /// Operations per run.
+        #[arg(long, default_value_t = 100_000)]
+        ops: u64,
+        /// fsx seed (default: random, printed so a failure can be replayed).
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, value_enum, default_value = "pershomefs")]
+        fs: Fs,
+        #[arg(long, value_enum, default_value = "dir")]
+        backing: BackingKind,
+    },
+    /// Time raw, pershomefs and posixovl side by side on the same disk (as root).
+    Bench {
+        #[arg(long, default_value_t = 10_000)]
+        files: u32,
+        #[arg(long, default_value_t = 500)]
+        dirs: u32,
+        #[arg(long, default_value_t = 1024)]
+        big_mib: u32,
+        /// One run per cell instead of the best of three.
+        #[arg(long)]
+        quick: bool,
+        /// Filesystems to compare, comma-separated (raw is always included).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "raw,pershomefs,posixovl"
+        )]
+        fs: Vec<Fs>,
+    },
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, a short bench.
+    Ci,
+}
+
+fn main() -> ExitCode {
+    util::install_signal_handlers();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nxtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let sh = Shell::new().context("creating the xshell")?;
+    sh.change_dir(util::project_root());
+    match cli.command {
+        Cmd::Deps => deps::run(&sh),
+        Cmd::Test => {
+            deps::run(&sh)?;
+            cargo_test(&sh)
+        }
+        Cmd::Demo => demo::run(&sh),
+        Cmd::Pjdfstest { backing, fs } => pjdfstest::run(&sh, &pjdfstest::Options { backing, fs }),
+        Cmd::Fsx {
+            ops,
+            seed,
+            fs,
+            backing,
+        } => fsx::run(&fsx::Options {
+            ops,
+            seed,
+            fs,
+            backing,
+        }),
+        Cmd::Bench {
+            files,
+            dirs,
+            big_mib,
+            quick,
+            fs,
+        } => bench::run(&bench::Options {
+            files,
+            dirs,
+            big_mib,
+            quick,
+            fs,
+        }),
+        Cmd::Ci => ci::run(&sh),
+    }
+}
+
+pub fn cargo_test(sh: &Shell) -> Result<()> {
+    util::banner("cargo test --workspace");
+    cmd!(sh, "cargo test --workspace")
+        .run()
+        .context("cargo test --workspace failed")
+}
