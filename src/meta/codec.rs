@@ -45,6 +45,9 @@ const F_CTIME_IS_MTIME: u8 = 1 << 5;
 const F_BTIME_IS_MTIME: u8 = 1 << 6;
 const F_BACKING_MTIME_IS_MTIME: u8 = 1 << 7;
 
+/// One extended attribute: full name and value.
+type Xattr = (Vec<u8>, Vec<u8>);
+
 /// Why some bytes are not a valid record, and where (a byte offset into the buffer that was
 /// given to `decode_record` or `decode_all`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,7 +172,7 @@ fn put_meta(m: &Meta, out: &mut Vec<u8>) {
 /// the decoder insists on. Should a caller break that promise, sorting here (the later of two
 /// equal names wins, as a later setxattr would) keeps the record decodable instead of making a
 /// whole batch unreadable at the next mount.
-fn put_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
+fn put_xattrs(xattrs: &[Xattr], out: &mut Vec<u8>) {
     let sorted_unique = xattrs.windows(2).all(|w| w[0].0 < w[1].0);
     if sorted_unique {
         put_varint(xattrs.len() as u64, out);
@@ -179,10 +182,10 @@ fn put_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)], out: &mut Vec<u8>) {
         }
         return;
     }
-    let mut refs: Vec<(usize, &(Vec<u8>, Vec<u8>))> = xattrs.iter().enumerate().collect();
+    let mut refs: Vec<(usize, &Xattr)> = xattrs.iter().enumerate().collect();
     // Stable by name, then by position, so the last of equal names is last in its run.
     refs.sort_by(|a, b| a.1 .0.cmp(&b.1 .0).then(a.0.cmp(&b.0)));
-    let mut kept: Vec<&(Vec<u8>, Vec<u8>)> = Vec::with_capacity(refs.len());
+    let mut kept: Vec<&Xattr> = Vec::with_capacity(refs.len());
     for (_, pair) in refs {
         match kept.last_mut() {
             Some(last) if last.0 == pair.0 => *last = pair,
@@ -415,7 +418,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn xattrs(&mut self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DecodeError> {
+    fn xattrs(&mut self) -> Result<Vec<Xattr>, DecodeError> {
         let start = self.pos;
         let count = self.varint("xattr count")?;
         if count > MAX_XATTRS as u64 {
@@ -432,7 +435,7 @@ impl<'a> Reader<'a> {
                 format!("{count} xattrs claimed, more than the input can hold"),
             ));
         }
-        let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(count);
+        let mut xattrs: Vec<Xattr> = Vec::with_capacity(count);
         for _ in 0..count {
             let at = self.pos;
             let name = self.bytes("xattr name", 1, MAX_XATTR_NAME_LEN)?;
@@ -643,12 +646,14 @@ mod tests {
 
     #[test]
     fn unsorted_xattrs_are_written_sorted_last_wins() {
-        let mut meta = Meta::default();
-        meta.xattrs = vec![
-            (b"user.b".to_vec(), b"1".to_vec()),
-            (b"user.a".to_vec(), b"2".to_vec()),
-            (b"user.b".to_vec(), b"3".to_vec()),
-        ];
+        let meta = Meta {
+            xattrs: vec![
+                (b"user.b".to_vec(), b"1".to_vec()),
+                (b"user.a".to_vec(), b"2".to_vec()),
+                (b"user.b".to_vec(), b"3".to_vec()),
+            ],
+            ..Meta::default()
+        };
         let mut buf = Vec::new();
         encode_record(&Record::PutInode { id: 1, meta }, &mut buf);
         let (back, _) = decode_record(&buf).expect("decodes");
@@ -750,7 +755,10 @@ mod tests {
         // Xattr name too long, value too long, too many, unsorted.
         for (xattrs, needle) in [
             (vec![(vec![b'n'; 256], vec![])], "xattr name is 256"),
-            (vec![(b"a".to_vec(), vec![0; 65537])], "xattr value is 65537"),
+            (
+                vec![(b"a".to_vec(), vec![0; 65537])],
+                "xattr value is 65537",
+            ),
             (
                 vec![(b"b".to_vec(), vec![]), (b"a".to_vec(), vec![])],
                 "not sorted",
