@@ -383,6 +383,7 @@ fn hard_links_share_content_and_survive_any_name_going() {
     fs.unlink(ROOT, b"a").unwrap();
     let d = lookup(&fs, &[b"d"]);
     fs.rename(d.ino, b"b", ROOT, b"renamed", 0).unwrap();
+    fs.commit().unwrap();
     let fs = remount(fs, backing);
     let r = lookup(&fs, &[b"renamed"]);
     let c = lookup(&fs, &[b"c"]);
@@ -482,6 +483,8 @@ fn edits_made_elsewhere_are_reconciled() {
     fs.setxattr(kept.ino, b"user.tag", b"t", 0).unwrap();
     create_file(&fs, docs.ino, b"gone.txt", 0o600, b"bye");
     create_file(&fs, docs.ino, b"changed.txt", 0o600, b"short");
+    let notes = fs.mkdir(USER, ROOT, b"Notes", 0o700).unwrap();
+    create_file(&fs, notes.ino, b"edited.txt", 0o640, b"v1");
     fs.shutdown();
     drop(fs);
     // Another computer: a new file and directory, a changed file, a deleted file, and a
@@ -491,6 +494,7 @@ fn edits_made_elsewhere_are_reconciled() {
     std::fs::remove_file(backing.join("Docs/gone.txt")).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(backing.join("Docs/changed.txt"), b"much longer now").unwrap();
+    std::fs::write(backing.join("Notes/edited.txt"), b"version 2").unwrap();
     std::fs::rename(backing.join("Docs"), backing.join("Documents")).unwrap();
     let fs = open(backing);
     assert_eq!(fs.lookup(ROOT, b"Docs").err(), Some(Errno::ENOENT));
@@ -518,8 +522,11 @@ fn edits_made_elsewhere_are_reconciled() {
             b"new.txt".to_vec()
         ]
     );
-    // A file edited in place keeps its mode (its record still matches its path).
-    assert_eq!(changed.perm, 0o600);
+    // Records are kept by path: a file edited in place keeps its mode and gets the new size
+    // and mtime; the contents of a directory renamed elsewhere get default metadata.
+    let edited = lookup(&fs, &[b"Notes", b"edited.txt"]);
+    assert_eq!((edited.perm, edited.size), (0o640, 9));
+    assert_eq!(changed.perm, 0o644);
     assert_fat_clean(backing);
 }
 

@@ -48,8 +48,13 @@ impl Mount {
             String::from_utf8_lossy(&out.stderr)
         );
         // pershomefs returns once the mount is ready; no waiting should be needed.
-        assert!(mounted(mountpoint).is_some(), "pershomefs returned before the mount was there");
-        Mount { mountpoint: mountpoint.to_path_buf() }
+        assert!(
+            mounted(mountpoint).is_some(),
+            "pershomefs returned before the mount was there"
+        );
+        Mount {
+            mountpoint: mountpoint.to_path_buf(),
+        }
     }
 
     fn unmount(self) {
@@ -66,7 +71,10 @@ impl Drop for Mount {
             .map(|s| s.success())
             .unwrap_or(false);
         if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
         }
         let mp = self.mountpoint.clone();
         wait_until("the mount is gone", || mounted(&mp).is_none());
@@ -74,7 +82,11 @@ impl Drop for Mount {
 }
 
 fn can_mount() -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok()
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok()
         && nix::unistd::geteuid().is_root();
     if !ok {
         eprintln!("skipping: real mounts need root and /dev/fuse");
@@ -89,12 +101,19 @@ struct Scratch {
 }
 
 fn scratch() -> Scratch {
-    let dir = tempfile::Builder::new().prefix("pershome-mount").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("pershome-mount")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let backing = dir.path().join("stick/pershome");
     let mnt = dir.path().join("home");
     std::fs::create_dir_all(&backing).unwrap();
     std::fs::create_dir(&mnt).unwrap();
-    Scratch { _dir: dir, backing, mnt }
+    Scratch {
+        _dir: dir,
+        backing,
+        mnt,
+    }
 }
 
 fn c(p: &Path) -> CString {
@@ -105,9 +124,20 @@ fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     let n = CString::new(name).unwrap();
     // SAFETY: valid C strings and buffer for the duration of the call.
     let r = unsafe {
-        libc::lsetxattr(c(p).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::lsetxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
-    assert_eq!(r, 0, "setxattr {name} on {p:?}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {p:?}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn get_xattr(p: &Path, name: &str) -> Vec<u8> {
@@ -115,21 +145,41 @@ fn get_xattr(p: &Path, name: &str) -> Vec<u8> {
     let mut buf = vec![0u8; 4096];
     // SAFETY: as above.
     let r = unsafe {
-        libc::lgetxattr(c(p).as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        libc::lgetxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
     };
-    assert!(r >= 0, "getxattr {name} on {p:?}: {}", std::io::Error::last_os_error());
+    assert!(
+        r >= 0,
+        "getxattr {name} on {p:?}: {}",
+        std::io::Error::last_os_error()
+    );
     buf.truncate(r as usize);
     buf
 }
 
 fn set_times_ns(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
     let ts = [
-        libc::timespec { tv_sec: atime.0, tv_nsec: atime.1 },
-        libc::timespec { tv_sec: mtime.0, tv_nsec: mtime.1 },
+        libc::timespec {
+            tv_sec: atime.0,
+            tv_nsec: atime.1,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
     ];
     // SAFETY: valid path and array of two timespecs.
     let r = unsafe {
-        libc::utimensat(libc::AT_FDCWD, c(p).as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c(p).as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     };
     assert_eq!(r, 0, "utimensat {p:?}: {}", std::io::Error::last_os_error());
 }
@@ -139,11 +189,19 @@ fn describe(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         for p in entries {
             let m = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
             let extra = if m.file_type().is_symlink() {
                 format!("-> {:?}", std::fs::read_link(&p).unwrap())
             } else if m.is_file() {
@@ -194,22 +252,40 @@ fn a_home_survives_unmount_and_remount_through_the_kernel() {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o4755)).unwrap();
     std::os::unix::fs::symlink("../report.odt", project.join("link")).unwrap();
     std::fs::hard_link(home.join("report.odt"), project.join("hard")).unwrap();
-    nix::unistd::mkfifo(&project.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o640)).unwrap();
+    nix::unistd::mkfifo(
+        &project.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
     set_xattr(&home.join("report.odt"), "user.author", b"joseph");
-    set_times_ns(&project.join("Makefile"), (1_000_000_000, 5), (1_600_000_000, 123_456_789));
+    set_times_ns(
+        &project.join("Makefile"),
+        (1_000_000_000, 5),
+        (1_600_000_000, 123_456_789),
+    );
     std::os::unix::fs::chown(&project.join("a"), Some(4321), Some(8765)).unwrap();
     let before = describe(home);
     m.unmount();
     assert_fat_clean(&s.backing);
-    assert_eq!(std::fs::read(s.backing.join("report.odt")).ok(), None, "a hard-linked file's content moves into the store");
+    assert_eq!(
+        std::fs::read(s.backing.join("report.odt")).unwrap(),
+        b"",
+        "a hard-linked file's names are placeholders; its content is in the store"
+    );
     let m = Mount::new(&s.backing, &s.mnt, "");
     let after = describe(home);
     assert_eq!(after, before, "the tree after a remount");
-    assert_eq!(get_xattr(&home.join("report.odt"), "user.author"), b"joseph");
+    assert_eq!(
+        get_xattr(&home.join("report.odt"), "user.author"),
+        b"joseph"
+    );
     // Undo the hard link: the report is a plain file on the stick again, readable on Windows.
     std::fs::remove_file(project.join("hard")).unwrap();
     m.unmount();
-    assert_eq!(std::fs::read(s.backing.join("report.odt")).unwrap(), b"the report");
+    assert_eq!(
+        std::fs::read(s.backing.join("report.odt")).unwrap(),
+        b"the report"
+    );
     assert_fat_clean(&s.backing);
 }
 
@@ -225,7 +301,10 @@ fn mount_shows_type_and_options() {
     assert_eq!(fields[0], "stick", "source in {line}");
     assert_eq!(fields[2], "fuse.pershomefs", "type in {line}");
     for opt in ["nosuid", "nodev", "default_permissions"] {
-        assert!(fields[3].split(',').any(|o| o == opt), "{opt} missing in {line}");
+        assert!(
+            fields[3].split(',').any(|o| o == opt),
+            "{opt} missing in {line}"
+        );
     }
     let vfs = nix::sys::statvfs::statvfs(&s.mnt).unwrap();
     assert!(vfs.name_max() >= 255);
@@ -244,7 +323,11 @@ fn fsync_makes_metadata_durable_before_unmount() {
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::File::open(&f).unwrap().sync_all().unwrap();
     // The daemon dies without unmounting cleanly: only what was committed survives.
-    let pid = Command::new("pgrep").arg("-f").arg(format!("pershomefs .* {}$", s.mnt.display())).output().unwrap();
+    let pid = Command::new("pgrep")
+        .arg("-f")
+        .arg(format!("pershomefs .* {}$", s.mnt.display()))
+        .output()
+        .unwrap();
     let pids = String::from_utf8_lossy(&pid.stdout).to_string();
     for p in pids.split_whitespace() {
         let _ = Command::new("kill").arg("-9").arg(p).status();

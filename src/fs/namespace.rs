@@ -101,7 +101,9 @@ impl Fs {
         let dirfd = self.open_dir_of(&st, parent)?;
         let dirfd = dirfd.as_fd();
         let mut file = None;
-        let mut size = 0;
+        // A directory's size means nothing portable (FAT and exFAT report their cluster
+        // allocation); show what ext4 shows for a small directory, the same at every mount.
+        let mut size = if node.kind == Kind::Dir { 4096 } else { 0 };
         match node.kind {
             Kind::Dir => self.backing.mkdir_at(dirfd, &backing_name),
             Kind::File => {
@@ -149,7 +151,7 @@ impl Fs {
             kind: node.kind,
             meta,
             size,
-            blocks: 0,
+            blocks: size.div_ceil(512),
             parent,
             name: name.to_vec(),
             link_id: None,
@@ -501,6 +503,10 @@ impl Fs {
             id,
             meta: self.stored_meta(&link_meta),
         });
+        // The inode's own pending metadata is in the PutInode above; a plain Put of it in this
+        // commit would come after the link records and undo them.
+        st.dirty.remove(&ino);
+        st.lazy_dirty.remove(&ino);
         self.commit_locked(st)?;
         let store = self
             .backing

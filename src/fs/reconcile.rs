@@ -298,6 +298,10 @@ impl Fs {
         if kind == Kind::Symlink {
             size = symlink.as_ref().map_or(0, |t| t.len() as u64);
         }
+        if kind == Kind::Dir {
+            size = 4096;
+            blocks = 8;
+        }
         let ino = st.alloc_ino();
         let dir = (kind == Kind::Dir).then(|| {
             DirState::Unloaded(PendingTree {

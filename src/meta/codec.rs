@@ -321,9 +321,14 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
-    fn path(&mut self, what: &str) -> Result<Vec<Vec<u8>>, DecodeError> {
+    /// A path; `allow_root` admits the empty path (the backing root itself), which only a
+    /// `Put` may name: the root can be given metadata but never removed or moved.
+    fn path(&mut self, what: &str, allow_root: bool) -> Result<Vec<Vec<u8>>, DecodeError> {
         let start = self.pos;
         let count = self.varint(what)?;
+        if count == 0 && allow_root {
+            return Ok(Vec::new());
+        }
         if count == 0 || count > MAX_PATH_COMPONENTS as u64 {
             return Err(self.err(
                 start,
@@ -478,21 +483,21 @@ pub fn decode_record(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
     let tag = r.byte("record tag")?;
     let record = match tag {
         TAG_PUT => {
-            let path = r.path("path")?;
+            let path = r.path("path", true)?;
             let meta = r.meta()?;
             Record::Put { path, meta }
         }
         TAG_REMOVE => Record::Remove {
-            path: r.path("path")?,
+            path: r.path("path", false)?,
         },
         TAG_RENAME => {
-            let from = r.path("source path")?;
-            let to = r.path("target path")?;
+            let from = r.path("source path", false)?;
+            let to = r.path("target path", false)?;
             Record::Rename { from, to }
         }
         TAG_EXCHANGE => {
-            let a = r.path("first path")?;
-            let b = r.path("second path")?;
+            let a = r.path("first path", false)?;
+            let b = r.path("second path", false)?;
             Record::Exchange { a, b }
         }
         TAG_PUT_INODE => {
