@@ -263,7 +263,7 @@ fn a_home_survives_unmount_and_remount_through_the_kernel() {
         (1_000_000_000, 5),
         (1_600_000_000, 123_456_789),
     );
-    std::os::unix::fs::chown(&project.join("a"), Some(4321), Some(8765)).unwrap();
+    std::os::unix::fs::chown(project.join("a"), Some(4321), Some(8765)).unwrap();
     let before = describe(home);
     m.unmount();
     assert_fat_clean(&s.backing);
