@@ -38,7 +38,9 @@ impl Fs {
 pub enum BackingKind {
     /// A fresh directory on the normal disk (under /var/tmp).
     Dir,
-    /// A 1 GiB exFAT image on a loop device, mounted with exfat-fuse.
+    /// A 4 GiB exFAT image on a loop device, mounted with exfat-fuse. exFAT has no sparse
+    /// files, so pjdfstest's write at the 2 GiB offset really allocates 2 GiB: a smaller image
+    /// fails that test with ENOSPC.
     Exfat,
 }
 
@@ -99,8 +101,8 @@ impl Backing {
                 let image = scratch.path().join("exfat.img");
                 let file = std::fs::File::create(&image)
                     .with_context(|| format!("creating {}", image.display()))?;
-                file.set_len(1 << 30)
-                    .with_context(|| format!("sizing {} to 1 GiB", image.display()))?;
+                file.set_len(4 << 30)
+                    .with_context(|| format!("sizing {} to 4 GiB", image.display()))?;
                 drop(file);
                 let mut mkfs = Command::new("mkfs.exfat");
                 mkfs.args(["-L", "PERSHOME"])
