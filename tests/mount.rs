@@ -338,3 +338,80 @@ fn fsync_makes_metadata_durable_before_unmount() {
     assert_eq!(mode, 0o600, "the mode set before fsync");
     m.unmount();
 }
+
+fn pershomefs_fails(backing: &Path, mnt: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pershomefs"))
+        .arg(backing)
+        .arg(mnt)
+        .output()
+        .unwrap();
+    assert!(
+        mounted(mnt).is_none(),
+        "a refused mount must leave nothing mounted"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_stick_written_by_a_newer_pershome_is_refused_untouched() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    Mount::new(&s.backing, &s.mnt, "").unmount();
+    let store = s.backing.join(".pershome");
+    let journal = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("journal.")
+        })
+        .expect("a journal file");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes[..20]);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&journal, &bytes).unwrap();
+    let listing = |dir: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&store);
+    let (code, err) = pershomefs_fails(&s.backing, &s.mnt);
+    assert_eq!(code, 3, "exit code for a newer format; stderr: {err}");
+    assert!(
+        err.contains("newer"),
+        "the message should say the stick is newer: {err}"
+    );
+    assert_eq!(listing(&store), before);
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        bytes,
+        "the store must not be touched"
+    );
+}
+
+#[test]
+fn a_missing_or_wrong_backing_is_refused() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let (code, err) = pershomefs_fails(&s.backing.join("nope"), &s.mnt);
+    assert_eq!(code, 2, "missing backing; stderr: {err}");
+    assert!(err.contains("does not exist"), "{err}");
+    let file = s.backing.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let (code, err) = pershomefs_fails(&file, &s.mnt);
+    assert_eq!(code, 2, "backing is a file; stderr: {err}");
+}
