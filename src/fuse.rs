@@ -110,11 +110,12 @@ fn err(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e as i32)
 }
 
-fn ctx(req: &Request) -> Ctx {
+fn ctx(req: &Request, umask: u32) -> Ctx {
     Ctx {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        umask,
     }
 }
 
@@ -201,6 +202,8 @@ impl Filesystem for Adapter {
             InitFlags::FUSE_ASYNC_READ,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_MAX_PAGES,
+            // pershome applies the umask itself, because a default ACL replaces it.
+            InitFlags::FUSE_DONT_MASK,
         ] {
             let _ = config.add_capabilities(flag);
         }
@@ -305,14 +308,19 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         self.entry(
             reply,
-            self.fs
-                .mknod(ctx(req), parent.0, name.as_bytes(), mode, rdev as u64),
+            self.fs.mknod(
+                ctx(req, umask),
+                parent.0,
+                name.as_bytes(),
+                mode,
+                rdev as u64,
+            ),
         );
     }
 
@@ -322,12 +330,13 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         self.entry(
             reply,
-            self.fs.mkdir(ctx(req), parent.0, name.as_bytes(), mode),
+            self.fs
+                .mkdir(ctx(req, umask), parent.0, name.as_bytes(), mode),
         );
     }
 
@@ -348,7 +357,7 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let r = self.fs.symlink(
-            ctx(req),
+            ctx(req, 0),
             parent.0,
             link_name.as_bytes(),
             target.as_os_str().as_bytes(),
@@ -601,13 +610,13 @@ impl Filesystem for Adapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         match self
             .fs
-            .create(ctx(req), parent.0, name.as_bytes(), mode, flags)
+            .create(ctx(req, umask), parent.0, name.as_bytes(), mode, flags)
         {
             Ok((a, fh)) => reply.created(
                 &TTL,

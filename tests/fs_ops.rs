@@ -15,6 +15,7 @@ const USER: Ctx = Ctx {
     uid: 1000,
     gid: 1000,
     pid: 1,
+    umask: 0,
 };
 
 fn opts() -> FsOptions {
@@ -288,8 +289,13 @@ fn metadata_survives_remount_to_the_nanosecond() {
     fs.setattr(f.ino, set).unwrap();
     fs.setxattr(f.ino, b"user.colour", b"blue", 0).unwrap();
     fs.setxattr(f.ino, b"trusted.x", &[0, 1, 2], 0).unwrap();
-    fs.setxattr(f.ino, b"system.posix_acl_access", &[2, 0, 0, 0], 0)
-        .unwrap();
+    fs.setxattr(
+        f.ino,
+        b"system.posix_acl_access",
+        &acl_bytes(&[(1, 7, 0), (2, 5, 77), (4, 5, 0), (0x10, 5, 0), (0x20, 1, 0)]),
+        0,
+    )
+    .unwrap();
     let d = fs.mkdir(USER, ROOT, b"d", 0o1777).unwrap();
     fs.mknod(USER, d.ino, b"fifo", libc::S_IFIFO | 0o600, 0)
         .unwrap();
@@ -568,4 +574,92 @@ fn read_only_mount_refuses_changes_and_writes_nothing() {
         fs.open(lookup(&fs, &[b"f"]).ino, libc::O_WRONLY).err(),
         Some(Errno::EROFS)
     );
+}
+
+fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+#[test]
+fn the_umask_applies_unless_a_default_acl_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let masked = Ctx {
+        umask: 0o027,
+        ..USER
+    };
+    let (f, fh) = fs.create(masked, ROOT, b"f", 0o666, libc::O_RDWR).unwrap();
+    fs.release(fh).unwrap();
+    assert_eq!(f.perm, 0o640);
+    let shared = fs.mkdir(masked, ROOT, b"shared", 0o777).unwrap();
+    assert_eq!(shared.perm, 0o750);
+    // setfacl -d -m u::rwx,u:1234:rwx,g::r-x,m::rwx,o::r-x shared
+    let default = acl_bytes(&[
+        (1, 7, 0),
+        (2, 7, 1234),
+        (4, 5, 0),
+        (0x10, 7, 0),
+        (0x20, 5, 0),
+    ]);
+    fs.setxattr(shared.ino, b"system.posix_acl_default", &default, 0)
+        .unwrap();
+    let (g, fh) = fs
+        .create(masked, shared.ino, b"g", 0o664, libc::O_RDWR)
+        .unwrap();
+    fs.release(fh).unwrap();
+    assert_eq!(
+        g.perm, 0o664,
+        "the default ACL, not the umask, shapes the mode"
+    );
+    let access = match fs
+        .getxattr(g.ino, b"system.posix_acl_access", 4096)
+        .unwrap()
+    {
+        pershome::fs::xattr::XattrReply::Data(d) => d,
+        other => panic!("expected an access ACL, got {other:?}"),
+    };
+    assert_eq!(
+        access,
+        acl_bytes(&[
+            (1, 6, 0),
+            (2, 7, 1234),
+            (4, 5, 0),
+            (0x10, 6, 0),
+            (0x20, 4, 0)
+        ])
+    );
+    let sub = fs.mkdir(masked, shared.ino, b"sub", 0o777).unwrap();
+    assert!(
+        fs.getxattr(sub.ino, b"system.posix_acl_default", 4096)
+            .is_ok(),
+        "directories inherit the default ACL"
+    );
+    // Setting an access ACL sets the mode bits; a minimal one is not kept.
+    fs.setxattr(
+        f.ino,
+        b"system.posix_acl_access",
+        &acl_bytes(&[(1, 6, 0), (4, 0, 0), (0x20, 0, 0)]),
+        0,
+    )
+    .unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().perm, 0o600);
+    assert_eq!(
+        fs.getxattr(f.ino, b"system.posix_acl_access", 4096).err(),
+        Some(Errno::ENODATA)
+    );
+    assert_eq!(
+        fs.setxattr(f.ino, b"system.posix_acl_access", b"junk", 0)
+            .err(),
+        Some(Errno::EINVAL)
+    );
+    let fs = remount(fs, backing);
+    let g = lookup(&fs, &[b"shared", b"g"]);
+    assert!(fs.getxattr(g.ino, b"system.posix_acl_access", 4096).is_ok());
 }

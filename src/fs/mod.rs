@@ -15,6 +15,7 @@
 //! - Metadata changes are gathered in memory (`dirty`, `pending`) and committed as one journal
 //!   batch: on fsync, on the commit timer, at unmount.
 
+pub mod acl;
 mod commit;
 mod io_ops;
 mod namespace;
@@ -117,6 +118,9 @@ pub struct Ctx {
     pub uid: u32,
     pub gid: u32,
     pub pid: u32,
+    /// The caller's umask, for operations that create: pershome applies it itself (the kernel
+    /// must not, because a default ACL on the parent replaces it).
+    pub umask: u32,
 }
 
 /// A time to set, as `utimensat` gives it.

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 
+use super::acl;
 use super::{
     errno_of, link_file_name, now, Attr, Ctx, Dentry, DirEntry, DirHandle, DirState, Errno, Fs,
     Ino, Inode, Kind, Result, State, INODES_DIR, ROOT,
@@ -97,6 +98,12 @@ impl Fs {
         }
         let parent_setgid = pinode.meta.mode & libc::S_ISGID != 0;
         let parent_gid = pinode.meta.gid;
+        let parent_default_acl = pinode
+            .meta
+            .xattrs
+            .iter()
+            .find(|(n, _)| n == acl::DEFAULT)
+            .and_then(|(_, v)| acl::parse(v));
         let backing_name = Self::choose_backing_name(&st, parent, name, None)?;
         let dirfd = self.open_dir_of(&st, parent)?;
         let dirfd = dirfd.as_fd();
@@ -130,7 +137,24 @@ impl Fs {
         }
         .map_err(|e| errno_of(&e))?;
         let t = now();
-        let mut mode = node.kind.type_bits() | (node.perm & 0o7777);
+        let mut xattrs = Vec::new();
+        let perm = match (&parent_default_acl, node.kind) {
+            (_, Kind::Symlink) => 0o777,
+            // A default ACL on the parent takes the place of the umask (POSIX.1e, as ext4).
+            (Some(default), _) => {
+                let (access, bits) = acl::create_masq(default, node.perm & 0o7777);
+                if node.kind == Kind::Dir {
+                    xattrs.push((acl::DEFAULT.to_vec(), acl::serialize(default)));
+                }
+                if !acl::is_minimal(&access) {
+                    xattrs.push((acl::ACCESS.to_vec(), acl::serialize(&access)));
+                }
+                bits
+            }
+            (None, _) => node.perm & 0o7777 & !(ctx.umask & 0o777),
+        };
+        xattrs.sort();
+        let mut mode = node.kind.type_bits() | perm;
         let gid = if parent_setgid { parent_gid } else { ctx.gid };
         if parent_setgid && node.kind == Kind::Dir {
             mode |= libc::S_ISGID;
@@ -144,6 +168,7 @@ impl Fs {
             mtime: t,
             ctime: t,
             btime: t,
+            xattrs,
             ..Meta::default()
         };
         let ino = st.alloc_ino();

@@ -2,7 +2,7 @@
 //! has already applied the namespace rules (`trusted.*` for root only, `user.*` only on files
 //! and directories) before a request reaches here.
 
-use super::{now, Errno, Fs, Ino, Result};
+use super::{acl, now, Errno, Fs, Ino, Result};
 
 /// Largest value the kernel lets through (XATTR_SIZE_MAX).
 const MAX_VALUE: usize = 65536;
@@ -61,6 +61,23 @@ impl Fs {
         }
         let mut st = self.lock();
         let inode = st.inode_mut(ino)?;
+        if name == acl::ACCESS || name == acl::DEFAULT {
+            let entries = acl::parse(value).ok_or(Errno::EINVAL)?;
+            if name == acl::DEFAULT && inode.kind != super::Kind::Dir {
+                return Err(Errno::EACCES);
+            }
+            if name == acl::ACCESS {
+                // The mode bits and the access ACL are one thing seen twice: keep them in
+                // step, and store no ACL that says no more than the mode (as ext4 does).
+                inode.meta.mode = (inode.meta.mode & !0o777) | acl::mode_bits(&entries);
+                if acl::is_minimal(&entries) {
+                    inode.meta.xattrs.retain(|(n, _)| n != acl::ACCESS);
+                    inode.meta.ctime = now();
+                    st.mark_dirty(ino);
+                    return Ok(());
+                }
+            }
+        }
         let xattrs = &mut inode.meta.xattrs;
         let pos = xattrs.binary_search_by(|(n, _)| n.as_slice().cmp(name));
         match (pos, flags) {

@@ -242,6 +242,9 @@ pub fn run(options: &Options) -> Result<()> {
         half + 1
     );
     target.unmount()?;
+    if options.fs == Fs::Pershomefs {
+        crate::pjdfstest::audit_backing(backing.dir())?;
+    }
     Ok(())
 }
 

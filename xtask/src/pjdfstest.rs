@@ -184,6 +184,9 @@ fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
     command.current_dir(scratch.path());
     let status = util::run_logged(command, "pjdfstest", &log)?;
     target.unmount()?;
+    if fs == Fs::Pershomefs {
+        audit_backing(backing.dir())?;
+    }
     let output =
         std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
     let Some(summary) = parse_output(&output) else {
@@ -213,6 +216,24 @@ fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
         );
     }
     Ok(summary)
+}
+
+/// After a run that wrote through pershomefs, the backing must hold only what FAT can: the
+/// audit of `docs/testing.md` (names, case clashes, file types, hard links, sizes).
+pub fn audit_backing(dir: &Path) -> Result<()> {
+    let problems = pershome::audit::audit_tree(dir)
+        .with_context(|| format!("auditing the backing tree {}", dir.display()))?;
+    if problems.is_empty() {
+        println!("FAT audit of the backing tree {}: clean", dir.display());
+        return Ok(());
+    }
+    for p in problems.iter().take(50) {
+        eprintln!("  FAT audit: {p}");
+    }
+    bail!(
+        "the backing tree breaks FAT's rules in {} places",
+        problems.len()
+    )
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
