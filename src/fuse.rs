@@ -193,8 +193,10 @@ impl Drop for Adapter {
 impl Filesystem for Adapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Each capability is wanted only where the kernel offers it; refusals are harmless.
+        // No FUSE_WRITEBACK_CACHE: measured here it made untarring 10% slower and a 1 GiB
+        // sequential write 2.5 times slower (extra SETATTR/GETATTR per file, page-sized
+        // writeback), and it would let the kernel own mtime and size.
         for flag in [
-            InitFlags::FUSE_WRITEBACK_CACHE,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_POSIX_ACL,
