@@ -92,6 +92,33 @@ pub(crate) fn symlink_body(target: &[u8]) -> Vec<u8> {
     body
 }
 
+/// A POSIX name standing for a backing name that no POSIX name maps to: the backing name when
+/// it fits, else its first characters and a hash of the whole, always 1..=255 bytes.
+pub(crate) fn displayable_alias(backing: &[u8]) -> Vec<u8> {
+    if names::is_valid_posix_name(backing) {
+        return backing.to_vec();
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(backing);
+    let mut cut = backing.len().min(200);
+    // Cut at a character boundary so a UTF-8 name keeps a readable prefix.
+    if let Ok(text) = std::str::from_utf8(backing) {
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+    }
+    let mut alias: Vec<u8> = backing[..cut]
+        .iter()
+        .copied()
+        .filter(|&b| b != b'/' && b != 0)
+        .collect();
+    alias.extend_from_slice(b"~");
+    for b in &digest[..8] {
+        alias.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    alias
+}
+
 fn valid_meta_kind(meta: &Meta) -> Option<Kind> {
     Kind::from_mode(meta.mode)
 }
@@ -147,8 +174,10 @@ impl Fs {
                 (Some(Meta { name: Some(n), .. }), _) if names::is_valid_posix_name(n) => n.clone(),
                 (_, Decoded::Name(n)) if names::is_valid_posix_name(&n) => n,
                 // A hashed name whose record is gone, or a name that decodes to something a
-                // POSIX name cannot be: show the backing name itself, which is always valid.
-                _ => entry.name.clone(),
+                // POSIX name cannot be: show the backing name itself, or a shortened form of
+                // it when it is longer than a POSIX name may be (255 UTF-16 units of CJK made
+                // on Windows are up to 765 bytes).
+                _ => displayable_alias(&entry.name),
             };
             if children.entries.contains_key(&name) {
                 // Two backing names claim one POSIX name (made on another computer): keep
@@ -379,6 +408,16 @@ impl Fs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_too_long_for_posix_get_a_short_alias() {
+        let cjk = "漢".repeat(100).into_bytes();
+        let alias = displayable_alias(&cjk);
+        assert!(names::is_valid_posix_name(&alias), "{} bytes", alias.len());
+        assert!(std::str::from_utf8(&alias).is_ok(), "a readable prefix");
+        assert_ne!(displayable_alias(&"漢".repeat(101).into_bytes()), alias);
+        assert_eq!(displayable_alias(b"plain"), b"plain");
+    }
 
     #[test]
     fn symlink_bodies_round_trip() {
