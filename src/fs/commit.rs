@@ -14,9 +14,94 @@ const COMPACT_AFTER_BYTES: u64 = 4 << 20;
 
 impl Fs {
     /// Commits everything pending. A no-op (no write at all) when nothing changed.
+    ///
+    /// The batch is built under the state lock, but written and synced without it, so a slow
+    /// stick does not stall every other operation during the sync. Batches still reach the
+    /// journal in the order they were built: the journal lock is taken before the state lock
+    /// is let go (lock order: state, then journal).
     pub fn commit(&self) -> Result<()> {
         let mut st = self.lock();
-        self.commit_locked(&mut st)
+        let Some((records, inos)) = self.build_batch(&mut st) else {
+            return Ok(());
+        };
+        let mut journal = self.journal();
+        drop(st);
+        let result = Self::append(&mut journal, &records);
+        let compact = result.is_ok()
+            && journal
+                .as_ref()
+                .is_some_and(|j| j.journal_len() > COMPACT_AFTER_BYTES);
+        drop(journal);
+        if let Err(e) = result {
+            self.requeue(&mut self.lock(), records, inos);
+            return Err(e);
+        }
+        if compact {
+            let st = self.lock();
+            let snapshot = self.snapshot(&st);
+            let mut journal = self.journal();
+            drop(st);
+            if let Some(Err(e)) = journal.as_mut().map(|j| j.checkpoint(&snapshot)) {
+                // The journal still holds everything; compaction can wait.
+                tracing::warn!("compacting the metadata store failed: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits while the caller holds the state lock (an operation that must be durable
+    /// before it goes on, such as the first `link()` of a file).
+    pub(crate) fn commit_locked(&self, st: &mut State) -> Result<()> {
+        let Some((records, inos)) = self.build_batch(st) else {
+            return Ok(());
+        };
+        let result = Self::append(&mut self.journal(), &records);
+        if result.is_err() {
+            self.requeue(st, records, inos);
+        }
+        result
+    }
+
+    pub(crate) fn journal(&self) -> std::sync::MutexGuard<'_, Option<crate::meta::Journal>> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn append(journal: &mut Option<crate::meta::Journal>, records: &[Record]) -> Result<()> {
+        let journal = journal.as_mut().ok_or(Errno::EROFS)?;
+        journal.append(records).map_err(|e| {
+            tracing::error!("committing metadata to the stick failed: {e}");
+            Errno::EIO
+        })
+    }
+
+    /// Takes what is pending out of the state as one batch of records.
+    fn build_batch(&self, st: &mut State) -> Option<(Vec<Record>, Vec<Ino>)> {
+        if st.pending.is_empty() && st.dirty.is_empty() {
+            return None;
+        }
+        let mut records = std::mem::take(&mut st.lazy_removes);
+        records.append(&mut std::mem::take(&mut st.pending));
+        let mut inos: Vec<Ino> = st.dirty.drain().chain(st.lazy_dirty.drain()).collect();
+        inos.sort_unstable();
+        inos.dedup();
+        for &ino in &inos {
+            if let Some(r) = self.record_for(st, ino) {
+                records.push(r);
+            }
+            if let Some(i) = st.inodes.get_mut(&ino) {
+                i.persisted = true;
+            }
+        }
+        Some((records, inos))
+    }
+
+    /// A batch that could not be written goes back in front of what came since, so a later
+    /// commit (after space is freed, or the stick is back) still writes it. A batch built by
+    /// another thread meanwhile may have landed first; the stick was failing then anyway.
+    fn requeue(&self, st: &mut State, mut records: Vec<Record>, inos: Vec<Ino>) {
+        records.append(&mut st.pending);
+        st.pending = records;
+        st.dirty.extend(inos);
     }
 
     /// Metadata as stored: the mounting user's ids become `OWNER_ID` (design property 8).
@@ -56,48 +141,6 @@ impl Fs {
             };
         }
         Some(Record::Put { path, meta })
-    }
-
-    pub(crate) fn commit_locked(&self, st: &mut State) -> Result<()> {
-        if st.pending.is_empty() && st.dirty.is_empty() {
-            return Ok(());
-        }
-        if st.journal.is_none() {
-            return Err(Errno::EROFS);
-        }
-        let mut records = std::mem::take(&mut st.lazy_removes);
-        records.append(&mut std::mem::take(&mut st.pending));
-        let mut inos: Vec<Ino> = st.dirty.drain().chain(st.lazy_dirty.drain()).collect();
-        inos.sort_unstable();
-        inos.dedup();
-        for &ino in &inos {
-            if let Some(r) = self.record_for(st, ino) {
-                records.push(r);
-            }
-        }
-        let journal = st.journal.as_mut().ok_or(Errno::EROFS)?;
-        if let Err(e) = journal.append(&records) {
-            tracing::error!("committing metadata to the stick failed: {e}");
-            // Keep the changes queued so a later commit (after the stick is back, or space
-            // is freed) still writes them.
-            st.pending = records;
-            st.dirty.extend(inos);
-            return Err(Errno::EIO);
-        }
-        for ino in inos {
-            if let Some(i) = st.inodes.get_mut(&ino) {
-                i.persisted = true;
-            }
-        }
-        if journal.journal_len() > COMPACT_AFTER_BYTES {
-            let snapshot = self.snapshot(st);
-            let journal = st.journal.as_mut().ok_or(Errno::EROFS)?;
-            if let Err(e) = journal.checkpoint(&snapshot) {
-                // The journal still holds everything; compaction can wait.
-                tracing::warn!("compacting the metadata store failed: {e}");
-            }
-        }
-        Ok(())
     }
 
     /// The whole state as records: what a checkpoint holds.

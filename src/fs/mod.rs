@@ -294,7 +294,6 @@ pub(crate) struct State {
     /// Hard-link inode records not yet materialised (their names are in unloaded dirs).
     pub link_meta: HashMap<u64, Meta>,
     pub next_link_id: u64,
-    pub journal: Option<Journal>,
     /// Structural records (remove, rename) in the order they happened since the last commit.
     pub pending: Vec<crate::meta::Record>,
     /// Inodes whose metadata record is due at the next commit.
@@ -315,6 +314,8 @@ pub struct Fs {
     pub(crate) opts: FsOptions,
     pub(crate) state: Mutex<State>,
     pub(crate) dir_cache: Mutex<HashMap<Ino, Arc<OwnedFd>>>,
+    /// The store's journal; `None` on a read-only mount. Locked after `state` when both are.
+    pub(crate) journal: Mutex<Option<Journal>>,
 }
 
 /// Why a backing directory could not be opened.
@@ -345,6 +346,7 @@ impl Fs {
             OpenMode::ReadWrite
         };
         let (journal, recovered) = Journal::open(backing.root(), mode)?;
+        let journal = (!opts.read_only).then_some(journal);
         for w in &recovered.warnings {
             tracing::warn!("metadata store: {w}");
         }
@@ -389,7 +391,6 @@ impl Fs {
             links: HashMap::new(),
             link_meta: replayed.inodes,
             next_link_id,
-            journal: if opts.read_only { None } else { Some(journal) },
             pending: Vec::new(),
             dirty: HashSet::new(),
             lazy_removes: Vec::new(),
@@ -404,6 +405,7 @@ impl Fs {
             opts,
             state: Mutex::new(state),
             dir_cache: Mutex::new(HashMap::new()),
+            journal: Mutex::new(journal),
         })
     }
 
@@ -451,8 +453,7 @@ impl Fs {
     /// bytes, metadata writes).
     pub fn write_stats(&self) -> (u64, u64, u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        let st = self.lock();
-        let (mb, mw) = st.journal.as_ref().map_or((0, 0), |j| {
+        let (mb, mw) = self.journal().as_ref().map_or((0, 0), |j| {
             let s = j.stats();
             (s.bytes, s.writes)
         });
