@@ -3,6 +3,7 @@
 //! It converts types (inode numbers, times, errors), chooses the kernel caching policy, and
 //! runs the commit timer. It never touches the backing directory or the store itself.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -12,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    BackingId, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -33,11 +34,24 @@ struct Timer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// FUSE passthrough (Linux 6.9+, and only for a daemon with CAP_SYS_ADMIN): the kernel reads
+/// and writes a file's backing file itself, at the speed of the backing. One backing id per
+/// inode, shared by all its open handles, as the kernel requires.
+#[derive(Default)]
+struct Passthrough {
+    enabled: AtomicBool,
+    /// ino → (backing id, open handles using it).
+    ids: Mutex<HashMap<u64, (BackingId, usize)>>,
+    /// fh → ino, for the handles opened with passthrough.
+    handles: Mutex<HashMap<u64, u64>>,
+}
+
 /// The fuser filesystem: `crate::fs::Fs` plus the commit timer.
 pub struct Adapter {
     fs: Arc<Fs>,
     timer: Option<Timer>,
     destroyed: AtomicBool,
+    passthrough: Passthrough,
 }
 
 impl std::fmt::Debug for Adapter {
@@ -132,6 +146,7 @@ impl Adapter {
             fs: Arc::new(fs),
             timer: None,
             destroyed: AtomicBool::new(false),
+            passthrough: Passthrough::default(),
         }
     }
 
@@ -169,6 +184,73 @@ impl Adapter {
         }
     }
 
+    /// The passthrough backing id for an inode's new handle `fh`, registering the inode's
+    /// backing file with the kernel on its first open; `None` when passthrough is off or
+    /// refused (then the handle is served through the daemon as usual).
+    fn backing_id(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<BackingIdRef<'_>> {
+        if !self.passthrough.enabled.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut ids = self
+            .passthrough
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !ids.contains_key(&ino) {
+            let file = self.fs.passthrough_file(ino).ok()?;
+            match register(&file) {
+                Ok(id) => {
+                    ids.insert(ino, (id, 0));
+                }
+                Err(e) => {
+                    tracing::info!(
+                        "FUSE passthrough refused ({e}); serving file data through pershomefs"
+                    );
+                    self.passthrough.enabled.store(false, Ordering::SeqCst);
+                    return None;
+                }
+            }
+        }
+        let entry = ids.get_mut(&ino)?;
+        entry.1 += 1;
+        self.fs.set_passthrough(fh);
+        self.passthrough
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, ino);
+        Some(BackingIdRef { ids, ino })
+    }
+
+    fn release_backing_id(&self, fh: u64) {
+        let Some(ino) = self
+            .passthrough
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh)
+        else {
+            return;
+        };
+        let mut ids = self
+            .passthrough
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = ids.get_mut(&ino) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                // Dropping the id unregisters the backing file from the kernel.
+                ids.remove(&ino);
+            }
+        }
+    }
+
     fn stop_timer(&mut self) {
         if let Some(mut timer) = self.timer.take() {
             let (lock, cvar) = &*timer.stop;
@@ -178,6 +260,20 @@ impl Adapter {
                 let _ = t.join();
             }
         }
+    }
+}
+
+/// A borrowed backing id, valid while the map lock is held (through the reply).
+struct BackingIdRef<'a> {
+    ids: std::sync::MutexGuard<'a, HashMap<u64, (BackingId, usize)>>,
+    ino: u64,
+}
+
+impl std::ops::Deref for BackingIdRef<'_> {
+    type Target = BackingId;
+    fn deref(&self) -> &BackingId {
+        // The entry was inserted or found under this same guard.
+        &self.ids[&self.ino].0
     }
 }
 
@@ -208,6 +304,15 @@ impl Filesystem for Adapter {
             InitFlags::FUSE_DONT_MASK,
         ] {
             let _ = config.add_capabilities(flag);
+        }
+        // Passthrough needs a stacking depth of 1 and CAP_SYS_ADMIN (checked by the kernel at
+        // the first open; a refusal there switches it off again).
+        if config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && nix::unistd::geteuid().is_root()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.enabled.store(true, Ordering::SeqCst);
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -400,9 +505,12 @@ impl Filesystem for Adapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0, flags.0) {
-            // pershome is the only writer while mounted, so cached pages stay valid across
-            // opens.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => match self.backing_id(ino.0, fh, |f| reply.open_backing(f)) {
+                Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                // pershome is the only writer while mounted, so cached pages stay valid
+                // across opens.
+                None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            },
             Err(e) => reply.error(err(e)),
         }
     }
@@ -463,7 +571,9 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.fs.release(fh.0));
+        let r = self.fs.release(fh.0);
+        self.release_backing_id(fh.0);
+        Self::empty(reply, r);
     }
 
     fn fsync(
@@ -620,13 +730,23 @@ impl Filesystem for Adapter {
             .fs
             .create(ctx(req, umask), parent.0, name.as_bytes(), mode, flags)
         {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok((a, fh)) => match self.backing_id(a.ino, fh, |f| reply.open_backing(f)) {
+                Some(id) => reply.created_passthrough(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    &id,
+                ),
+                None => reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+            },
             Err(e) => reply.error(err(e)),
         }
     }

@@ -415,3 +415,39 @@ fn a_missing_or_wrong_backing_is_refused() {
     let (code, err) = pershomefs_fails(&file, &s.mnt);
     assert_eq!(code, 2, "backing is a file; stderr: {err}");
 }
+
+/// As root, file data goes through FUSE passthrough: the kernel writes the backing file
+/// itself, and pershomefs must still report the size and a new mtime, and keep them.
+#[test]
+fn sizes_and_mtimes_follow_writes_the_kernel_makes_directly() {
+    if !can_mount() {
+        return;
+    }
+    use std::io::Write;
+    let s = scratch();
+    let m = Mount::new(&s.backing, &s.mnt, "");
+    let f = s.mnt.join("log.txt");
+    std::fs::write(&f, vec![b'a'; 100_000]).unwrap();
+    let before = std::fs::metadata(&f).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let mut out = std::fs::OpenOptions::new().append(true).open(&f).unwrap();
+    out.write_all(b"appended\n").unwrap();
+    let during = std::fs::metadata(&f).unwrap();
+    assert_eq!(during.len(), 100_009, "size seen while the file is open");
+    drop(out);
+    let after = std::fs::metadata(&f).unwrap();
+    assert_eq!(after.len(), 100_009);
+    assert!(
+        (after.mtime(), after.mtime_nsec()) > (before.mtime(), before.mtime_nsec()),
+        "mtime must move on a write"
+    );
+    m.unmount();
+    let m = Mount::new(&s.backing, &s.mnt, "");
+    let again = std::fs::metadata(&f).unwrap();
+    assert_eq!(
+        (again.len(), again.mtime(), again.mtime_nsec()),
+        (after.len(), after.mtime(), after.mtime_nsec())
+    );
+    assert!(std::fs::read(&f).unwrap().ends_with(b"aaappended\n"));
+    m.unmount();
+}

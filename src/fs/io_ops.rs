@@ -49,6 +49,7 @@ impl Fs {
             Handle {
                 ino: attr.ino,
                 file: Arc::new(file),
+                passthrough: false,
             },
         );
         Ok((attr, fh))
@@ -94,6 +95,7 @@ impl Fs {
             Handle {
                 ino,
                 file: Arc::new(file),
+                passthrough: false,
             },
         );
         Ok(fh)
@@ -103,6 +105,26 @@ impl Fs {
         let st = self.lock();
         let h = st.handles.get(&fh).ok_or(Errno::EBADF)?;
         Ok((h.ino, h.file.clone()))
+    }
+
+    /// A backing file for the kernel to read and write directly (FUSE passthrough): one per
+    /// inode, opened read-write (read-only on a read-only mount) whatever the first `open`
+    /// asked, because the kernel uses it for every handle of the inode.
+    pub fn passthrough_file(&self, ino: Ino) -> Result<File> {
+        let st = self.lock();
+        if st.inode(ino)?.kind != Kind::File {
+            return Err(Errno::EINVAL);
+        }
+        let (dir, name) = st.content_location(ino)?;
+        let dirfd = self.backing.open_dir(&dir).map_err(|e| errno_of(&e))?;
+        let flags = if self.opts.read_only {
+            libc::O_RDONLY
+        } else {
+            libc::O_RDWR
+        };
+        self.backing
+            .open_at(dirfd.as_fd(), &name, flags, 0)
+            .map_err(|e| errno_of(&e))
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -150,20 +172,25 @@ impl Fs {
 
     pub fn release(&self, fh: u64) -> Result<()> {
         let mut st = self.lock();
+        let Some((ino, passthrough)) = st.handles.get(&fh).map(|h| (h.ino, h.passthrough)) else {
+            return Ok(());
+        };
+        if passthrough {
+            // The kernel wrote this file without us: take its size and mtime first.
+            st.refresh_passthrough(ino);
+        }
         let Some(handle) = st.handles.remove(&fh) else {
             return Ok(());
         };
-        let ino = handle.ino;
         // Remember what the backing file looks like after our writes, so the next mount can
-        // tell our changes from another computer's (the kernel has flushed cached writes
-        // before it releases a file).
+        // tell our changes from another computer's.
         let stat = crate::backing::Backing::fstat(&handle.file).ok();
         drop(handle);
-        if let (Some(stat), Ok(inode)) = (stat, st.inode_mut(ino)) {
-            inode.note_backing(&stat);
-        }
         let mut remove_link = None;
         if let Ok(inode) = st.inode_mut(ino) {
+            if let Some(stat) = stat {
+                inode.note_backing(&stat);
+            }
             inode.opens = inode.opens.saturating_sub(1);
             if inode.opens == 0 {
                 if let Some(id) = inode.link_id.filter(|_| inode.meta.nlink == 0) {

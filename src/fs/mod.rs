@@ -277,6 +277,9 @@ impl Inode {
 pub(crate) struct Handle {
     pub ino: Ino,
     pub file: Arc<File>,
+    /// The kernel reads and writes this file itself (FUSE passthrough), so its size and mtime
+    /// must be read back from the backing file.
+    pub passthrough: bool,
 }
 
 /// A directory listing taken at opendir, so readdir offsets stay stable while it changes.
@@ -425,11 +428,25 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
-        let st = self.lock();
+        let mut st = self.lock();
+        st.refresh_passthrough(ino);
         st.inodes
             .get(&ino)
             .map(|i| i.attr(ino))
             .ok_or(Errno::ENOENT)
+    }
+
+    /// The backing file of an open file handle (the FUSE adapter hands it to the kernel for
+    /// passthrough).
+    pub fn open_file(&self, fh: u64) -> Option<Arc<File>> {
+        self.lock().handles.get(&fh).map(|h| h.file.clone())
+    }
+
+    /// Records that the kernel now reads and writes this handle's file directly.
+    pub fn set_passthrough(&self, fh: u64) {
+        if let Some(h) = self.lock().handles.get_mut(&fh) {
+            h.passthrough = true;
+        }
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -539,6 +556,38 @@ impl State {
         let mut path = self.backing_path(ino)?;
         let name = path.pop().ok_or(Errno::EISDIR)?;
         Ok((join_path(&path), name))
+    }
+
+    /// For a file the kernel writes directly (passthrough), takes its size from the backing
+    /// file, and when the backing file changed since pershome last looked, its mtime too.
+    pub fn refresh_passthrough(&mut self, ino: Ino) {
+        let Some(file) = self
+            .handles
+            .values()
+            .find(|h| h.ino == ino && h.passthrough)
+            .map(|h| h.file.clone())
+        else {
+            return;
+        };
+        let Ok(stat) = Backing::fstat(&file) else {
+            return;
+        };
+        let Some(inode) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        let backing_mtime = Timespec {
+            sec: stat.mtime.0,
+            nsec: stat.mtime.1,
+        };
+        if inode.meta.backing_size != stat.size || inode.meta.backing_mtime != backing_mtime {
+            let t = now();
+            inode.size = stat.size;
+            inode.blocks = stat.size.div_ceil(512);
+            inode.meta.mtime = t;
+            inode.meta.ctime = t;
+            inode.note_backing(&stat);
+            self.dirty.insert(ino);
+        }
     }
 
     pub fn alloc_fh(&mut self) -> u64 {
