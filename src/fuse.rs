@@ -201,11 +201,11 @@ impl Adapter {
             .ids
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if !ids.contains_key(&ino) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = ids.entry(ino) {
             let file = self.fs.passthrough_file(ino).ok()?;
             match register(&file) {
                 Ok(id) => {
-                    ids.insert(ino, (id, 0));
+                    slot.insert((id, 0));
                 }
                 Err(e) => {
                     tracing::info!(
