@@ -663,3 +663,48 @@ fn the_umask_applies_unless_a_default_acl_replaces_it() {
     let g = lookup(&fs, &[b"shared", b"g"]);
     assert!(fs.getxattr(g.ino, b"system.posix_acl_access", 4096).is_ok());
 }
+
+/// A checkpoint holds the whole state: directories never visited in this mount (still only
+/// records), visited ones, hard links, the root's own mode, and names kept only in the store.
+#[test]
+fn a_checkpoint_holds_the_whole_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let deep = fs.mkdir(USER, ROOT, b"deep", 0o700).unwrap();
+    let deeper = fs.mkdir(USER, deep.ino, b"er", 0o711).unwrap();
+    create_file(&fs, deeper.ino, b"x", 0o604, b"x");
+    let visited = fs.mkdir(USER, ROOT, b"visited", 0o750).unwrap();
+    let a = create_file(&fs, visited.ino, b"a", 0o640, b"linked");
+    fs.link(a.ino, ROOT, b"b").unwrap();
+    create_file(&fs, visited.ino, b"Makefile", 0o644, b"M");
+    create_file(&fs, visited.ino, b"makefile", 0o600, b"m");
+    fs.setattr(
+        ROOT,
+        SetAttr {
+            mode: Some(0o700),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    let before = snapshot(&fs);
+    let fs = remount(fs, backing);
+    // Touch only `visited`: `deep` stays unloaded records in this mount.
+    lookup(&fs, &[b"visited", b"a"]);
+    fs.compact().unwrap();
+    create_file(&fs, ROOT, b"after", 0o600, b"later");
+    let fs = remount(fs, backing);
+    let mut after = snapshot(&fs);
+    after.remove(&vec![b"after".to_vec()]);
+    assert_same_tree(&before, &after, "after a checkpoint");
+    assert_eq!(fs.getattr(ROOT).unwrap().perm, 0o700);
+    let store: Vec<String> = std::fs::read_dir(backing.join(".pershome"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        store.iter().any(|n| n.starts_with("checkpoint.")),
+        "store holds {store:?}"
+    );
+    assert_fat_clean(backing);
+}

@@ -37,16 +37,27 @@ impl Fs {
             return Err(e);
         }
         if compact {
-            let st = self.lock();
-            let snapshot = self.snapshot(&st);
-            let mut journal = self.journal();
-            drop(st);
-            if let Some(Err(e)) = journal.as_mut().map(|j| j.checkpoint(&snapshot)) {
+            if let Err(e) = self.compact() {
                 // The journal still holds everything; compaction can wait.
                 tracing::warn!("compacting the metadata store failed: {e}");
             }
         }
         Ok(())
+    }
+
+    /// Writes the whole state as a new checkpoint generation and starts a fresh journal
+    /// (done automatically once the journal has grown; public for `fsck` and tests).
+    pub fn compact(&self) -> Result<()> {
+        self.commit()?;
+        let st = self.lock();
+        let snapshot = self.snapshot(&st);
+        let mut journal = self.journal();
+        drop(st);
+        let journal = journal.as_mut().ok_or(Errno::EROFS)?;
+        journal.checkpoint(&snapshot).map_err(|e| {
+            tracing::warn!("writing a checkpoint failed: {e}");
+            Errno::EIO
+        })
     }
 
     /// Commits while the caller holds the state lock (an operation that must be durable
