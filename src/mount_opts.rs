@@ -66,11 +66,6 @@ pub struct MountOptions {
 pub enum OptionError {
     #[error("unknown mount option `{0}` (see `pershomefs --help` for the options it knows)")]
     Unknown(String),
-    #[error(
-        "mount option `{0}` is refused: pershome always mounts nosuid,nodev because a USB stick \
-         is untrusted; remove `{0}` from the options"
-    )]
-    Forbidden(String),
     #[error("mount option `{0}` needs a value, as in `{0}=...`")]
     MissingValue(String),
     #[error("mount option `{0}` takes no value, but got `{1}`")]
@@ -278,7 +273,10 @@ fn apply_flag(
         | "default_permissions"
         | "nosuid"
         | "nodev" => {}
-        "suid" | "dev" => return Err(OptionError::Forbidden(key.to_owned())),
+        // mount.fuse3 adds `dev,suid` to every mount root makes (mount(8)'s defaults), so
+        // refusing them would break `mount -t fuse.pershomefs` and fstab. They are accepted
+        // and have no effect: the mount is always nosuid,nodev, because a stick is untrusted.
+        "suid" | "dev" => {}
         _ => return Err(OptionError::Unknown(key.to_owned())),
     }
     Ok(())
@@ -640,11 +638,15 @@ mod tests {
         }
     }
 
+    /// Regression: mount.fuse3 passes `dev,suid` for every root mount, and refusing them
+    /// made `mount -t fuse.pershomefs` fail. They are accepted and change nothing.
     #[test]
-    fn suid_and_dev_are_refused() {
-        assert_eq!(err(&["suid"]), OptionError::Forbidden("suid".into()));
-        assert_eq!(err(&["rw,dev"]), OptionError::Forbidden("dev".into()));
-        assert!(err(&["suid"]).to_string().contains("nosuid,nodev"));
+    fn suid_and_dev_from_mount_fuse3_are_accepted_and_ignored() {
+        assert_eq!(ok(&["rw,dev,suid,exec"]), ok(&["rw"]));
+        let config = ok(&["dev,suid"]).to_fuser_config("stick");
+        for wanted in [fuser::MountOption::NoSuid, fuser::MountOption::NoDev] {
+            assert!(config.mount_options.contains(&wanted), "{wanted:?} missing");
+        }
     }
 
     #[test]

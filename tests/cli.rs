@@ -570,12 +570,6 @@ fn refusals_leave_no_mount() -> TestResult {
             "`bogus`",
         ),
         (
-            "suid",
-            vec![p(&s.backing), p(&s.mnt), o("-o"), o("suid")],
-            1,
-            "nosuid,nodev",
-        ),
-        (
             "commit=0",
             vec![p(&s.backing), p(&s.mnt), o("-o"), o("commit=0")],
             1,

@@ -451,3 +451,48 @@ fn sizes_and_mtimes_follow_writes_the_kernel_makes_directly() {
     assert!(std::fs::read(&f).unwrap().ends_with(b"aaappended\n"));
     m.unmount();
 }
+
+/// `mount -t fuse` (what fstab and `mount -t fuse.pershomefs` use, through mount.fuse3, which
+/// adds `dev,suid` for root): the mount comes up nosuid,nodev anyway, and `umount` ends it.
+#[test]
+fn mount_8_and_mount_fuse3_work() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    // The helper is named by absolute path, since mount(8) runs it with a fixed PATH.
+    let source = format!(
+        "{}#{}",
+        env!("CARGO_BIN_EXE_pershomefs"),
+        s.backing.display()
+    );
+    let out = Command::new("mount")
+        .args(["-t", "fuse", "-o", "commit=3,noatime"])
+        .arg(&source)
+        .arg(&s.mnt)
+        .output()
+        .expect("run mount");
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let guard = Mount {
+        mountpoint: s.mnt.clone(),
+    };
+    let line = mounted(&s.mnt).expect("mounted");
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(fields[2], "fuse.pershomefs", "{line}");
+    for opt in ["nosuid", "nodev", "noatime"] {
+        assert!(
+            fields[3].split(',').any(|o| o == opt),
+            "{opt} missing in {line}"
+        );
+    }
+    std::fs::write(s.mnt.join("f"), b"x").unwrap();
+    let status = Command::new("umount").arg(&s.mnt).status().unwrap();
+    assert!(status.success());
+    std::mem::forget(guard);
+    wait_until("umount finished", || mounted(&s.mnt).is_none());
+    assert_eq!(std::fs::read(s.backing.join("f")).unwrap(), b"x");
+}

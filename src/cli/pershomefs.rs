@@ -64,8 +64,8 @@ Mount options (-o, comma-separated, may be repeated; escape a comma in a value a
   defaults, auto, noauto, user, users, nouser, _netdev, nofail, x-*, comment=,
   default_permissions, nosuid, nodev
                      accepted and ignored (fstab bookkeeping, or always on)
-  suid, dev          refused: a stick is untrusted, so pershome always mounts
-                     nosuid,nodev
+  suid, dev          accepted (mount.fuse3 adds them for root) but ignored: a stick
+                     is untrusted, so pershome always mounts nosuid,nodev
 
 Environment:
   PERSHOME_LOG       log filter, e.g. debug or pershome=trace (default: info)
