@@ -243,6 +243,20 @@ impl Inode {
         }
     }
 
+    /// The inode's name `from` (directory, name) is now `to`.
+    pub fn move_name(&mut self, from: (Ino, &[u8]), to: (Ino, &[u8])) {
+        if self.link_id.is_some() {
+            for d in self.dentries.iter_mut() {
+                if d.0 == from.0 && d.1 == from.1 {
+                    *d = (to.0, to.1.to_vec());
+                }
+            }
+        } else {
+            self.parent = to.0;
+            self.name = to.1.to_vec();
+        }
+    }
+
     /// Records the backing file's size and mtime after pershome changed it (see
     /// `Meta::backing_size`).
     pub fn note_backing(&mut self, stat: &crate::backing::BackingStat) {

@@ -705,16 +705,7 @@ impl Fs {
         }
         let inode = st.inode_mut(src.ino)?;
         inode.meta.ctime = t;
-        if inode.link_id.is_some() {
-            for d in inode.dentries.iter_mut() {
-                if d.0 == parent && d.1 == name {
-                    *d = (newparent, newname.to_vec());
-                }
-            }
-        } else {
-            inode.parent = newparent;
-            inode.name = newname.to_vec();
-        }
+        inode.move_name((parent, name), (newparent, newname));
         st.mark_dirty(src.ino);
         st.mark_dirty(parent);
         st.mark_dirty(newparent);
@@ -795,16 +786,7 @@ impl Fs {
         ] {
             let inode = st.inode_mut(ino)?;
             inode.meta.ctime = t;
-            if inode.link_id.is_some() {
-                for d in inode.dentries.iter_mut() {
-                    if d.0 == from_dir && d.1 == from_name {
-                        *d = (to_dir, to_name.to_vec());
-                    }
-                }
-            } else {
-                inode.parent = to_dir;
-                inode.name = to_name.to_vec();
-            }
+            inode.move_name((from_dir, from_name), (to_dir, to_name));
             st.mark_dirty(ino);
         }
         st.mark_dirty(parent);
