@@ -280,6 +280,56 @@ fn is_well_formed_hashed(backing: &[u8]) -> bool {
         && fatrules::check_name(backing).is_ok()
 }
 
+/// POSIX names that break FAT's rules in every way the design names: each forbidden and control
+/// character, trailing dots and spaces, reserved device names, names differing only in case,
+/// 255-byte names, invalid UTF-8, and literal private-use characters. For tests and the demo.
+pub fn hostile_examples() -> Vec<Vec<u8>> {
+    let mut names: Vec<Vec<u8>> = [
+        "Makefile",
+        "makefile",
+        "MAKEFILE",
+        "a.",
+        "a",
+        "a..",
+        "a ",
+        "a. .",
+        "CON",
+        "con.txt",
+        "nul",
+        "COM1",
+        "LPT¹.doc",
+        "aux.tar.gz",
+        "q:?",
+        "star*",
+        "<angle>",
+        "pipe|",
+        "quote\"",
+        "back\\slash",
+        "tab\tname",
+        "new\nline",
+        " leading space",
+        "...",
+        "report.odt",
+        "été",
+        "ÉTÉ",
+        "😀 emoji",
+        "\u{F041}pua",
+        "\u{F000}",
+        "trailing dot.",
+        "CONIN$",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    names.push(vec![0xff, b'a', 0x80]);
+    names.push(vec![b'x'; 255]);
+    names.push("é".repeat(127).into_bytes());
+    names.push(vec![b'.'; 255]);
+    names.push(vec![0xfe; 255]);
+    names.push((1u8..32).collect());
+    names
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -181,50 +181,7 @@ fn assert_same_tree(
 }
 
 fn hostile_names() -> Vec<Vec<u8>> {
-    let mut names: Vec<Vec<u8>> = [
-        "Makefile",
-        "makefile",
-        "MAKEFILE",
-        "a.",
-        "a",
-        "a..",
-        "a ",
-        "a. .",
-        "CON",
-        "con.txt",
-        "nul",
-        "COM1",
-        "LPT¹.doc",
-        "aux.tar.gz",
-        "q:?",
-        "star*",
-        "<angle>",
-        "pipe|",
-        "quote\"",
-        "back\\slash",
-        "tab\tname",
-        "new\nline",
-        " leading space",
-        "...",
-        "report.odt",
-        "été",
-        "ÉTÉ",
-        "😀 emoji",
-        "\u{F041}pua",
-        "\u{F000}",
-        "trailing dot.",
-        "CONIN$",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect();
-    names.push(vec![0xff, b'a', 0x80]);
-    names.push(vec![b'x'; 255]);
-    names.push("é".repeat(127).into_bytes());
-    names.push(vec![b'.'; 255]);
-    names.push(vec![0xfe; 255]);
-    names.push((1u8..32).collect());
-    names
+    pershome::names::hostile_examples()
 }
 
 #[test]

@@ -264,6 +264,11 @@ fn a_home_survives_unmount_and_remount_through_the_kernel() {
         (1_600_000_000, 123_456_789),
     );
     std::os::unix::fs::chown(project.join("a"), Some(4321), Some(8765)).unwrap();
+    let hostile = home.join("hostile");
+    std::fs::create_dir(&hostile).unwrap();
+    for (i, name) in pershome::names::hostile_examples().into_iter().enumerate() {
+        std::fs::write(hostile.join(OsStr::from_bytes(&name)), format!("file {i}")).unwrap();
+    }
     let before = describe(home);
     m.unmount();
     assert_fat_clean(&s.backing);
