@@ -476,4 +476,27 @@ mod tests {
             "expected 25 MiB/s at 0.25x raw, got {write:?}"
         );
     }
+
+    #[test]
+    fn table_header_names_the_backing_filesystem() {
+        for (backing_fs, want) in [
+            (BackingFs::Ext4, "fresh ext4 loop filesystem"),
+            (BackingFs::Tmpfs, "fresh tmpfs"),
+        ] {
+            let options = Options {
+                files: 10,
+                dirs: 2,
+                big_mib: 100,
+                quick: false,
+                fs: vec![],
+                backing_fs,
+            };
+            let table = format_table(&options, &[Fs::Raw], &BTreeMap::new(), 3);
+            let header = table.lines().next().unwrap_or("");
+            assert!(
+                header.contains(want) && header.contains("best of 3"),
+                "expected a header naming {want:?} and \"best of 3\", got {header:?}"
+            );
+        }
+    }
 }

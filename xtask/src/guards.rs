@@ -1,6 +1,7 @@
 //! RAII guards for everything a test run creates outside its own process: temporary
-//! directories, loop devices and FUSE mounts (with the daemons that serve them), plus a sweep
-//! that removes what a killed earlier run left behind.
+//! directories, loop devices, FUSE mounts (with the daemons that serve them) and the
+//! benchmark's kernel mounts (ext4, tmpfs), plus a sweep that removes what a killed earlier
+//! run left behind.
 //!
 //! This module owns the rule "no mount, daemon or loop device outlives a run": every resource
 //! is released by `Drop`, on success, on error and after Ctrl-C. It never removes a directory
