@@ -1,10 +1,18 @@
 //! `cargo xtask bench`: time the same workloads on the raw backing directory, on pershomefs over
-//! a directory and on posixovl over a directory, in one run on the same disk, and print
-//! seconds per workload plus ratios to raw.
+//! a directory and on posixovl over a directory, in one run, and print seconds per workload
+//! plus ratios to raw.
 //!
-//! This module owns the workload definitions and the deterministic test tarball. It never
-//! asserts anything about the numbers: the machines are shared and noisy, so timings are
-//! reported, never judged. Cold runs drop the kernel caches and remount FUSE filesystems.
+//! This module owns the workload definitions, the deterministic test tarball and the fresh
+//! filesystem every cell runs on. It never asserts anything about the numbers: the machines
+//! are shared and noisy, so timings are reported, never judged. Cold runs drop the kernel
+//! caches and remount FUSE filesystems.
+//!
+//! Why a fresh filesystem per cell: on a long-lived ext4 (the VM's disk), inode allocation is
+//! very slow for a while after a large `rm -rf` (the kernel spends its time in
+//! `recently_deleted`/`find_inode_bit`), so a cell's time depended on what ran before it (raw
+//! `tar x` took 0.2 s in one cell and 3.9–6.9 s in another, minutes apart). Each filesystem in
+//! each repetition therefore gets its own new ext4 on a loop device (or its own tmpfs, which
+//! takes the disk out of the picture and leaves only the FUSE overhead).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,9 +24,29 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::guards::TempDir;
-use crate::target::{pershomefs_binary, Backing, BackingKind, Fs, Target};
+use crate::guards::{LoopDev, Mount, TempDir};
+use crate::target::{pershomefs_binary, Fs, Target};
 use crate::util;
+
+/// What every cell's backing directory (or raw directory) lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackingFs {
+    /// A new ext4 per cell: a sparse image under /var/tmp, attached to a loop device with
+    /// direct I/O, mounted.
+    Ext4,
+    /// A new tmpfs per cell: no disk at all, so the differences are the FUSE overhead.
+    Tmpfs,
+}
+
+impl BackingFs {
+    /// How the table header describes it.
+    fn describe(self) -> &'static str {
+        match self {
+            BackingFs::Ext4 => "each cell on a fresh ext4 loop filesystem (sparse image on /var/tmp, loop direct I/O)",
+            BackingFs::Tmpfs => "each cell on a fresh tmpfs (no disk: FUSE overhead only)",
+        }
+    }
+}
 
 pub struct Options {
     pub files: u32,
@@ -26,6 +54,74 @@ pub struct Options {
     pub big_mib: u32,
     pub quick: bool,
     pub fs: Vec<Fs>,
+    pub backing_fs: BackingFs,
+}
+
+/// The fresh filesystem one cell runs on, mounted on `<scratch>/e`. Field order is drop order:
+/// the mount goes before the loop device it lives on.
+struct CellFs {
+    root: PathBuf,
+    mount: Option<Mount>,
+    _loop: Option<LoopDev>,
+}
+
+impl CellFs {
+    fn create(kind: BackingFs, scratch: &TempDir, options: &Options) -> Result<CellFs> {
+        let root = scratch.path().join("e");
+        std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
+        // The tree (about 40 MiB of data in 4 KiB blocks), the big file, and slack for the
+        // journal, metadata and whatever the filesystem under test stores beside the data.
+        let size_mib = u64::from(options.big_mib) + 2048;
+        match kind {
+            BackingFs::Ext4 => {
+                let image = scratch.path().join("ext4.img");
+                let file = File::create(&image)
+                    .with_context(|| format!("creating {}", image.display()))?;
+                file.set_len(size_mib << 20)
+                    .with_context(|| format!("sizing {} to {size_mib} MiB", image.display()))?;
+                drop(file);
+                // Inode tables and journal are initialised now, not by the kernel's lazyinit
+                // thread in the background while the workloads run. (On a sparse image mkfs
+                // punches holes instead of writing zeros, so this costs nothing.)
+                let mut mkfs = Command::new("mkfs.ext4");
+                mkfs.args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+                    .arg(&image)
+                    .stdout(Stdio::null());
+                util::run_checked(mkfs, "mkfs.ext4")?;
+                let loop_dev = LoopDev::attach_with(&image, true)?;
+                let mut mount = Command::new("mount");
+                mount.args(["-t", "ext4"]).arg(loop_dev.device()).arg(&root);
+                let mount = Mount::start_kernel("ext4", mount, &root)?;
+                Ok(CellFs {
+                    root,
+                    mount: Some(mount),
+                    _loop: Some(loop_dev),
+                })
+            }
+            BackingFs::Tmpfs => {
+                let mut mount = Command::new("mount");
+                mount
+                    .args(["-t", "tmpfs", "-o"])
+                    .arg(format!("size={size_mib}m,mode=0755"))
+                    .arg("tmpfs")
+                    .arg(&root);
+                let mount = Mount::start_kernel("tmpfs", mount, &root)?;
+                Ok(CellFs {
+                    root,
+                    mount: Some(mount),
+                    _loop: None,
+                })
+            }
+        }
+    }
+
+    /// Unmount and detach, reporting failures (drop only warns).
+    fn release(mut self) -> Result<()> {
+        if let Some(mount) = self.mount.take() {
+            mount.unmount()?;
+        }
+        Ok(())
+    }
 }
 
 /// The workloads in the order they run (each depends on the previous ones' files).
@@ -222,6 +318,10 @@ pub fn run(options: &Options) -> Result<()> {
     };
     let tar = tarball(options)?;
     let reps = if options.quick { 1 } else { 3 };
+    eprintln!(
+        "bench: backing filesystem: {}",
+        options.backing_fs.describe()
+    );
     // best[(fs index, workload)] = fastest time seen.
     let mut best: BTreeMap<(usize, Workload), Duration> = BTreeMap::new();
     for rep in 1..=reps {
@@ -229,18 +329,20 @@ pub fn run(options: &Options) -> Result<()> {
         // spreads over all of them instead of favouring one.
         for (index, &fs) in filesystems.iter().enumerate() {
             util::banner(&format!("bench run {rep}/{reps}: {}", fs.name()));
+            // Declaration order is the reverse of drop order: on an error the FUSE mount
+            // goes first, then the cell filesystem (and its loop device), then the directory.
             let scratch = TempDir::new(&format!("bench-{}", fs.name()))?;
-            let backing = Backing::create(BackingKind::Dir, &scratch)?;
-            let mut target = Target::mount(
-                fs,
-                backing.dir(),
-                &scratch.path().join("m"),
-                &[],
-                bin.as_deref(),
-            )?;
+            let cell = CellFs::create(options.backing_fs, &scratch, options)?;
+            let backing = cell.root.join("b");
+            std::fs::create_dir(&backing)
+                .with_context(|| format!("creating {}", backing.display()))?;
+            let mut target =
+                Target::mount(fs, &backing, &scratch.path().join("m"), &[], bin.as_deref())?;
+            // Every cell starts with the same empty caches, whatever the previous cell left.
+            util::drop_caches()?;
             let times = run_workloads(&mut target, &tar, options)?;
             target.unmount()?;
-            drop(backing);
+            cell.release()?;
             drop(scratch);
             for (workload, elapsed) in times {
                 eprintln!(
@@ -270,7 +372,7 @@ fn format_table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "bench: {} files in {} dirs, {} MiB file; {} per cell; same disk (/var/tmp)",
+        "bench: {} files in {} dirs, {} MiB file; {} per cell; {}",
         options.files,
         options.dirs,
         options.big_mib,
@@ -278,7 +380,8 @@ fn format_table(
             "one run".to_owned()
         } else {
             format!("best of {reps}")
-        }
+        },
+        options.backing_fs.describe()
     );
     let _ = write!(out, "{:<24}", "workload");
     for fs in filesystems {
@@ -354,6 +457,7 @@ mod tests {
             big_mib: 100,
             quick: true,
             fs: vec![],
+            backing_fs: BackingFs::Ext4,
         };
         let mut best = BTreeMap::new();
         for workload in WORKLOADS {
@@ -371,5 +475,28 @@ mod tests {
             write.contains("25MiB/s 0.25x"),
             "expected 25 MiB/s at 0.25x raw, got {write:?}"
         );
+    }
+
+    #[test]
+    fn table_header_names_the_backing_filesystem() {
+        for (backing_fs, want) in [
+            (BackingFs::Ext4, "fresh ext4 loop filesystem"),
+            (BackingFs::Tmpfs, "fresh tmpfs"),
+        ] {
+            let options = Options {
+                files: 10,
+                dirs: 2,
+                big_mib: 100,
+                quick: false,
+                fs: vec![],
+                backing_fs,
+            };
+            let table = format_table(&options, &[Fs::Raw], &BTreeMap::new(), 3);
+            let header = table.lines().next().unwrap_or("");
+            assert!(
+                header.contains(want) && header.contains("best of 3"),
+                "expected a header naming {want:?} and \"best of 3\", got {header:?}"
+            );
+        }
     }
 }

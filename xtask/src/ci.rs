@@ -62,6 +62,7 @@ pub fn run(sh: &Shell) -> Result<()> {
         big_mib: 128,
         quick: true,
         fs: vec![Fs::Raw, Fs::Pershomefs, Fs::Posixovl],
+        backing_fs: bench::BackingFs::Ext4,
     };
     if let Err(e) = bench::run(&quick) {
         // Informational only: a broken benchmark is reported, it does not fail CI.

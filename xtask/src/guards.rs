@@ -1,6 +1,7 @@
 //! RAII guards for everything a test run creates outside its own process: temporary
-//! directories, loop devices and FUSE mounts (with the daemons that serve them), plus a sweep
-//! that removes what a killed earlier run left behind.
+//! directories, loop devices, FUSE mounts (with the daemons that serve them) and the
+//! benchmark's kernel mounts (ext4, tmpfs), plus a sweep that removes what a killed earlier
+//! run left behind.
 //!
 //! This module owns the rule "no mount, daemon or loop device outlives a run": every resource
 //! is released by `Drop`, on success, on error and after Ctrl-C. It never removes a directory
@@ -20,7 +21,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::util::wait_until;
 
 /// Every directory the harness creates lives below this, so a sweep can find leftovers. It is
-/// on the normal disk (not tmpfs), which the benchmark relies on. Paths are kept short on
+/// on the normal disk (not tmpfs): the exFAT images and the benchmark's ext4 images (several
+/// GiB, sparse) live here and must not eat RAM. Paths are kept short on
 /// purpose: a unix socket's path must fit in 108 bytes, and pjdfstest binds sockets a few
 /// directories deep below the mountpoint (longer run paths made 39 socket tests fail with
 /// ENAMETOOLONG even on plain ext4).
@@ -235,15 +237,22 @@ pub struct LoopDev {
 
 impl LoopDev {
     pub fn attach(image: &Path) -> Result<LoopDev> {
-        let output = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(image)
-            .output()
-            .context("running losetup")?;
+        LoopDev::attach_with(image, false)
+    }
+
+    /// Like `attach`; with `direct_io` the loop driver reads and writes the image with
+    /// O_DIRECT, so its data is not cached a second time in the page cache of the file the
+    /// image lives on (the benchmark wants the loop device to behave like a disk).
+    pub fn attach_with(image: &Path, direct_io: bool) -> Result<LoopDev> {
+        let mut command = Command::new("losetup");
+        command.args(["-f", "--show"]);
+        if direct_io {
+            command.arg("--direct-io=on");
+        }
+        let output = command.arg(image).output().context("running losetup")?;
         if !output.status.success() {
             bail!(
-                "losetup -f --show {} failed: {}",
-                image.display(),
+                "{command:?} failed: {}",
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
@@ -273,8 +282,9 @@ impl Drop for LoopDev {
     }
 }
 
-/// A FUSE mount and the daemon processes serving it. Unmounted on drop; `unmount` does the same
-/// and reports failures. Unmounting waits for the daemon to exit, because a daemon may still
+/// A mount: a FUSE mount and the daemon processes serving it, or a kernel filesystem (the
+/// benchmark's fresh ext4 and tmpfs). Unmounted on drop; `unmount` does the same and reports
+/// failures. Unmounting a FUSE mount waits for the daemon to exit, because a daemon may still
 /// be writing its metadata after the kernel let go of the mountpoint, and a remount before it
 /// is done would read stale state.
 pub struct Mount {
@@ -282,6 +292,9 @@ pub struct Mount {
     what: String,
     daemons: Vec<Proc>,
     mounted: bool,
+    /// FUSE mounts are unmounted with fusermount3 (falling back to umount), kernel ones
+    /// with umount only.
+    fuse: bool,
 }
 
 /// How long a mount may take to appear after its command returned (pershomefs, posixovl and
@@ -293,7 +306,22 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 impl Mount {
     /// Run `command` (which must mount `mountpoint` and return, leaving a daemon behind),
     /// wait until the mount is visible and remember the daemons.
-    pub fn start(what: &str, mut command: Command, mountpoint: &Path) -> Result<Mount> {
+    pub fn start(what: &str, command: Command, mountpoint: &Path) -> Result<Mount> {
+        Mount::start_inner(what, command, mountpoint, true)
+    }
+
+    /// Run `command` (a `mount -t ext4|tmpfs ...`), wait until the mount is visible. The
+    /// guard unmounts it with umount.
+    pub fn start_kernel(what: &str, command: Command, mountpoint: &Path) -> Result<Mount> {
+        Mount::start_inner(what, command, mountpoint, false)
+    }
+
+    fn start_inner(
+        what: &str,
+        mut command: Command,
+        mountpoint: &Path,
+        fuse: bool,
+    ) -> Result<Mount> {
         crate::util::check_interrupted()?;
         let output = command
             .output()
@@ -305,6 +333,7 @@ impl Mount {
             what: what.to_owned(),
             daemons: Vec::new(),
             mounted: true,
+            fuse,
         };
         if !output.status.success() {
             guard.daemons = processes_with_arg(mountpoint);
@@ -324,12 +353,14 @@ impl Mount {
     }
 
     /// Take charge of a mount someone else made (a previous demo, a stale run).
+    /// `what` is the mount's fstype; `fuse*` types are unmounted the FUSE way.
     pub fn adopt(what: &str, mountpoint: &Path, daemons: Vec<Proc>) -> Mount {
         Mount {
             mountpoint: mountpoint.to_path_buf(),
             what: what.to_owned(),
             daemons,
             mounted: true,
+            fuse: what.starts_with("fuse"),
         }
     }
 
@@ -354,13 +385,14 @@ impl Mount {
             // A just-closed file can keep the mount busy for a moment: retry, then be lazy.
             let mut done = false;
             for _ in 0..50 {
-                let ok = Command::new("fusermount3")
-                    .arg("-u")
-                    .arg(&mnt)
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false)
+                let ok = (self.fuse
+                    && Command::new("fusermount3")
+                        .arg("-u")
+                        .arg(&mnt)
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .map(|s| s.success())
+                        .unwrap_or(false))
                     || Command::new("umount")
                         .arg(&mnt)
                         .stderr(std::process::Stdio::null())

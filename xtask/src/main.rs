@@ -58,7 +58,7 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "dir")]
         backing: BackingKind,
     },
-    /// Time raw, pershomefs and posixovl side by side on the same disk (as root).
+    /// Time raw, pershomefs and posixovl side by side, each on a fresh filesystem (as root).
     Bench {
         #[arg(long, default_value_t = 10_000)]
         files: u32,
@@ -77,6 +77,10 @@ enum Cmd {
             default_value = "raw,pershomefs,posixovl"
         )]
         fs: Vec<Fs>,
+        /// What each cell (one filesystem in one repetition) runs on: a fresh ext4 on a loop
+        /// device, or a fresh tmpfs (takes the disk out, leaves the FUSE overhead).
+        #[arg(long, value_enum, default_value = "ext4")]
+        backing_fs: bench::BackingFs,
     },
     /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, a short bench.
     Ci,
@@ -122,12 +126,14 @@ fn run() -> Result<()> {
             big_mib,
             quick,
             fs,
+            backing_fs,
         } => bench::run(&bench::Options {
             files,
             dirs,
             big_mib,
             quick,
             fs,
+            backing_fs,
         }),
         Cmd::Ci => ci::run(&sh),
     }
