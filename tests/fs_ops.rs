@@ -665,3 +665,80 @@ fn a_checkpoint_holds_the_whole_state() {
     );
     assert_fat_clean(backing);
 }
+
+/// Stick metadata is attacker-controlled: records that contradict the backing tree are
+/// overruled by what the backing really holds, and nothing panics.
+#[test]
+fn records_that_contradict_the_backing_are_overruled() {
+    use pershome::meta::journal::{Journal, OpenMode};
+    use pershome::meta::{Meta, Record};
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    std::fs::write(backing.join("file"), b"data").unwrap();
+    std::fs::create_dir(backing.join("dir")).unwrap();
+    std::fs::write(backing.join("linked"), b"content").unwrap();
+    {
+        let root = std::fs::File::open(backing).unwrap();
+        let (mut journal, _) = Journal::open(root.as_fd(), OpenMode::ReadWrite).unwrap();
+        let p = |s: &str| vec![s.as_bytes().to_vec()];
+        journal
+            .append(&[
+                Record::Put {
+                    path: p("file"),
+                    meta: Meta {
+                        mode: libc::S_IFDIR | 0o755,
+                        ..Meta::default()
+                    },
+                },
+                Record::Put {
+                    path: p("dir"),
+                    meta: Meta {
+                        mode: libc::S_IFREG | 0o644,
+                        ..Meta::default()
+                    },
+                },
+                Record::Put {
+                    path: p("linked"),
+                    meta: Meta {
+                        mode: libc::S_IFREG,
+                        link: Some(7),
+                        ..Meta::default()
+                    },
+                },
+                Record::PutInode {
+                    id: 7,
+                    meta: Meta {
+                        mode: libc::S_IFDIR | 0o777,
+                        nlink: 2,
+                        ..Meta::default()
+                    },
+                },
+                Record::Put {
+                    path: p("ghost"),
+                    meta: Meta {
+                        mode: libc::S_IFREG | 0o4755,
+                        uid: 0,
+                        ..Meta::default()
+                    },
+                },
+            ])
+            .unwrap();
+    }
+    let fs = open(backing);
+    assert_eq!(lookup(&fs, &[b"file"]).kind, Kind::File);
+    assert_eq!(read_all(&fs, lookup(&fs, &[b"file"]).ino), b"data");
+    assert_eq!(lookup(&fs, &[b"dir"]).kind, Kind::Dir);
+    let linked = lookup(&fs, &[b"linked"]);
+    assert_eq!(
+        linked.kind,
+        Kind::File,
+        "a link record whose content file is missing"
+    );
+    assert_eq!(read_all(&fs, linked.ino), b"content");
+    assert_eq!(
+        fs.lookup(ROOT, b"ghost").err(),
+        Some(Errno::ENOENT),
+        "a record without a backing entry"
+    );
+}

@@ -123,6 +123,15 @@ fn valid_meta_kind(meta: &Meta) -> Option<Kind> {
     Kind::from_mode(meta.mode)
 }
 
+/// The kind a record gives a backing *file*: a store that claims a directory there is wrong
+/// (stick metadata is untrusted), and the file is shown as what it is.
+fn non_dir_kind(meta: &Meta) -> Kind {
+    match valid_meta_kind(meta) {
+        Some(Kind::Dir) | None => Kind::File,
+        Some(k) => k,
+    }
+}
+
 impl Fs {
     /// Makes sure a directory's children are known, listing its backing directory once.
     pub(crate) fn ensure_loaded(&self, st: &mut State, ino: Ino) -> Result<()> {
@@ -257,8 +266,7 @@ impl Fs {
                             link_id = Some(id);
                             size = cstat.size;
                             blocks = cstat.blocks;
-                            let kind = valid_meta_kind(&link_meta).unwrap_or(Kind::File);
-                            (kind, link_meta)
+                            (non_dir_kind(&link_meta), link_meta)
                         }
                         (link_meta, _) => {
                             // The link's content file is gone (a crash while a link was made
@@ -268,7 +276,7 @@ impl Fs {
                             match link_meta {
                                 Some(mut lm) => {
                                     lm.nlink = 0;
-                                    (valid_meta_kind(&lm).unwrap_or(Kind::File), lm)
+                                    (non_dir_kind(&lm), lm)
                                 }
                                 None => (Kind::File, default_meta(Kind::File, stat, opts)),
                             }
@@ -276,7 +284,7 @@ impl Fs {
                     }
                 }
                 Some(mut m) => {
-                    let kind = valid_meta_kind(&m).unwrap_or(Kind::File);
+                    let kind = non_dir_kind(&m);
                     if kind == Kind::File
                         && (m.backing_size != stat.size || m.backing_mtime != ts(stat.mtime))
                     {
