@@ -501,3 +501,52 @@ fn mount_8_and_mount_fuse3_work() {
     wait_until("umount finished", || mounted(&s.mnt).is_none());
     assert_eq!(std::fs::read(s.backing.join("f")).unwrap(), b"x");
 }
+
+/// Writing, truncating or chowning a setuid/setgid file clears those bits exactly as on ext4,
+/// also when the kernel writes the file directly (passthrough). The kernel does it, sending
+/// the mode change, because pershome does not claim FUSE_HANDLE_KILLPRIV.
+#[test]
+fn setuid_bits_are_cleared_as_on_ext4() {
+    if !can_mount() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let s = scratch();
+    let m = Mount::new(&s.backing, &s.mnt, "allow_other");
+    std::fs::set_permissions(&s.mnt, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The scratch directory's parents must let `nobody` through to the mount.
+    let mut p = s.mnt.parent();
+    while let Some(dir) = p.filter(|d| d.starts_with("/var/tmp/") && *d != Path::new("/var/tmp")) {
+        let mode = std::fs::metadata(dir).unwrap().mode();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o711)).unwrap();
+        p = dir.parent();
+    }
+    for name in ["written", "truncated", "chowned"] {
+        let f = s.mnt.join(name);
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o6777)).unwrap();
+    }
+    let as_nobody = |script: &str| {
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&s.mnt)
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(status.success(), "as nobody: {script}");
+    };
+    as_nobody("echo more >> written");
+    as_nobody("truncate -s 1 truncated");
+    std::os::unix::fs::chown(s.mnt.join("chowned"), Some(65534), None).unwrap();
+    let mode = |n: &str| std::fs::metadata(s.mnt.join(n)).unwrap().mode() & 0o7777;
+    assert_eq!(
+        mode("written"),
+        0o777,
+        "a write by another user clears setuid and setgid"
+    );
+    assert_eq!(mode("truncated"), 0o777, "so does a truncate");
+    assert_eq!(mode("chowned"), 0o777, "and a chown");
+    m.unmount();
+}
