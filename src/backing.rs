@@ -54,6 +54,8 @@ pub struct BackingEntry {
 pub struct DataStats {
     pub bytes: AtomicU64,
     pub writes: AtomicU64,
+    /// Directory listings made: reconciliation is lazy, so this stays small at mount.
+    pub listings: AtomicU64,
 }
 
 /// The backing directory, held open by fd for the lifetime of the mount.
@@ -168,6 +170,7 @@ impl Backing {
 
     /// Lists a directory: every entry but `.` and `..`, with its `stat` (no symlink followed).
     pub fn list(&self, dir: BorrowedFd<'_>) -> io::Result<Vec<BackingEntry>> {
+        self.stats.listings.fetch_add(1, Ordering::Relaxed);
         // fdopendir takes ownership of the fd it is given, so hand it a duplicate.
         let dup = dir.try_clone_to_owned()?;
         let raw = dup.as_raw_fd();

@@ -742,3 +742,27 @@ fn records_that_contradict_the_backing_are_overruled() {
         "a record without a backing entry"
     );
 }
+
+/// Mounting does not walk the stick: only the directories on the way to what is used are
+/// listed, however many files the stick holds.
+#[test]
+fn mounting_a_big_stick_lists_only_what_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    for d in 0..100 {
+        let sub = backing.join(format!("dir{d:03}"));
+        std::fs::create_dir(&sub).unwrap();
+        for f in 0..100 {
+            std::fs::write(sub.join(format!("f{f:03}")), b"").unwrap();
+        }
+    }
+    let fs = open(backing);
+    assert_eq!(fs.directories_listed(), 0, "opening lists nothing");
+    let f = lookup(&fs, &[b"dir042", b"f007"]);
+    assert_eq!(f.kind, Kind::File);
+    assert_eq!(
+        fs.directories_listed(),
+        2,
+        "the root and dir042 only, of 101 directories"
+    );
+}

@@ -480,6 +480,14 @@ impl Fs {
         st.maybe_drop(ino);
     }
 
+    /// How many backing directories have been listed since the mount.
+    pub fn directories_listed(&self) -> u64 {
+        self.backing
+            .stats
+            .listings
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Backing statistics for the flash-wear figures: (data bytes, data writes, metadata
     /// bytes, metadata writes).
     pub fn write_stats(&self) -> (u64, u64, u64, u64) {
