@@ -375,6 +375,16 @@ impl Fs {
                     source,
                 })?;
         let mut replayed = recovered.replayed;
+        let mut warnings = recovered.warnings;
+        if replayed.refused > 0 {
+            let w = format!(
+                "the metadata store holds more entries than pershome accepts ({} records \
+                 ignored); the stick may have been tampered with: run `pershome fsck`",
+                replayed.refused
+            );
+            tracing::warn!("{w}");
+            warnings.push(w);
+        }
         let root_record = replayed.root.meta.take();
         let tree = std::mem::take(&mut replayed.root);
         let persisted = root_record.is_some();
@@ -415,7 +425,7 @@ impl Fs {
             handles: HashMap::new(),
             dir_handles: HashMap::new(),
             next_fh: 1,
-            warnings: recovered.warnings,
+            warnings,
         };
         Ok(Fs {
             backing,

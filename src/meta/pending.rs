@@ -17,20 +17,46 @@ pub struct PendingTree {
     pub children: HashMap<Vec<u8>, PendingTree>,
 }
 
+/// How many tree nodes and inode-table entries a replay may create. A node costs over a
+/// hundred bytes of memory but as little as two bytes of store, so without a bound a hostile
+/// store of a few hundred MiB could exhaust memory. Four million is far above any home
+/// (a store for 100,000 files creates about 100,000).
+pub const MAX_NODES: usize = 4_000_000;
+
 /// Everything a replay yields: the path tree and the hard-link inode table.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replayed {
     pub root: PendingTree,
     pub inodes: HashMap<u64, Meta>,
+    /// Nodes this replay may still create (see `MAX_NODES`).
+    pub budget: usize,
+    /// Records not applied because the budget ran out; the store is then not trustworthy.
+    pub refused: u64,
+}
+
+impl Default for Replayed {
+    fn default() -> Replayed {
+        Replayed {
+            root: PendingTree::default(),
+            inodes: HashMap::new(),
+            budget: MAX_NODES,
+            refused: 0,
+        }
+    }
 }
 
 impl PendingTree {
-    fn node_mut(&mut self, path: &[Vec<u8>]) -> &mut PendingTree {
+    /// The node at `path`, created with its parents if missing, each creation paid from
+    /// `budget`; `None` when the budget does not cover the path.
+    fn node_mut(&mut self, path: &[Vec<u8>], budget: &mut usize) -> Option<&mut PendingTree> {
         let mut node = self;
         for component in path {
+            if !node.children.contains_key(component) {
+                *budget = budget.checked_sub(1)?;
+            }
             node = node.children.entry(component.clone()).or_default();
         }
-        node
+        Some(node)
     }
 
     fn take(&mut self, path: &[Vec<u8>]) -> Option<PendingTree> {
@@ -42,11 +68,18 @@ impl PendingTree {
         node.children.remove(last)
     }
 
-    fn put_subtree(&mut self, path: &[Vec<u8>], subtree: Option<PendingTree>) {
+    fn put_subtree(
+        &mut self,
+        path: &[Vec<u8>],
+        subtree: Option<PendingTree>,
+        budget: &mut usize,
+    ) -> bool {
         let Some((last, parents)) = path.split_last() else {
-            return;
+            return true;
         };
-        let parent = self.node_mut(parents);
+        let Some(parent) = self.node_mut(parents, budget) else {
+            return false;
+        };
         match subtree {
             Some(subtree) => {
                 parent.children.insert(last.clone(), subtree);
@@ -55,6 +88,7 @@ impl PendingTree {
                 parent.children.remove(last);
             }
         }
+        true
     }
 
     /// Appends a record for every node that carries metadata, parents before children, with
@@ -86,7 +120,10 @@ impl Replayed {
     pub fn apply(&mut self, record: Record) {
         match record {
             // An empty path is the backing root itself (the home directory's own mode).
-            Record::Put { path, meta } => self.root.node_mut(&path).meta = Some(meta),
+            Record::Put { path, meta } => match self.root.node_mut(&path, &mut self.budget) {
+                Some(node) => node.meta = Some(meta),
+                None => self.refused += 1,
+            },
             Record::Remove { path } => {
                 self.root.take(&path);
             }
@@ -100,7 +137,9 @@ impl Replayed {
                     return;
                 }
                 let moved = self.root.take(&from);
-                self.root.put_subtree(&to, moved);
+                if !self.root.put_subtree(&to, moved, &mut self.budget) {
+                    self.refused += 1;
+                }
             }
             Record::Exchange { a, b } => {
                 if a == b || a.starts_with(&b) || b.starts_with(&a) {
@@ -108,10 +147,22 @@ impl Replayed {
                 }
                 let at_a = self.root.take(&a);
                 let at_b = self.root.take(&b);
-                self.root.put_subtree(&a, at_b);
-                self.root.put_subtree(&b, at_a);
+                let ok_a = self.root.put_subtree(&a, at_b, &mut self.budget);
+                let ok_b = self.root.put_subtree(&b, at_a, &mut self.budget);
+                if !(ok_a && ok_b) {
+                    self.refused += 1;
+                }
             }
             Record::PutInode { id, meta } => {
+                if !self.inodes.contains_key(&id) {
+                    match self.budget.checked_sub(1) {
+                        Some(left) => self.budget = left,
+                        None => {
+                            self.refused += 1;
+                            return;
+                        }
+                    }
+                }
                 self.inodes.insert(id, meta);
             }
             Record::RemoveInode { id } => {
@@ -184,6 +235,35 @@ mod tests {
             again.apply(record);
         }
         assert_eq!(again, r);
+    }
+
+    #[test]
+    fn a_replay_stops_creating_nodes_at_its_budget() {
+        let mut r = Replayed {
+            budget: 3,
+            ..Replayed::default()
+        };
+        r.apply(Record::Put {
+            path: p(&["a", "b"]),
+            meta: meta(0o100644),
+        });
+        r.apply(Record::Put {
+            path: p(&["a", "c"]),
+            meta: meta(0o100644),
+        });
+        r.apply(Record::Put {
+            path: p(&["d", "e"]),
+            meta: meta(0o100644),
+        });
+        r.apply(Record::PutInode {
+            id: 1,
+            meta: meta(0o100644),
+        });
+        assert_eq!((r.budget, r.refused), (0, 2));
+        assert!(r.root.children[&b"a".to_vec()]
+            .children
+            .contains_key(b"c".as_slice()));
+        assert!(!r.root.children.contains_key(b"d".as_slice()));
     }
 
     #[test]
