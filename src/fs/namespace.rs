@@ -777,7 +777,7 @@ impl Fs {
                 d.ino = ino;
             }
             if parent != newparent {
-                c.subdirs = c.subdirs + u32::from(delta_in) - u32::from(delta_out);
+                c.subdirs = (c.subdirs + u32::from(delta_in)).saturating_sub(u32::from(delta_out));
             }
         }
         for (ino, (from_dir, from_name), (to_dir, to_name)) in [
