@@ -766,3 +766,26 @@ fn mounting_a_big_stick_lists_only_what_is_used() {
         "the root and dir042 only, of 101 directories"
     );
 }
+
+/// One writer per stick: a second mount of the same store is refused while the first is up
+/// (after waiting `LOCK_WAIT` for it to go).
+#[test]
+fn a_stick_can_be_mounted_only_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let second = Fs::open_backing(backing, opts());
+    assert!(
+        matches!(
+            second,
+            Err(pershome::fs::OpenError::Store(
+                pershome::meta::journal::StoreError::Busy
+            ))
+        ),
+        "expected Busy, got {second:?}"
+    );
+    fs.shutdown();
+    drop(fs);
+    let again = open(backing);
+    drop(again);
+}

@@ -78,7 +78,27 @@ impl Drop for Mount {
         }
         let mp = self.mountpoint.clone();
         wait_until("the mount is gone", || mounted(&mp).is_none());
+        // The daemon commits its last metadata after the kernel lets go of the mount: wait
+        // for it to exit, as the login hook must before the stick is pulled.
+        wait_until("the daemon has exited", || daemons_serving(&mp).is_empty());
     }
+}
+
+/// Pids of pershomefs processes whose command line names `mountpoint`.
+fn daemons_serving(mountpoint: &Path) -> Vec<u32> {
+    let want = mountpoint.as_os_str().as_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let mut args = cmdline.split(|&b| b == 0);
+            let is_pershomefs = args.next().is_some_and(|a| a.ends_with(b"pershomefs"));
+            is_pershomefs && cmdline.split(|&b| b == 0).any(|a| a == want)
+        })
+        .collect()
 }
 
 fn can_mount() -> bool {

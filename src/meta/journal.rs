@@ -114,6 +114,11 @@ pub enum StoreError {
     BatchTooLarge { bytes: u64 },
     #[error("the store's generation number is exhausted")]
     GenerationOverflow,
+    #[error(
+        "the metadata store is in use: this stick is already mounted by pershomefs (or being \
+         checked); unmount it first"
+    )]
+    Busy,
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(Errno) -> StoreError {
@@ -123,6 +128,9 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(Errno) -> StoreError {
         source: e.into(),
     }
 }
+
+/// How long `open` waits for another user of the store to let go of it.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The metadata store of one backing directory, open.
 #[derive(Debug)]
@@ -842,6 +850,33 @@ impl Journal {
             }
             Err(e) => return Err(io_err(format!("opening {STORE_DIR}"))(e)),
         };
+        // One writer per stick: a second pershomefs (or an fsck) on the same store would
+        // interleave batches. A shared lock lets read-only users coexist with each other only.
+        let lock = if mode == OpenMode::ReadWrite {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // A pershomefs that was just unmounted may still be writing its last commit: wait a
+        // little for it rather than fail a quick `umount; mount`.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on a descriptor we own; the result is checked.
+            if unsafe { libc::flock(dir.as_raw_fd(), lock | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(StoreError::Io {
+                    context: format!("locking {STORE_DIR}"),
+                    source: e,
+                });
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Busy);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         journal.dir = Some(dir);
         if created_dir {
             // The new directory entry must survive a crash as well as the files in it. The
