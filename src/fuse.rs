@@ -800,4 +800,35 @@ impl Filesystem for Adapter {
             Err(e) => reply.error(err(e)),
         }
     }
+
+    // The operations below have no meaning on a FAT-backed home. They are answered here,
+    // quietly, because fuser's defaults log a warning for every call, which would fill the
+    // journal of a desktop whose tools probe ioctls (lsattr, file managers) and poll.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(fuser::Errno::from_i32(libc::ENOTTY));
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        // ENOSYS tells the kernel to treat files here as always ready, as regular files are.
+        reply.error(fuser::Errno::ENOSYS);
+    }
 }

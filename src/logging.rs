@@ -49,6 +49,8 @@ pub fn init(target: LogTarget, debug: bool) -> anyhow::Result<()> {
         LogTarget::Stderr => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(io::stderr)
+            // Colour codes only for a terminal, not for a log file or a pipe.
+            .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
             .try_init(),
         LogTarget::Syslog => {
             // SAFETY: openlog keeps the ident pointer; SYSLOG_IDENT is a 'static C string.
