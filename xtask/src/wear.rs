@@ -760,7 +760,7 @@ impl Timer {
     /// Counts one operation; commits after every [`COMMIT_EVERY_OPS`].
     fn tick(&mut self, target: &mut dyn Target) -> Result<()> {
         self.ops += 1;
-        if self.ops % COMMIT_EVERY_OPS == 0 {
+        if self.ops.is_multiple_of(COMMIT_EVERY_OPS) {
             self.commits += 1;
             target.timer_commit()?;
         }
@@ -1064,7 +1064,7 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "time: raw {:.1} s, pershomefs {:.1} s",
+            "run time (informational, not a benchmark): raw {:.1} s, pershomefs {:.1} s",
             self.elapsed[0].as_secs_f64(),
             self.elapsed[1].as_secs_f64()
         );
@@ -1077,7 +1077,7 @@ fn group(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -1153,26 +1153,26 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let report = measure_in(dir.path(), &small()).expect("the wear run");
         report.check_reads().expect("reads must not write");
-        for i in 1..4 {
+        for (i, workload) in WORKLOADS.iter().enumerate().skip(1) {
             let (raw, ph) = (&report.raw[i], &report.pershome[i]);
             assert_eq!(
                 raw.data_bytes,
                 ph.data_bytes,
                 "{}: data bytes raw vs pershome: expected equal, got {} and {}",
-                WORKLOADS[i].label(),
+                workload.label(),
                 raw.data_bytes,
                 ph.data_bytes
             );
             assert!(
                 ph.meta_bytes > 0,
                 "{}: expected metadata bytes > 0, got 0",
-                WORKLOADS[i].label()
+                workload.label()
             );
             assert_eq!(
                 ph.store_growth,
                 Some(ph.meta_bytes as i64),
                 "{}: expected the store to grow by the counted metadata bytes",
-                WORKLOADS[i].label()
+                workload.label()
             );
             assert_eq!(raw.meta_bytes, 0, "raw never counts metadata bytes");
         }
