@@ -168,11 +168,12 @@ impl Workload {
     }
 }
 
-/// xorshift64*: a tiny deterministic generator, so the tarball is identical on every machine.
-struct Rng(u64);
+/// xorshift64*: a tiny deterministic generator, so the tarball is identical on every machine
+/// (`wear` builds the same tree with it).
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

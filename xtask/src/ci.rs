@@ -1,15 +1,16 @@
 //! `cargo xtask ci`: every check CI runs, in order, stopping at the first failure with the
 //! step's name in the error. `.ci/run` calls this on a clean Debian 12 machine as root.
 //!
-//! This module owns the order and the parameters of the CI steps. The short benchmark at the
-//! end is informational: its table is printed, and neither its numbers nor its failure can
-//! fail the run.
+//! This module owns the order and the parameters of the CI steps. The short benchmark and the
+//! flash-wear table at the end are informational: their tables are printed, and neither their
+//! numbers nor their failure to complete can fail the run, with one exception: the wear run's
+//! check that reading the tree writes nothing to the stick (a design property) fails CI.
 
 use anyhow::{Context, Result};
 use xshell::{cmd, Shell};
 
 use crate::target::{BackingKind, Fs};
-use crate::{bench, deps, fsx, pjdfstest, util};
+use crate::{bench, deps, fsx, pjdfstest, util, wear};
 
 pub fn run(sh: &Shell) -> Result<()> {
     let started = std::time::Instant::now();
@@ -69,6 +70,22 @@ pub fn run(sh: &Shell) -> Result<()> {
         eprintln!("warning: the benchmark did not complete (this does not fail CI): {e:#}");
     }
     util::check_interrupted()?;
+
+    step("wear --quick (informational, except: reads must write nothing)");
+    match wear::measure(&wear::Options::new(None, 500, true)) {
+        Ok(report) => {
+            if let Err(e) = wear::print_and_save(&report) {
+                eprintln!("warning: could not save the wear table (this does not fail CI): {e:#}");
+            }
+            report
+                .check_reads()
+                .context("CI step `wear --quick` failed")?;
+        }
+        Err(e) => {
+            util::check_interrupted()?;
+            eprintln!("warning: the wear run did not complete (this does not fail CI): {e:#}");
+        }
+    }
 
     eprintln!("\nCI passed in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())

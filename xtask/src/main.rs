@@ -14,6 +14,7 @@ mod guards;
 mod pjdfstest;
 mod target;
 mod util;
+mod wear;
 
 use std::process::ExitCode;
 
@@ -82,7 +83,19 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "ext4")]
         backing_fs: bench::BackingFs,
     },
-    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, a short bench.
+    /// Flash wear: bytes pershome writes to the stick (data vs metadata) for four workloads,
+    /// in-process, next to the raw directory; fails only if reading the tree writes anything.
+    Wear {
+        /// Files in the tree (default 10,000; 2,000 with --quick).
+        #[arg(long)]
+        files: Option<u32>,
+        #[arg(long, default_value_t = 500)]
+        dirs: u32,
+        /// 2,000 files and 400 churn rounds instead of 10,000 and 2,000.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, a short bench, wear.
     Ci,
 }
 
@@ -135,6 +148,7 @@ fn run() -> Result<()> {
             fs,
             backing_fs,
         }),
+        Cmd::Wear { files, dirs, quick } => wear::run(&wear::Options::new(files, dirs, quick)),
         Cmd::Ci => ci::run(&sh),
     }
 }
