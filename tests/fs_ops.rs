@@ -789,3 +789,33 @@ fn a_stick_can_be_mounted_only_once() {
     let again = open(backing);
     drop(again);
 }
+
+/// Regression: a commit made by fsync while the file was still open recorded the backing
+/// file's size from before the write, so after a crash the next mount took pershome's own
+/// write for an edit made on another computer and replaced the mtime.
+#[test]
+fn fsync_before_close_records_the_file_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let (attr, fh) = fs.create(USER, ROOT, b"log", 0o600, libc::O_RDWR).unwrap();
+    fs.write(fh, 0, b"entry 1\n").unwrap();
+    let t = Timespec {
+        sec: 1_700_000_000,
+        nsec: 123,
+    };
+    fs.setattr(
+        attr.ino,
+        SetAttr {
+            mtime: Some(SetTime::At(t)),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    fs.fsync(fh, false).unwrap();
+    // The daemon dies here: no release, no unmount.
+    drop(fs);
+    let fs = open(backing);
+    let log = lookup(&fs, &[b"log"]);
+    assert_eq!((log.size, log.mtime, log.perm), (8, t, 0o600));
+}

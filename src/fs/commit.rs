@@ -95,6 +95,33 @@ impl Fs {
         let mut inos: Vec<Ino> = st.dirty.drain().chain(st.lazy_dirty.drain()).collect();
         inos.sort_unstable();
         inos.dedup();
+        // A file still open has not had its backing snapshot taken at release yet: take it
+        // now (an fstat, no write), so that after a crash this commit's record matches the
+        // file and the next mount does not mistake our own writes for another computer's.
+        let open_files: std::collections::HashMap<Ino, (std::sync::Arc<std::fs::File>, bool)> = st
+            .handles
+            .values()
+            .map(|h| (h.ino, (h.file.clone(), h.passthrough)))
+            .collect();
+        for &ino in &inos {
+            match open_files.get(&ino) {
+                // The kernel writes passthrough files itself: take size and mtime along.
+                Some((_, true)) => st.refresh_passthrough(ino),
+                Some((file, false)) => {
+                    if let (Ok(stat), Some(inode)) = (
+                        crate::backing::Backing::fstat(file),
+                        st.inodes.get_mut(&ino),
+                    ) {
+                        inode.note_backing(&stat);
+                    }
+                }
+                None => {}
+            }
+        }
+        // What a refresh just found goes into this batch; it is not due again.
+        for ino in &inos {
+            st.dirty.remove(ino);
+        }
         for &ino in &inos {
             if let Some(r) = self.record_for(st, ino) {
                 records.push(r);
