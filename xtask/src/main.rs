@@ -10,6 +10,7 @@ mod ci;
 mod demo;
 mod deps;
 mod fsx;
+mod fuzz;
 mod guards;
 mod pjdfstest;
 mod target;
@@ -82,7 +83,13 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "ext4")]
         backing_fs: bench::BackingFs,
     },
-    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, a short bench.
+    /// Run every fuzz target in `fuzz/` (libFuzzer through cargo-fuzz) for a fixed time.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, fuzz, a short bench.
     Ci,
 }
 
@@ -135,6 +142,7 @@ fn run() -> Result<()> {
             fs,
             backing_fs,
         }),
+        Cmd::Fuzz { seconds } => fuzz::run(&sh, &fuzz::Options { seconds }),
         Cmd::Ci => ci::run(&sh),
     }
 }
