@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use xshell::{cmd, Shell};
 
 use crate::target::{BackingKind, Fs};
-use crate::{bench, deps, fsx, pjdfstest, util, wear};
+use crate::{bench, deps, fsx, fuzz, pjdfstest, util, wear};
 
 pub fn run(sh: &Shell) -> Result<()> {
     let started = std::time::Instant::now();
@@ -55,6 +55,9 @@ pub fn run(sh: &Shell) -> Result<()> {
         backing: BackingKind::Dir,
     })
     .context("CI step `fsx` failed")?;
+
+    step("fuzz --seconds 20");
+    fuzz::run(sh, &fuzz::Options { seconds: 20 }).context("CI step `fuzz` failed")?;
 
     step("bench --quick --files 2000 --big-mib 128 (informational)");
     let quick = bench::Options {

@@ -76,7 +76,7 @@ pub fn tool(name: &str) -> std::path::PathBuf {
     }
 }
 
-fn tool_version_ok(bin: &str, version: &str) -> bool {
+pub fn tool_version_ok(bin: &str, version: &str) -> bool {
     Command::new(tool(bin))
         .arg("--version")
         .output()

@@ -10,6 +10,7 @@ mod ci;
 mod demo;
 mod deps;
 mod fsx;
+mod fuzz;
 mod guards;
 mod pjdfstest;
 mod target;
@@ -95,7 +96,13 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
-    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, a short bench, wear.
+    /// Run every fuzz target in `fuzz/` (libFuzzer through cargo-fuzz) for a fixed time.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, fuzz, a short bench, wear.
     Ci,
 }
 
@@ -149,6 +156,7 @@ fn run() -> Result<()> {
             backing_fs,
         }),
         Cmd::Wear { files, dirs, quick } => wear::run(&wear::Options::new(files, dirs, quick)),
+        Cmd::Fuzz { seconds } => fuzz::run(&sh, &fuzz::Options { seconds }),
         Cmd::Ci => ci::run(&sh),
     }
 }
