@@ -158,10 +158,7 @@ pub fn fsck(backing: &Path, opts: &FsckOptions) -> Result<Report, FsckError> {
         }) => return Err(FsckError::Busy(shown)),
         other => other?,
     };
-    let repairable = report
-        .findings
-        .iter()
-        .any(|f| f.class == Class::Repairable);
+    let repairable = report.findings.iter().any(|f| f.class == Class::Repairable);
     if !opts.repair || !repairable {
         return Ok(report);
     }
@@ -311,12 +308,11 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
     let b = Backing::open(backing).map_err(io_err(format!("opening {path}")))?;
     // The journal is kept open (with its shared lock, in ReadOnly mode) for the whole walk,
     // so no mount starts writing while the tree is compared with the store.
-    let (_journal, recovered) = Journal::open(b.root(), mode).map_err(|source| {
-        FsckError::Store {
+    let (_journal, recovered) =
+        Journal::open(b.root(), mode).map_err(|source| FsckError::Store {
             path: path.clone(),
             source,
-        }
-    })?;
+        })?;
     let mut report = Report::default();
     let add = |report: &mut Report, class, path: String, what: String| {
         report.findings.push(Finding { class, path, what })
@@ -656,7 +652,9 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
     for id in fs.unreferenced_link_inodes() {
         fs.forget_link_inode(id)
             .map_err(fs_err("dropping an inode record"))?;
-        done.push(format!("dropped the record of inode {id}, which has no name"));
+        done.push(format!(
+            "dropped the record of inode {id}, which has no name"
+        ));
     }
     fs.compact().map_err(fs_err("writing a fresh checkpoint"))?;
     done.push("wrote a fresh checkpoint of the live state".into());
