@@ -262,9 +262,18 @@ fn link_id_of(name: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(name).ok()?, 16).ok()
 }
 
-/// The content files in `.pershome/inodes/`: (name, id if it is one pershome makes, size,
-/// is a regular file). Empty when the directory does not exist.
-fn content_files(b: &Backing) -> Result<Vec<(Vec<u8>, Option<u64>, u64, bool)>, FsckError> {
+/// A file in `.pershome/inodes/`.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ContentFile {
+    name: Vec<u8>,
+    /// The hard-link id, when the name is one pershome makes.
+    id: Option<u64>,
+    size: u64,
+    is_file: bool,
+}
+
+/// The files in `.pershome/inodes/`, sorted; none when the directory does not exist.
+fn content_files(b: &Backing) -> Result<Vec<ContentFile>, FsckError> {
     let rel = format!("{STORE_DIR}/inodes");
     let dir = match b.open_dir(rel.as_bytes()) {
         Ok(d) => d,
@@ -276,7 +285,12 @@ fn content_files(b: &Backing) -> Result<Vec<(Vec<u8>, Option<u64>, u64, bool)>, 
         .map_err(io_err(format!("listing {rel}")))?
         .into_iter()
         .map(|e| (link_id_of(&e.name), e))
-        .map(|(id, e)| (e.name, id, e.stat.size, e.stat.is_file))
+        .map(|(id, e)| ContentFile {
+            name: e.name,
+            id,
+            size: e.stat.size,
+            is_file: e.stat.is_file,
+        })
         .collect();
     out.sort();
     Ok(out)
@@ -342,8 +356,8 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
     let contents = content_files(&b)?;
     let content_ids: BTreeSet<u64> = contents
         .iter()
-        .filter(|c| c.3)
-        .filter_map(|c| c.1)
+        .filter(|c| c.is_file)
+        .filter_map(|c| c.id)
         .collect();
     // Hard-link id → the POSIX paths of the names that refer to it.
     let mut names_of: BTreeMap<u64, Vec<String>> = BTreeMap::new();
@@ -543,7 +557,13 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
             Some(_) => {}
         }
     }
-    for (name, id, size, is_file) in &contents {
+    for ContentFile {
+        name,
+        id,
+        size,
+        is_file,
+    } in &contents
+    {
         let p = format!("{STORE_DIR}/inodes/{}", String::from_utf8_lossy(name));
         match id {
             Some(id) if *is_file && !replayed.inodes.contains_key(id) => add(
@@ -661,8 +681,8 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
     // Content no name refers to any more: the store no longer mentions it, so moving it is
     // safe whenever it happens; it is done last so a failure leaves a consistent store.
     let b = Backing::open(backing).map_err(io_err(format!("opening {path}")))?;
-    for (_, id, _, is_file) in content_files(&b)? {
-        let Some(id) = id.filter(|id| is_file && !live.contains(id)) else {
+    for c in content_files(&b)? {
+        let Some(id) = c.id.filter(|id| c.is_file && !live.contains(id)) else {
             continue;
         };
         let to = fs

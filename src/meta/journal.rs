@@ -865,22 +865,24 @@ impl Journal {
         // A pershomefs that was just unmounted may still be writing its last commit: wait a
         // little for it rather than fail a quick `umount; mount`.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
-        while lock != 0 {
-            // SAFETY: flock on a descriptor we own; the result is checked.
-            if unsafe { libc::flock(dir.as_raw_fd(), lock | libc::LOCK_NB) } == 0 {
-                break;
+        if lock != 0 {
+            loop {
+                // SAFETY: flock on a descriptor we own; the result is checked.
+                if unsafe { libc::flock(dir.as_raw_fd(), lock | libc::LOCK_NB) } == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(StoreError::Io {
+                        context: format!("locking {STORE_DIR}"),
+                        source: e,
+                    });
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Busy);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(StoreError::Io {
-                    context: format!("locking {STORE_DIR}"),
-                    source: e,
-                });
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(StoreError::Busy);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         journal.dir = Some(dir);
         if created_dir {
