@@ -363,3 +363,32 @@ fn the_binary_exits_with_the_documented_codes() {
     let out = status(&["fsck".as_ref()]);
     assert_eq!(out.status.code(), Some(16), "usage: {out:?}");
 }
+
+#[test]
+fn an_inode_record_with_no_name_is_dropped_and_its_content_kept() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    realistic(tmp.path());
+    std::fs::remove_file(tmp.path().join("shared")).expect("rm placeholder");
+    std::fs::remove_file(tmp.path().join("Documents/shared-too")).expect("rm placeholder");
+    expect(tmp.path(), false, exit_code::UNREPAIRED, &["has no name"]);
+    expect(
+        tmp.path(),
+        true,
+        exit_code::REPAIRED,
+        &["dropped the record of inode", "pershome-recovered/inode-"],
+    );
+    expect(tmp.path(), false, exit_code::CLEAN, &["clean"]);
+    let recovered: Vec<_> = std::fs::read_dir(tmp.path().join("pershome-recovered"))
+        .expect("recovered dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(
+        recovered.len(),
+        1,
+        "expected one recovered file, got {recovered:?}"
+    );
+    assert_eq!(
+        std::fs::read(&recovered[0]).expect("read"),
+        b"shared content"
+    );
+}
