@@ -7,6 +7,7 @@ pub mod cli;
 pub mod daemon;
 pub mod fatrules;
 pub mod fs;
+pub mod fsck;
 pub mod fuse;
 pub mod logging;
 pub mod meta;

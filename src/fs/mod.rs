@@ -20,7 +20,10 @@ mod commit;
 mod io_ops;
 mod namespace;
 mod reconcile;
+mod repair;
 pub mod xattr;
+
+pub use repair::{LinkInode, RECOVERED_DIR};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;

@@ -63,6 +63,10 @@ pub enum OpenMode {
     ReadWrite,
     /// Recover in memory only; nothing on the stick is created, changed or removed.
     ReadOnly,
+    /// As `ReadOnly`, without taking or waiting for the lock: for `pershome fsck --force`,
+    /// which looks at the store of a mounted stick. What it reads may be a batch being
+    /// written (seen as a torn tail); it must never be used to write.
+    ReadOnlyUnlocked,
 }
 
 /// Counters of metadata I/O, to measure flash wear against data bytes.
@@ -819,7 +823,7 @@ impl Journal {
                     )));
                 }
             }
-            Err(Errno::ENOENT) if mode == OpenMode::ReadOnly => {
+            Err(Errno::ENOENT) if mode != OpenMode::ReadWrite => {
                 let recovered = Recovered {
                     replayed: Replayed::default(),
                     generation: 0,
@@ -852,30 +856,33 @@ impl Journal {
         };
         // One writer per stick: a second pershomefs (or an fsck) on the same store would
         // interleave batches. A shared lock lets read-only users coexist with each other only.
-        let lock = if mode == OpenMode::ReadWrite {
-            libc::LOCK_EX
-        } else {
-            libc::LOCK_SH
+        let lock = match mode {
+            OpenMode::ReadWrite => libc::LOCK_EX,
+            OpenMode::ReadOnly => libc::LOCK_SH,
+            // fsck --force on a live store: no lock, so the mount is not disturbed.
+            OpenMode::ReadOnlyUnlocked => 0,
         };
         // A pershomefs that was just unmounted may still be writing its last commit: wait a
         // little for it rather than fail a quick `umount; mount`.
         let deadline = std::time::Instant::now() + LOCK_WAIT;
-        loop {
-            // SAFETY: flock on a descriptor we own; the result is checked.
-            if unsafe { libc::flock(dir.as_raw_fd(), lock | libc::LOCK_NB) } == 0 {
-                break;
+        if lock != 0 {
+            loop {
+                // SAFETY: flock on a descriptor we own; the result is checked.
+                if unsafe { libc::flock(dir.as_raw_fd(), lock | libc::LOCK_NB) } == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(StoreError::Io {
+                        context: format!("locking {STORE_DIR}"),
+                        source: e,
+                    });
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Busy);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(StoreError::Io {
-                    context: format!("locking {STORE_DIR}"),
-                    source: e,
-                });
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(StoreError::Busy);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         journal.dir = Some(dir);
         if created_dir {
@@ -1116,7 +1123,7 @@ impl Journal {
             ));
         }
 
-        if self.mode == OpenMode::ReadOnly {
+        if self.mode != OpenMode::ReadWrite {
             self.generation = base_gen;
             self.len = live_len.unwrap_or(0) as u64;
             return Ok(Recovered {
@@ -1943,5 +1950,25 @@ mod tests {
             scan.batches
         );
         assert_eq!(s, Replayed::default());
+    }
+
+    #[test]
+    fn an_unlocked_read_only_open_sees_a_live_store_without_waiting() {
+        let root = TempDir::new().expect("tempdir");
+        let (mut writer, _) = open_ok(&root, OpenMode::ReadWrite);
+        writer.append(&batch(0, 3)).expect("append");
+        let started = std::time::Instant::now();
+        let (_, rec) = open_ok(&root, OpenMode::ReadOnlyUnlocked);
+        let waited = started.elapsed();
+        assert!(
+            waited < LOCK_WAIT / 2,
+            "expected no lock wait, got {waited:?}"
+        );
+        assert_eq!(
+            rec.replayed,
+            state(&[&batch(0, 3)]),
+            "expected the committed batch"
+        );
+        assert!(rec.warnings.is_empty(), "got warnings {:?}", rec.warnings);
     }
 }

@@ -1,0 +1,193 @@
+//! What `pershome fsck --repair` needs from the filesystem beyond ordinary operations: making
+//! reconciliation findings durable, correcting hard-link counts, dropping inode-table entries
+//! no name refers to, and moving orphaned hard-link content where the user can see it.
+//!
+//! These run on an `Fs` opened read-write after every directory has been loaded (so that the
+//! state is the whole home). Nothing here deletes or truncates file data: content only moves,
+//! from `.pershome/inodes/` to a directory in the home.
+
+use std::os::fd::AsFd;
+
+use super::{errno_of, link_file_name, Errno, Fs, Result, INODES_DIR, ROOT};
+use crate::fatrules::fold_key;
+use crate::meta::{Record, STORE_DIR};
+
+/// Where orphaned hard-link content is put, at the root of the backing (a FAT-legal, canonical
+/// name, so the home shows it under this name and Windows does too).
+pub const RECOVERED_DIR: &str = "pershome-recovered";
+
+/// A hard-link inode as the loaded state knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInode {
+    pub id: u64,
+    /// The link count in the store.
+    pub nlink: u32,
+    /// The names of it found in loaded directories.
+    pub names: u32,
+}
+
+impl Fs {
+    /// Makes what reconciliation found (records of vanished entries, files changed elsewhere,
+    /// names whose link content is gone) due at the next commit. Normally such findings wait
+    /// for a commit that something else causes (reads never write); a repair wants them now.
+    pub fn record_reconciliation(&self) {
+        let mut st = self.lock();
+        let mut removes = std::mem::take(&mut st.lazy_removes);
+        removes.append(&mut st.pending);
+        st.pending = removes;
+        let lazy: Vec<_> = st.lazy_dirty.drain().collect();
+        st.dirty.extend(lazy);
+    }
+
+    /// The hard-link inodes that have a name in a loaded directory, sorted by id.
+    pub fn link_inodes(&self) -> Vec<LinkInode> {
+        let st = self.lock();
+        let mut out: Vec<LinkInode> = st
+            .links
+            .iter()
+            .filter_map(|(&id, ino)| {
+                let inode = st.inodes.get(ino)?;
+                Some(LinkInode {
+                    id,
+                    nlink: inode.meta.nlink,
+                    names: u32::try_from(inode.dentries.len()).unwrap_or(u32::MAX),
+                })
+            })
+            .collect();
+        out.sort_by_key(|l| l.id);
+        out
+    }
+
+    /// Sets the stored link count of a hard-link inode that has a name in a loaded directory
+    /// (committed with the next commit). `nlink` must be at least 1: an inode with names
+    /// keeps its content.
+    pub fn set_link_count(&self, id: u64, nlink: u32) -> Result<()> {
+        if nlink == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mut st = self.lock();
+        let ino = *st.links.get(&id).ok_or(Errno::ENOENT)?;
+        st.inode_mut(ino)?.meta.nlink = nlink;
+        st.dirty.insert(ino);
+        Ok(())
+    }
+
+    /// Ids of inode-table entries that no name in a loaded directory refers to, sorted. After
+    /// every directory has been loaded, these are entries no name refers to at all.
+    pub fn unreferenced_link_inodes(&self) -> Vec<u64> {
+        let st = self.lock();
+        let mut ids: Vec<u64> = st.link_meta.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Drops an inode-table entry that no name refers to (see `unreferenced_link_inodes`);
+    /// its content file, if any, is not touched (move it with `recover_link_content`).
+    pub fn forget_link_inode(&self, id: u64) -> Result<()> {
+        let mut st = self.lock();
+        st.link_meta.remove(&id).ok_or(Errno::ENOENT)?;
+        st.pending.push(Record::RemoveInode { id });
+        Ok(())
+    }
+
+    /// Moves the content file `.pershome/inodes/<id>` to `pershome-recovered/inode-<id>` at the
+    /// backing root (the directory is created when missing; a name already taken gets a
+    /// `-2`, `-3`… suffix) and returns the backing path it now has. Never replaces anything.
+    /// The moved file is not added to the loaded state: the next mount finds it as a new file.
+    pub fn recover_link_content(&self, id: u64) -> Result<String> {
+        let mut st = self.lock();
+        let inodes_dir = self
+            .backing
+            .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
+            .map_err(|e| errno_of(&e))?;
+        let root = self.backing.root();
+        // The recovery directory: the first candidate that is a directory, or that can be
+        // created without clashing (in Windows case) with a name already in the root.
+        let mut dir_name = None;
+        for n in 1..100 {
+            let candidate = if n == 1 {
+                RECOVERED_DIR.to_string()
+            } else {
+                format!("{RECOVERED_DIR}-{n}")
+            };
+            match self.backing.stat_at(root, candidate.as_bytes()) {
+                Ok(s) if s.is_dir => {
+                    dir_name = Some(candidate);
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    let key = fold_key(candidate.as_bytes());
+                    let clash = st
+                        .inodes
+                        .get(&ROOT)
+                        .and_then(|r| r.children())
+                        .is_some_and(|c| c.folds.contains(&key));
+                    if clash {
+                        continue;
+                    }
+                    self.backing
+                        .mkdir_at(root, candidate.as_bytes())
+                        .map_err(|e| errno_of(&e))?;
+                    self.backing.fsync_dir(root).map_err(|e| errno_of(&e))?;
+                    if let Some(c) = st.inode_mut(ROOT)?.children_mut() {
+                        c.folds.insert(key);
+                    }
+                    dir_name = Some(candidate);
+                    break;
+                }
+                Err(e) => return Err(errno_of(&e)),
+            }
+        }
+        let dir_name = dir_name.ok_or(Errno::EEXIST)?;
+        let target_dir = self
+            .backing
+            .open_dir(dir_name.as_bytes())
+            .map_err(|e| errno_of(&e))?;
+        let source = link_file_name(id);
+        for n in 1..10_000 {
+            let name = if n == 1 {
+                format!("inode-{id:016x}")
+            } else {
+                format!("inode-{id:016x}-{n}")
+            };
+            match self.backing.stat_at(target_dir.as_fd(), name.as_bytes()) {
+                Ok(_) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(errno_of(&e)),
+            }
+            // RENAME_NOREPLACE where the backing supports it; otherwise the stat above (under
+            // the store lock, so no other pershome is creating names) has to do.
+            let moved = match self.backing.rename_at(
+                inodes_dir.as_fd(),
+                &source,
+                target_dir.as_fd(),
+                name.as_bytes(),
+                libc::RENAME_NOREPLACE,
+            ) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.backing.rename_at(
+                    inodes_dir.as_fd(),
+                    &source,
+                    target_dir.as_fd(),
+                    name.as_bytes(),
+                    0,
+                ),
+                other => other,
+            };
+            match moved {
+                Ok(()) => {
+                    self.backing
+                        .fsync_dir(target_dir.as_fd())
+                        .map_err(|e| errno_of(&e))?;
+                    self.backing
+                        .fsync_dir(inodes_dir.as_fd())
+                        .map_err(|e| errno_of(&e))?;
+                    return Ok(format!("{dir_name}/{name}"));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(e) => return Err(errno_of(&e)),
+            }
+        }
+        Err(Errno::EEXIST)
+    }
+}

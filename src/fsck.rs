@@ -1,0 +1,697 @@
+//! `pershome fsck`: checks a stick's metadata store against its backing tree, and with
+//! `--repair` brings the two back in line (see `docs/fsck.md`).
+//!
+//! This module owns the check (a read-only look at the store and the tree, findings in plain
+//! words) and the order of a repair. It never deletes or truncates user data: a repair only
+//! rewrites the store (through `fs::Fs`, the same code a mount uses, so a repaired store means
+//! exactly what a mount would make of it) and moves orphaned hard-link content into
+//! `pershome-recovered/`. It never writes to a store another process holds (a mount): that is
+//! checked read-only with `--force`, or refused.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::audit;
+use crate::backing::Backing;
+use crate::fs::{Fs, FsOptions, Kind, OpenError, RECOVERED_DIR, ROOT};
+use crate::meta::journal::{Journal, OpenMode, StoreError};
+use crate::meta::pending::PendingTree;
+use crate::meta::{Meta, OWNER_ID, STORE_DIR};
+use crate::names::{self, Decoded};
+
+/// Exit codes, as e2fsck's.
+pub mod exit_code {
+    /// No problems found.
+    pub const CLEAN: u8 = 0;
+    /// Problems were found and all of them repaired.
+    pub const REPAIRED: u8 = 1;
+    /// Problems remain: found without `--repair`, or not repairable automatically.
+    pub const UNREPAIRED: u8 = 4;
+    /// The check could not run: no such directory, no store, store busy, I/O error, newer
+    /// format.
+    pub const OPERATIONAL: u8 = 8;
+    /// The command line is wrong.
+    pub const USAGE: u8 = 16;
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FsckOptions {
+    /// Repair what can be repaired.
+    pub repair: bool,
+    /// Check a store that a mount holds (read-only, without its lock).
+    pub force: bool,
+}
+
+/// How serious a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Wrong, and `--repair` fixes it.
+    Repairable,
+    /// Wrong, and only the user can fix it.
+    Unrepairable,
+    /// Legal but worth knowing (what the user will see); does not change the exit code.
+    Note,
+}
+
+/// One thing found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub class: Class,
+    /// The POSIX path in the home where known, else the backing path (relative to BACKING).
+    pub path: String,
+    pub what: String,
+}
+
+/// The outcome of a check (and repair).
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// What the check found (before any repair).
+    pub findings: Vec<Finding>,
+    /// Records of entries that no longer exist.
+    pub stale_records: u64,
+    pub directories: u64,
+    pub entries: u64,
+    /// What `--repair` did; empty when it did not run.
+    pub repairs: Vec<String>,
+    /// What a check after the repair still found.
+    pub remaining: Vec<Finding>,
+    /// The store was in use by a mount and was read without its lock (`--force`).
+    pub live: bool,
+}
+
+impl Report {
+    /// The problems left: those of the check after the repair when one ran.
+    pub fn problems_left(&self) -> impl Iterator<Item = &Finding> {
+        let list = if self.repairs.is_empty() {
+            &self.findings
+        } else {
+            &self.remaining
+        };
+        list.iter().filter(|f| f.class != Class::Note)
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        if self.problems_left().next().is_some() {
+            exit_code::UNREPAIRED
+        } else if !self.repairs.is_empty() {
+            exit_code::REPAIRED
+        } else {
+            exit_code::CLEAN
+        }
+    }
+}
+
+/// Why the check could not run (exit code 8).
+#[derive(Debug, thiserror::Error)]
+pub enum FsckError {
+    #[error("{0} is not a directory")]
+    NotADirectory(String),
+    #[error(
+        "{0} holds no pershome metadata store (.pershome/); it is not a pershome backing \
+         directory yet: mount it once with pershomefs to create one"
+    )]
+    NoStore(String),
+    #[error(
+        "{0} is in use by a mounted pershomefs; unmount it, or use --force to check a live \
+         store read-only"
+    )]
+    Busy(String),
+    #[error("the metadata store in {path}/{STORE_DIR}: {source}")]
+    Store { path: String, source: StoreError },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> FsckError {
+    let context = context.into();
+    move |source| FsckError::Io { context, source }
+}
+
+/// Checks BACKING, and repairs it when asked and possible. See `docs/fsck.md`.
+pub fn fsck(backing: &Path, opts: &FsckOptions) -> Result<Report, FsckError> {
+    let shown = backing.display().to_string();
+    let meta = std::fs::metadata(backing).map_err(io_err(format!("examining {shown}")))?;
+    if !meta.is_dir() {
+        return Err(FsckError::NotADirectory(shown));
+    }
+    match std::fs::symlink_metadata(backing.join(STORE_DIR)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(FsckError::NoStore(shown)),
+        Err(e) => return Err(io_err(format!("examining {shown}/{STORE_DIR}"))(e)),
+        Ok(_) => {}
+    }
+    let mut report = match examine(backing, OpenMode::ReadOnly) {
+        Err(FsckError::Store {
+            source: StoreError::Busy,
+            ..
+        }) if opts.force => {
+            let mut r = examine(backing, OpenMode::ReadOnlyUnlocked)?;
+            r.live = true;
+            r
+        }
+        Err(FsckError::Store {
+            source: StoreError::Busy,
+            ..
+        }) => return Err(FsckError::Busy(shown)),
+        other => other?,
+    };
+    let repairable = report.findings.iter().any(|f| f.class == Class::Repairable);
+    if !opts.repair || !repairable {
+        return Ok(report);
+    }
+    if report.live {
+        report.findings.push(Finding {
+            class: Class::Note,
+            path: shown,
+            what: "not repaired: the store is in use by a mounted pershomefs; unmount it and \
+                   run fsck --repair again"
+                .into(),
+        });
+        return Ok(report);
+    }
+    report.repairs = repair(backing, report.stale_records)?;
+    report.remaining = examine(backing, OpenMode::ReadOnly)?.findings;
+    Ok(report)
+}
+
+/// Runs `fsck` and prints its findings to `out` (errors to `err`); returns the exit code.
+pub fn run(backing: &Path, opts: &FsckOptions, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+    match fsck(backing, opts) {
+        Ok(report) => {
+            // Output is best effort: a closed stdout must not turn a repair into a failure.
+            let _ = print_report(backing, opts, &report, out);
+            report.exit_code()
+        }
+        Err(e) => {
+            let _ = writeln!(err, "pershome fsck: {e}");
+            exit_code::OPERATIONAL
+        }
+    }
+}
+
+fn print_report(
+    backing: &Path,
+    opts: &FsckOptions,
+    report: &Report,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let label = |f: &Finding| match f.class {
+        Class::Repairable if opts.repair && !report.live => "repaired",
+        Class::Repairable => "problem (--repair fixes it)",
+        Class::Unrepairable => "problem (fix it by hand)",
+        Class::Note => "note",
+    };
+    if report.live {
+        writeln!(
+            out,
+            "warning: {} is mounted; checked read-only without the store lock, so a commit in \
+             progress may show as a torn journal tail",
+            backing.display()
+        )?;
+    }
+    for f in &report.findings {
+        writeln!(out, "{}: {}: {}", label(f), f.path, f.what)?;
+    }
+    for r in &report.repairs {
+        writeln!(out, "repair: {r}")?;
+    }
+    if !report.repairs.is_empty() {
+        for f in report.remaining.iter().filter(|f| f.class != Class::Note) {
+            writeln!(out, "still wrong after the repair: {}: {}", f.path, f.what)?;
+        }
+    }
+    let count = |c: Class| report.findings.iter().filter(|f| f.class == c).count();
+    writeln!(
+        out,
+        "{}: {} directories, {} entries; {} repairable problem(s), {} to fix by hand, {} \
+         note(s); {}",
+        backing.display(),
+        report.directories,
+        report.entries,
+        count(Class::Repairable),
+        count(Class::Unrepairable),
+        count(Class::Note),
+        match report.exit_code() {
+            exit_code::CLEAN => "clean",
+            exit_code::REPAIRED => "repaired",
+            _ => "problems remain",
+        }
+    )
+}
+
+/// A POSIX path for display: components joined with `/`, lossily as UTF-8.
+fn shown(parts: &[Vec<u8>]) -> String {
+    if parts.is_empty() {
+        return ".".into();
+    }
+    parts
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The id in a name pershome gives a hard-link content file: exactly 16 lowercase hex digits.
+fn link_id_of(name: &[u8]) -> Option<u64> {
+    if name.len() != 16 || !name.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(name).ok()?, 16).ok()
+}
+
+/// A file in `.pershome/inodes/`.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct ContentFile {
+    name: Vec<u8>,
+    /// The hard-link id, when the name is one pershome makes.
+    id: Option<u64>,
+    size: u64,
+    is_file: bool,
+}
+
+/// The files in `.pershome/inodes/`, sorted; none when the directory does not exist.
+fn content_files(b: &Backing) -> Result<Vec<ContentFile>, FsckError> {
+    let rel = format!("{STORE_DIR}/inodes");
+    let dir = match b.open_dir(rel.as_bytes()) {
+        Ok(d) => d,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(format!("opening {rel}"))(e)),
+    };
+    let mut out: Vec<_> = b
+        .list(dir.as_fd())
+        .map_err(io_err(format!("listing {rel}")))?
+        .into_iter()
+        .map(|e| (link_id_of(&e.name), e))
+        .map(|(id, e)| ContentFile {
+            name: e.name,
+            id,
+            size: e.stat.size,
+            is_file: e.stat.is_file,
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Records (nodes with metadata) in a replayed subtree.
+fn count_records(tree: &PendingTree) -> u64 {
+    let mut n = 0;
+    let mut stack = vec![tree];
+    while let Some(t) = stack.pop() {
+        n += u64::from(t.meta.is_some());
+        stack.extend(t.children.values());
+    }
+    n
+}
+
+/// The link id a record gives a backing file, as reconciliation reads it: only a record of a
+/// non-directory kind names a hard link.
+fn link_of(meta: &Meta) -> Option<u64> {
+    match Kind::from_mode(meta.mode) {
+        Some(Kind::Dir) | None => None,
+        Some(_) => meta.link,
+    }
+}
+
+/// The read-only check.
+fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
+    let path = backing.display().to_string();
+    let b = Backing::open(backing).map_err(io_err(format!("opening {path}")))?;
+    // The journal is kept open (with its shared lock, in ReadOnly mode) for the whole walk,
+    // so no mount starts writing while the tree is compared with the store.
+    let (_journal, recovered) =
+        Journal::open(b.root(), mode).map_err(|source| FsckError::Store {
+            path: path.clone(),
+            source,
+        })?;
+    let mut report = Report::default();
+    let add = |report: &mut Report, class, path: String, what: String| {
+        report.findings.push(Finding { class, path, what })
+    };
+    for w in &recovered.warnings {
+        add(
+            &mut report,
+            Class::Repairable,
+            STORE_DIR.into(),
+            format!("store recovery: {w}"),
+        );
+    }
+    let mut replayed = recovered.replayed;
+    if replayed.refused > 0 {
+        add(
+            &mut report,
+            Class::Repairable,
+            STORE_DIR.into(),
+            format!(
+                "the store holds more entries than pershome accepts ({} records ignored); it \
+                 may have been tampered with; a repair keeps what was accepted",
+                replayed.refused
+            ),
+        );
+    }
+
+    let contents = content_files(&b)?;
+    let content_ids: BTreeSet<u64> = contents
+        .iter()
+        .filter(|c| c.is_file)
+        .filter_map(|c| c.id)
+        .collect();
+    // Hard-link id → the POSIX paths of the names that refer to it.
+    let mut names_of: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+
+    let root_tree = std::mem::take(&mut replayed.root);
+    // (backing path, POSIX path, the store's records below it)
+    let mut stack = vec![(Vec::<Vec<u8>>::new(), Vec::<Vec<u8>>::new(), root_tree)];
+    while let Some((bpath, ppath, tree)) = stack.pop() {
+        report.directories += 1;
+        let refs: Vec<&[u8]> = bpath.iter().map(|c| c.as_slice()).collect();
+        let rel = crate::backing::join(&refs);
+        let dir = b
+            .open_dir(&rel)
+            .map_err(io_err(format!("opening {}", shown(&bpath))))?;
+        let mut entries = b
+            .list(dir.as_fd())
+            .map_err(io_err(format!("listing {}", shown(&bpath))))?;
+        entries.sort_by(|x, y| x.name.cmp(&y.name));
+        let at_root = bpath.is_empty();
+        let mut records = tree.children;
+        let mut seen: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        for entry in entries {
+            if !entry.stat.is_dir && !entry.stat.is_file {
+                // Not shown by pershome; the FAT audit reports it. A record for it is stale.
+                continue;
+            }
+            let record = records.remove(&entry.name);
+            let decoded = names::decode(&entry.name, at_root);
+            if matches!(decoded, Decoded::Reserved) {
+                continue;
+            }
+            report.entries += 1;
+            let (meta, subtree) = match record {
+                Some(t) => (t.meta, t.children),
+                None => (None, HashMap::new()),
+            };
+            let stored_name = meta
+                .as_ref()
+                .and_then(|m| m.name.clone())
+                .filter(|n| names::is_valid_posix_name(n));
+            let mut name = match (&stored_name, &decoded) {
+                (Some(n), _) => n.clone(),
+                (None, Decoded::Name(n)) if names::is_valid_posix_name(n) => n.clone(),
+                _ => entry.name.clone(),
+            };
+            let mut child_path = ppath.clone();
+            child_path.push(name.clone());
+            if stored_name.is_none() {
+                match &decoded {
+                    Decoded::Hashed => add(
+                        &mut report,
+                        Class::Note,
+                        shown(&child_path),
+                        "a hashed backing name whose record (holding its real name) is gone; \
+                         pershome shows the backing name itself"
+                            .into(),
+                    ),
+                    _ if !names::is_canonical(&entry.name, at_root) => add(
+                        &mut report,
+                        Class::Note,
+                        shown(&child_path),
+                        format!(
+                            "the backing name {:?} is not the form pershome writes (made on \
+                             another system); pershome shows it under this name, and renaming \
+                             it through pershome gives it its usual backing name",
+                            String::from_utf8_lossy(&entry.name)
+                        ),
+                    ),
+                    _ => {}
+                }
+            }
+            if let Some(first) = seen.get(&name) {
+                let base = name.clone();
+                let mut n = 1;
+                while seen.contains_key(&name) {
+                    name = base.clone();
+                    name.extend_from_slice(format!("~dup{n}").as_bytes());
+                    n += 1;
+                }
+                add(
+                    &mut report,
+                    Class::Note,
+                    shown(&child_path),
+                    format!(
+                        "the backing names {:?} and {:?} both stand for this name; pershome \
+                         shows the second as {:?} (rename one of them)",
+                        String::from_utf8_lossy(first),
+                        String::from_utf8_lossy(&entry.name),
+                        String::from_utf8_lossy(&name)
+                    ),
+                );
+                child_path.pop();
+                child_path.push(name.clone());
+            }
+            seen.insert(name, entry.name.clone());
+
+            if entry.stat.is_file {
+                if let Some(id) = meta.as_ref().and_then(link_of) {
+                    names_of.entry(id).or_default().push(shown(&child_path));
+                    let has_inode = replayed.inodes.contains_key(&id);
+                    let has_content = content_ids.contains(&id);
+                    let what = match (has_inode, has_content) {
+                        (true, true) => None,
+                        (false, true) => Some(format!(
+                            "a hard-link name of inode {id}, which has no inode record; \
+                             pershome shows it as an empty file, and a repair moves the \
+                             content .pershome/inodes/{id:016x} to {RECOVERED_DIR}/"
+                        )),
+                        (_, false) => Some(format!(
+                            "a hard-link name of inode {id}, whose content file \
+                             .pershome/inodes/{id:016x} is missing: its data is lost; \
+                             pershome shows an empty file, which a repair makes ordinary"
+                        )),
+                    };
+                    if let Some(what) = what {
+                        add(&mut report, Class::Repairable, shown(&child_path), what);
+                    }
+                }
+            }
+            if entry.stat.is_dir {
+                let mut child_bpath = bpath.clone();
+                child_bpath.push(entry.name.clone());
+                stack.push((
+                    child_bpath,
+                    child_path,
+                    PendingTree {
+                        meta: None,
+                        children: subtree,
+                    },
+                ));
+            }
+        }
+        let mut stale: Vec<(Vec<u8>, u64)> = records
+            .iter()
+            .map(|(name, t)| (name.clone(), count_records(t)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        stale.sort();
+        for (name, n) in stale {
+            report.stale_records += n;
+            let posix = match names::decode(&name, at_root) {
+                Decoded::Name(p) => p,
+                _ => name,
+            };
+            let mut p = ppath.clone();
+            p.push(posix);
+            add(
+                &mut report,
+                Class::Repairable,
+                shown(&p),
+                format!(
+                    "{n} metadata record(s) for an entry that no longer exists (deleted or \
+                     renamed outside pershome); harmless but wasteful, a repair drops them"
+                ),
+            );
+        }
+    }
+
+    let mut inode_ids: Vec<(&u64, &Meta)> = replayed.inodes.iter().collect();
+    inode_ids.sort_by_key(|(id, _)| **id);
+    for (&id, meta) in inode_ids {
+        let content = format!("{STORE_DIR}/inodes/{id:016x}");
+        match names_of.get(&id) {
+            None => add(
+                &mut report,
+                Class::Repairable,
+                content.clone(),
+                if content_ids.contains(&id) {
+                    format!(
+                        "inode {id} (link count {}) has no name; a repair moves its content to \
+                         {RECOVERED_DIR}/ and drops its record",
+                        meta.nlink
+                    )
+                } else {
+                    format!(
+                        "inode {id} has a record but neither a name nor content; a repair \
+                         drops the record"
+                    )
+                },
+            ),
+            Some(found) if content_ids.contains(&id) => {
+                let n = u32::try_from(found.len()).unwrap_or(u32::MAX);
+                if meta.nlink != n {
+                    add(
+                        &mut report,
+                        Class::Repairable,
+                        found[0].clone(),
+                        format!(
+                            "hard-linked file (inode {id}) has link count {} in the store but \
+                             {n} name(s) ({}); a repair sets it to {n}",
+                            meta.nlink,
+                            found.join(", ")
+                        ),
+                    );
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for ContentFile {
+        name,
+        id,
+        size,
+        is_file,
+    } in &contents
+    {
+        let p = format!("{STORE_DIR}/inodes/{}", String::from_utf8_lossy(name));
+        match id {
+            Some(id) if *is_file && !replayed.inodes.contains_key(id) => add(
+                &mut report,
+                Class::Repairable,
+                p,
+                format!(
+                    "orphaned hard-link content ({size} bytes) with no inode record; a repair \
+                     moves it to {RECOVERED_DIR}/inode-{id:016x}"
+                ),
+            ),
+            Some(_) if *is_file => {}
+            _ => add(
+                &mut report,
+                Class::Unrepairable,
+                p,
+                "not something pershome puts in .pershome/inodes/; left alone (look at it, \
+                 then move or delete it)"
+                    .into(),
+            ),
+        }
+    }
+
+    let problems = audit::audit_tree(backing).map_err(io_err("auditing the backing tree"))?;
+    for problem in problems {
+        let rel = problem.path.strip_prefix(backing).unwrap_or(&problem.path);
+        add(
+            &mut report,
+            Class::Unrepairable,
+            rel.display().to_string(),
+            format!(
+                "cannot be on a FAT stick: {}; Windows (or the stick's own filesystem) may \
+                 refuse or lose it",
+                problem.what
+            ),
+        );
+    }
+    Ok(report)
+}
+
+/// Repairs through the filesystem's own logic: open read-write (which cuts a torn journal
+/// tail and takes the exclusive lock), load every directory (reconciling every record), fix
+/// link counts and unreferenced inodes, write a checkpoint of the live state (stale records
+/// vanish), then move orphaned content to `pershome-recovered/`. Returns what was done.
+fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
+    let path = backing.display().to_string();
+    let opts = FsOptions {
+        // The store's owner id itself: ids then pass through unchanged, so no file owned by
+        // the user running fsck (root, say) is rewritten as owned by "whoever mounts".
+        uid: OWNER_ID,
+        gid: OWNER_ID,
+        read_only: false,
+        commit_interval: Duration::from_secs(3600),
+    };
+    let fs = Fs::open_backing(backing, opts).map_err(|e| match e {
+        OpenError::Store(StoreError::Busy) => FsckError::Busy(path.clone()),
+        OpenError::Store(source) => FsckError::Store {
+            path: path.clone(),
+            source,
+        },
+        OpenError::Backing { path, source } => FsckError::Io {
+            context: format!("opening {path}"),
+            source,
+        },
+    })?;
+    let fs_err = |what: &str| {
+        let what = what.to_string();
+        move |e: nix::errno::Errno| FsckError::Io {
+            context: what,
+            source: io::Error::from(e),
+        }
+    };
+    let mut done: Vec<String> = fs
+        .recovery_warnings()
+        .into_iter()
+        .map(|w| format!("store recovered: {w}"))
+        .collect();
+    // Load every directory. An error aborts before anything more is written: a partial view
+    // would make inodes look unreferenced whose names are in the unread directories.
+    let mut dirs = vec![ROOT];
+    while let Some(ino) = dirs.pop() {
+        let fh = fs.opendir(ino).map_err(fs_err("loading a directory"))?;
+        let entries = fs.readdir(fh, 0);
+        fs.releasedir(fh);
+        for (_, e) in entries.map_err(fs_err("reading a directory"))? {
+            if e.kind == Kind::Dir && e.name != b"." && e.name != b".." {
+                dirs.push(e.ino);
+            }
+        }
+    }
+    fs.record_reconciliation();
+    if stale > 0 {
+        done.push(format!("dropped {stale} stale record(s)"));
+    }
+    for l in fs.link_inodes() {
+        if l.nlink != l.names && l.names > 0 {
+            fs.set_link_count(l.id, l.names)
+                .map_err(fs_err("setting a link count"))?;
+            done.push(format!(
+                "inode {}: link count {} → {}",
+                l.id, l.nlink, l.names
+            ));
+        }
+    }
+    let live: BTreeSet<u64> = fs.link_inodes().iter().map(|l| l.id).collect();
+    for id in fs.unreferenced_link_inodes() {
+        fs.forget_link_inode(id)
+            .map_err(fs_err("dropping an inode record"))?;
+        done.push(format!(
+            "dropped the record of inode {id}, which has no name"
+        ));
+    }
+    fs.compact().map_err(fs_err("writing a fresh checkpoint"))?;
+    done.push("wrote a fresh checkpoint of the live state".into());
+    // Content no name refers to any more: the store no longer mentions it, so moving it is
+    // safe whenever it happens; it is done last so a failure leaves a consistent store.
+    let b = Backing::open(backing).map_err(io_err(format!("opening {path}")))?;
+    for c in content_files(&b)? {
+        let Some(id) = c.id.filter(|id| c.is_file && !live.contains(id)) else {
+            continue;
+        };
+        let to = fs
+            .recover_link_content(id)
+            .map_err(fs_err("moving orphaned content to pershome-recovered"))?;
+        done.push(format!(
+            "moved orphaned content {STORE_DIR}/inodes/{id:016x} to {to}"
+        ));
+    }
+    fs.shutdown();
+    Ok(done)
+}
