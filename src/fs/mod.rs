@@ -631,6 +631,53 @@ impl State {
         fh
     }
 
+    /// Puts a name into a loaded directory and makes the change the directory's own: its
+    /// mtime and ctime, its link count for a subdirectory, its record.
+    pub fn add_entry(
+        &mut self,
+        dir: Ino,
+        name: &[u8],
+        dentry: Dentry,
+        is_dir: bool,
+        t: Timespec,
+    ) -> Result<()> {
+        let inode = self.inode_mut(dir)?;
+        inode.meta.mtime = t;
+        inode.meta.ctime = t;
+        let children = inode.children_mut().ok_or(Errno::EIO)?;
+        children
+            .folds
+            .insert(crate::fatrules::fold_key(&dentry.backing));
+        children.entries.insert(name.to_vec(), dentry);
+        if is_dir {
+            children.subdirs += 1;
+        }
+        self.mark_dirty(dir);
+        Ok(())
+    }
+
+    /// Takes a name out of a loaded directory; the counterpart of `add_entry`.
+    pub fn remove_entry(
+        &mut self,
+        dir: Ino,
+        name: &[u8],
+        backing: &[u8],
+        is_dir: bool,
+        t: Timespec,
+    ) -> Result<()> {
+        let inode = self.inode_mut(dir)?;
+        inode.meta.mtime = t;
+        inode.meta.ctime = t;
+        let children = inode.children_mut().ok_or(Errno::EIO)?;
+        children.entries.remove(name);
+        children.folds.remove(&crate::fatrules::fold_key(backing));
+        if is_dir {
+            children.subdirs = children.subdirs.saturating_sub(1);
+        }
+        self.mark_dirty(dir);
+        Ok(())
+    }
+
     pub fn mark_dirty(&mut self, ino: Ino) {
         self.dirty.insert(ino);
     }

@@ -197,22 +197,16 @@ impl Fs {
         }
         let attr = inode.attr(ino);
         st.inodes.insert(ino, inode);
-        let pinode = st.inode_mut(parent)?;
-        pinode.meta.mtime = t;
-        pinode.meta.ctime = t;
-        let children = pinode.children_mut().ok_or(Errno::EIO)?;
-        children.folds.insert(fold_key(&backing_name));
-        children.entries.insert(
-            name.to_vec(),
+        st.add_entry(
+            parent,
+            name,
             Dentry {
                 ino,
                 backing: backing_name,
             },
-        );
-        if node.kind == Kind::Dir {
-            children.subdirs += 1;
-        }
-        st.mark_dirty(parent);
+            node.kind == Kind::Dir,
+            t,
+        )?;
         st.mark_dirty(ino);
         // Re-read the attributes: a new directory changes its parent's link count only.
         Ok((attr, file))
@@ -329,18 +323,7 @@ impl Fs {
         let t = now();
         let ino = dentry.ino;
         let is_dir = st.inode(ino)?.kind == Kind::Dir;
-        {
-            let pinode = st.inode_mut(parent)?;
-            pinode.meta.mtime = t;
-            pinode.meta.ctime = t;
-            let children = pinode.children_mut().ok_or(Errno::EIO)?;
-            children.entries.remove(name);
-            children.folds.remove(&fold_key(&dentry.backing));
-            if is_dir {
-                children.subdirs = children.subdirs.saturating_sub(1);
-            }
-        }
-        st.mark_dirty(parent);
+        st.remove_entry(parent, name, &dentry.backing, is_dir, t)?;
         let inode = st.inode_mut(ino)?;
         inode.meta.ctime = t;
         match inode.link_id {
@@ -478,19 +461,16 @@ impl Fs {
         inode.lookups += 1;
         let attr = inode.attr(ino);
         st.mark_dirty(ino);
-        let pinode = st.inode_mut(newparent)?;
-        pinode.meta.mtime = t;
-        pinode.meta.ctime = t;
-        let children = pinode.children_mut().ok_or(Errno::EIO)?;
-        children.folds.insert(fold_key(&new_backing));
-        children.entries.insert(
-            newname.to_vec(),
+        st.add_entry(
+            newparent,
+            newname,
             Dentry {
                 ino,
                 backing: new_backing,
             },
-        );
-        st.mark_dirty(newparent);
+            false,
+            t,
+        )?;
         Ok(attr)
     }
 
@@ -675,34 +655,12 @@ impl Fs {
         st.pending.push(Record::Rename { from, to });
         let t = now();
         let is_dir = src_kind == Kind::Dir;
-        {
-            let pinode = st.inode_mut(parent)?;
-            pinode.meta.mtime = t;
-            pinode.meta.ctime = t;
-            let c = pinode.children_mut().ok_or(Errno::EIO)?;
-            c.entries.remove(name);
-            c.folds.remove(&fold_key(&src.backing));
-            if is_dir {
-                c.subdirs = c.subdirs.saturating_sub(1);
-            }
-        }
-        {
-            let pinode = st.inode_mut(newparent)?;
-            pinode.meta.mtime = t;
-            pinode.meta.ctime = t;
-            let c = pinode.children_mut().ok_or(Errno::EIO)?;
-            c.folds.insert(fold_key(&new_backing));
-            c.entries.insert(
-                newname.to_vec(),
-                Dentry {
-                    ino: src.ino,
-                    backing: new_backing,
-                },
-            );
-            if is_dir {
-                c.subdirs += 1;
-            }
-        }
+        st.remove_entry(parent, name, &src.backing, is_dir, t)?;
+        let moved = Dentry {
+            ino: src.ino,
+            backing: new_backing,
+        };
+        st.add_entry(newparent, newname, moved, is_dir, t)?;
         let inode = st.inode_mut(src.ino)?;
         inode.meta.ctime = t;
         inode.move_name((parent, name), (newparent, newname));
