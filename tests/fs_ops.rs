@@ -819,3 +819,82 @@ fn fsync_before_close_records_the_file_as_it_is() {
     let log = lookup(&fs, &[b"log"]);
     assert_eq!((log.size, log.mtime, log.perm), (8, t, 0o600));
 }
+
+/// A batch holding a record that tries to name a path outside its directory is refused as a
+/// whole at recovery, with a warning; the home still mounts, with default metadata there.
+#[test]
+fn a_record_with_a_slash_in_a_name_is_refused_and_the_home_mounts() {
+    use pershome::meta::journal::{Journal, OpenMode};
+    use pershome::meta::{Meta, Record};
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    std::fs::write(backing.join("f"), b"data").unwrap();
+    {
+        let root = std::fs::File::open(backing).unwrap();
+        let (mut journal, _) = Journal::open(root.as_fd(), OpenMode::ReadWrite).unwrap();
+        let meta = Meta {
+            mode: libc::S_IFREG | 0o600,
+            name: Some(b"../../etc/passwd".to_vec()),
+            ..Meta::default()
+        };
+        journal
+            .append(&[Record::Put {
+                path: vec![b"f".to_vec()],
+                meta,
+            }])
+            .unwrap();
+    }
+    let fs = open(backing);
+    assert!(
+        !fs.recovery_warnings().is_empty(),
+        "the refused batch is reported"
+    );
+    let f = lookup(&fs, &[b"f"]);
+    assert_eq!(
+        (f.perm, f.uid),
+        (0o644, 1000),
+        "default metadata for the file"
+    );
+    assert_eq!(read_all(&fs, f.ino), b"data");
+    assert_eq!(list(&fs, ROOT), vec![b"f".to_vec()]);
+}
+
+/// A bit flipped in the journal costs at most the damaged batch and what follows it.
+#[test]
+fn a_bit_flipped_journal_still_mounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    let a = create_file(&fs, ROOT, b"a", 0o600, b"first");
+    fs.commit().unwrap();
+    fs.setattr(
+        a.ino,
+        SetAttr {
+            mode: Some(0o640),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    fs.shutdown();
+    drop(fs);
+    let journal = std::fs::read_dir(backing.join(".pershome"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("journal.")
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    std::fs::write(&journal, &bytes).unwrap();
+    let fs = open(backing);
+    assert!(!fs.recovery_warnings().is_empty());
+    let a = lookup(&fs, &[b"a"]);
+    assert_eq!(a.perm, 0o600, "the state of the last intact commit");
+    assert_eq!(read_all(&fs, a.ino), b"first");
+}

@@ -570,3 +570,70 @@ fn setuid_bits_are_cleared_as_on_ext4() {
     assert_eq!(mode("chowned"), 0o777, "and a chown");
     m.unmount();
 }
+
+/// A stick whose metadata claims a setuid-root program and a device node gains nothing: the
+/// mount is nosuid,nodev, so the device cannot be opened and the setuid bit is not honoured.
+#[test]
+fn a_stick_claiming_setuid_root_and_devices_gains_nothing() {
+    if !can_mount() {
+        return;
+    }
+    use pershome::meta::journal::{Journal, OpenMode};
+    use pershome::meta::{Meta, Record};
+    use std::os::fd::AsFd;
+    let s = scratch();
+    std::fs::write(s.backing.join("rootshell"), b"#!/bin/sh\nid -u\n").unwrap();
+    std::fs::write(s.backing.join("mem"), b"").unwrap();
+    {
+        let root = std::fs::File::open(&s.backing).unwrap();
+        let (mut journal, _) = Journal::open(root.as_fd(), OpenMode::ReadWrite).unwrap();
+        let p = |n: &str| vec![n.as_bytes().to_vec()];
+        journal
+            .append(&[
+                Record::Put {
+                    path: p("rootshell"),
+                    meta: Meta {
+                        mode: libc::S_IFREG | 0o4755,
+                        uid: 0,
+                        gid: 0,
+                        ..Meta::default()
+                    },
+                },
+                Record::Put {
+                    path: p("mem"),
+                    meta: Meta {
+                        mode: libc::S_IFCHR | 0o666,
+                        uid: 0,
+                        gid: 0,
+                        rdev: libc::makedev(1, 1),
+                        ..Meta::default()
+                    },
+                },
+            ])
+            .unwrap();
+    }
+    let m = Mount::new(&s.backing, &s.mnt, "allow_other");
+    let shell = std::fs::metadata(s.mnt.join("rootshell")).unwrap();
+    assert_eq!(
+        (shell.mode() & 0o7777, shell.uid()),
+        (0o4755, 0),
+        "the metadata is shown as stored"
+    );
+    let mem = std::fs::symlink_metadata(s.mnt.join("mem")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &mem.file_type()
+    ));
+    let err = std::fs::File::open(s.mnt.join("mem")).expect_err("a device node on a nodev mount");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EACCES),
+        "opening the device: {err}"
+    );
+    let line = mounted(&s.mnt).unwrap();
+    let opts = line.split(' ').nth(3).unwrap().to_string();
+    assert!(
+        opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"),
+        "{line}"
+    );
+    m.unmount();
+}
