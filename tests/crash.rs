@@ -122,9 +122,9 @@ fn snapshot(fs: &Fs) -> Tree {
     let mut stack = vec![(ROOT, Vec::new())];
     while let Some((dir, path)) = stack.pop() {
         for name in list(fs, dir) {
-            let a = fs.lookup(dir, &name).unwrap_or_else(|e| {
-                panic!("{:?} is listed but lookup fails: {e}", show(&path))
-            });
+            let a = fs
+                .lookup(dir, &name)
+                .unwrap_or_else(|e| panic!("{:?} is listed but lookup fails: {e}", show(&path)));
             let mut p: Vec<Vec<u8>> = path.clone();
             p.push(name);
             out.insert(
@@ -171,16 +171,19 @@ fn at(fs: &Fs, path: &[&[u8]]) -> Result<Ino, Errno> {
 }
 
 /// Creates `path` with `data`; fsyncs it before closing when `sync`.
-fn put_file(fs: &Fs, dir: &[&[u8]], name: &[u8], mode: u32, data: &[u8], sync: bool) -> Result<bool, Errno> {
+fn put_file(
+    fs: &Fs,
+    dir: &[&[u8]],
+    name: &[u8],
+    mode: u32,
+    data: &[u8],
+    sync: bool,
+) -> Result<bool, Errno> {
     let parent = at(fs, dir)?;
     let (_, fh) = fs.create(USER, parent, name, mode, libc::O_RDWR)?;
-    let result = fs.write(fh, 0, data).and_then(|_| {
-        if sync {
-            fs.fsync(fh, false)
-        } else {
-            Ok(())
-        }
-    });
+    let result = fs
+        .write(fh, 0, data)
+        .and_then(|_| if sync { fs.fsync(fh, false) } else { Ok(()) });
     fs.release(fh)?;
     result.map(|_| sync)
 }
@@ -189,13 +192,9 @@ fn append(fs: &Fs, path: &[&[u8]], data: &[u8], sync: bool) -> Result<bool, Errn
     let ino = at(fs, path)?;
     let fh = fs.open(ino, libc::O_WRONLY)?;
     let size = fs.getattr(ino)?.size;
-    let result = fs.write(fh, size, data).and_then(|_| {
-        if sync {
-            fs.fsync(fh, true)
-        } else {
-            Ok(())
-        }
-    });
+    let result = fs
+        .write(fh, size, data)
+        .and_then(|_| if sync { fs.fsync(fh, true) } else { Ok(()) });
     fs.release(fh)?;
     result.map(|_| sync)
 }
@@ -222,9 +221,18 @@ fn steps() -> Vec<Step> {
             sync_dir(fs, &[])
         }),
         ("create d/f1, fsync", |fs| {
-            put_file(fs, &[b"d"], b"f1", 0o640, b"alpha: fsynced data of f1\n", true)
+            put_file(
+                fs,
+                &[b"d"],
+                b"f1",
+                0o640,
+                b"alpha: fsynced data of f1\n",
+                true,
+            )
         }),
-        ("create g", |fs| put_file(fs, &[], b"g", 0o644, &[b'g'; 5000], false)),
+        ("create g", |fs| {
+            put_file(fs, &[], b"g", 0o644, &[b'g'; 5000], false)
+        }),
         ("chmod g 0600", |fs| {
             let set = SetAttr {
                 mode: Some(0o600),
@@ -271,7 +279,9 @@ fn steps() -> Vec<Step> {
             fs.link(at(fs, &[b"d", b"f1"])?, ROOT, b"h")?;
             sync_dir(fs, &[])
         }),
-        ("append to h, fdatasync", |fs| append(fs, &[b"h"], b"beta: more of it\n", true)),
+        ("append to h, fdatasync", |fs| {
+            append(fs, &[b"h"], b"beta: more of it\n", true)
+        }),
         ("unlink d/f1 (h stays)", |fs| {
             fs.unlink(at(fs, &[b"d"])?, b"f1")?;
             Ok(false)
@@ -306,7 +316,9 @@ fn steps() -> Vec<Step> {
             fs.rmdir(ROOT, b"t")?;
             Ok(false)
         }),
-        ("create k, fsync", |fs| put_file(fs, &[b"d"], b"k", 0o600, b"delta", true)),
+        ("create k, fsync", |fs| {
+            put_file(fs, &[b"d"], b"k", 0o600, b"delta", true)
+        }),
         ("removexattr e/g2, final fsync", |fs| {
             fs.removexattr(at(fs, &[b"e", b"g2"])?, b"user.tag")?;
             sync_dir(fs, &[])
@@ -383,7 +395,10 @@ fn crash_at(n: u64, torn: bool, k: u64) -> bool {
             continue;
         }
         match got.get(path) {
-            None => problems.push(format!("{} (fsync'ed, untouched since) is missing", show(path))),
+            None => problems.push(format!(
+                "{} (fsync'ed, untouched since) is missing",
+                show(path)
+            )),
             Some(g) if g != seen => problems.push(format!(
                 "{} (fsync'ed, untouched since):\n    expected {seen:?}\n    got      {g:?}",
                 show(path)
@@ -403,7 +418,9 @@ fn crash_at(n: u64, torn: bool, k: u64) -> bool {
                  last fsync",
                 show(path),
                 g.kind,
-                g.content.as_ref().map(|c| String::from_utf8_lossy(c).into_owned()),
+                g.content
+                    .as_ref()
+                    .map(|c| String::from_utf8_lossy(c).into_owned()),
                 g.link
             ));
         }
@@ -440,7 +457,10 @@ fn crash_at(n: u64, torn: bool, k: u64) -> bool {
     };
     let repaired = fsck(&backing, &repair).unwrap_or_else(|e| panic!("{case}: fsck --repair: {e}"));
     let left: Vec<_> = repaired.problems_left().collect();
-    assert!(left.is_empty(), "{case}: expected a clean repair, left {left:?}");
+    assert!(
+        left.is_empty(),
+        "{case}: expected a clean repair, left {left:?}"
+    );
     let again = fsck(&backing, &check).unwrap_or_else(|e| panic!("{case}: second fsck: {e}"));
     let left: Vec<_> = again.problems_left().collect();
     assert!(
@@ -458,7 +478,11 @@ fn count_operations() -> u64 {
     fs.set_store_faults(faults.clone());
     let run = run_workload(&fs, &faults);
     assert!(run.first_error.is_none());
-    assert_eq!(run.last_synced, run.states.len() - 1, "the workload must end with an fsync");
+    assert_eq!(
+        run.last_synced,
+        run.states.len() - 1,
+        "the workload must end with an fsync"
+    );
     faults.operations()
 }
 
@@ -466,7 +490,10 @@ fn count_operations() -> u64 {
 fn recovery_holds_at_every_store_write() {
     let started = Instant::now();
     let k = count_operations();
-    assert!(k > 20, "expected a workload of many store operations, got {k}");
+    assert!(
+        k > 20,
+        "expected a workload of many store operations, got {k}"
+    );
     let (mut cases, mut exact) = (0, 0);
     for torn in [false, true] {
         for n in 0..=k {
@@ -481,4 +508,228 @@ fn recovery_holds_at_every_store_write() {
          a state at or after the last fsync) in {:.1?}",
         started.elapsed()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// kill -9 of a real mount
+// ---------------------------------------------------------------------------------------------
+
+fn mounted(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let Some(want) = path.to_str() else {
+        return false;
+    };
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(want))
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pids of pershomefs processes whose command line names `mountpoint`.
+fn daemons_serving(mountpoint: &Path) -> Vec<i32> {
+    let want = mountpoint.as_os_str().as_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let is_pershomefs = cmdline
+                .split(|&b| b == 0)
+                .next()
+                .is_some_and(|a| a.ends_with(b"pershomefs"));
+            is_pershomefs && cmdline.split(|&b| b == 0).any(|a| a == want)
+        })
+        .collect()
+}
+
+/// A mount of pershomefs; dropping it unmounts (lazily if the daemon is dead) and waits for
+/// the daemon to be gone, so no mount outlives the test even when it fails.
+struct Mount {
+    mountpoint: PathBuf,
+}
+
+impl Mount {
+    fn new(backing: &Path, mountpoint: &Path) -> Mount {
+        let out = Command::new(env!("CARGO_BIN_EXE_pershomefs"))
+            .arg(backing)
+            .arg(mountpoint)
+            .output()
+            .expect("run pershomefs");
+        let guard = Mount {
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        assert!(
+            out.status.success(),
+            "pershomefs failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            mounted(mountpoint),
+            "pershomefs returned before the mount was there"
+        );
+        guard
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mountpoint)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+        let mp = self.mountpoint.clone();
+        wait_until("the mount is gone", || !mounted(&mp));
+        wait_until("the daemon has exited", || daemons_serving(&mp).is_empty());
+    }
+}
+
+fn can_mount() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok()
+        && nix::unistd::geteuid().is_root();
+    if !ok {
+        eprintln!("skipping: real mounts need root and /dev/fuse");
+    }
+    ok
+}
+
+/// A file whose fsync returned Ok: its content, and where it may be (two places while a
+/// rename that returned Ok is not yet followed by a successful fsync).
+type Synced = Vec<(Vec<PathBuf>, Vec<u8>)>;
+
+/// Creates, writes, fsyncs, renames and fsyncs again files under `mnt` until an error (the
+/// daemon is gone) or `rounds` are done.
+fn busy_workload(mnt: &Path, rounds: usize) -> Synced {
+    use std::io::Write;
+    let mut synced = Synced::new();
+    for i in 0..rounds {
+        let tmp = mnt.join(format!("w{i}.tmp"));
+        let done = mnt.join(format!("w{i}"));
+        let content: Vec<u8> = format!("file {i}: ")
+            .bytes()
+            .chain((0..(i * 37 % 9000) as u32).map(|b| b as u8))
+            .collect();
+        let mut step = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&content)?;
+            f.sync_all()?;
+            synced.push((vec![tmp.clone()], content.clone()));
+            std::fs::rename(&tmp, &done)?;
+            let last = synced.len() - 1;
+            synced[last].0.push(done.clone());
+            // The rename is durable once the file is fsync'ed again.
+            std::fs::File::open(&done)?.sync_all()?;
+            synced[last].0 = vec![done.clone()];
+            Ok(())
+        };
+        if step().is_err() {
+            break;
+        }
+    }
+    synced
+}
+
+#[test]
+fn kill_dash_nine_loses_nothing_fsynced() {
+    if !can_mount() {
+        return;
+    }
+    let kill_points = if long_tests() { 5 } else { 3 };
+    for round in 0..kill_points {
+        let dir = tempfile::Builder::new()
+            .prefix("pershome-crash")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let backing = dir.path().join("stick/pershome");
+        let mnt = dir.path().join("home");
+        std::fs::create_dir_all(&backing).expect("mkdir backing");
+        std::fs::create_dir(&mnt).expect("mkdir mountpoint");
+        let mount = Mount::new(&backing, &mnt);
+        let pids = daemons_serving(&mnt);
+        assert_eq!(pids.len(), 1, "expected one daemon, got {pids:?}");
+        let worker = {
+            let mnt = mnt.clone();
+            std::thread::spawn(move || busy_workload(&mnt, 100_000))
+        };
+        // Different kill points: 50, 200, 400 ms... into the workload.
+        std::thread::sleep(Duration::from_millis(50 + 150 * round as u64));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pids[0]),
+            nix::sys::signal::SIGKILL,
+        )
+        .expect("kill -9 the daemon");
+        let synced = worker.join().expect("the workload thread panicked");
+        drop(mount); // the dead mount is cleaned up
+        assert!(
+            !synced.is_empty(),
+            "round {round}: nothing was fsync'ed before the kill"
+        );
+
+        let mount = Mount::new(&backing, &mnt);
+        let mut problems = Vec::new();
+        for (places, want) in &synced {
+            let found: Vec<String> = places
+                .iter()
+                .map(|p| match std::fs::read(p) {
+                    Ok(got) if got == *want => "ok".to_string(),
+                    Ok(got) => format!("{} bytes, not the {} fsync'ed", got.len(), want.len()),
+                    Err(e) => e.to_string(),
+                })
+                .collect();
+            if !found.iter().any(|f| f == "ok") {
+                problems.push(format!(
+                    "{places:?}: expected the fsync'ed content, got {found:?}"
+                ));
+            }
+        }
+        drop(mount);
+        assert!(
+            problems.is_empty(),
+            "round {round} ({} files fsync'ed): {}",
+            synced.len(),
+            problems.join("\n")
+        );
+        assert_fat_clean(&backing);
+        let report = fsck(
+            &backing,
+            &FsckOptions {
+                repair: false,
+                force: false,
+            },
+        )
+        .unwrap_or_else(|e| panic!("round {round}: fsck: {e}"));
+        let unrepairable: Vec<_> = report
+            .findings
+            .iter()
+            .filter(|f| f.class == Class::Unrepairable)
+            .collect();
+        assert!(
+            unrepairable.is_empty(),
+            "round {round}: expected nothing unrepairable, fsck found {unrepairable:?}"
+        );
+        eprintln!(
+            "kill -9 round {round}: {} fsync'ed files intact",
+            synced.len()
+        );
+    }
 }

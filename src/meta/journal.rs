@@ -116,7 +116,9 @@ pub struct Faults {
 enum Gate {
     Go,
     /// Fail; when `torn`, a write first writes the leading `torn_len` bytes of its buffer.
-    Fail { torn: bool },
+    Fail {
+        torn: bool,
+    },
 }
 
 impl Faults {
