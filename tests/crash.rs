@@ -425,7 +425,7 @@ fn crash_at(n: u64, torn: bool, k: u64) -> bool {
             ));
         }
     }
-    let exact = candidates.iter().any(|t| *t == got);
+    let exact = candidates.contains(&got);
     if !faults.tripped() && Some(&got) != run.states.last() {
         problems.push("no fault fired, yet the tree is not the final one".into());
     }
