@@ -613,8 +613,8 @@ fn can_mount() -> bool {
     ok
 }
 
-/// A file whose fsync returned Ok: its content, and where it may be (two places while a
-/// rename that returned Ok is not yet followed by a successful fsync).
+/// A file whose fsync returned Ok: its content, and where it may be (two places from the
+/// moment its rename is asked for until a later fsync returned Ok).
 type Synced = Vec<(Vec<PathBuf>, Vec<u8>)>;
 
 /// Creates, writes, fsyncs, renames and fsyncs again files under `mnt` until an error (the
@@ -633,10 +633,12 @@ fn busy_workload(mnt: &Path, rounds: usize) -> Synced {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&content)?;
             f.sync_all()?;
-            synced.push((vec![tmp.clone()], content.clone()));
+            // A rename in flight when the daemon dies may or may not have happened on the
+            // stick (it may have been done without being answered): both names are allowed
+            // from the moment it is asked for.
+            synced.push((vec![tmp.clone(), done.clone()], content.clone()));
             std::fs::rename(&tmp, &done)?;
             let last = synced.len() - 1;
-            synced[last].0.push(done.clone());
             // The rename is durable once the file is fsync'ed again.
             std::fs::File::open(&done)?.sync_all()?;
             synced[last].0 = vec![done.clone()];
