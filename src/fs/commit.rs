@@ -254,6 +254,14 @@ impl Fs {
         }
     }
 
+    /// Test hook: injected failures of the store's writes from now on (see
+    /// `crate::meta::Faults`). Does nothing on a read-only mount, which writes nothing.
+    pub fn set_store_faults(&self, faults: std::sync::Arc<crate::meta::Faults>) {
+        if let Some(journal) = self.journal().as_mut() {
+            journal.set_faults(faults);
+        }
+    }
+
     /// Called at unmount: commit what is pending; the daemon exits after this.
     pub fn shutdown(&self) {
         if self.opts.read_only {

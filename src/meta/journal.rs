@@ -17,6 +17,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -94,6 +96,76 @@ pub struct Recovered {
     pub created: bool,
 }
 
+/// Test hook: injected failures of the store's write-like system calls, to prove recovery
+/// at every point a write can stop (tests/crash.rs). Every `pwrite`, `fsync`/`fdatasync`,
+/// `O_CREAT` open, `unlink`, `rename` and `ftruncate` the store makes while these are set
+/// counts as one operation. The first `allow` operations run normally; the next one fails with
+/// EIO — a `pwrite` that is `torn` first writes the first half of its buffer — and so does
+/// every later one, as on a stick that was pulled. Never set in production: a `Journal`
+/// without faults (the default) does not look at this at all.
+#[derive(Debug)]
+pub struct Faults {
+    allow: u64,
+    torn: bool,
+    attempted: AtomicU64,
+    tripped: AtomicBool,
+}
+
+/// What an injected-fault check decided for one operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Go,
+    /// Fail; when `torn`, a write first writes the leading `torn_len` bytes of its buffer.
+    Fail {
+        torn: bool,
+    },
+}
+
+impl Faults {
+    /// Allows `allow` operations, then fails every later one (the first of them torn, if
+    /// `torn` and it is a write).
+    pub fn new(allow: u64, torn: bool) -> Faults {
+        Faults {
+            allow,
+            torn,
+            attempted: AtomicU64::new(0),
+            tripped: AtomicBool::new(false),
+        }
+    }
+
+    /// Never fails: only counts the operations (to learn how many a workload makes).
+    pub fn counting() -> Faults {
+        Faults::new(u64::MAX, false)
+    }
+
+    /// Write-like operations attempted so far (the failed ones included).
+    pub fn operations(&self) -> u64 {
+        self.attempted.load(Ordering::SeqCst)
+    }
+
+    /// Whether an operation has been failed.
+    pub fn tripped(&self) -> bool {
+        self.tripped.load(Ordering::SeqCst)
+    }
+
+    fn gate(&self) -> Gate {
+        let n = self.attempted.fetch_add(1, Ordering::SeqCst);
+        if n < self.allow {
+            return Gate::Go;
+        }
+        self.tripped.store(true, Ordering::SeqCst);
+        Gate::Fail {
+            torn: self.torn && n == self.allow,
+        }
+    }
+}
+
+/// The length of the prefix a torn write leaves: half the buffer, rounded down, so a one-byte
+/// write leaves nothing and every longer one leaves part of itself.
+fn torn_len(len: usize) -> usize {
+    len / 2
+}
+
 /// Why the store could not be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -151,6 +223,8 @@ pub struct Journal {
     /// so a shorter batch cannot be followed by the remains of a longer one.
     tail_dirty: bool,
     stats: WriteStats,
+    /// Injected failures (tests only); None costs one branch per write.
+    faults: Option<Arc<Faults>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -606,7 +680,36 @@ fn list_store(dir: &OwnedFd) -> Result<BTreeMap<u64, GenFiles>, StoreError> {
     Ok(gens)
 }
 
+/// The error an injected fault gives: what a pulled stick gives.
+fn injected(context: String) -> StoreError {
+    StoreError::Io {
+        context: format!("{context} (injected fault)"),
+        source: Errno::EIO.into(),
+    }
+}
+
 impl Journal {
+    /// Test hook: fail the store's later writes as `faults` says (see `Faults`).
+    pub fn set_faults(&mut self, faults: Arc<Faults>) {
+        self.faults = Some(faults);
+    }
+
+    /// Consults the injected faults, if any, before a write-like system call.
+    fn gate(&self) -> Gate {
+        match &self.faults {
+            None => Gate::Go,
+            Some(f) => f.gate(),
+        }
+    }
+
+    /// `gate` for an operation that cannot be torn: Err if it must fail.
+    fn gate_op(&self, context: impl FnOnce() -> String) -> Result<(), StoreError> {
+        match self.gate() {
+            Gate::Go => Ok(()),
+            Gate::Fail { .. } => Err(injected(context())),
+        }
+    }
+
     fn dir(&self) -> Result<&OwnedFd, StoreError> {
         match (self.mode, &self.dir) {
             (OpenMode::ReadWrite, Some(dir)) => Ok(dir),
@@ -624,6 +727,18 @@ impl Journal {
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
+            if let Gate::Fail { torn } = self.gate() {
+                if torn {
+                    let part = &buf[done..done + torn_len(buf.len() - done)];
+                    if !part.is_empty() {
+                        self.stats.writes += 1;
+                        self.stats.bytes += part.len() as u64;
+                        // The error of a torn write is the injected one, whatever this gives.
+                        let _ = pwrite(fd.as_fd(), part, at as i64);
+                    }
+                }
+                return Err(injected(format!("writing {STORE_DIR}/{name}")));
+            }
             let res = pwrite(fd.as_fd(), &buf[done..], at as i64);
             self.stats.writes += 1;
             match res {
@@ -645,6 +760,7 @@ impl Journal {
     }
 
     fn sync_file(&mut self, fd: &OwnedFd, name: &str, data_only: bool) -> Result<(), StoreError> {
+        self.gate_op(|| format!("syncing {STORE_DIR}/{name}"))?;
         self.stats.syncs += 1;
         let res = if data_only {
             fdatasync(raw(fd))
@@ -656,12 +772,14 @@ impl Journal {
 
     fn sync_dir(&mut self) -> Result<(), StoreError> {
         let dir = self.dir()?.as_raw_fd();
+        self.gate_op(|| format!("syncing the directory {STORE_DIR}"))?;
         self.stats.syncs += 1;
         fsync(dir).map_err(io_err(format!("syncing the directory {STORE_DIR}")))
     }
 
     fn unlink(&mut self, name: &str) -> Result<(), StoreError> {
         let dir = self.dir()?.as_raw_fd();
+        self.gate_op(|| format!("removing {STORE_DIR}/{name}"))?;
         match unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),
             Err(e) => Err(io_err(format!("removing {STORE_DIR}/{name}"))(e)),
@@ -673,6 +791,7 @@ impl Journal {
     /// `contents`, and makes it and its directory entry durable. Returns the open file.
     fn create_durable(&mut self, name: &str, contents: &[u8]) -> Result<OwnedFd, StoreError> {
         self.unlink(name)?;
+        self.gate_op(|| format!("creating {STORE_DIR}/{name}"))?;
         let fd = open_at(
             self.dir()?,
             name,
@@ -751,6 +870,7 @@ impl Journal {
 
     fn append_frame(&mut self, fd: &OwnedFd, name: &str, frame: &[u8]) -> Result<(), StoreError> {
         if self.tail_dirty {
+            self.gate_op(|| format!("cutting a failed batch off {STORE_DIR}/{name}"))?;
             self.stats.writes += 1;
             ftruncate(fd.as_fd(), self.len as i64).map_err(io_err(format!(
                 "cutting a failed batch off {STORE_DIR}/{name}"
@@ -806,6 +926,7 @@ impl Journal {
             len: 0,
             tail_dirty: false,
             stats: WriteStats::default(),
+            faults: None,
         };
         let root = backing_root.as_raw_fd();
         let mut created_dir = false;
@@ -1162,6 +1283,7 @@ impl Journal {
                 .map_err(io_err(format!("opening {STORE_DIR}/{name}")))?;
                 let len = live_len.unwrap_or(HEADER_LEN);
                 if let Some(cut) = live_cut {
+                    self.gate_op(|| format!("cutting the torn batch off {STORE_DIR}/{name}"))?;
                     self.stats.writes += 1;
                     ftruncate(fd.as_fd(), cut as i64).map_err(io_err(format!(
                         "cutting the torn batch off {STORE_DIR}/{name}"
@@ -1227,6 +1349,7 @@ impl Journal {
                 Err(Errno::ENOENT) => {}
                 Err(e) => return Err(io_err(format!("examining {STORE_DIR}/{target}"))(e)),
             }
+            self.gate_op(|| format!("renaming {STORE_DIR}/{name} to {target}"))?;
             renameat(Some(dir), name, Some(dir), target.as_str())
                 .map_err(io_err(format!("renaming {STORE_DIR}/{name} to {target}")))?;
             return Ok(Some(format!(

@@ -163,7 +163,9 @@ fn run() -> Result<()> {
 
 pub fn cargo_test(sh: &Shell) -> Result<()> {
     util::banner("cargo test --workspace");
+    // The long variants of the crash tests (tests/crash.rs) run in CI.
     cmd!(sh, "cargo test --workspace")
+        .env("PERSHOME_LONG_TESTS", "1")
         .run()
         .context("cargo test --workspace failed")
 }

@@ -1,0 +1,737 @@
+//! Crash and yank safety (design property 6), tested at every write of the metadata store.
+//!
+//! In-process: a deterministic workload runs through `Fs` with `pershome::meta::Faults` under
+//! the store, which lets `n` write-like system calls through and fails the next one (torn:
+//! half its buffer written) and every later one with EIO. The `Fs` is then dropped without
+//! `shutdown()` (the daemon died) and the backing is opened again without faults. That is
+//! done for every `n` from 0 to K, the number of store operations of the whole workload.
+//!
+//! What is checked after each crash, with `S_last` the tree right after the last `fsync` that
+//! returned Ok (the empty tree if none did) and "candidates" every tree the workload passed
+//! through from `S_last` to its end:
+//! - the open succeeds;
+//! - every entry (path, type, permissions, owner, mtime, ctime, nlink, size, content, symlink
+//!   target, xattrs; not atime) that is the same in all candidates — fsync'ed and not touched
+//!   since — is there exactly so (this covers every fsync'ed byte of data that was not
+//!   changed later);
+//! - every path in the recovered tree exists in some candidate with the same type and the
+//!   same content or symlink target (nothing invented, no stale or half-written data);
+//! - when no fault fired (n = K), the tree is exactly the final one;
+//! - the FAT audit passes; `fsck` finds nothing unrepairable; after `--repair`, a second
+//!   `fsck` finds nothing at all.
+//!
+//! Metadata changed after the last fsync may be lost (recovery goes back to the last commit,
+//! and a file created or renamed after it gets the metadata of a file found on the stick), so
+//! the recovered tree as a whole is not always one of the candidates; how often it is, is
+//! printed.
+//!
+//! With a real mount: `kill -9` of the daemon in the middle of a busy workload, then a
+//! remount, which must show every fsync'ed file with its fsync'ed content.
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pershome::audit::assert_fat_clean;
+use pershome::fs::{Ctx, Errno, Fs, FsOptions, Ino, Kind, SetAttr, SetTime, ROOT};
+use pershome::fsck::{fsck, Class, FsckOptions};
+use pershome::meta::{Faults, Timespec};
+
+const USER: Ctx = Ctx {
+    uid: 1000,
+    gid: 1000,
+    pid: 1,
+    umask: 0,
+};
+
+fn opts() -> FsOptions {
+    FsOptions {
+        uid: 1000,
+        gid: 1000,
+        read_only: false,
+        commit_interval: Duration::from_secs(5),
+    }
+}
+
+fn long_tests() -> bool {
+    std::env::var("PERSHOME_LONG_TESTS").is_ok_and(|v| v == "1")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots of the tree as `Fs` shows it
+// ---------------------------------------------------------------------------------------------
+
+/// Everything observable about one entry, except atime (reads may move it).
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    kind: Kind,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    size: u64,
+    mtime: Timespec,
+    ctime: Timespec,
+    link: Option<Vec<u8>>,
+    content: Option<Vec<u8>>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+type Tree = BTreeMap<Vec<Vec<u8>>, Seen>;
+
+fn list(fs: &Fs, ino: Ino) -> Vec<Vec<u8>> {
+    let fh = fs.opendir(ino).expect("opendir");
+    let names = fs
+        .readdir(fh, 0)
+        .expect("readdir")
+        .into_iter()
+        .map(|(_, e)| e.name)
+        .filter(|n| n != b"." && n != b"..")
+        .collect();
+    fs.releasedir(fh);
+    names
+}
+
+fn read_all(fs: &Fs, ino: Ino) -> Vec<u8> {
+    let fh = fs.open(ino, libc::O_RDONLY).expect("open for reading");
+    let data = fs.read(fh, 0, 1 << 20).expect("read");
+    fs.release(fh).expect("release");
+    data
+}
+
+fn xattrs(fs: &Fs, ino: Ino) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use pershome::fs::xattr::XattrReply;
+    match fs.listxattr(ino, 1 << 16).expect("listxattr") {
+        XattrReply::Data(list) => list
+            .split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| match fs.getxattr(ino, n, 1 << 16).expect("getxattr") {
+                XattrReply::Data(v) => (n.to_vec(), v),
+                other => panic!("getxattr gave {other:?}"),
+            })
+            .collect(),
+        XattrReply::Size(_) => Vec::new(),
+    }
+}
+
+fn snapshot(fs: &Fs) -> Tree {
+    let mut out = Tree::new();
+    let mut stack = vec![(ROOT, Vec::new())];
+    while let Some((dir, path)) = stack.pop() {
+        for name in list(fs, dir) {
+            let a = fs
+                .lookup(dir, &name)
+                .unwrap_or_else(|e| panic!("{:?} is listed but lookup fails: {e}", show(&path)));
+            let mut p: Vec<Vec<u8>> = path.clone();
+            p.push(name);
+            out.insert(
+                p.clone(),
+                Seen {
+                    kind: a.kind,
+                    perm: a.perm,
+                    uid: a.uid,
+                    gid: a.gid,
+                    nlink: a.nlink,
+                    size: a.size,
+                    mtime: a.mtime,
+                    ctime: a.ctime,
+                    link: (a.kind == Kind::Symlink).then(|| fs.readlink(a.ino).expect("readlink")),
+                    content: (a.kind == Kind::File).then(|| read_all(fs, a.ino)),
+                    xattrs: xattrs(fs, a.ino),
+                },
+            );
+            if a.kind == Kind::Dir {
+                stack.push((a.ino, p));
+            }
+        }
+    }
+    out
+}
+
+fn show(path: &[Vec<u8>]) -> String {
+    path.iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The workload
+// ---------------------------------------------------------------------------------------------
+
+fn at(fs: &Fs, path: &[&[u8]]) -> Result<Ino, Errno> {
+    let mut ino = ROOT;
+    for part in path {
+        ino = fs.lookup(ino, part)?.ino;
+    }
+    Ok(ino)
+}
+
+/// Creates `path` with `data`; fsyncs it before closing when `sync`.
+fn put_file(
+    fs: &Fs,
+    dir: &[&[u8]],
+    name: &[u8],
+    mode: u32,
+    data: &[u8],
+    sync: bool,
+) -> Result<bool, Errno> {
+    let parent = at(fs, dir)?;
+    let (_, fh) = fs.create(USER, parent, name, mode, libc::O_RDWR)?;
+    let result = fs
+        .write(fh, 0, data)
+        .and_then(|_| if sync { fs.fsync(fh, false) } else { Ok(()) });
+    fs.release(fh)?;
+    result.map(|_| sync)
+}
+
+fn append(fs: &Fs, path: &[&[u8]], data: &[u8], sync: bool) -> Result<bool, Errno> {
+    let ino = at(fs, path)?;
+    let fh = fs.open(ino, libc::O_WRONLY)?;
+    let size = fs.getattr(ino)?.size;
+    let result = fs
+        .write(fh, size, data)
+        .and_then(|_| if sync { fs.fsync(fh, true) } else { Ok(()) });
+    fs.release(fh)?;
+    result.map(|_| sync)
+}
+
+/// An fsync of a directory: commits all pending metadata.
+fn sync_dir(fs: &Fs, path: &[&[u8]]) -> Result<bool, Errno> {
+    fs.fsyncdir(at(fs, path)?)?;
+    Ok(true)
+}
+
+fn ts(sec: i64, nsec: u32) -> SetTime {
+    SetTime::At(Timespec { sec, nsec })
+}
+
+type Step = (&'static str, fn(&Fs) -> Result<bool, Errno>);
+
+/// The workload: each step does one thing and then either fsyncs (returns Ok(true)) or not
+/// (Ok(false)). Together they write every record kind (Put, Remove, Rename, Exchange,
+/// PutInode, RemoveInode) and compact once in the middle.
+fn steps() -> Vec<Step> {
+    vec![
+        ("mkdir d", |fs| {
+            fs.mkdir(USER, ROOT, b"d", 0o750)?;
+            sync_dir(fs, &[])
+        }),
+        ("create d/f1, fsync", |fs| {
+            put_file(
+                fs,
+                &[b"d"],
+                b"f1",
+                0o640,
+                b"alpha: fsynced data of f1\n",
+                true,
+            )
+        }),
+        ("create g", |fs| {
+            put_file(fs, &[], b"g", 0o644, &[b'g'; 5000], false)
+        }),
+        ("chmod g 0600", |fs| {
+            let set = SetAttr {
+                mode: Some(0o600),
+                ..SetAttr::default()
+            };
+            fs.setattr(at(fs, &[b"g"])?, set)?;
+            sync_dir(fs, &[])
+        }),
+        ("chown g 1234:4321", |fs| {
+            let set = SetAttr {
+                uid: Some(1234),
+                gid: Some(4321),
+                ..SetAttr::default()
+            };
+            fs.setattr(at(fs, &[b"g"])?, set)?;
+            Ok(false)
+        }),
+        ("utimens d/f1 with nanoseconds", |fs| {
+            let set = SetAttr {
+                atime: Some(ts(1_600_000_000, 123_456_789)),
+                mtime: Some(ts(1_500_000_000, 987_654_321)),
+                ..SetAttr::default()
+            };
+            fs.setattr(at(fs, &[b"d", b"f1"])?, set)?;
+            sync_dir(fs, &[b"d"])
+        }),
+        ("setxattr d/f1", |fs| {
+            fs.setxattr(at(fs, &[b"d", b"f1"])?, b"user.colour", b"blue", 0)?;
+            Ok(false)
+        }),
+        ("setxattr g", |fs| {
+            fs.setxattr(at(fs, &[b"g"])?, b"user.tag", &[0u8, 1, 2, 255], 0)?;
+            sync_dir(fs, &[])
+        }),
+        ("symlink d/ln -> ../g", |fs| {
+            fs.symlink(USER, at(fs, &[b"d"])?, b"ln", b"../g")?;
+            Ok(false)
+        }),
+        ("compact", |fs| {
+            fs.compact()?;
+            Ok(false)
+        }),
+        ("hard link d/f1 as h", |fs| {
+            fs.link(at(fs, &[b"d", b"f1"])?, ROOT, b"h")?;
+            sync_dir(fs, &[])
+        }),
+        ("append to h, fdatasync", |fs| {
+            append(fs, &[b"h"], b"beta: more of it\n", true)
+        }),
+        ("unlink d/f1 (h stays)", |fs| {
+            fs.unlink(at(fs, &[b"d"])?, b"f1")?;
+            Ok(false)
+        }),
+        ("rename g to d/g2", |fs| {
+            fs.rename(ROOT, b"g", at(fs, &[b"d"])?, b"g2", 0)?;
+            sync_dir(fs, &[])
+        }),
+        ("mkdir e, create e/x", |fs| {
+            fs.mkdir(USER, ROOT, b"e", 0o700)?;
+            put_file(fs, &[b"e"], b"x", 0o604, b"gamma", false)
+        }),
+        ("exchange d and e", |fs| {
+            fs.rename(ROOT, b"d", ROOT, b"e", libc::RENAME_EXCHANGE)?;
+            sync_dir(fs, &[])
+        }),
+        ("chmod e/g2 0640 (was d/g2)", |fs| {
+            let set = SetAttr {
+                mode: Some(0o640),
+                mtime: Some(ts(1_400_000_000, 1)),
+                ..SetAttr::default()
+            };
+            fs.setattr(at(fs, &[b"e", b"g2"])?, set)?;
+            Ok(false)
+        }),
+        ("unlink d/x", |fs| {
+            fs.unlink(at(fs, &[b"d"])?, b"x")?;
+            sync_dir(fs, &[])
+        }),
+        ("mkdir and rmdir t", |fs| {
+            fs.mkdir(USER, ROOT, b"t", 0o755)?;
+            fs.rmdir(ROOT, b"t")?;
+            Ok(false)
+        }),
+        ("create k, fsync", |fs| {
+            put_file(fs, &[b"d"], b"k", 0o600, b"delta", true)
+        }),
+        ("removexattr e/g2, final fsync", |fs| {
+            fs.removexattr(at(fs, &[b"e", b"g2"])?, b"user.tag")?;
+            sync_dir(fs, &[])
+        }),
+    ]
+}
+
+/// What one run of the workload passed through.
+struct Run {
+    /// The tree before the first step, then after every step.
+    states: Vec<Tree>,
+    /// Index in `states` of the tree right after the last fsync that returned Ok.
+    last_synced: usize,
+    /// The first step that failed, and how.
+    first_error: Option<(usize, Errno)>,
+}
+
+/// Runs the workload on `fs`. Before a fault fires every step must succeed; after, errors
+/// (EIO from a commit, or a step that depends on one that failed) are expected.
+fn run_workload(fs: &Fs, faults: &Faults) -> Run {
+    let mut run = Run {
+        states: vec![snapshot(fs)],
+        last_synced: 0,
+        first_error: None,
+    };
+    for (i, (what, step)) in steps().into_iter().enumerate() {
+        match step(fs) {
+            Ok(synced) => {
+                run.states.push(snapshot(fs));
+                if synced {
+                    run.last_synced = run.states.len() - 1;
+                }
+            }
+            Err(e) => {
+                assert!(
+                    faults.tripped(),
+                    "step {i} ({what}) failed with {e} though no fault was injected"
+                );
+                run.first_error.get_or_insert((i, e));
+                run.states.push(snapshot(fs));
+            }
+        }
+    }
+    run
+}
+
+fn fresh() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("pershome");
+    std::fs::create_dir(&backing).expect("mkdir backing");
+    (dir, backing)
+}
+
+/// One crash: the workload with `n` store operations allowed, a crash, a clean reopen, and
+/// every check. Returns whether the recovered tree was exactly one of the candidates.
+fn crash_at(n: u64, torn: bool, k: u64) -> bool {
+    let case = format!("crash after {n} of {k} store operations, torn={torn}");
+    let (_dir, backing) = fresh();
+    let fs = Fs::open_backing(&backing, opts()).unwrap_or_else(|e| panic!("{case}: open: {e}"));
+    let faults = Arc::new(Faults::new(n, torn));
+    fs.set_store_faults(faults.clone());
+    let run = run_workload(&fs, &faults);
+    drop(fs); // the daemon dies: nothing more is written
+
+    let fs = Fs::open_backing(&backing, opts())
+        .unwrap_or_else(|e| panic!("{case}: the reopen failed: {e}"));
+    let got = snapshot(&fs);
+    drop(fs);
+    let candidates = &run.states[run.last_synced..];
+    let mut problems = Vec::new();
+    // Entries the same in every candidate: fsync'ed and untouched since.
+    for (path, seen) in &candidates[0] {
+        if candidates.iter().any(|t| t.get(path) != Some(seen)) {
+            continue;
+        }
+        match got.get(path) {
+            None => problems.push(format!(
+                "{} (fsync'ed, untouched since) is missing",
+                show(path)
+            )),
+            Some(g) if g != seen => problems.push(format!(
+                "{} (fsync'ed, untouched since):\n    expected {seen:?}\n    got      {g:?}",
+                show(path)
+            )),
+            Some(_) => {}
+        }
+    }
+    // Nothing invented: type and data as in some candidate.
+    for (path, g) in &got {
+        let known = candidates.iter().any(|t| {
+            t.get(path)
+                .is_some_and(|s| s.kind == g.kind && s.content == g.content && s.link == g.link)
+        });
+        if !known {
+            problems.push(format!(
+                "{} is {:?} with content {:?} / target {:?}, as in no state at or after the \
+                 last fsync",
+                show(path),
+                g.kind,
+                g.content
+                    .as_ref()
+                    .map(|c| String::from_utf8_lossy(c).into_owned()),
+                g.link
+            ));
+        }
+    }
+    let exact = candidates.contains(&got);
+    if !faults.tripped() && Some(&got) != run.states.last() {
+        problems.push("no fault fired, yet the tree is not the final one".into());
+    }
+    assert!(
+        problems.is_empty(),
+        "{case} (first failed step: {:?}; last fsync: state {}):\n{}",
+        run.first_error,
+        run.last_synced,
+        problems.join("\n")
+    );
+    assert_fat_clean(&backing);
+    let check = FsckOptions {
+        repair: false,
+        force: false,
+    };
+    let report = fsck(&backing, &check).unwrap_or_else(|e| panic!("{case}: fsck: {e}"));
+    let unrepairable: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|f| f.class == Class::Unrepairable)
+        .collect();
+    assert!(
+        unrepairable.is_empty(),
+        "{case}: expected nothing unrepairable, fsck found {unrepairable:?}"
+    );
+    let repair = FsckOptions {
+        repair: true,
+        force: false,
+    };
+    let repaired = fsck(&backing, &repair).unwrap_or_else(|e| panic!("{case}: fsck --repair: {e}"));
+    let left: Vec<_> = repaired.problems_left().collect();
+    assert!(
+        left.is_empty(),
+        "{case}: expected a clean repair, left {left:?}"
+    );
+    let again = fsck(&backing, &check).unwrap_or_else(|e| panic!("{case}: second fsck: {e}"));
+    let left: Vec<_> = again.problems_left().collect();
+    assert!(
+        left.is_empty(),
+        "{case}: expected a clean fsck after --repair, got {left:?}"
+    );
+    exact
+}
+
+/// Store operations of the whole workload without faults.
+fn count_operations() -> u64 {
+    let (_dir, backing) = fresh();
+    let fs = Fs::open_backing(&backing, opts()).expect("open");
+    let faults = Arc::new(Faults::counting());
+    fs.set_store_faults(faults.clone());
+    let run = run_workload(&fs, &faults);
+    assert!(run.first_error.is_none());
+    assert_eq!(
+        run.last_synced,
+        run.states.len() - 1,
+        "the workload must end with an fsync"
+    );
+    faults.operations()
+}
+
+#[test]
+fn recovery_holds_at_every_store_write() {
+    let started = Instant::now();
+    let k = count_operations();
+    assert!(
+        k > 20,
+        "expected a workload of many store operations, got {k}"
+    );
+    let (mut cases, mut exact) = (0, 0);
+    for torn in [false, true] {
+        for n in 0..=k {
+            cases += 1;
+            if crash_at(n, torn, k) {
+                exact += 1;
+            }
+        }
+    }
+    eprintln!(
+        "K = {k} store operations; {cases} crash points checked ({exact} recovered to exactly \
+         a state at or after the last fsync) in {:.1?}",
+        started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// kill -9 of a real mount
+// ---------------------------------------------------------------------------------------------
+
+fn mounted(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let Some(want) = path.to_str() else {
+        return false;
+    };
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(want))
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pids of pershomefs processes whose command line names `mountpoint`.
+fn daemons_serving(mountpoint: &Path) -> Vec<i32> {
+    let want = mountpoint.as_os_str().as_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let is_pershomefs = cmdline
+                .split(|&b| b == 0)
+                .next()
+                .is_some_and(|a| a.ends_with(b"pershomefs"));
+            is_pershomefs && cmdline.split(|&b| b == 0).any(|a| a == want)
+        })
+        .collect()
+}
+
+/// A mount of pershomefs; dropping it unmounts (lazily if the daemon is dead) and waits for
+/// the daemon to be gone, so no mount outlives the test even when it fails.
+struct Mount {
+    mountpoint: PathBuf,
+}
+
+impl Mount {
+    fn new(backing: &Path, mountpoint: &Path) -> Mount {
+        let out = Command::new(env!("CARGO_BIN_EXE_pershomefs"))
+            .arg(backing)
+            .arg(mountpoint)
+            .output()
+            .expect("run pershomefs");
+        let guard = Mount {
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        assert!(
+            out.status.success(),
+            "pershomefs failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            mounted(mountpoint),
+            "pershomefs returned before the mount was there"
+        );
+        guard
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let ok = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mountpoint)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+        let mp = self.mountpoint.clone();
+        wait_until("the mount is gone", || !mounted(&mp));
+        wait_until("the daemon has exited", || daemons_serving(&mp).is_empty());
+    }
+}
+
+fn can_mount() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok()
+        && nix::unistd::geteuid().is_root();
+    if !ok {
+        eprintln!("skipping: real mounts need root and /dev/fuse");
+    }
+    ok
+}
+
+/// A file whose fsync returned Ok: its content, and where it may be (two places from the
+/// moment its rename is asked for until a later fsync returned Ok).
+type Synced = Vec<(Vec<PathBuf>, Vec<u8>)>;
+
+/// Creates, writes, fsyncs, renames and fsyncs again files under `mnt` until an error (the
+/// daemon is gone) or `rounds` are done.
+fn busy_workload(mnt: &Path, rounds: usize) -> Synced {
+    use std::io::Write;
+    let mut synced = Synced::new();
+    for i in 0..rounds {
+        let tmp = mnt.join(format!("w{i}.tmp"));
+        let done = mnt.join(format!("w{i}"));
+        let content: Vec<u8> = format!("file {i}: ")
+            .bytes()
+            .chain((0..(i * 37 % 9000) as u32).map(|b| b as u8))
+            .collect();
+        let mut step = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&content)?;
+            f.sync_all()?;
+            // A rename in flight when the daemon dies may or may not have happened on the
+            // stick (it may have been done without being answered): both names are allowed
+            // from the moment it is asked for.
+            synced.push((vec![tmp.clone(), done.clone()], content.clone()));
+            std::fs::rename(&tmp, &done)?;
+            let last = synced.len() - 1;
+            // The rename is durable once the file is fsync'ed again.
+            std::fs::File::open(&done)?.sync_all()?;
+            synced[last].0 = vec![done.clone()];
+            Ok(())
+        };
+        if step().is_err() {
+            break;
+        }
+    }
+    synced
+}
+
+#[test]
+fn kill_dash_nine_loses_nothing_fsynced() {
+    if !can_mount() {
+        return;
+    }
+    let kill_points = if long_tests() { 5 } else { 3 };
+    for round in 0..kill_points {
+        let dir = tempfile::Builder::new()
+            .prefix("pershome-crash")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let backing = dir.path().join("stick/pershome");
+        let mnt = dir.path().join("home");
+        std::fs::create_dir_all(&backing).expect("mkdir backing");
+        std::fs::create_dir(&mnt).expect("mkdir mountpoint");
+        let mount = Mount::new(&backing, &mnt);
+        let pids = daemons_serving(&mnt);
+        assert_eq!(pids.len(), 1, "expected one daemon, got {pids:?}");
+        let worker = {
+            let mnt = mnt.clone();
+            std::thread::spawn(move || busy_workload(&mnt, 100_000))
+        };
+        // Different kill points: 50, 200, 400 ms... into the workload.
+        std::thread::sleep(Duration::from_millis(50 + 150 * round as u64));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pids[0]),
+            nix::sys::signal::SIGKILL,
+        )
+        .expect("kill -9 the daemon");
+        let synced = worker.join().expect("the workload thread panicked");
+        drop(mount); // the dead mount is cleaned up
+        assert!(
+            !synced.is_empty(),
+            "round {round}: nothing was fsync'ed before the kill"
+        );
+
+        let mount = Mount::new(&backing, &mnt);
+        let mut problems = Vec::new();
+        for (places, want) in &synced {
+            let found: Vec<String> = places
+                .iter()
+                .map(|p| match std::fs::read(p) {
+                    Ok(got) if got == *want => "ok".to_string(),
+                    Ok(got) => format!("{} bytes, not the {} fsync'ed", got.len(), want.len()),
+                    Err(e) => e.to_string(),
+                })
+                .collect();
+            if !found.iter().any(|f| f == "ok") {
+                problems.push(format!(
+                    "{places:?}: expected the fsync'ed content, got {found:?}"
+                ));
+            }
+        }
+        drop(mount);
+        assert!(
+            problems.is_empty(),
+            "round {round} ({} files fsync'ed): {}",
+            synced.len(),
+            problems.join("\n")
+        );
+        assert_fat_clean(&backing);
+        let report = fsck(
+            &backing,
+            &FsckOptions {
+                repair: false,
+                force: false,
+            },
+        )
+        .unwrap_or_else(|e| panic!("round {round}: fsck: {e}"));
+        let unrepairable: Vec<_> = report
+            .findings
+            .iter()
+            .filter(|f| f.class == Class::Unrepairable)
+            .collect();
+        assert!(
+            unrepairable.is_empty(),
+            "round {round}: expected nothing unrepairable, fsck found {unrepairable:?}"
+        );
+        eprintln!(
+            "kill -9 round {round}: {} fsync'ed files intact",
+            synced.len()
+        );
+    }
+}
