@@ -29,13 +29,14 @@
 //! remount, which must show every fsync'ed file with its fsync'ed content.
 
 use std::collections::BTreeMap;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pershome::audit::assert_fat_clean;
+
+mod common;
+use common::{can_mount, daemons_serving, Mount};
 use pershome::fs::{Ctx, Errno, Fs, FsOptions, Ino, Kind, SetAttr, SetTime, ROOT};
 use pershome::fsck::{fsck, Class, FsckOptions};
 use pershome::meta::{Faults, Timespec};
@@ -514,105 +515,6 @@ fn recovery_holds_at_every_store_write() {
 // kill -9 of a real mount
 // ---------------------------------------------------------------------------------------------
 
-fn mounted(path: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return false;
-    };
-    let Some(want) = path.to_str() else {
-        return false;
-    };
-    mounts.lines().any(|l| l.split(' ').nth(1) == Some(want))
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Pids of pershomefs processes whose command line names `mountpoint`.
-fn daemons_serving(mountpoint: &Path) -> Vec<i32> {
-    let want = mountpoint.as_os_str().as_bytes();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let is_pershomefs = cmdline
-                .split(|&b| b == 0)
-                .next()
-                .is_some_and(|a| a.ends_with(b"pershomefs"));
-            is_pershomefs && cmdline.split(|&b| b == 0).any(|a| a == want)
-        })
-        .collect()
-}
-
-/// A mount of pershomefs; dropping it unmounts (lazily if the daemon is dead) and waits for
-/// the daemon to be gone, so no mount outlives the test even when it fails.
-struct Mount {
-    mountpoint: PathBuf,
-}
-
-impl Mount {
-    fn new(backing: &Path, mountpoint: &Path) -> Mount {
-        let out = Command::new(env!("CARGO_BIN_EXE_pershomefs"))
-            .arg(backing)
-            .arg(mountpoint)
-            .output()
-            .expect("run pershomefs");
-        let guard = Mount {
-            mountpoint: mountpoint.to_path_buf(),
-        };
-        assert!(
-            out.status.success(),
-            "pershomefs failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            mounted(mountpoint),
-            "pershomefs returned before the mount was there"
-        );
-        guard
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let ok = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mountpoint)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&self.mountpoint)
-                .status();
-        }
-        let mp = self.mountpoint.clone();
-        wait_until("the mount is gone", || !mounted(&mp));
-        wait_until("the daemon has exited", || daemons_serving(&mp).is_empty());
-    }
-}
-
-fn can_mount() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .is_ok()
-        && nix::unistd::geteuid().is_root();
-    if !ok {
-        eprintln!("skipping: real mounts need root and /dev/fuse");
-    }
-    ok
-}
-
 /// A file whose fsync returned Ok: its content, and where it may be (two places from the
 /// moment its rename is asked for until a later fsync returned Ok).
 type Synced = Vec<(Vec<PathBuf>, Vec<u8>)>;
@@ -666,7 +568,7 @@ fn kill_dash_nine_loses_nothing_fsynced() {
         let mnt = dir.path().join("home");
         std::fs::create_dir_all(&backing).expect("mkdir backing");
         std::fs::create_dir(&mnt).expect("mkdir mountpoint");
-        let mount = Mount::new(&backing, &mnt);
+        let mount = Mount::new(&backing, &mnt, "");
         let pids = daemons_serving(&mnt);
         assert_eq!(pids.len(), 1, "expected one daemon, got {pids:?}");
         let worker = {
@@ -687,7 +589,7 @@ fn kill_dash_nine_loses_nothing_fsynced() {
             "round {round}: nothing was fsync'ed before the kill"
         );
 
-        let mount = Mount::new(&backing, &mnt);
+        let mount = Mount::new(&backing, &mnt, "");
         let mut problems = Vec::new();
         for (places, want) in &synced {
             let found: Vec<String> = places

@@ -7,112 +7,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pershome::audit::assert_fat_clean;
 
-fn mounted(path: &Path) -> Option<String> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    let want = path.to_str()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (f.len() > 3 && f[1] == want).then(|| l.to_string())
-    })
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A mounted pershomefs; dropping it unmounts.
-struct Mount {
-    mountpoint: PathBuf,
-}
-
-impl Mount {
-    fn new(backing: &Path, mountpoint: &Path, opts: &str) -> Mount {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pershomefs"));
-        cmd.arg(backing).arg(mountpoint);
-        if !opts.is_empty() {
-            cmd.arg("-o").arg(opts);
-        }
-        let out = cmd.output().expect("run pershomefs");
-        assert!(
-            out.status.success(),
-            "pershomefs failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // pershomefs returns once the mount is ready; no waiting should be needed.
-        assert!(
-            mounted(mountpoint).is_some(),
-            "pershomefs returned before the mount was there"
-        );
-        Mount {
-            mountpoint: mountpoint.to_path_buf(),
-        }
-    }
-
-    fn unmount(self) {
-        drop(self)
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let ok = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mountpoint)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&self.mountpoint)
-                .status();
-        }
-        let mp = self.mountpoint.clone();
-        wait_until("the mount is gone", || mounted(&mp).is_none());
-        // The daemon commits its last metadata after the kernel lets go of the mount: wait
-        // for it to exit, as the login hook must before the stick is pulled.
-        wait_until("the daemon has exited", || daemons_serving(&mp).is_empty());
-    }
-}
-
-/// Pids of pershomefs processes whose command line names `mountpoint`.
-fn daemons_serving(mountpoint: &Path) -> Vec<u32> {
-    let want = mountpoint.as_os_str().as_bytes();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let mut args = cmdline.split(|&b| b == 0);
-            let is_pershomefs = args.next().is_some_and(|a| a.ends_with(b"pershomefs"));
-            is_pershomefs && cmdline.split(|&b| b == 0).any(|a| a == want)
-        })
-        .collect()
-}
-
-fn can_mount() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .is_ok()
-        && nix::unistd::geteuid().is_root();
-    if !ok {
-        eprintln!("skipping: real mounts need root and /dev/fuse");
-    }
-    ok
-}
+mod common;
+use common::{can_mount, daemons_serving, mounted, wait_until, Mount};
 
 struct Scratch {
     _dir: tempfile::TempDir,
@@ -348,15 +248,15 @@ fn fsync_makes_metadata_durable_before_unmount() {
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::File::open(&f).unwrap().sync_all().unwrap();
     // The daemon dies without unmounting cleanly: only what was committed survives.
-    let pid = Command::new("pgrep")
-        .arg("-f")
-        .arg(format!("pershomefs .* {}$", s.mnt.display()))
-        .output()
-        .unwrap();
-    let pids = String::from_utf8_lossy(&pid.stdout).to_string();
-    for p in pids.split_whitespace() {
-        let _ = Command::new("kill").arg("-9").arg(p).status();
-    }
+    // (Regression: this test first looked the daemon up with a pattern that matched nothing,
+    // so it unmounted cleanly and could not fail.)
+    let pids = daemons_serving(&s.mnt);
+    assert_eq!(pids.len(), 1, "one daemon serves the mount: {pids:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::SIGKILL,
+    )
+    .expect("kill -9 the daemon");
     drop(m);
     let m = Mount::new(&s.backing, &s.mnt, "");
     let mode = std::fs::metadata(&f).unwrap().mode() & 0o7777;
