@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use pershome::audit::assert_fat_clean;
 
 mod common;
-use common::{can_mount, daemons_serving, Mount};
-use pershome::fs::{Ctx, Errno, Fs, FsOptions, Ino, Kind, SetAttr, SetTime, ROOT};
+use common::{can_mount, daemons_serving, opts, Mount};
+use pershome::fs::{Ctx, Errno, Fs, Ino, Kind, SetAttr, SetTime, ROOT};
 use pershome::fsck::{fsck, Class, FsckOptions};
 use pershome::meta::{Faults, Timespec};
 
@@ -47,15 +47,6 @@ const USER: Ctx = Ctx {
     pid: 1,
     umask: 0,
 };
-
-fn opts() -> FsOptions {
-    FsOptions {
-        uid: 1000,
-        gid: 1000,
-        read_only: false,
-        commit_interval: Duration::from_secs(5),
-    }
-}
 
 fn long_tests() -> bool {
     std::env::var("PERSHOME_LONG_TESTS").is_ok_and(|v| v == "1")
@@ -438,20 +429,11 @@ fn crash_at(n: u64, torn: bool, k: u64) -> bool {
         problems.join("\n")
     );
     assert_fat_clean(&backing);
+    assert_nothing_unrepairable(&backing, &case);
     let check = FsckOptions {
         repair: false,
         force: false,
     };
-    let report = fsck(&backing, &check).unwrap_or_else(|e| panic!("{case}: fsck: {e}"));
-    let unrepairable: Vec<_> = report
-        .findings
-        .iter()
-        .filter(|f| f.class == Class::Unrepairable)
-        .collect();
-    assert!(
-        unrepairable.is_empty(),
-        "{case}: expected nothing unrepairable, fsck found {unrepairable:?}"
-    );
     let repair = FsckOptions {
         repair: true,
         force: false,
@@ -469,6 +451,24 @@ fn crash_at(n: u64, torn: bool, k: u64) -> bool {
         "{case}: expected a clean fsck after --repair, got {left:?}"
     );
     exact
+}
+
+/// After a crash, `pershome fsck` may find things to repair, never anything it cannot.
+fn assert_nothing_unrepairable(backing: &Path, case: &str) {
+    let check = FsckOptions {
+        repair: false,
+        force: false,
+    };
+    let report = fsck(backing, &check).unwrap_or_else(|e| panic!("{case}: fsck: {e}"));
+    let unrepairable: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|f| f.class == Class::Unrepairable)
+        .collect();
+    assert!(
+        unrepairable.is_empty(),
+        "{case}: expected nothing unrepairable, fsck found {unrepairable:?}"
+    );
 }
 
 /// Store operations of the whole workload without faults.
@@ -614,23 +614,7 @@ fn kill_dash_nine_loses_nothing_fsynced() {
             problems.join("\n")
         );
         assert_fat_clean(&backing);
-        let report = fsck(
-            &backing,
-            &FsckOptions {
-                repair: false,
-                force: false,
-            },
-        )
-        .unwrap_or_else(|e| panic!("round {round}: fsck: {e}"));
-        let unrepairable: Vec<_> = report
-            .findings
-            .iter()
-            .filter(|f| f.class == Class::Unrepairable)
-            .collect();
-        assert!(
-            unrepairable.is_empty(),
-            "round {round}: expected nothing unrepairable, fsck found {unrepairable:?}"
-        );
+        assert_nothing_unrepairable(&backing, &format!("round {round}"));
         eprintln!(
             "kill -9 round {round}: {} fsync'ed files intact",
             synced.len()

@@ -11,25 +11,15 @@ use pershome::audit::assert_fat_clean;
 use pershome::fs::{Attr, Ctx, Errno, Fs, FsOptions, Ino, Kind, SetAttr, SetTime, ROOT};
 use pershome::meta::Timespec;
 
+mod common;
+use common::{open, opts};
+
 const USER: Ctx = Ctx {
     uid: 1000,
     gid: 1000,
     pid: 1,
     umask: 0,
 };
-
-fn opts() -> FsOptions {
-    FsOptions {
-        uid: 1000,
-        gid: 1000,
-        read_only: false,
-        commit_interval: Duration::from_secs(5),
-    }
-}
-
-fn open(backing: &Path) -> Fs {
-    Fs::open_backing(backing, opts()).expect("open backing")
-}
 
 /// Unmount and mount again: commit everything, then read it all back from the stick.
 fn remount(fs: Fs, backing: &Path) -> Fs {

@@ -2,10 +2,12 @@
 //! hand, and checks what fsck reports, its exit code, and what `--repair` leaves behind.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use pershome::fs::{Ctx, Fs, FsOptions, Ino, ROOT};
+use pershome::fs::{Ctx, Fs, Ino, ROOT};
 use pershome::fsck::{self, exit_code, FsckOptions};
+
+mod common;
+use common::open;
 
 const USER: Ctx = Ctx {
     uid: 1000,
@@ -13,19 +15,6 @@ const USER: Ctx = Ctx {
     pid: 1,
     umask: 0o022,
 };
-
-fn opts() -> FsOptions {
-    FsOptions {
-        uid: 1000,
-        gid: 1000,
-        read_only: false,
-        commit_interval: Duration::from_secs(5),
-    }
-}
-
-fn open(backing: &Path) -> Fs {
-    Fs::open_backing(backing, opts()).expect("open backing")
-}
 
 fn create(fs: &Fs, parent: Ino, name: &[u8], content: &[u8]) -> Ino {
     let (attr, fh) = fs

@@ -596,6 +596,11 @@ impl State {
     /// For a file the kernel writes directly (passthrough), takes its size from the backing
     /// file, and when the backing file changed since pershome last looked, its mtime too.
     pub fn refresh_passthrough(&mut self, ino: Ino) {
+        // getattr calls this for every inode: look through the open handles only for an
+        // inode that has some.
+        if self.inodes.get(&ino).is_none_or(|i| i.opens == 0) {
+            return;
+        }
         let Some(file) = self
             .handles
             .values()

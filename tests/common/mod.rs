@@ -1,6 +1,6 @@
-//! Helpers for the tests that mount pershomefs for real: start the binary, wait for the
-//! kernel (never a blind sleep), and make sure no mount or daemon outlives a test, even one
-//! that fails.
+//! Helpers shared by the integration tests: the options of an in-process `Fs`, and, for the
+//! tests that mount pershomefs for real, starting the binary, waiting for the kernel (never a
+//! blind sleep), and making sure no mount or daemon outlives a test, even one that fails.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -8,6 +8,23 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use pershome::fs::{Fs, FsOptions};
+
+/// The mounting user of the in-process tests: uid and gid 1000.
+pub fn opts() -> FsOptions {
+    FsOptions {
+        uid: 1000,
+        gid: 1000,
+        read_only: false,
+        commit_interval: Duration::from_secs(5),
+    }
+}
+
+/// Opens a backing directory in-process, as a mount by uid 1000 would.
+pub fn open(backing: &Path) -> Fs {
+    Fs::open_backing(backing, opts()).expect("open backing")
+}
 
 /// The line of /proc/self/mounts for `path`, if something is mounted there.
 pub fn mounted(path: &Path) -> Option<String> {
