@@ -412,7 +412,7 @@ fn fresh() -> (tempfile::TempDir, PathBuf) {
 /// One crash: the workload with `n` store operations allowed, a crash, a clean reopen, and
 /// every check. Returns whether the recovered tree was exactly one of the candidates.
 fn crash_at(n: u64, torn: bool, k: u64) -> bool {
-    let case = format!("crash after {n} of {k} store operations, torn={torn}");
+    let case = format!("crash after {n} of {k} write operations, torn={torn}");
     let (_dir, backing) = fresh();
     let fs = Fs::open_backing(&backing, opts()).unwrap_or_else(|e| panic!("{case}: open: {e}"));
     let faults = Arc::new(Faults::new(n, torn));
