@@ -150,7 +150,7 @@ pub fn volume_block(users: &[String]) -> String {
 /// A new pam_mount.conf.xml, for a root that has none.
 pub const EMPTY_PAM_MOUNT_CONF: &str = "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n\
 <!DOCTYPE pam_mount SYSTEM \"pam_mount.conf.xml.dtd\">\n\
-<!-- See pam_mount.conf(5). Created by pershome-config pam --mode mount. -->\n\
+<!-- See pam_mount.conf(5). Created by pershome-config pam (mode mount). -->\n\
 <pam_mount>\n\
 </pam_mount>\n";
 
