@@ -212,7 +212,8 @@ fn wants_honours_only_a_safe_user_file() {
     let target = root.path().join("owned-by-anna");
     fs::write(&target, "").expect("write target");
     chown(&target, 4242);
-    let cases: Vec<(&str, Box<dyn Fn()>, &str)> = vec![
+    type MakeFile<'a> = Box<dyn Fn() + 'a>;
+    let cases: Vec<(&str, MakeFile, &str)> = vec![
         (
             "symlink to a file the user owns",
             Box::new(|| symlink(&target, &file).expect("symlink")),
