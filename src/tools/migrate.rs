@@ -242,9 +242,13 @@ impl ChildMount {
         if let Some((u, g)) = uid {
             cmd.arg("-o").arg(format!("uid={u},gid={g}"));
         }
+        // The daemon's messages go to a file, not a pipe: if migrate is killed, a pipe
+        // without a reader would make the daemon's last log lines (its unmount) fail.
+        let mut log = tempfile::tempfile().context("creating a log file for pershomefs")?;
+        let log_w = log.try_clone().context("log file")?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::from(log_w));
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -272,9 +276,8 @@ impl ChildMount {
             }
             if let Some(status) = m.child.try_wait().context("waiting for pershomefs")? {
                 let mut err = String::new();
-                if let Some(mut e) = m.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
+                let _ = log.seek(SeekFrom::Start(0));
+                let _ = log.read_to_string(&mut err);
                 return Err(anyhow!(
                     "pershomefs could not mount {} ({status}): {}",
                     backing.display(),
@@ -824,13 +827,19 @@ impl Run<'_> {
                 start = have;
             }
         }
-        if start == 0 {
+        if start == size && size > 0 {
+            // All there from an earlier run whose journal line was lost (or a complete run
+            // whose journal was removed): only metadata and verification remain.
+            self.summary.files_skipped += 1;
+        } else if start == 0 {
             input
                 .seek(SeekFrom::Start(0))
                 .map_err(|e| self.io("reading", rel, e))?;
             out.set_len(0).map_err(|e| self.io("truncating", rel, e))?;
+            self.summary.files_copied += 1;
         } else {
             self.summary.bytes_resumed += start;
+            self.summary.files_copied += 1;
         }
         out.seek(SeekFrom::Start(start))
             .map_err(|e| self.io("seeking", rel, e))?;
@@ -878,7 +887,6 @@ impl Run<'_> {
             Ok((h, _)) => hex(&h.finalize()),
             Err(e) => return Err(self.io("reading back", rel, e)),
         };
-        self.summary.files_copied += 1;
         if got != want {
             self.summary.mismatches.push(format!(
                 "{}: content differs after copying (sha256 {want} expected, {got} read back)",
