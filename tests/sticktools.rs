@@ -409,6 +409,15 @@ fn varied_home(src: &Path) {
     )
     .expect("mkfifo");
     set_xattr(&src.join("Makefile"), "user.color", b"blue");
+    std::fs::write(src.join("shared.txt"), b"acl").expect("w");
+    let ok = Command::new("setfacl")
+        .args(["-m", "u:nobody:r,g:nogroup:rw"])
+        .arg(src.join("shared.txt"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "setfacl");
+    std::fs::write(src.join("trailing dot."), b"dot").expect("w");
+    std::fs::write(src.join("CON"), b"reserved").expect("w");
     std::fs::set_permissions(src.join("Docs/sub"), std::fs::Permissions::from_mode(0o750))
         .expect("chmod");
     set_times(
@@ -466,11 +475,15 @@ fn compare(src: &Path, home: &Path) -> Vec<String> {
             {
                 diffs.push(format!("{r:?}: link target differs"));
             }
-            if !a.file_type().is_symlink()
-                && get_xattr(&src.join(&r), "user.color") != get_xattr(&home.join(&r), "user.color")
-            {
-                diffs.push(format!("{r:?}: xattr user.color differs"));
+            if !a.file_type().is_symlink() {
+                for x in ["user.color", "system.posix_acl_access"] {
+                    let (xa, xb) = (get_xattr(&src.join(&r), x), get_xattr(&home.join(&r), x));
+                    if xa != xb {
+                        diffs.push(format!("{r:?}: xattr {x} expected {xa:?} got {xb:?}"));
+                    }
+                }
             }
+
             if a.is_dir() {
                 stack.push(r);
             }
@@ -531,6 +544,7 @@ fn migrate_a_varied_home_and_read_it_back_through_a_fresh_mount() {
     );
     assert!(mounted(&s.home).is_none());
 
+    pershome::audit::assert_fat_clean(&s.backing);
     let m = Mount::new(&s.backing, &s.home, "");
     let diffs = compare(&s.src, &s.home);
     assert!(

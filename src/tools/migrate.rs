@@ -578,7 +578,7 @@ pub fn migrate(src: &Path, dest: &Path, opts: &MigrateOptions) -> Result<Summary
 
 fn free_space(p: &Path) -> u64 {
     nix::sys::statvfs::statvfs(p)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
         .unwrap_or(0)
 }
 
@@ -637,6 +637,19 @@ impl Run<'_> {
         let d = self.dest.join(rel);
         if !rel.as_os_str().is_empty() {
             match std::fs::symlink_metadata(&d) {
+                // A directory an earlier run finished may have lost its owner-write bit
+                // (its final mode); new entries need it until this directory's mode is set
+                // again below.
+                Ok(m) if m.is_dir() && m.mode() & 0o700 != 0o700 => {
+                    let open = Mode::from_bits_truncate((m.mode() | 0o700) & 0o7777);
+                    nix::sys::stat::fchmodat(
+                        None,
+                        &d,
+                        open,
+                        nix::sys::stat::FchmodatFlags::FollowSymlink,
+                    )
+                    .map_err(|e| self.io("opening up", rel, e.into()))?;
+                }
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
                     std::fs::remove_file(&d).map_err(|e| self.io("replacing", rel, e))?;
