@@ -312,6 +312,19 @@ fn status_of_a_mounted_and_an_unmounted_backing() {
         text(&o)
     );
     assert!(out.contains("safe to remove: NO"), "{}", text(&o));
+    // migrate into a stick whose home is mounted is refused at once, pointing at the home.
+    std::fs::create_dir(dir.path().join("src")).expect("mkdir");
+    let o = pershome(&[
+        os("migrate"),
+        dir.path().join("src").as_os_str(),
+        stick.as_os_str(),
+    ]);
+    assert_eq!(code(&o), Some(4), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use"),
+        "{}",
+        text(&o)
+    );
     let o = pershome(&[os("status"), os("--json")]);
     let json = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(
@@ -409,6 +422,8 @@ fn varied_home(src: &Path) {
     )
     .expect("mkfifo");
     set_xattr(&src.join("Makefile"), "user.color", b"blue");
+    // A socket node (the listener closes; the node stays, as a dead session's socket does).
+    drop(std::os::unix::net::UnixListener::bind(src.join("sock")).expect("bind"));
     std::fs::write(src.join("shared.txt"), b"acl").expect("w");
     let ok = Command::new("setfacl")
         .args(["-m", "u:nobody:r,g:nogroup:rw"])
@@ -552,6 +567,10 @@ fn migrate_a_varied_home_and_read_it_back_through_a_fresh_mount() {
         "differences after migrate:\n{}",
         diffs.join("\n")
     );
+    assert!(std::fs::symlink_metadata(s.home.join("sock"))
+        .expect("sock")
+        .file_type()
+        .is_socket());
     assert!(std::fs::symlink_metadata(s.home.join("fifo"))
         .expect("fifo")
         .file_type()

@@ -365,6 +365,15 @@ fn resolve_dest(
             }
         }
     };
+    // Refuse at once rather than after the store's lock wait: a home mounted from this stick
+    // is where the copy should go instead.
+    if crate::tools::status::writer_active(&backing) {
+        return Err(MigrateError::Target(format!(
+            "{}: the stick is in use (mounted as a home, or still being written); migrate into \
+             the mounted home instead, or log out first",
+            backing.display()
+        )));
+    }
     // As root, the home is mounted for the owner of SRC_HOME, so that their files are stored
     // as the stick owner's (docs/format.md: OWNER_ID).
     let uid = nix::unistd::geteuid()
@@ -663,9 +672,17 @@ impl Run<'_> {
             .map_err(|e| MigrateError::Failed(anyhow!("listing {}: {e}", s.display())))?
         {
             let e = e.map_err(|e| MigrateError::Failed(anyhow!("listing {}: {e}", s.display())))?;
-            let m = e.metadata().map_err(|err| {
-                MigrateError::Failed(anyhow!("examining {}: {err}", e.path().display()))
-            })?;
+            // A live home changes under the copy: an entry gone since the listing is skipped.
+            let m = match e.metadata() {
+                Ok(m) => m,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => {
+                    return Err(MigrateError::Failed(anyhow!(
+                        "examining {}: {err}",
+                        e.path().display()
+                    )))
+                }
+            };
             entries.push((e.file_name(), m));
         }
         entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -817,9 +834,16 @@ impl Run<'_> {
             }
             std::fs::remove_file(&d).map_err(|e| self.io("replacing", rel, e))?;
         }
-        let mut input = File::open(self.src.join(rel)).map_err(|e| {
-            MigrateError::Failed(anyhow!("opening {}: {e}", self.src.join(rel).display()))
-        })?;
+        // A file that vanished or cannot be read (another user's, without root) is reported
+        // and the copy goes on: one unreadable file must not stop a whole home.
+        let mut input = match File::open(self.src.join(rel)) {
+            Ok(f) => f,
+            Err(e) => {
+                self.warn(format!("{}: not copied: {e}", rel.display()));
+                self.remaining = self.remaining.saturating_sub(size);
+                return Ok(());
+            }
+        };
         let mut out = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

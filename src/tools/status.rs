@@ -156,7 +156,7 @@ pub fn store_state(backing: &Path) -> std::result::Result<StoreState, String> {
 }
 
 /// Whether some process holds the store's exclusive lock (a mount, or its daemon finishing).
-fn writer_active(backing: &Path) -> bool {
+pub fn writer_active(backing: &Path) -> bool {
     let Ok(dir) = std::fs::File::open(backing.join(STORE_DIR)) else {
         return false;
     };
