@@ -18,4 +18,5 @@ pub mod mount_opts;
 pub mod names;
 pub mod pam_setup;
 pub mod sysconfig;
+pub mod tools;
 pub mod wants;

@@ -6,6 +6,7 @@
 //! operations and never reads the stick's metadata itself: that is the opener's job.
 
 pub mod pershome_config;
+pub mod pershome;
 pub mod pershomefs;
 
 /// Why the filesystem could not be opened: returned by the opener that `pershomefs::main`
