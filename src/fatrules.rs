@@ -194,6 +194,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn short_names() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"REPORT.TXT", true),
+            (b"MAKEFILE", true),
+            (b"LONGNA~1.TXT", true),
+            (b"A", true),
+            (b"A.B", true),
+            (b"!#$%&'()", true),
+            (b"-@^_`{}~.ABC", true),
+            (b"report.txt", false),
+            (b"REPORTS12.TXT", false),
+            (b"REPORT.TEXT", false),
+            (b"REPORT.", false),
+            (b".REPORT", false),
+            (b"A.B.C", false),
+            (b"A B", false),
+            (b"A+B", false),
+            (b"A[1]", false),
+            ("\u{C9}T\u{C9}".as_bytes(), false),
+            (&[0xff], false),
+            (b"", false),
+            (b"CON", false),
+            (b"COM1.TXT", false),
+            (b"CON~1", true),
+        ];
+        for (name, valid) in cases {
+            let got = check_short_name(name);
+            assert_eq!(
+                got.is_ok(),
+                *valid,
+                "check_short_name({:?}): expected valid={valid}, got {got:?}",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    #[test]
     fn check_name_table() {
         let cases: &[(&[u8], Result<(), Violation>)] = &[
             (b"report.odt", Ok(())),

@@ -173,7 +173,7 @@ impl Fs {
             // Keep the POSIX name in the record when decoding the backing name would not give
             // it back (hashed names, names renamed after a clash).
             let at_root = inode.parent == ROOT;
-            meta.name = match names::decode(backing_name, at_root) {
+            meta.name = match names::decode_in(self.names, backing_name, at_root) {
                 Decoded::Name(n) if n == inode.name => None,
                 _ => Some(inode.name.clone()),
             };
@@ -230,7 +230,7 @@ impl Fs {
                                 mode: libc::S_IFREG,
                                 link: Some(id),
                                 name: Some(name.clone()).filter(|n| {
-                                    !matches!(names::decode(&dentry.backing, dir == ROOT), Decoded::Name(ref d) if d == n)
+                                    !matches!(names::decode_in(self.names, &dentry.backing, dir == ROOT), Decoded::Name(ref d) if d == n)
                                 }),
                                 ..Meta::default()
                             };

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::fatrules::fold_key;
 use crate::meta::{Meta, Record, STORE_DIR};
-use crate::names::{self, Form};
+use crate::names::{self, Form, NameMode};
 
 fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > 255 {
@@ -50,10 +50,15 @@ impl Fs {
         Ok(inode.attr(ino))
     }
 
-    /// Picks the backing name for a new POSIX name in a loaded directory: the name itself when
-    /// FAT takes it, else its escaped form; when that clashes case-insensitively with another
-    /// name on the stick, the case-escaped form; as a last resort the hashed form.
+    /// Picks the backing name for a new POSIX name in a loaded directory.
+    ///
+    /// Long names: the name itself when FAT takes it, else its escaped form; when that clashes
+    /// case-insensitively with another name on the stick, the case-escaped form; as a last
+    /// resort the hashed form. 8.3 names: the first of `names::short_candidate` that does not
+    /// clash (`REPORT.TXT`, then `REPORT~1.TXT`, …); the commit keeps the POSIX name in the
+    /// store whenever the short name does not decode to it.
     pub(crate) fn choose_backing_name(
+        &self,
         st: &State,
         dir: Ino,
         name: &[u8],
@@ -61,17 +66,26 @@ impl Fs {
     ) -> Result<Vec<u8>> {
         let children = st.inode(dir)?.children().ok_or(Errno::EIO)?;
         let ignore_fold = ignore.map(fold_key);
-        for form in [Form::Natural, Form::CaseEscaped, Form::Hashed] {
-            let candidate = names::encode(name, form, dir == ROOT);
-            if candidate.len() > names::MAX_BACKING_BYTES {
-                continue;
+        let free = |candidate: &[u8]| {
+            let fold = fold_key(candidate);
+            !children.folds.contains(&fold) || ignore_fold.as_ref() == Some(&fold)
+        };
+        match self.names {
+            NameMode::Long => {
+                for form in [Form::Natural, Form::CaseEscaped, Form::Hashed] {
+                    let candidate = names::encode(name, form, dir == ROOT);
+                    if candidate.len() <= names::MAX_BACKING_BYTES && free(&candidate) {
+                        return Ok(candidate);
+                    }
+                }
+                Err(Errno::EEXIST)
             }
-            let fold = fold_key(&candidate);
-            if !children.folds.contains(&fold) || ignore_fold.as_ref() == Some(&fold) {
-                return Ok(candidate);
-            }
+            // Every candidate taken: the directory is as full as an 8.3 directory gets.
+            NameMode::Short83 => (0..names::SHORT_ATTEMPTS)
+                .filter_map(|attempt| names::short_candidate(name, attempt))
+                .find(|candidate| free(candidate))
+                .ok_or(Errno::ENOSPC),
         }
-        Err(Errno::EEXIST)
     }
 
     /// Creates a node of any kind; returns its attributes and, for regular files, the open
@@ -104,7 +118,7 @@ impl Fs {
             .iter()
             .find(|(n, _)| n == acl::DEFAULT)
             .and_then(|(_, v)| acl::parse(v));
-        let backing_name = Self::choose_backing_name(&st, parent, name, None)?;
+        let backing_name = self.choose_backing_name(&st, parent, name, None)?;
         let dirfd = self.open_dir_of(&st, parent)?;
         let dirfd = dirfd.as_fd();
         let mut file = None;
@@ -436,7 +450,7 @@ impl Fs {
         {
             return Err(Errno::EEXIST);
         }
-        let new_backing = Self::choose_backing_name(&st, newparent, newname, None)?;
+        let new_backing = self.choose_backing_name(&st, newparent, newname, None)?;
         let mut new_path = st.backing_path(newparent)?;
         new_path.push(new_backing.clone());
         let newdir = self.open_dir_of(&st, newparent)?;
@@ -626,7 +640,7 @@ impl Fs {
             Some(d) => d.backing.clone(),
             None => {
                 let ignore = (parent == newparent).then_some(src.backing.as_slice());
-                Self::choose_backing_name(&st, newparent, newname, ignore)?
+                self.choose_backing_name(&st, newparent, newname, ignore)?
             }
         };
         let from_dir = self.open_dir_of(&st, parent)?;

@@ -175,7 +175,7 @@ impl Fs {
                 Some(t) => (t.meta, t.children),
                 None => (None, Default::default()),
             };
-            let decoded = names::decode(&entry.name, at_root);
+            let decoded = names::decode_in(self.names, &entry.name, at_root);
             if matches!(decoded, Decoded::Reserved) {
                 continue;
             }
