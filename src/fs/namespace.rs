@@ -88,6 +88,20 @@ impl Fs {
         }
     }
 
+    /// The POSIX name a record must keep for `name` at `backing_name`: `None` when decoding the
+    /// backing name gives it back (most long names; 8.3 names that are their name upper-cased).
+    pub(crate) fn name_to_store(
+        &self,
+        backing_name: &[u8],
+        at_root: bool,
+        name: &[u8],
+    ) -> Option<Vec<u8>> {
+        match names::decode_in(self.names, backing_name, at_root) {
+            names::Decoded::Name(n) if n == name => None,
+            _ => Some(name.to_vec()),
+        }
+    }
+
     /// Creates a node of any kind; returns its attributes and, for regular files, the open
     /// backing file.
     pub(crate) fn create_node(
@@ -462,11 +476,19 @@ impl Fs {
                     .map_err(|e| errno_of(&e))?;
                 id
             }
-            None => self.start_link(&mut st, ino, &new_path, &new_backing, newdir.as_fd())?,
+            None => self.start_link(
+                &mut st,
+                ino,
+                &new_path,
+                newname,
+                &new_backing,
+                newdir.as_fd(),
+            )?,
         };
+        let stored_name = self.name_to_store(&new_backing, newparent == ROOT, newname);
         st.pending.push(Record::Put {
             path: new_path,
-            meta: link_name_meta(id),
+            meta: link_name_meta(id, stored_name),
         });
         let inode = st.inode_mut(ino)?;
         inode.meta.nlink += 1;
@@ -497,6 +519,7 @@ impl Fs {
         st: &mut State,
         ino: Ino,
         new_path: &[Vec<u8>],
+        newname: &[u8],
         new_backing: &[u8],
         newdir: std::os::fd::BorrowedFd<'_>,
     ) -> Result<u64> {
@@ -510,13 +533,15 @@ impl Fs {
         let old_backing = old_path.last().cloned().ok_or(Errno::EIO)?;
         let mut link_meta = st.inode(ino)?.meta.clone();
         link_meta.nlink = 2;
+        let old_stored = self.name_to_store(&old_backing, old_path.len() == 1, &old_name);
         st.pending.push(Record::Put {
             path: old_path.clone(),
-            meta: link_name_meta(id),
+            meta: link_name_meta(id, old_stored),
         });
+        let new_stored = self.name_to_store(new_backing, new_path.len() == 1, newname);
         st.pending.push(Record::Put {
             path: new_path.to_vec(),
-            meta: link_name_meta(id),
+            meta: link_name_meta(id, new_stored),
         });
         st.pending.push(Record::PutInode {
             id,
@@ -666,7 +691,19 @@ impl Fs {
             // replaces its record on the stick).
             self.detach_name(&mut st, newparent, newname, dst)?;
         }
-        st.pending.push(Record::Rename { from, to });
+        st.pending.push(Record::Rename {
+            from,
+            to: to.clone(),
+        });
+        // A hard-linked name's record is not rewritten by the inode's own commit (that is its
+        // PutInode): state its new POSIX name here, or the record keeps the old one.
+        if let Some(id) = st.inode(src.ino)?.link_id {
+            let stored_name = self.name_to_store(&new_backing, newparent == ROOT, newname);
+            st.pending.push(Record::Put {
+                path: to,
+                meta: link_name_meta(id, stored_name),
+            });
+        }
         let t = now();
         let is_dir = src_kind == Kind::Dir;
         st.remove_entry(parent, name, &src.backing, is_dir, t)?;
@@ -733,7 +770,23 @@ impl Fs {
         a.push(src.backing.clone());
         let mut b = st.backing_path(newparent)?;
         b.push(dst.backing.clone());
-        st.pending.push(Record::Exchange { a, b });
+        st.pending.push(Record::Exchange {
+            a: a.clone(),
+            b: b.clone(),
+        });
+        // As in rename: hard-linked names state their new POSIX names.
+        for (ino, path, new_name, dir) in
+            [(src.ino, b, newname, newparent), (dst.ino, a, name, parent)]
+        {
+            if let Some(id) = st.inode(ino)?.link_id {
+                let backing_name = path.last().cloned().unwrap_or_default();
+                let stored_name = self.name_to_store(&backing_name, dir == ROOT, new_name);
+                st.pending.push(Record::Put {
+                    path,
+                    meta: link_name_meta(id, stored_name),
+                });
+            }
+        }
         let t = now();
         let a_is_dir = st.inode(src.ino)?.kind == Kind::Dir;
         let b_is_dir = st.inode(dst.ino)?.kind == Kind::Dir;
@@ -885,10 +938,13 @@ impl Fs {
     }
 }
 
-fn link_name_meta(id: u64) -> Meta {
+/// The record of one name of a hard-linked file; `name` is the POSIX name when the backing
+/// name does not decode to it (see `Fs::name_to_store`).
+fn link_name_meta(id: u64, name: Option<Vec<u8>>) -> Meta {
     Meta {
         mode: libc::S_IFREG,
         link: Some(id),
+        name,
         ..Meta::default()
     }
 }
