@@ -449,3 +449,30 @@ fn a_real_mount_with_names_8_3_round_trips_hostile_names() {
         out.status
     );
 }
+
+#[test]
+fn a_case_only_rename_keeps_the_short_name_and_records_the_new_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83(backing);
+    create_file(&fs, ROOT, b"report.txt", 0o644, b"r");
+    let d = fs.mkdir(USER, ROOT, b"docs", 0o755).unwrap();
+    create_file(&fs, d.ino, b"inner.txt", 0o600, b"i");
+    fs.rename(ROOT, b"report.txt", ROOT, b"Report.TXT", 0)
+        .unwrap();
+    fs.rename(ROOT, b"docs", ROOT, b"Docs", 0).unwrap();
+    let before = snapshot(&fs);
+    let fs = remount(fs, backing);
+    assert_same(&before, &snapshot(&fs));
+    assert_eq!(
+        backing_names(backing),
+        vec![".pershome", "DOCS", "REPORT.TXT"]
+    );
+    // And back: the name that needs no record any more.
+    fs.rename(ROOT, b"Report.TXT", ROOT, b"report.txt", 0)
+        .unwrap();
+    let before = snapshot(&fs);
+    let fs = remount(fs, backing);
+    assert_same(&before, &snapshot(&fs));
+    assert_fat_clean_in(backing, NameMode::Short83);
+}
