@@ -15,6 +15,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::fatrules::{self, MAX_DIR_ENTRIES, MAX_FILE_SIZE};
+use crate::meta::STORE_DIR;
+use crate::names::NameMode;
 
 /// One thing in the tree that a FAT stick cannot hold.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,6 +35,14 @@ impl fmt::Display for Problem {
 /// or a stand-in for it), sorted by path. An error is returned only when the tree cannot be
 /// read; what is wrong with its contents is in the list.
 pub fn audit_tree(root: &Path) -> io::Result<Vec<Problem>> {
+    audit_tree_in(root, NameMode::Long)
+}
+
+/// As `audit_tree`, for a stick in the given naming mode. In 8.3 mode every name must also be a
+/// valid upper-case 8.3 name (`fatrules::check_short_name`), except the metadata store
+/// `.pershome/` at the root and what is in it: the store keeps its long-name layout in this
+/// version (docs/format.md § Naming modes), and the long-name rules still apply to it.
+pub fn audit_tree_in(root: &Path, mode: NameMode) -> io::Result<Vec<Problem>> {
     let root_meta = fs::symlink_metadata(root).map_err(|e| context(e, "inspecting", root))?;
     if !root_meta.is_dir() {
         return Err(io::Error::new(
@@ -41,10 +51,12 @@ pub fn audit_tree(root: &Path) -> io::Result<Vec<Problem>> {
         ));
     }
     let mut problems = Vec::new();
-    // An explicit stack rather than recursion: a deep tree must not overflow the stack.
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        audit_dir(&dir, &mut problems, &mut pending)?;
+    // An explicit stack rather than recursion: a deep tree must not overflow the stack. Each
+    // directory carries whether its names must be 8.3 names.
+    let mut pending = vec![(root.to_path_buf(), mode == NameMode::Short83)];
+    while let Some((dir, short_names)) = pending.pop() {
+        let at_root = dir == root;
+        audit_dir(&dir, short_names, at_root, &mut problems, &mut pending)?;
     }
     problems.sort();
     Ok(problems)
@@ -52,8 +64,10 @@ pub fn audit_tree(root: &Path) -> io::Result<Vec<Problem>> {
 
 fn audit_dir(
     dir: &Path,
+    short_names: bool,
+    at_root: bool,
     problems: &mut Vec<Problem>,
-    pending: &mut Vec<PathBuf>,
+    pending: &mut Vec<(PathBuf, bool)>,
 ) -> io::Result<()> {
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| context(e, "listing", dir))? {
@@ -75,6 +89,12 @@ fn audit_dir(
                 what,
             })
         };
+        let is_store = at_root && name_bytes == STORE_DIR.as_bytes();
+        if short_names && !is_store {
+            if let Err(why) = fatrules::check_short_name(name_bytes) {
+                report(format!("the name is not an upper-case 8.3 name: {why}"));
+            }
+        }
 
         if let Err(violation) = fatrules::check_name(name_bytes) {
             report(format!("the name is not FAT-legal: {violation}"));
@@ -91,7 +111,7 @@ fn audit_dir(
         let meta = fs::symlink_metadata(&path).map_err(|e| context(e, "inspecting", &path))?;
         let file_type = meta.file_type();
         if file_type.is_dir() {
-            pending.push(path.clone());
+            pending.push((path.clone(), short_names && !is_store));
         } else if file_type.is_file() {
             if meta.nlink() > 1 {
                 report(format!(
@@ -146,12 +166,18 @@ fn context(err: io::Error, doing: &str, path: &Path) -> io::Error {
 
 /// Panics listing every problem under `root`, or if it cannot be read. For tests.
 pub fn assert_fat_clean(root: &Path) {
-    match audit_tree(root) {
+    assert_fat_clean_in(root, NameMode::Long)
+}
+
+/// As `assert_fat_clean`, with the 8.3 rules too in 8.3 mode. For tests.
+pub fn assert_fat_clean_in(root: &Path, mode: NameMode) {
+    match audit_tree_in(root, mode) {
         Ok(problems) if problems.is_empty() => {}
         Ok(problems) => {
             let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
             panic!(
-                "expected a FAT-clean tree under {}, got {} problem(s):\n{}",
+                "expected a FAT-clean tree ({} names) under {}, got {} problem(s):\n{}",
+                mode.as_str(),
                 root.display(),
                 problems.len(),
                 list.join("\n")
@@ -227,6 +253,45 @@ mod tests {
                 ("\u{FFFD}a", "not valid UTF-8"),
             ],
         );
+    }
+
+    #[test]
+    fn short_name_mode_flags_every_name_that_is_not_upper_case_8_3() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path();
+        fs::create_dir_all(root.join("DOCS/SUB")).expect("mkdir");
+        fs::create_dir_all(root.join(".pershome/inodes")).expect("mkdir");
+        fs::create_dir(root.join("DOCS/.pershome")).expect("mkdir");
+        for name in [
+            "REPORT.TXT",
+            "LONGNA~1.TXT",
+            "MAKEFILE",
+            "DOCS/SUB/A_B.C",
+            "DOCS/notes.txt",
+            "DOCS/TOOLONGNAME.TXT",
+            "DOCS/A.TEXT",
+            "DOCS/A B.TXT",
+            ".pershome/journal.0000000000000001",
+            ".pershome/inodes/0000000000000001",
+        ] {
+            File::create(root.join(name)).expect("create");
+        }
+        let got = audit_tree_in(root, NameMode::Short83).expect("audit");
+        let got = relative(root, &got);
+        let expected = [
+            ("DOCS/.pershome", "base \"\" is not 1 to 8"),
+            ("DOCS/A B.TXT", "' ' is not an upper-case"),
+            ("DOCS/A.TEXT", "extension \"TEXT\""),
+            ("DOCS/TOOLONGNAME.TXT", "base \"TOOLONGNAME\""),
+            ("DOCS/notes.txt", "'n' is not an upper-case"),
+        ];
+        let matches = got.len() == expected.len()
+            && expected
+                .iter()
+                .all(|(path, what)| got.iter().any(|(p, w)| p == path && w.contains(what)));
+        assert!(matches, "expected problems {expected:#?}\ngot {got:#?}");
+        // The long-name audit of the same tree finds nothing.
+        assert_problems(root, &[]);
     }
 
     #[test]

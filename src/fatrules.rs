@@ -78,6 +78,51 @@ pub fn check_name(name: &[u8]) -> Result<(), Violation> {
     Ok(())
 }
 
+/// The characters an MS-DOS 8.3 short name may hold besides `A-Z` and `0-9` (Microsoft's FAT
+/// specification, "Short directory entries"). Lower-case letters, spaces, dots inside the base,
+/// `+ , ; = [ ]` and every byte above 0x7F are left out: DOS stores upper case only, the
+/// others need a long name on vfat, and bytes above 0x7F depend on the OEM code page.
+pub const SHORT_NAME_SPECIALS: &str = "!#$%&'()-@^_`{}~";
+
+/// Whether `c` may appear in an 8.3 short name as pershome writes them.
+pub fn is_short_name_char(c: u8) -> bool {
+    c.is_ascii_uppercase() || c.is_ascii_digit() || SHORT_NAME_SPECIALS.as_bytes().contains(&c)
+}
+
+/// Why a name is not a valid upper-case 8.3 short name, or `Ok` when it is one: a base of 1–8
+/// and an optional extension of 1–3 characters of `is_short_name_char`, one dot between them,
+/// and no DOS device name as the base. A stick mounted `msdos` on Linux (or read by DOS) holds
+/// nothing else.
+pub fn check_short_name(name: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(name).map_err(|_| "the name is not ASCII".to_string())?;
+    let (base, ext) = match text.split_once('.') {
+        Some((b, e)) => (b, Some(e)),
+        None => (text, None),
+    };
+    if base.is_empty() || base.len() > 8 {
+        return Err(format!("the base {base:?} is not 1 to 8 characters"));
+    }
+    if let Some(ext) = ext {
+        if ext.is_empty() || ext.len() > 3 {
+            return Err(format!("the extension {ext:?} is not 1 to 3 characters"));
+        }
+    }
+    let bad = base
+        .bytes()
+        .chain(ext.unwrap_or_default().bytes())
+        .find(|&c| !is_short_name_char(c));
+    if let Some(c) = bad {
+        return Err(format!(
+            "the character {:?} is not an upper-case 8.3 character",
+            char::from(c)
+        ));
+    }
+    if is_reserved_device_name(text) {
+        return Err("the base is a DOS device name".to_string());
+    }
+    Ok(())
+}
+
 /// The DOS device names Windows resolves to a device in every directory, compared after case
 /// folding. `COM0`/`LPT0` and the superscript digits are in Windows' own list
 /// (`RtlIsDosDeviceName_U`), and `CONIN$`/`CONOUT$` open the console.
@@ -147,6 +192,43 @@ fn simple_uppercase(c: char) -> char {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_names() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"REPORT.TXT", true),
+            (b"MAKEFILE", true),
+            (b"LONGNA~1.TXT", true),
+            (b"A", true),
+            (b"A.B", true),
+            (b"!#$%&'()", true),
+            (b"-@^_`{}~.ABC", true),
+            (b"report.txt", false),
+            (b"REPORTS12.TXT", false),
+            (b"REPORT.TEXT", false),
+            (b"REPORT.", false),
+            (b".REPORT", false),
+            (b"A.B.C", false),
+            (b"A B", false),
+            (b"A+B", false),
+            (b"A[1]", false),
+            ("\u{C9}T\u{C9}".as_bytes(), false),
+            (&[0xff], false),
+            (b"", false),
+            (b"CON", false),
+            (b"COM1.TXT", false),
+            (b"CON~1", true),
+        ];
+        for (name, valid) in cases {
+            let got = check_short_name(name);
+            assert_eq!(
+                got.is_ok(),
+                *valid,
+                "check_short_name({:?}): expected valid={valid}, got {got:?}",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
 
     #[test]
     fn check_name_table() {

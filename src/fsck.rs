@@ -617,6 +617,8 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
         gid: OWNER_ID,
         read_only: false,
         commit_interval: Duration::from_secs(3600),
+        // The stick's own mode, whichever it is.
+        names: None,
     };
     let fs = Fs::open_backing(backing, opts).map_err(|e| match e {
         OpenError::Store(StoreError::Busy) => FsckError::Busy(path.clone()),
@@ -627,6 +629,11 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
         OpenError::Backing { path, source } => FsckError::Io {
             context: format!("opening {path}"),
             source,
+        },
+        // Cannot happen with `names: None`, which adopts the stick's mode.
+        e @ OpenError::NameMode { .. } => FsckError::Io {
+            context: format!("opening {path}"),
+            source: io::Error::other(e.to_string()),
         },
     })?;
     let fs_err = |what: &str| {

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::names::NameMode;
+
 /// The filesystem subtype: `mount` and `df` show the type as `fuse.pershomefs`.
 pub const SUBTYPE: &str = "pershomefs";
 
@@ -59,6 +61,9 @@ pub struct MountOptions {
     pub sync: bool,
     /// `dirsync`: directory changes are synchronous.
     pub dirsync: bool,
+    /// `names=long|8.3`: how names are written on the stick. `None` (no option) adopts the
+    /// mode recorded in the stick's store, and is `long` on a new store.
+    pub names: Option<NameMode>,
 }
 
 /// A rejected `-o` option. The message names the option and says what to do.
@@ -147,6 +152,7 @@ pub fn parse_options_with(
         noatime: false,
         sync: false,
         dirsync: false,
+        names: None,
     };
     let mut allow_other = false;
     let mut allow_root = false;
@@ -172,6 +178,19 @@ pub fn parse_options_with(
                 "commit" => {
                     let v = required(key, value)?;
                     out.commit_interval = Duration::from_secs(u64::from(parse_commit(v)?));
+                }
+                "names" => {
+                    let v = required(key, value)?;
+                    out.names = Some(NameMode::parse(v).ok_or_else(|| {
+                        OptionError::InvalidValue {
+                            option: key.to_owned(),
+                            value: v.to_owned(),
+                            reason:
+                                "expected `long` (FAT long names, the default) or `8.3` (MS-DOS \
+                                 short names only, for a stick mounted `msdos` or an old device)"
+                                    .to_owned(),
+                        }
+                    })?);
                 }
                 "fsname" => {
                     let v = required(key, value)?;
@@ -464,8 +483,28 @@ mod tests {
             noatime: false,
             sync: false,
             dirsync: false,
+            names: None,
         };
         assert_eq!(o, expected, "expected {expected:?}, got {o:?}");
+    }
+
+    #[test]
+    fn name_modes() {
+        assert_eq!(ok(&["names=8.3"]).names, Some(NameMode::Short83));
+        assert_eq!(ok(&["names=long"]).names, Some(NameMode::Long));
+        assert_eq!(ok(&["names=8.3,names=long"]).names, Some(NameMode::Long));
+        for bad in ["names=short", "names=83", "names=8.3 "] {
+            match err(&[bad]) {
+                OptionError::InvalidValue { option, .. } => {
+                    assert_eq!(
+                        option, "names",
+                        "{bad}: expected option `names`, got {option}"
+                    )
+                }
+                other => panic!("{bad}: expected InvalidValue, got {other:?}"),
+            }
+        }
+        assert_eq!(err(&["names"]), OptionError::MissingValue("names".into()));
     }
 
     #[test]

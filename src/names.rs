@@ -280,6 +280,150 @@ fn is_well_formed_hashed(backing: &[u8]) -> bool {
         && fatrules::check_name(backing).is_ok()
 }
 
+// ---------------------------------------------------------------------------------------------
+// The 8.3 mode (`names=8.3`)
+// ---------------------------------------------------------------------------------------------
+
+/// How POSIX names are written on a stick: the mount option `names=`, recorded in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NameMode {
+    /// FAT long names (vfat, exFAT, Windows): the escapes and forms above.
+    #[default]
+    Long,
+    /// MS-DOS 8.3 names only (a stick mounted `msdos`, an old device): every backing name is
+    /// an upper-case `NAME.EXT`, and the POSIX name is kept in the store whenever the short
+    /// name lower-cased is not it.
+    Short83,
+}
+
+impl NameMode {
+    /// The mode named by the option value (`long` or `8.3`).
+    pub fn parse(value: &str) -> Option<NameMode> {
+        match value {
+            "long" => Some(NameMode::Long),
+            "8.3" => Some(NameMode::Short83),
+            _ => None,
+        }
+    }
+
+    /// The option value for this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NameMode::Long => "long",
+            NameMode::Short83 => "8.3",
+        }
+    }
+}
+
+/// How many candidates `short_candidate` is asked for before a directory counts as full: the
+/// readable name, nine `~N` names, then hashed names. 4,096 hashed tries with 65,536 hash values
+/// each only all fail in a directory that is nearly at FAT's 65,536-entry limit anyway.
+pub const SHORT_ATTEMPTS: u32 = 10 + 4096;
+
+/// The upper-case 8.3 basis of a POSIX name, as Windows derives one: leading dots dropped, the
+/// last dot separates the extension, spaces and other dots dropped, ASCII letters upper-cased,
+/// any char an 8.3 name cannot hold (non-ASCII, forbidden, invalid UTF-8) becomes `_`.
+fn short_basis(name: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let units = units(name);
+    let start = units
+        .iter()
+        .position(|u| *u != Unit::Char('.'))
+        .unwrap_or(units.len());
+    let units = &units[start..];
+    let last_dot = units.iter().rposition(|u| *u == Unit::Char('.'));
+    let (base_units, ext_units) = match last_dot {
+        Some(i) => (&units[..i], &units[i + 1..]),
+        None => (units, &units[units.len()..]),
+    };
+    let convert = |part: &[Unit]| -> Vec<u8> {
+        part.iter()
+            .filter(|u| !matches!(u, Unit::Char('.' | ' ')))
+            .map(|u| match *u {
+                Unit::Char(c) if c.is_ascii() => {
+                    let b = (c as u8).to_ascii_uppercase();
+                    if fatrules::is_short_name_char(b) {
+                        b
+                    } else {
+                        b'_'
+                    }
+                }
+                _ => b'_',
+            })
+            .collect()
+    };
+    let mut base = convert(base_units);
+    if base.is_empty() {
+        base.push(b'_');
+    }
+    let mut ext = convert(ext_units);
+    ext.truncate(3);
+    (base, ext)
+}
+
+fn join_short(base: &[u8], ext: &[u8]) -> Vec<u8> {
+    let mut out = base.to_vec();
+    if !ext.is_empty() {
+        out.push(b'.');
+        out.extend_from_slice(ext);
+    }
+    out
+}
+
+/// The `attempt`-th 8.3 backing name for the POSIX name `name`, most readable first; the caller
+/// takes the first one that does not clash in its directory and keeps the POSIX name in the
+/// store when `decode_in(Short83, ..)` of it is not `name`.
+///
+/// - attempt 0: the name upper-cased, when that is a valid 8.3 name (`report.txt` →
+///   `REPORT.TXT`, `Makefile` → `MAKEFILE`); `None` otherwise;
+/// - attempts 1–9: six characters of the basis, `~N` and the extension (`LONGNA~1.TXT`);
+/// - attempts 10 and up: two characters of the basis, four hex digits of SHA-256 of the name
+///   and the attempt, `~1` (`LO3F2A~1.TXT`), as Windows does past `~4`.
+///
+/// Every `Some` passes `fatrules::check_short_name` (so also `check_name`); never panics.
+pub fn short_candidate(name: &[u8], attempt: u32) -> Option<Vec<u8>> {
+    if attempt == 0 {
+        let upper = name.to_ascii_uppercase();
+        return fatrules::check_short_name(&upper).is_ok().then_some(upper);
+    }
+    let (base, ext) = short_basis(name);
+    let candidate = if attempt <= 9 {
+        let mut b = base[..base.len().min(6)].to_vec();
+        b.extend_from_slice(format!("~{attempt}").as_bytes());
+        join_short(&b, &ext)
+    } else {
+        let mut hasher = Sha256::new();
+        hasher.update(name);
+        hasher.update(attempt.to_le_bytes());
+        let digest = hasher.finalize();
+        let mut b = base[..base.len().min(2)].to_vec();
+        b.extend_from_slice(format!("{:02X}{:02X}~1", digest[0], digest[1]).as_bytes());
+        join_short(&b, &ext)
+    };
+    // The `~` keeps the base from being a device name; checked anyway, as the contract says.
+    fatrules::check_short_name(&candidate)
+        .is_ok()
+        .then_some(candidate)
+}
+
+/// What a backing name stands for in `mode`, before the store is asked. In 8.3 mode a valid
+/// upper-case 8.3 name stands for itself lower-cased, as Linux's `msdos` driver shows it and
+/// as a user of a DOS-era stick expects (`REPORT.TXT` → `report.txt`); any other backing name
+/// (a long name written by another system) decodes as in the long mode.
+pub fn decode_in(mode: NameMode, backing: &[u8], at_root: bool) -> Decoded {
+    match mode {
+        NameMode::Long => decode(backing, at_root),
+        NameMode::Short83 => {
+            if at_root && fatrules::fold_key(backing) == fatrules::fold_key(STORE_DIR.as_bytes()) {
+                Decoded::Reserved
+            } else if fatrules::check_short_name(backing).is_ok() {
+                Decoded::Name(backing.to_ascii_lowercase())
+            } else {
+                decode(backing, at_root)
+            }
+        }
+    }
+}
+
 /// POSIX names that break FAT's rules in every way the design names: each forbidden and control
 /// character, trailing dots and spaces, reserved device names, names differing only in case,
 /// 255-byte names, invalid UTF-8, and literal private-use characters. For tests and the demo.
@@ -698,6 +842,198 @@ mod tests {
             name.truncate(255);
             is_valid_posix_name(&name).then_some(name)
         })
+    }
+
+    /// What `fs` does with 8.3 names, without I/O: each name in turn takes its first candidate
+    /// that does not fold onto a backing name already in the directory, and the store keeps
+    /// the POSIX name when the backing name does not decode to it. Returns (backing name,
+    /// stored name) per name.
+    fn assign_short(names: &[Vec<u8>], at_root: bool) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut folds = std::collections::HashSet::new();
+        if at_root {
+            folds.insert(fatrules::fold_key(STORE_DIR.as_bytes()));
+        }
+        let mut out = Vec::new();
+        for name in names {
+            let backing = (0..SHORT_ATTEMPTS)
+                .filter_map(|a| short_candidate(name, a))
+                .find(|c| !folds.contains(&fatrules::fold_key(c)))
+                .unwrap_or_else(|| panic!("no free 8.3 name for {}", show(name)));
+            folds.insert(fatrules::fold_key(&backing));
+            let stored = match decode_in(NameMode::Short83, &backing, at_root) {
+                Decoded::Name(n) if &n == name => None,
+                _ => Some(name.clone()),
+            };
+            out.push((backing, stored));
+        }
+        out
+    }
+
+    #[test]
+    fn short_names_table() {
+        let names: Vec<Vec<u8>> = [
+            "report.txt",
+            "Makefile",
+            "makefile",
+            "MAKEFILE",
+            "longername.txt",
+            "longername of mine.txt",
+            "longername of yours.txt",
+            ".bashrc",
+            "con",
+            "com1.txt",
+            "a.b.c.tar.gz",
+            "été.odt",
+            ".pershome",
+            "...",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+        let expected: &[(&str, bool)] = &[
+            ("REPORT.TXT", false),
+            ("MAKEFILE", true),
+            ("MAKEFI~1", true),
+            ("MAKEFI~2", true),
+            ("LONGER~1.TXT", true),
+            ("LONGER~2.TXT", true),
+            ("LONGER~3.TXT", true),
+            ("BASHRC~1", true),
+            ("CON~1", true),
+            ("COM1~1.TXT", true),
+            ("ABCTAR~1.GZ", true),
+            ("_T_~1.ODT", true),
+            ("PERSHO~1", true),
+            ("_~1", true),
+        ];
+        let got = assign_short(&names, true);
+        for ((name, (backing, stored)), (want, want_stored)) in names.iter().zip(&got).zip(expected)
+        {
+            assert_eq!(
+                (backing.as_slice(), stored.is_some()),
+                (want.as_bytes(), *want_stored),
+                "8.3 name of {}: expected {want:?} (name stored: {want_stored}), got {} (stored: {})",
+                show(name),
+                show(backing),
+                stored.is_some()
+            );
+        }
+        // Names made elsewhere: a short name shows lower-cased, a long one as in long mode.
+        let cases: &[(&[u8], Decoded)] = &[
+            (b"README.TXT", Decoded::Name(b"readme.txt".to_vec())),
+            (b"Notes.txt", Decoded::Name(b"Notes.txt".to_vec())),
+            (b"PERSHO~1", Decoded::Name(b"persho~1".to_vec())),
+            (b".pershome", Decoded::Reserved),
+        ];
+        for (backing, want) in cases {
+            let got = decode_in(NameMode::Short83, backing, true);
+            assert_eq!(
+                &got,
+                want,
+                "decode_in(8.3, {}): expected {want:?}, got {got:?}",
+                show(backing)
+            );
+        }
+        // Past nine `~N` names, hashed ones.
+        let got = short_candidate(b"longname.txt", 10).expect("a hashed candidate");
+        let text = String::from_utf8(got).expect("ASCII");
+        assert!(
+            text.starts_with("LO") && text.ends_with("~1.TXT") && text.len() == 12,
+            "expected LOxxxx~1.TXT, got {text:?}"
+        );
+        assert_eq!(NameMode::parse("8.3"), Some(NameMode::Short83));
+        assert_eq!(NameMode::parse("long"), Some(NameMode::Long));
+        assert_eq!(NameMode::parse("short"), None);
+    }
+
+    #[test]
+    fn hostile_names_get_unique_valid_short_names() {
+        let names = hostile_examples();
+        for at_root in [false, true] {
+            let got = assign_short(&names, at_root);
+            let mut seen = std::collections::HashSet::new();
+            for (name, (backing, stored)) in names.iter().zip(&got) {
+                assert_eq!(
+                    fatrules::check_short_name(backing),
+                    Ok(()),
+                    "8.3 name of {} is {}",
+                    show(name),
+                    show(backing)
+                );
+                assert!(
+                    seen.insert(fatrules::fold_key(backing)),
+                    "{} twice",
+                    show(backing)
+                );
+                let back = stored.clone().or_else(|| {
+                    match decode_in(NameMode::Short83, backing, at_root) {
+                        Decoded::Name(n) => Some(n),
+                        _ => None,
+                    }
+                });
+                assert_eq!(
+                    back.as_ref(),
+                    Some(name),
+                    "round trip of {} via {}",
+                    show(name),
+                    show(backing)
+                );
+            }
+        }
+    }
+
+    proptest! {
+        // Each case assigns up to a hundred names: fewer cases cover as much.
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn short_names_are_valid_unique_and_round_trip_through_the_store(
+            names in proptest::collection::vec(posix_name(), 1..40),
+            twins in proptest::collection::vec(proptest::collection::vec(b'a'..=b'z', 1..12), 0..30),
+            at_root in any::<bool>(),
+        ) {
+            // Short names of the same basis and ASCII case twins are where 8.3 clashes live.
+            let mut all: Vec<Vec<u8>> = Vec::new();
+            for name in names.into_iter().chain(twins.iter().flat_map(|t| {
+                let mut upper = t.to_ascii_uppercase();
+                upper.extend_from_slice(b".txt");
+                let mut long = t.clone();
+                long.extend_from_slice(b"_long_name.txt");
+                [t.clone(), upper, long]
+            })) {
+                if !all.contains(&name) {
+                    all.push(name);
+                }
+            }
+            let got = assign_short(&all, at_root);
+            let mut seen = std::collections::HashSet::new();
+            // The store as the directory's reconcile sees it: backing name -> stored name.
+            for (name, (backing, stored)) in all.iter().zip(&got) {
+                prop_assert_eq!(
+                    fatrules::check_short_name(backing), Ok(()),
+                    "8.3 name of {} is {}", show(name), show(backing)
+                );
+                prop_assert_eq!(fatrules::check_name(backing), Ok(()));
+                prop_assert!(seen.insert(fatrules::fold_key(backing)), "{} given twice", show(backing));
+                let shown = match (stored, decode_in(NameMode::Short83, backing, at_root)) {
+                    (Some(n), _) => n.clone(),
+                    (None, Decoded::Name(n)) => n,
+                    (None, other) => return Err(TestCaseError::fail(format!("{other:?}"))),
+                };
+                prop_assert_eq!(&shown, name, "round trip via {}", show(backing));
+            }
+        }
+
+        #[test]
+        fn short_candidates_never_panic_and_are_valid(
+            name in proptest::collection::vec(any::<u8>(), 0..300),
+            attempt in 0u32..20_000,
+        ) {
+            if let Some(c) = short_candidate(&name, attempt) {
+                prop_assert_eq!(fatrules::check_short_name(&c), Ok(()), "{}", show(&c));
+            }
+            let _ = decode_in(NameMode::Short83, &name, true);
+        }
     }
 
     proptest! {

@@ -888,3 +888,28 @@ fn a_bit_flipped_journal_still_mounts() {
     assert_eq!(a.perm, 0o600, "the state of the last intact commit");
     assert_eq!(read_all(&fs, a.ino), b"first");
 }
+
+/// Regression: a hard-linked name's record lost the POSIX name a hashed backing name needs
+/// (at `link()` and at a rename of a linked name), so after a remount it showed as its hashed
+/// backing name.
+#[test]
+fn hard_linked_hashed_names_keep_their_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open(backing);
+    create_file(&fs, ROOT, "É".as_bytes(), 0o644, b"upper");
+    let lower = create_file(&fs, ROOT, "é".as_bytes(), 0o644, b"lower");
+    fs.link(lower.ino, ROOT, "ÉCOLE".as_bytes()).unwrap();
+    create_file(&fs, ROOT, "école".as_bytes(), 0o644, b"other");
+    fs.link(lower.ino, ROOT, b"plain").unwrap();
+    fs.rename(ROOT, b"plain", ROOT, "Écolé".as_bytes(), 0)
+        .unwrap();
+    create_file(&fs, ROOT, "écolé".as_bytes(), 0o644, b"third");
+    fs.rename(ROOT, "Écolé".as_bytes(), ROOT, "ÉCOLÉ".as_bytes(), 0)
+        .unwrap();
+    let before = snapshot(&fs);
+    let fs = remount(fs, backing);
+    assert_same_tree(&before, &snapshot(&fs), "the tree after a remount");
+    assert_eq!(lookup(&fs, &["ÉCOLÉ".as_bytes()]).nlink, 3);
+    assert_fat_clean(backing);
+}

@@ -1,4 +1,5 @@
-//! Fuzz target: backing names from the stick (`names::decode`, `names::is_canonical`).
+//! Fuzz target: backing names from the stick (`names::decode`, `names::is_canonical`, and the
+//! 8.3 mode's `names::decode_in` and `names::short_candidate`).
 //!
 //! The first input byte chooses `at_root` (its low bit); the rest is the backing name.
 //! Asserts no panic, and exactly what `is_canonical` promises: a canonical backing name that
@@ -47,4 +48,24 @@ fuzz_target!(|data: &[u8]| {
     }
     // Hashed encoding is total and never panics either.
     let _ = names::encode(backing, Form::Hashed, at_root);
+    // 8.3 mode: decoding is total; every candidate is a valid upper-case 8.3 name; the first
+    // candidate, when there is one, decodes to the name lower-cased.
+    let _ = names::decode_in(names::NameMode::Short83, backing, at_root);
+    let attempt = u32::from(flags >> 1) * 64;
+    for a in [0, 1, 9, 10, attempt] {
+        if let Some(short) = names::short_candidate(backing, a) {
+            assert_eq!(
+                pershome::fatrules::check_short_name(&short),
+                Ok(()),
+                "short_candidate({backing:02x?}, {a}) = {short:02x?}"
+            );
+            if a == 0 {
+                assert_eq!(
+                    names::decode_in(names::NameMode::Short83, &short, at_root),
+                    Decoded::Name(backing.to_ascii_lowercase()),
+                    "the readable 8.3 name {short:02x?} of {backing:02x?}"
+                );
+            }
+        }
+    }
 });

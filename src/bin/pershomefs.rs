@@ -13,6 +13,7 @@ fn main() -> ExitCode {
             gid: opts.gid,
             read_only: opts.read_only,
             commit_interval: opts.commit_interval,
+            names: opts.names,
         };
         pershome::fuse::Adapter::open(backing, fs_opts).map_err(|e| match e {
             FsOpenError::Backing { .. } => OpenError::Backing(anyhow::Error::new(e)),
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
                 "{e}: this stick was written by a newer pershome; update pershome on this \
                  computer, or mount it read-only with a newer version"
             )),
+            FsOpenError::NameMode { .. } => OpenError::Refused(e.to_string()),
             FsOpenError::Store(s) => OpenError::Refused(format!(
                 "the metadata store in {}/.pershome cannot be used: {s}; run `pershome fsck` on it",
                 backing.display()

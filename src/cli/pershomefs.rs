@@ -54,6 +54,12 @@ Mount options (-o, comma-separated, may be repeated; escape a comma in a value a
   rw                 read-write (the default)
   commit=SECONDS     commit metadata changes to the stick at least this often
                      (1-3600, default 5): a yanked stick loses at most that much
+  names=long|8.3     how names are written on the stick: long (FAT long names,
+                     the default for a new stick) or 8.3 (upper-case NAME.EXT only,
+                     for a stick mounted msdos or an old device; the real names are
+                     kept in the metadata store). A stick keeps the mode it was first
+                     written in: without the option its own mode is used, and the
+                     other mode is refused
   fsname=NAME        the source name shown by mount and df (default: BACKING)
   subtype=...        ignored: the type is always fuse.pershomefs
   noexec, exec       forbid or allow running programs from the mount

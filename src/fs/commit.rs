@@ -7,7 +7,6 @@
 
 use super::{DirState, Errno, Fs, Ino, Kind, Result, State, ROOT};
 use crate::meta::{Meta, Record, OWNER_ID};
-use crate::names::{self, Decoded};
 
 /// Compact the journal once it holds this many bytes more than the last checkpoint.
 const COMPACT_AFTER_BYTES: u64 = 4 << 20;
@@ -173,10 +172,7 @@ impl Fs {
             // Keep the POSIX name in the record when decoding the backing name would not give
             // it back (hashed names, names renamed after a clash).
             let at_root = inode.parent == ROOT;
-            meta.name = match names::decode(backing_name, at_root) {
-                Decoded::Name(n) if n == inode.name => None,
-                _ => Some(inode.name.clone()),
-            };
+            meta.name = self.name_to_store(backing_name, at_root, &inode.name);
         }
         Some(Record::Put { path, meta })
     }
@@ -229,9 +225,7 @@ impl Fs {
                             let meta = Meta {
                                 mode: libc::S_IFREG,
                                 link: Some(id),
-                                name: Some(name.clone()).filter(|n| {
-                                    !matches!(names::decode(&dentry.backing, dir == ROOT), Decoded::Name(ref d) if d == n)
-                                }),
+                                name: self.name_to_store(&dentry.backing, dir == ROOT, name),
                                 ..Meta::default()
                             };
                             out.push(Record::Put {

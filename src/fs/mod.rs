@@ -18,6 +18,7 @@
 pub mod acl;
 mod commit;
 mod io_ops;
+pub mod name_mode;
 mod namespace;
 mod reconcile;
 mod repair;
@@ -38,6 +39,7 @@ use crate::backing::Backing;
 use crate::meta::journal::{Journal, OpenMode, StoreError};
 use crate::meta::pending::PendingTree;
 use crate::meta::{Meta, Timespec, STORE_DIR};
+use crate::names::NameMode;
 
 pub type Result<T> = std::result::Result<T, Errno>;
 pub type Ino = u64;
@@ -58,6 +60,8 @@ pub struct FsOptions {
     pub read_only: bool,
     /// How long metadata changes may wait in memory before they are committed.
     pub commit_interval: Duration,
+    /// The `names=` option: `None` adopts the mode recorded on the stick (see `name_mode`).
+    pub names: Option<NameMode>,
 }
 
 /// File types pershome represents.
@@ -335,6 +339,8 @@ pub(crate) struct State {
 pub struct Fs {
     pub(crate) backing: Backing,
     pub(crate) opts: FsOptions,
+    /// The naming mode in force: the option, or the stick's recorded mode.
+    pub(crate) names: NameMode,
     pub(crate) state: Mutex<State>,
     pub(crate) dir_cache: Mutex<HashMap<Ino, Arc<OwnedFd>>>,
     /// The store's journal; `None` on a read-only mount. Locked after `state` when both are.
@@ -351,6 +357,14 @@ pub enum OpenError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "this stick's names are in `names={}` mode (recorded in {STORE_DIR}/), but \
+         `names={}` was asked: mount it without the names= option to use its own mode; a \
+         stick's naming mode cannot be changed in place",
+        stick.as_str(),
+        asked.as_str()
+    )]
+    NameMode { stick: NameMode, asked: NameMode },
 }
 
 impl Fs {
@@ -369,6 +383,13 @@ impl Fs {
             OpenMode::ReadWrite
         };
         let (journal, recovered) = Journal::open(backing.root(), mode)?;
+        let names = name_mode::resolve(
+            &backing,
+            &backing_path.display().to_string(),
+            opts.names,
+            recovered.created,
+            opts.read_only,
+        )?;
         let journal = (!opts.read_only).then_some(journal);
         for w in &recovered.warnings {
             tracing::warn!("metadata store: {w}");
@@ -436,6 +457,7 @@ impl Fs {
         let fs = Fs {
             backing,
             opts,
+            names,
             state: Mutex::new(state),
             dir_cache: Mutex::new(HashMap::new()),
             journal: Mutex::new(journal),
@@ -448,6 +470,11 @@ impl Fs {
 
     pub fn options(&self) -> &FsOptions {
         &self.opts
+    }
+
+    /// The naming mode in force on this mount.
+    pub fn name_mode(&self) -> NameMode {
+        self.names
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::fatrules::fold_key;
 use crate::meta::{Meta, Record, STORE_DIR};
-use crate::names::{self, Form};
+use crate::names::{self, Form, NameMode};
 
 fn check_name(name: &[u8]) -> Result<()> {
     if name.len() > 255 {
@@ -50,10 +50,15 @@ impl Fs {
         Ok(inode.attr(ino))
     }
 
-    /// Picks the backing name for a new POSIX name in a loaded directory: the name itself when
-    /// FAT takes it, else its escaped form; when that clashes case-insensitively with another
-    /// name on the stick, the case-escaped form; as a last resort the hashed form.
+    /// Picks the backing name for a new POSIX name in a loaded directory.
+    ///
+    /// Long names: the name itself when FAT takes it, else its escaped form; when that clashes
+    /// case-insensitively with another name on the stick, the case-escaped form; as a last
+    /// resort the hashed form. 8.3 names: the first of `names::short_candidate` that does not
+    /// clash (`REPORT.TXT`, then `REPORT~1.TXT`, …); the commit keeps the POSIX name in the
+    /// store whenever the short name does not decode to it.
     pub(crate) fn choose_backing_name(
+        &self,
         st: &State,
         dir: Ino,
         name: &[u8],
@@ -61,17 +66,40 @@ impl Fs {
     ) -> Result<Vec<u8>> {
         let children = st.inode(dir)?.children().ok_or(Errno::EIO)?;
         let ignore_fold = ignore.map(fold_key);
-        for form in [Form::Natural, Form::CaseEscaped, Form::Hashed] {
-            let candidate = names::encode(name, form, dir == ROOT);
-            if candidate.len() > names::MAX_BACKING_BYTES {
-                continue;
+        let free = |candidate: &[u8]| {
+            let fold = fold_key(candidate);
+            !children.folds.contains(&fold) || ignore_fold.as_ref() == Some(&fold)
+        };
+        match self.names {
+            NameMode::Long => {
+                for form in [Form::Natural, Form::CaseEscaped, Form::Hashed] {
+                    let candidate = names::encode(name, form, dir == ROOT);
+                    if candidate.len() <= names::MAX_BACKING_BYTES && free(&candidate) {
+                        return Ok(candidate);
+                    }
+                }
+                Err(Errno::EEXIST)
             }
-            let fold = fold_key(&candidate);
-            if !children.folds.contains(&fold) || ignore_fold.as_ref() == Some(&fold) {
-                return Ok(candidate);
-            }
+            // Every candidate taken: the directory is as full as an 8.3 directory gets.
+            NameMode::Short83 => (0..names::SHORT_ATTEMPTS)
+                .filter_map(|attempt| names::short_candidate(name, attempt))
+                .find(|candidate| free(candidate))
+                .ok_or(Errno::ENOSPC),
         }
-        Err(Errno::EEXIST)
+    }
+
+    /// The POSIX name a record must keep for `name` at `backing_name`: `None` when decoding the
+    /// backing name gives it back (most long names; 8.3 names that are their name upper-cased).
+    pub(crate) fn name_to_store(
+        &self,
+        backing_name: &[u8],
+        at_root: bool,
+        name: &[u8],
+    ) -> Option<Vec<u8>> {
+        match names::decode_in(self.names, backing_name, at_root) {
+            names::Decoded::Name(n) if n == name => None,
+            _ => Some(name.to_vec()),
+        }
     }
 
     /// Creates a node of any kind; returns its attributes and, for regular files, the open
@@ -104,7 +132,7 @@ impl Fs {
             .iter()
             .find(|(n, _)| n == acl::DEFAULT)
             .and_then(|(_, v)| acl::parse(v));
-        let backing_name = Self::choose_backing_name(&st, parent, name, None)?;
+        let backing_name = self.choose_backing_name(&st, parent, name, None)?;
         let dirfd = self.open_dir_of(&st, parent)?;
         let dirfd = dirfd.as_fd();
         let mut file = None;
@@ -436,7 +464,7 @@ impl Fs {
         {
             return Err(Errno::EEXIST);
         }
-        let new_backing = Self::choose_backing_name(&st, newparent, newname, None)?;
+        let new_backing = self.choose_backing_name(&st, newparent, newname, None)?;
         let mut new_path = st.backing_path(newparent)?;
         new_path.push(new_backing.clone());
         let newdir = self.open_dir_of(&st, newparent)?;
@@ -448,11 +476,19 @@ impl Fs {
                     .map_err(|e| errno_of(&e))?;
                 id
             }
-            None => self.start_link(&mut st, ino, &new_path, &new_backing, newdir.as_fd())?,
+            None => self.start_link(
+                &mut st,
+                ino,
+                &new_path,
+                newname,
+                &new_backing,
+                newdir.as_fd(),
+            )?,
         };
+        let stored_name = self.name_to_store(&new_backing, newparent == ROOT, newname);
         st.pending.push(Record::Put {
             path: new_path,
-            meta: link_name_meta(id),
+            meta: link_name_meta(id, stored_name),
         });
         let inode = st.inode_mut(ino)?;
         inode.meta.nlink += 1;
@@ -483,6 +519,7 @@ impl Fs {
         st: &mut State,
         ino: Ino,
         new_path: &[Vec<u8>],
+        newname: &[u8],
         new_backing: &[u8],
         newdir: std::os::fd::BorrowedFd<'_>,
     ) -> Result<u64> {
@@ -496,13 +533,15 @@ impl Fs {
         let old_backing = old_path.last().cloned().ok_or(Errno::EIO)?;
         let mut link_meta = st.inode(ino)?.meta.clone();
         link_meta.nlink = 2;
+        let old_stored = self.name_to_store(&old_backing, old_path.len() == 1, &old_name);
         st.pending.push(Record::Put {
             path: old_path.clone(),
-            meta: link_name_meta(id),
+            meta: link_name_meta(id, old_stored),
         });
+        let new_stored = self.name_to_store(new_backing, new_path.len() == 1, newname);
         st.pending.push(Record::Put {
             path: new_path.to_vec(),
-            meta: link_name_meta(id),
+            meta: link_name_meta(id, new_stored),
         });
         st.pending.push(Record::PutInode {
             id,
@@ -626,7 +665,7 @@ impl Fs {
             Some(d) => d.backing.clone(),
             None => {
                 let ignore = (parent == newparent).then_some(src.backing.as_slice());
-                Self::choose_backing_name(&st, newparent, newname, ignore)?
+                self.choose_backing_name(&st, newparent, newname, ignore)?
             }
         };
         let from_dir = self.open_dir_of(&st, parent)?;
@@ -652,7 +691,19 @@ impl Fs {
             // replaces its record on the stick).
             self.detach_name(&mut st, newparent, newname, dst)?;
         }
-        st.pending.push(Record::Rename { from, to });
+        st.pending.push(Record::Rename {
+            from,
+            to: to.clone(),
+        });
+        // A hard-linked name's record is not rewritten by the inode's own commit (that is its
+        // PutInode): state its new POSIX name here, or the record keeps the old one.
+        if let Some(id) = st.inode(src.ino)?.link_id {
+            let stored_name = self.name_to_store(&new_backing, newparent == ROOT, newname);
+            st.pending.push(Record::Put {
+                path: to,
+                meta: link_name_meta(id, stored_name),
+            });
+        }
         let t = now();
         let is_dir = src_kind == Kind::Dir;
         st.remove_entry(parent, name, &src.backing, is_dir, t)?;
@@ -719,7 +770,23 @@ impl Fs {
         a.push(src.backing.clone());
         let mut b = st.backing_path(newparent)?;
         b.push(dst.backing.clone());
-        st.pending.push(Record::Exchange { a, b });
+        st.pending.push(Record::Exchange {
+            a: a.clone(),
+            b: b.clone(),
+        });
+        // As in rename: hard-linked names state their new POSIX names.
+        for (ino, path, new_name, dir) in
+            [(src.ino, b, newname, newparent), (dst.ino, a, name, parent)]
+        {
+            if let Some(id) = st.inode(ino)?.link_id {
+                let backing_name = path.last().cloned().unwrap_or_default();
+                let stored_name = self.name_to_store(&backing_name, dir == ROOT, new_name);
+                st.pending.push(Record::Put {
+                    path,
+                    meta: link_name_meta(id, stored_name),
+                });
+            }
+        }
         let t = now();
         let a_is_dir = st.inode(src.ino)?.kind == Kind::Dir;
         let b_is_dir = st.inode(dst.ino)?.kind == Kind::Dir;
@@ -871,10 +938,13 @@ impl Fs {
     }
 }
 
-fn link_name_meta(id: u64) -> Meta {
+/// The record of one name of a hard-linked file; `name` is the POSIX name when the backing
+/// name does not decode to it (see `Fs::name_to_store`).
+fn link_name_meta(id: u64, name: Option<Vec<u8>>) -> Meta {
     Meta {
         mode: libc::S_IFREG,
         link: Some(id),
+        name,
         ..Meta::default()
     }
 }

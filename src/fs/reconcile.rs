@@ -14,7 +14,7 @@ use crate::backing::{BackingEntry, BackingStat};
 use crate::fatrules::fold_key;
 use crate::meta::pending::PendingTree;
 use crate::meta::{Meta, Record, Timespec, OWNER_ID, STORE_DIR};
-use crate::names::{self, Decoded};
+use crate::names::{self, Decoded, NameMode};
 
 /// The largest symlink body pershome reads: `!<symlink>`, a BOM, 4096 UTF-16 units and a NUL.
 pub(crate) const SYMLINK_FILE_MAX: u64 = 12 + 2 * 4096 + 2;
@@ -170,12 +170,21 @@ impl Fs {
                 // by pershome and is not followed or shown.
                 continue;
             }
-            let record = records.remove(&entry.name);
+            let mut record = records.remove(&entry.name);
+            if record.is_none() && self.names == NameMode::Short83 {
+                // Linux's `msdos` driver lists short names in lower case (`report.txt`) while
+                // pershome made and recorded them in upper case (`REPORT.TXT`); the stick is
+                // case-insensitive, so the record is the upper-case one's.
+                let upper = entry.name.to_ascii_uppercase();
+                if upper != entry.name && crate::fatrules::check_short_name(&upper).is_ok() {
+                    record = records.remove(&upper);
+                }
+            }
             let (meta, subtree) = match record {
                 Some(t) => (t.meta, t.children),
                 None => (None, Default::default()),
             };
-            let decoded = names::decode(&entry.name, at_root);
+            let decoded = names::decode_in(self.names, &entry.name, at_root);
             if matches!(decoded, Decoded::Reserved) {
                 continue;
             }

@@ -43,9 +43,21 @@ pub fn run(sh: &Shell) -> Result<()> {
         &pjdfstest::Options {
             backing: pjdfstest::BackingChoice::Both,
             fs: Fs::Pershomefs,
+            names: pjdfstest::Names::Long,
         },
     )
     .context("CI step `pjdfstest --backing both` failed")?;
+
+    step("pjdfstest --backing both --names 8.3");
+    pjdfstest::run(
+        sh,
+        &pjdfstest::Options {
+            backing: pjdfstest::BackingChoice::Both,
+            fs: Fs::Pershomefs,
+            names: pjdfstest::Names::Short83,
+        },
+    )
+    .context("CI step `pjdfstest --backing both --names 8.3` failed")?;
 
     step("fsx");
     fsx::run(&fsx::Options {

@@ -243,7 +243,7 @@ pub fn run(options: &Options) -> Result<()> {
     );
     target.unmount()?;
     if options.fs == Fs::Pershomefs {
-        crate::pjdfstest::audit_backing(backing.dir())?;
+        crate::pjdfstest::audit_backing(backing.dir(), pershome::names::NameMode::Long)?;
     }
     Ok(())
 }

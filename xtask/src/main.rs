@@ -46,6 +46,9 @@ enum Cmd {
         backing: pjdfstest::BackingChoice,
         #[arg(long, value_enum, default_value = "pershomefs")]
         fs: Fs,
+        /// pershomefs's `names=` option: `long` (the default) or `8.3`.
+        #[arg(long, value_enum, default_value = "long")]
+        names: pjdfstest::Names,
     },
     /// Run fsx on a file in a mount, then again across an unmount/remount.
     Fsx {
@@ -128,7 +131,9 @@ fn run() -> Result<()> {
             cargo_test(&sh)
         }
         Cmd::Demo => demo::run(&sh),
-        Cmd::Pjdfstest { backing, fs } => pjdfstest::run(&sh, &pjdfstest::Options { backing, fs }),
+        Cmd::Pjdfstest { backing, fs, names } => {
+            pjdfstest::run(&sh, &pjdfstest::Options { backing, fs, names })
+        }
         Cmd::Fsx {
             ops,
             seed,

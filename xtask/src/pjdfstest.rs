@@ -15,6 +15,7 @@ use xshell::{cmd, Shell};
 use crate::guards::TempDir;
 use crate::target::{pershomefs_binary, Backing, BackingKind, Fs, Target};
 use crate::{deps, util};
+use pershome::names::NameMode;
 
 /// The configuration that mirrors upstream's ext4 run (see /work/shared/testing.md):
 /// `nobody` and `tests` are the unprivileged users the suite switches to.
@@ -103,13 +104,36 @@ fn ensure_tests_user(sh: &Shell) -> Result<()> {
     Ok(())
 }
 
+/// pershomefs's `names=` mount option for the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Names {
+    /// FAT long names (the default).
+    Long,
+    /// MS-DOS 8.3 names only; the audit then checks every backing name is one.
+    #[value(name = "8.3")]
+    Short83,
+}
+
+impl Names {
+    fn mode(self) -> NameMode {
+        match self {
+            Names::Long => NameMode::Long,
+            Names::Short83 => NameMode::Short83,
+        }
+    }
+}
+
 pub struct Options {
     pub backing: BackingChoice,
     pub fs: Fs,
+    pub names: Names,
 }
 
 pub fn run(sh: &Shell, options: &Options) -> Result<()> {
     util::require_root("pjdfstest")?;
+    if options.names != Names::Long && options.fs != Fs::Pershomefs {
+        bail!("--names 8.3 is a pershomefs mount option: use it with --fs pershomefs");
+    }
     crate::guards::sweep_stale()?;
     ensure_tests_user(sh)?;
     // The suite's expectations (modes of new files, access as `tests`) assume umask 022; with
@@ -127,7 +151,7 @@ pub fn run(sh: &Shell, options: &Options) -> Result<()> {
     };
     let mut failures = Vec::new();
     for &kind in kinds {
-        let summary = run_one(options.fs, kind, bin.as_deref())?;
+        let summary = run_one(options.fs, kind, options.names.mode(), bin.as_deref())?;
         // pershomefs must pass everything. The raw directory must too (that checks the harness
         // and the machine); raw exFAT and posixovl are yardsticks, reported but not judged.
         let judged =
@@ -146,28 +170,34 @@ pub fn run(sh: &Shell, options: &Options) -> Result<()> {
     Ok(())
 }
 
-fn log_path(fs: Fs, kind: BackingKind) -> std::path::PathBuf {
-    let name = match fs {
-        Fs::Pershomefs => format!("pjdfstest-{}.log", kind.name()),
-        other => format!("pjdfstest-{}-{}.log", other.name(), kind.name()),
+fn log_path(fs: Fs, kind: BackingKind, names: NameMode) -> std::path::PathBuf {
+    let name = match (fs, names) {
+        (Fs::Pershomefs, NameMode::Long) => format!("pjdfstest-{}.log", kind.name()),
+        (Fs::Pershomefs, NameMode::Short83) => format!("pjdfstest-{}-names8.3.log", kind.name()),
+        (other, _) => format!("pjdfstest-{}-{}.log", other.name(), kind.name()),
     };
     util::target_dir().join(name)
 }
 
-fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
+fn run_one(fs: Fs, kind: BackingKind, names: NameMode, bin: Option<&Path>) -> Result<Summary> {
     util::banner(&format!(
-        "pjdfstest: {} over a {} backing",
+        "pjdfstest: {} (names={}) over a {} backing",
         fs.name(),
+        names.as_str(),
         kind.name()
     ));
     // Drop order (reverse of declaration): target, backing, scratch.
     let scratch = TempDir::new(&format!("pjdfstest-{}-{}", fs.name(), kind.name()))?;
     let backing = Backing::create(kind, &scratch)?;
+    let mount_opts: &[&str] = match names {
+        NameMode::Long => &["allow_other"],
+        NameMode::Short83 => &["allow_other", "names=8.3"],
+    };
     let target = Target::mount(
         fs,
         backing.dir(),
         &scratch.path().join("m"),
-        &["allow_other"],
+        mount_opts,
         bin,
     )?;
     let config = scratch.path().join("pjdfstest.toml");
@@ -177,7 +207,7 @@ fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
 
     std::fs::create_dir_all(util::target_dir())
         .with_context(|| format!("creating {}", util::target_dir().display()))?;
-    let log = log_path(fs, kind);
+    let log = log_path(fs, kind, names);
     let mut command = Command::new(deps::tool("pjdfstest"));
     command.arg("-c").arg(&config).arg("-p").arg(target.path());
     // The suite chdirs into -p itself; run it from the scratch dir so nothing lands elsewhere.
@@ -185,7 +215,7 @@ fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
     let status = util::run_logged(command, "pjdfstest", &log)?;
     target.unmount()?;
     if fs == Fs::Pershomefs {
-        audit_backing(backing.dir())?;
+        audit_backing(backing.dir(), names)?;
     }
     let output =
         std::fs::read_to_string(&log).with_context(|| format!("reading {}", log.display()))?;
@@ -199,8 +229,9 @@ fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
         eprintln!("  FAILED {name}");
     }
     println!(
-        "pjdfstest {} over {}: {} failed, {} skipped, {} passed (of {}); log: {}",
+        "pjdfstest {} (names={}) over {}: {} failed, {} skipped, {} passed (of {}); log: {}",
         fs.name(),
+        names.as_str(),
         kind.name(),
         summary.failed,
         summary.skipped,
@@ -219,12 +250,17 @@ fn run_one(fs: Fs, kind: BackingKind, bin: Option<&Path>) -> Result<Summary> {
 }
 
 /// After a run that wrote through pershomefs, the backing must hold only what FAT can: the
-/// audit of `docs/testing.md` (names, case clashes, file types, hard links, sizes).
-pub fn audit_backing(dir: &Path) -> Result<()> {
-    let problems = pershome::audit::audit_tree(dir)
+/// audit of `docs/testing.md` (names, case clashes, file types, hard links, sizes), and with
+/// `names=8.3` only upper-case 8.3 names.
+pub fn audit_backing(dir: &Path, names: NameMode) -> Result<()> {
+    let problems = pershome::audit::audit_tree_in(dir, names)
         .with_context(|| format!("auditing the backing tree {}", dir.display()))?;
     if problems.is_empty() {
-        println!("FAT audit of the backing tree {}: clean", dir.display());
+        println!(
+            "FAT audit ({} names) of the backing tree {}: clean",
+            names.as_str(),
+            dir.display()
+        );
         return Ok(());
     }
     for p in problems.iter().take(50) {

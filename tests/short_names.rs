@@ -1,0 +1,478 @@
+//! The `names=8.3` mode: a stick that only holds upper-case MS-DOS `NAME.EXT` names. In-process
+//! tests of the filesystem over a temporary backing directory (as `fs_ops.rs`), then real
+//! mounts of the binary (as `mount.rs`). Every test that writes ends with the 8.3 audit of the
+//! backing tree.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pershome::audit::{assert_fat_clean_in, audit_tree_in};
+use pershome::fs::{Attr, Ctx, Errno, Fs, FsOptions, Ino, OpenError, ROOT};
+use pershome::names::NameMode;
+
+mod common;
+use common::{can_mount, opts, Mount};
+
+const USER: Ctx = Ctx {
+    uid: 1000,
+    gid: 1000,
+    pid: 1,
+    umask: 0,
+};
+
+fn show(name: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(name))
+}
+
+fn open_with(backing: &Path, names: Option<NameMode>) -> Result<Fs, OpenError> {
+    Fs::open_backing(backing, FsOptions { names, ..opts() })
+}
+
+fn open83(backing: &Path) -> Fs {
+    open_with(backing, Some(NameMode::Short83)).expect("open with names=8.3")
+}
+
+/// Unmount and mount again without the option: the stick's recorded mode must be adopted.
+fn remount(fs: Fs, backing: &Path) -> Fs {
+    fs.shutdown();
+    drop(fs);
+    let fs = open_with(backing, None).expect("reopen without names=");
+    assert_eq!(
+        fs.name_mode(),
+        NameMode::Short83,
+        "expected the stick's recorded mode 8.3 to be adopted, got {:?}",
+        fs.name_mode()
+    );
+    fs
+}
+
+fn create_file(fs: &Fs, parent: Ino, name: &[u8], mode: u32, content: &[u8]) -> Attr {
+    let (attr, fh) = fs
+        .create(USER, parent, name, mode, libc::O_RDWR)
+        .unwrap_or_else(|e| panic!("create {}: {e}", show(name)));
+    if !content.is_empty() {
+        fs.write(fh, 0, content).expect("write");
+    }
+    fs.release(fh).expect("release");
+    attr
+}
+
+fn read_all(fs: &Fs, ino: Ino) -> Vec<u8> {
+    let fh = fs.open(ino, libc::O_RDONLY).expect("open");
+    let data = fs.read(fh, 0, 1 << 20).expect("read");
+    fs.release(fh).expect("release");
+    data
+}
+
+fn list(fs: &Fs, ino: Ino) -> Vec<Vec<u8>> {
+    let fh = fs.opendir(ino).expect("opendir");
+    let mut names: Vec<Vec<u8>> = fs
+        .readdir(fh, 0)
+        .expect("readdir")
+        .into_iter()
+        .map(|(_, e)| e.name)
+        .filter(|n| n != b"." && n != b"..")
+        .collect();
+    fs.releasedir(fh);
+    names.sort();
+    names
+}
+
+/// Every name in the tree with its kind, mode and content (or symlink target).
+fn snapshot(fs: &Fs) -> BTreeMap<Vec<Vec<u8>>, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(ROOT, Vec::new())];
+    while let Some((dir, path)) = stack.pop() {
+        for name in list(fs, dir) {
+            let a = fs.lookup(dir, &name).expect("lookup of a listed name");
+            let mut p: Vec<Vec<u8>> = path.clone();
+            p.push(name);
+            let what = match a.kind {
+                pershome::fs::Kind::File => format!("{:?}", read_all(fs, a.ino)),
+                pershome::fs::Kind::Symlink => format!("-> {:?}", fs.readlink(a.ino)),
+                pershome::fs::Kind::Dir => {
+                    stack.push((a.ino, p.clone()));
+                    String::new()
+                }
+                _ => String::new(),
+            };
+            out.insert(
+                p,
+                format!("{:?} {:o} nlink {} {what}", a.kind, a.perm, a.nlink),
+            );
+        }
+    }
+    out
+}
+
+fn assert_same(before: &BTreeMap<Vec<Vec<u8>>, String>, after: &BTreeMap<Vec<Vec<u8>>, String>) {
+    let show_path = |p: &Vec<Vec<u8>>| {
+        p.iter()
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let mut diffs = Vec::new();
+    for (p, want) in before {
+        match after.get(p) {
+            Some(got) if got == want => {}
+            Some(got) => diffs.push(format!("{}: expected {want}, got {got}", show_path(p))),
+            None => diffs.push(format!("{}: vanished", show_path(p))),
+        }
+    }
+    for p in after.keys().filter(|p| !before.contains_key(*p)) {
+        diffs.push(format!("{}: appeared", show_path(p)));
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences after a remount:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+/// Backing names directly in `dir`, sorted.
+fn backing_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("list backing")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn hostile_names_round_trip_on_8_3_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83(backing);
+    assert_eq!(fs.name_mode(), NameMode::Short83);
+    let sub = fs.mkdir(USER, ROOT, b"a directory", 0o750).unwrap();
+    let mut expected = pershome::names::hostile_examples();
+    expected.extend(
+        [
+            "report.txt",
+            "longername.txt",
+            "longername of mine.txt",
+            ".bashrc",
+            "pershome.db",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec()),
+    );
+    for (i, name) in expected.iter().enumerate() {
+        for parent in [ROOT, sub.ino] {
+            create_file(&fs, parent, name, 0o600 + (i as u32 % 8), name);
+        }
+    }
+    create_file(&fs, ROOT, b".pershome", 0o600, b"mine");
+    fs.symlink(USER, sub.ino, b"a link to the report", b"../report.txt")
+        .unwrap();
+    let before = snapshot(&fs);
+    expected.sort();
+    let mut in_sub = expected.clone();
+    in_sub.push(b"a link to the report".to_vec());
+    in_sub.sort();
+    assert_eq!(list(&fs, sub.ino), in_sub, "names listed in a subdirectory");
+
+    let fs = remount(fs, backing);
+    assert_same(&before, &snapshot(&fs));
+    assert_fat_clean_in(backing, NameMode::Short83);
+    // Readable where possible: a lower-case 8.3 name is its own name upper-cased, and the
+    // case twins of `Makefile` get distinct short names.
+    let names = backing_names(&backing.join("ADIREC~1"));
+    for want in [
+        "REPORT.TXT",
+        "MAKEFILE",
+        "MAKEFI~1",
+        "MAKEFI~2",
+        "LONGER~1.TXT",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "expected {want} on the stick, got {names:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(backing.join("ADIREC~1/REPORT.TXT")).unwrap(),
+        b"report.txt"
+    );
+}
+
+#[test]
+fn the_naming_mode_is_recorded_on_the_stick() {
+    let short = tempfile::tempdir().unwrap();
+    let fs = open83(short.path());
+    create_file(&fs, ROOT, b"Notes.txt", 0o644, b"x");
+    fs.shutdown();
+    drop(fs);
+    match open_with(short.path(), Some(NameMode::Long)) {
+        Err(e @ OpenError::NameMode { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("names=8.3") && msg.contains("without the names= option"),
+                "expected an actionable refusal, got {msg:?}"
+            );
+        }
+        Err(e) => panic!("expected a NameMode refusal, got {e}"),
+        Ok(_) => panic!("expected names=long to be refused on an 8.3 stick, got a mount"),
+    }
+    let fs = open_with(short.path(), None).unwrap();
+    assert_eq!(fs.name_mode(), NameMode::Short83);
+    assert_eq!(list(&fs, ROOT), vec![b"Notes.txt".to_vec()]);
+    drop(fs);
+
+    let long = tempfile::tempdir().unwrap();
+    let fs = open_with(long.path(), None).unwrap();
+    assert_eq!(fs.name_mode(), NameMode::Long, "the default on a new stick");
+    create_file(&fs, ROOT, b"Notes.txt", 0o644, b"x");
+    fs.shutdown();
+    drop(fs);
+    let got = open_with(long.path(), Some(NameMode::Short83)).map(|_| ());
+    assert!(
+        matches!(
+            got,
+            Err(OpenError::NameMode {
+                stick: NameMode::Long,
+                asked: NameMode::Short83
+            })
+        ),
+        "expected names=8.3 to be refused on a long-name stick, got {got:?}"
+    );
+    let fs = open_with(long.path(), Some(NameMode::Long)).unwrap();
+    assert_eq!(list(&fs, ROOT), vec![b"Notes.txt".to_vec()]);
+}
+
+#[test]
+fn names_made_elsewhere_show_as_a_dos_stick_shows_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    drop(open83(backing));
+    std::fs::write(backing.join("README.TXT"), b"dos").unwrap();
+    std::fs::write(backing.join("Notes from Windows.txt"), b"vfat").unwrap();
+    let fs = open_with(backing, None).unwrap();
+    assert_eq!(
+        list(&fs, ROOT),
+        vec![b"Notes from Windows.txt".to_vec(), b"readme.txt".to_vec()],
+        "a short name shows lower-cased, a long one as it is"
+    );
+    // The short name is taken: the same name cannot be made again, another case can.
+    assert_eq!(
+        fs.create(USER, ROOT, b"readme.txt", 0o644, libc::O_RDWR)
+            .err(),
+        Some(Errno::EEXIST)
+    );
+    create_file(&fs, ROOT, b"README.txt", 0o644, b"mine");
+    let fs = remount(fs, backing);
+    let readme = fs.lookup(ROOT, b"readme.txt").unwrap();
+    assert_eq!(read_all(&fs, readme.ino), b"dos");
+    let mine = fs.lookup(ROOT, b"README.txt").unwrap();
+    assert_eq!(read_all(&fs, mine.ino), b"mine");
+    // The long name made elsewhere is the only problem the 8.3 audit sees.
+    let problems = audit_tree_in(backing, NameMode::Short83).unwrap();
+    let paths: Vec<PathBuf> = problems.iter().map(|p| p.path.clone()).collect();
+    assert_eq!(
+        paths,
+        vec![backing.join("Notes from Windows.txt")],
+        "expected only the Windows name flagged, got {problems:?}"
+    );
+}
+
+#[test]
+fn renames_links_and_case_changes_keep_8_3_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83(backing);
+    let docs = fs.mkdir(USER, ROOT, b"Documents", 0o755).unwrap();
+    let make = create_file(&fs, ROOT, b"Makefile", 0o644, b"all:");
+    create_file(&fs, ROOT, b"makefile", 0o600, b"lower");
+    // A case-only rename onto a free name, a move into a directory, an exchange.
+    fs.rename(ROOT, b"Makefile", ROOT, b"MAKEFILE.old", 0)
+        .unwrap();
+    fs.rename(ROOT, b"makefile", docs.ino, b"Makefile", 0)
+        .unwrap();
+    fs.rename(ROOT, b"MAKEFILE.old", ROOT, b"makefile", 0)
+        .unwrap();
+    fs.link(make.ino, docs.ino, b"the same makefile, linked")
+        .unwrap();
+    create_file(&fs, docs.ino, b"a.txt", 0o644, b"a");
+    create_file(&fs, docs.ino, b"b.txt", 0o644, b"b");
+    fs.rename(
+        docs.ino,
+        b"a.txt",
+        docs.ino,
+        b"b.txt",
+        libc::RENAME_EXCHANGE,
+    )
+    .unwrap();
+    let before = snapshot(&fs);
+    let fs = remount(fs, backing);
+    assert_same(&before, &snapshot(&fs));
+    let docs = fs.lookup(ROOT, b"Documents").unwrap();
+    let a = fs.lookup(docs.ino, b"a.txt").unwrap();
+    assert_eq!(read_all(&fs, a.ino), b"b", "exchanged contents");
+    fs.unlink(docs.ino, b"the same makefile, linked").unwrap();
+    let fs = remount(fs, backing);
+    let make = fs.lookup(ROOT, b"makefile").unwrap();
+    assert_eq!((read_all(&fs, make.ino), make.nlink), (b"all:".to_vec(), 1));
+    assert_fat_clean_in(backing, NameMode::Short83);
+}
+
+#[test]
+fn a_stick_listed_in_lower_case_keeps_its_records() {
+    // Linux's `msdos` driver lists short names lower-cased; the records are keyed by the
+    // upper-case names pershome made. Simulated on a directory by renaming between mounts.
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83(backing);
+    let d = fs.mkdir(USER, ROOT, b"Projects", 0o700).unwrap();
+    create_file(&fs, d.ino, b"Report.txt", 0o640, b"r");
+    fs.shutdown();
+    drop(fs);
+    std::fs::rename(backing.join("PROJECTS"), backing.join("projects")).unwrap();
+    std::fs::rename(
+        backing.join("projects/REPORT.TXT"),
+        backing.join("projects/report.txt"),
+    )
+    .unwrap();
+    let fs = open_with(backing, None).unwrap();
+    let d = fs
+        .lookup(ROOT, b"Projects")
+        .expect("the recorded name of the directory");
+    assert_eq!(d.perm, 0o700, "the directory's recorded mode");
+    let r = fs.lookup(d.ino, b"Report.txt").expect("the recorded name");
+    assert_eq!((r.perm, read_all(&fs, r.ino)), (0o640, b"r".to_vec()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real mounts
+// ---------------------------------------------------------------------------------------------
+
+struct Scratch {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+}
+
+fn scratch() -> Scratch {
+    let dir = tempfile::Builder::new()
+        .prefix("pershome-names83")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let backing = dir.path().join("stick/pershome");
+    let mnt = dir.path().join("home");
+    std::fs::create_dir_all(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    Scratch {
+        _dir: dir,
+        backing,
+        mnt,
+    }
+}
+
+/// Every path under `root` with its mode, size and content.
+fn describe(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = String::from_utf8_lossy(p.strip_prefix(root).unwrap().as_os_str().as_bytes())
+                .into_owned();
+            let content = if m.is_file() {
+                format!("{:?}", std::fs::read(&p).unwrap())
+            } else {
+                String::new()
+            };
+            out.push(format!(
+                "{rel:?} mode {:o} size {} {content}",
+                m.mode(),
+                m.size()
+            ));
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_real_mount_with_names_8_3_round_trips_hostile_names() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let m = Mount::new(&s.backing, &s.mnt, "names=8.3");
+    let hostile = s.mnt.join("Hostile Names");
+    std::fs::create_dir(&hostile).unwrap();
+    for (i, name) in pershome::names::hostile_examples().into_iter().enumerate() {
+        std::fs::write(hostile.join(OsStr::from_bytes(&name)), format!("file {i}")).unwrap();
+    }
+    std::fs::write(s.mnt.join("report.txt"), b"report").unwrap();
+    std::os::unix::fs::symlink("report.txt", s.mnt.join("latest report")).unwrap();
+    let before = describe(&s.mnt);
+    m.unmount();
+    assert_fat_clean_in(&s.backing, NameMode::Short83);
+    assert_eq!(
+        std::fs::read(s.backing.join("REPORT.TXT")).unwrap(),
+        b"report"
+    );
+
+    // Without the option the stick's own mode is used.
+    let m = Mount::new(&s.backing, &s.mnt, "");
+    let after = describe(&s.mnt);
+    assert_eq!(after, before, "the tree after a remount");
+    m.unmount();
+
+    // With the other mode the mount is refused, with a message that says what to do.
+    let out = Command::new(env!("CARGO_BIN_EXE_pershomefs"))
+        .arg(&s.backing)
+        .arg(&s.mnt)
+        .args(["-o", "names=long"])
+        .output()
+        .expect("run pershomefs");
+    // A guard in case it did mount after all, so nothing outlives the test.
+    let _guard = common::mounted(&s.mnt).map(|_| Mount {
+        mountpoint: s.mnt.clone(),
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("names=8.3"),
+        "expected names=long to be refused on an 8.3 stick, got {} with {stderr:?}",
+        out.status
+    );
+}
+
+#[test]
+fn a_case_only_rename_keeps_the_short_name_and_records_the_new_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83(backing);
+    create_file(&fs, ROOT, b"report.txt", 0o644, b"r");
+    let d = fs.mkdir(USER, ROOT, b"docs", 0o755).unwrap();
+    create_file(&fs, d.ino, b"inner.txt", 0o600, b"i");
+    fs.rename(ROOT, b"report.txt", ROOT, b"Report.TXT", 0)
+        .unwrap();
+    fs.rename(ROOT, b"docs", ROOT, b"Docs", 0).unwrap();
+    let before = snapshot(&fs);
+    let fs = remount(fs, backing);
+    assert_same(&before, &snapshot(&fs));
+    assert_eq!(
+        backing_names(backing),
+        vec![".pershome", "DOCS", "REPORT.TXT"]
+    );
+    // And back: the name that needs no record any more.
+    fs.rename(ROOT, b"Report.TXT", ROOT, b"report.txt", 0)
+        .unwrap();
+    let before = snapshot(&fs);
+    let fs = remount(fs, backing);
+    assert_same(&before, &snapshot(&fs));
+    assert_fat_clean_in(backing, NameMode::Short83);
+}
