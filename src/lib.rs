@@ -15,4 +15,5 @@ pub mod meta;
 pub mod mount_opts;
 pub mod names;
 pub mod sysconfig;
+pub mod tools;
 pub mod wants;
