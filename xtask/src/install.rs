@@ -31,11 +31,24 @@ pub struct Program {
 /// Every program, with its clap definition. A program is listed here once its command line
 /// lives in the library (`pershome::cli::*::command()`), so the xtask can generate from it.
 pub fn programs() -> Vec<Program> {
-    vec![Program {
-        name: "pershomefs",
-        section: "1",
-        command: pershome::cli::pershomefs::command,
-    }]
+    vec![
+        Program {
+            name: "pershomefs",
+            section: "1",
+            command: pershome::cli::pershomefs::command,
+        },
+        Program {
+            name: "pershome",
+            section: "1",
+            command: pershome::cli::pershome::command,
+        },
+        // Section 8: an administrator's command (it edits /etc and the PAM stack).
+        Program {
+            name: "pershome-config",
+            section: "8",
+            command: pershome::cli::pershome_config::command,
+        },
+    ]
 }
 
 /// Documentation installed to `share/doc/pershome/`, relative to the project root.
@@ -360,10 +373,11 @@ mod tests {
                 .find(|(file, _, _)| file.starts_with(&format!("{name}.")))
                 .unwrap_or_else(|| panic!("no main page for {name}: got {:?}", g.man_pages));
             let text = String::from_utf8_lossy(&main.2);
+            let title = text.lines().find(|l| l.starts_with(".TH "));
+            let want = format!(".TH {name} {} ", main.1);
             assert!(
-                text.starts_with(&format!(".TH {name} {}", main.1)),
-                "expected a .TH {name} title, got {:?}",
-                text.lines().next()
+                title.is_some_and(|t| t.starts_with(&want)),
+                "expected a title line starting {want:?}, got {title:?}"
             );
             assert!(text.contains("SEE ALSO"), "no SEE ALSO in {name}'s page");
             assert_eq!(g.completions.len(), 3, "expected bash, zsh and fish");
