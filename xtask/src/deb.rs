@@ -331,14 +331,21 @@ fn make_dev_nodes(dev: &Path) -> Result<()> {
         std::os::unix::fs::symlink(target, dev.join(link))
             .with_context(|| format!("symlink {}", dev.join(link).display()))?;
     }
+    std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx"))
+        .with_context(|| format!("symlink {}", dev.join("ptmx").display()))?;
+    std::fs::create_dir(dev.join("pts")).context("creating the /dev/pts mountpoint")?;
     std::fs::write(dev.join("fuse"), b"").context("creating the /dev/fuse mountpoint")?;
     Ok(())
 }
 
-/// `cargo xtask deb-check`: lintian, then install, doctor, purge in a clean Debian 12 root.
+/// `cargo xtask deb-check`: lintian, then in a clean Debian 12 root: install (which must not
+/// touch /etc/pam.d: the profile is `Default: no`), `pershome-config pam --install` (which
+/// must put the hook into common-session), `pershome-config doctor` (which must pass), purge
+/// (after which /etc/pam.d must be byte-identical to before the installation).
 pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
-    let lintian_text = lintian(deb)?;
     util::require_root("deb-check")?;
+    deps::ensure_apt(sh, &["lintian", "mmdebstrap"])?;
+    let lintian_text = lintian(deb)?;
     crate::guards::sweep_stale()?;
     let tarball = base_tarball(sh)?;
     let deb_name = deb
@@ -371,6 +378,18 @@ pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
     )?;
     make_dev_nodes(&dev)?;
     let _fuse = mount_kernel("/dev/fuse", &["--bind", "/dev/fuse"], &dev.join("fuse"))?;
+    // A private devpts instance: apt logs through a pty, and the host's ptys stay out of reach.
+    let _pts = mount_kernel(
+        "devpts",
+        &[
+            "-t",
+            "devpts",
+            "-o",
+            "newinstance,ptmxmode=0666,mode=620",
+            "devpts",
+        ],
+        &dev.join("pts"),
+    )?;
 
     let pam_dir = root.join("etc/pam.d");
     let before = snapshot(&pam_dir)?;
@@ -393,29 +412,38 @@ pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
         ],
     )?;
     let installed = snapshot(&pam_dir)?;
-    let session = root.join("etc/pam.d/common-session");
-    let session_text = std::fs::read_to_string(&session)
-        .with_context(|| format!("reading {}", session.display()))?;
-    if !session_text.contains("pershome") {
+    let profile = root.join("usr/share/pam-configs/pershome");
+    if !profile.is_file() {
+        bail!("the package did not install /usr/share/pam-configs/pershome");
+    }
+    // The profile says `Default: no`: registering it (postinst) must not change the PAM stack
+    // until the administrator enables it.
+    let registered = diff(&before, &installed);
+    if !registered.is_empty() {
         bail!(
-            "after installing, /etc/pam.d/common-session should call the pershome hook \
-             (postinst runs pam-auth-update --package); got:\n{session_text}"
+            "installing the package changed /etc/pam.d although its profile is `Default: no`:\n{}",
+            registered.join("\n")
         );
     }
-    eprintln!(
-        "postinst registered the PAM profile: {} change(s) in /etc/pam.d",
-        diff(&before, &installed).len()
-    );
     for program in install::programs() {
         read_in_root(&root, &[program.name, "--version"])?;
     }
-    if install::programs()
-        .iter()
-        .any(|p| p.name == "pershome-config")
-    {
-        util::banner("deb-check: pershome-config doctor");
-        read_in_root(&root, &["pershome-config", "doctor"])?;
+
+    util::banner("deb-check: pershome-config pam --install, then doctor");
+    read_in_root(&root, &["pershome-config", "pam", "--install"])?;
+    let session = root.join("etc/pam.d/common-session");
+    let session_text = std::fs::read_to_string(&session)
+        .with_context(|| format!("reading {}", session.display()))?;
+    // pam-auth-update writes the profile's line behind the stack's type.
+    let hook = format!("session\t{}", pershome::pam_setup::session_line("optional"));
+    if !session_text.lines().any(|l| l.trim_end() == hook) {
+        bail!(
+            "after `pershome-config pam --install`, /etc/pam.d/common-session should contain \
+             {hook:?}; got:\n{session_text}"
+        );
     }
+    eprintln!("common-session now has: {hook}");
+    read_in_root(&root, &["pershome-config", "doctor"])?;
 
     util::banner("deb-check: apt-get purge pershome");
     run_in_root(&root, &["apt-get", "purge", "-y", "-q", "pershome"])?;
@@ -430,7 +458,9 @@ pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
     for leftover in [
         "usr/share/pam-configs/pershome",
         "etc/ltsp/persistent_homes",
+        "etc/xdg/autostart/pershome-notice.desktop",
         "usr/bin/pershomefs",
+        "usr/bin/pershome-config",
     ] {
         if root.join(leftover).exists() {
             bail!("after purging pershome, /{leftover} is still there");

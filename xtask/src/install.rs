@@ -55,10 +55,15 @@ pub fn programs() -> Vec<Program> {
 const DOCS: &[&str] = &[
     "README.md",
     "docs/install.md",
+    "docs/admin-guide.md",
     "docs/architecture.md",
     "docs/format.md",
     "docs/fsck.md",
 ];
+
+/// The XDG autostart entry that shows the login notice (`pershome notice`) in the desktop
+/// session; installed as `SYSCONFDIR/xdg/autostart/pershome-notice.desktop`.
+const AUTOSTART_ENTRY: &str = "data/pershome-notice.desktop";
 
 /// The example list of users, installed as `SYSCONFDIR/ltsp/persistent_homes` (a conffile in
 /// the Debian package).
@@ -348,12 +353,56 @@ pub fn install(sh: &Shell, opts: &Options) -> Result<()> {
             0o644,
         )?;
     }
+    // The pam-auth-update profile, from the one function `pershome-config pam --print` and
+    // `doctor` use, for the default configuration (`on_missing_stick = "fallback"`).
+    put(
+        &layout.prefix("share/pam-configs/pershome"),
+        pershome::pam_setup::pam_auth_update_profile(false).as_bytes(),
+        0o644,
+    )?;
+    put_config(
+        &layout,
+        &layout.sysconf("xdg/autostart/pershome-notice.desktop"),
+        autostart_entry(&opts.prefix)?.as_bytes(),
+    )?;
     put_config(
         &layout,
         &layout.sysconf("ltsp/persistent_homes"),
         &read_project_file(PERSISTENT_HOMES_EXAMPLE)?,
     )?;
     Ok(())
+}
+
+/// The autostart entry with its `Exec=` pointing into PREFIX/bin: the file in the repository
+/// names `/usr/bin`, which is right for the Debian package only (Nix installs into the store).
+fn autostart_entry(prefix: &Path) -> Result<String> {
+    let text = String::from_utf8(read_project_file(AUTOSTART_ENTRY)?)
+        .with_context(|| format!("{AUTOSTART_ENTRY} is not UTF-8"))?;
+    let bin = prefix.join("bin");
+    let bin = bin.to_str().with_context(|| {
+        format!(
+            "the prefix {} is not UTF-8, which a .desktop file cannot name",
+            prefix.display()
+        )
+    })?;
+    let mut out = String::with_capacity(text.len());
+    let mut execs = 0;
+    for line in text.lines() {
+        match line.strip_prefix("Exec=/usr/bin/") {
+            Some(rest) => {
+                execs += 1;
+                out.push_str(&format!("Exec={bin}/{rest}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    if execs != 1 {
+        bail!("{AUTOSTART_ENTRY} should have one `Exec=/usr/bin/...` line, found {execs}");
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -402,6 +451,25 @@ mod tests {
             assert!(
                 text.contains(option),
                 "expected pershomefs(1) to mention {option:?}; got:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn autostart_entry_runs_the_installed_binary() {
+        for (prefix, want) in [
+            ("/usr", "Exec=/usr/bin/pershome notice"),
+            (
+                "/nix/store/abc-pershome",
+                "Exec=/nix/store/abc-pershome/bin/pershome notice",
+            ),
+        ] {
+            let text = autostart_entry(Path::new(prefix)).expect("the entry renders");
+            let got: Vec<&str> = text.lines().filter(|l| l.starts_with("Exec=")).collect();
+            assert_eq!(
+                got,
+                vec![want],
+                "prefix {prefix}: expected {want:?}, got {got:?}"
             );
         }
     }

@@ -227,7 +227,7 @@ fn run() -> Result<()> {
             };
             deb::check(&sh, &deb)
         }
-        Cmd::NixCheck => nix::check(),
+        Cmd::NixCheck => nix::check(&sh),
         Cmd::Ci => ci::run(&sh),
     }
 }

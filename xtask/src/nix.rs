@@ -40,7 +40,8 @@ pub fn nix_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-pub fn check() -> Result<()> {
+pub fn check(sh: &xshell::Shell) -> Result<()> {
+    crate::deps::ensure_apt(sh, &["nix-bin"])?;
     util::banner("nix-check: nix-instantiate --parse on every .nix file");
     let files = nix_files(&util::project_root())?;
     if files.is_empty() {
