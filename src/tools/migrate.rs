@@ -242,9 +242,13 @@ impl ChildMount {
         if let Some((u, g)) = uid {
             cmd.arg("-o").arg(format!("uid={u},gid={g}"));
         }
+        // The daemon's messages go to a file, not a pipe: if migrate is killed, a pipe
+        // without a reader would make the daemon's last log lines (its unmount) fail.
+        let mut log = tempfile::tempfile().context("creating a log file for pershomefs")?;
+        let log_w = log.try_clone().context("log file")?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::from(log_w));
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -272,9 +276,8 @@ impl ChildMount {
             }
             if let Some(status) = m.child.try_wait().context("waiting for pershomefs")? {
                 let mut err = String::new();
-                if let Some(mut e) = m.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
+                let _ = log.seek(SeekFrom::Start(0));
+                let _ = log.read_to_string(&mut err);
                 return Err(anyhow!(
                     "pershomefs could not mount {} ({status}): {}",
                     backing.display(),
@@ -362,6 +365,15 @@ fn resolve_dest(
             }
         }
     };
+    // Refuse at once rather than after the store's lock wait: a home mounted from this stick
+    // is where the copy should go instead.
+    if crate::tools::status::writer_active(&backing) {
+        return Err(MigrateError::Target(format!(
+            "{}: the stick is in use (mounted as a home, or still being written); migrate into \
+             the mounted home instead, or log out first",
+            backing.display()
+        )));
+    }
     // As root, the home is mounted for the owner of SRC_HOME, so that their files are stored
     // as the stick owner's (docs/format.md: OWNER_ID).
     let uid = nix::unistd::geteuid()
@@ -575,7 +587,7 @@ pub fn migrate(src: &Path, dest: &Path, opts: &MigrateOptions) -> Result<Summary
 
 fn free_space(p: &Path) -> u64 {
     nix::sys::statvfs::statvfs(p)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
         .unwrap_or(0)
 }
 
@@ -634,6 +646,19 @@ impl Run<'_> {
         let d = self.dest.join(rel);
         if !rel.as_os_str().is_empty() {
             match std::fs::symlink_metadata(&d) {
+                // A directory an earlier run finished may have lost its owner-write bit
+                // (its final mode); new entries need it until this directory's mode is set
+                // again below.
+                Ok(m) if m.is_dir() && m.mode() & 0o700 != 0o700 => {
+                    let open = Mode::from_bits_truncate((m.mode() | 0o700) & 0o7777);
+                    nix::sys::stat::fchmodat(
+                        None,
+                        &d,
+                        open,
+                        nix::sys::stat::FchmodatFlags::FollowSymlink,
+                    )
+                    .map_err(|e| self.io("opening up", rel, e.into()))?;
+                }
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
                     std::fs::remove_file(&d).map_err(|e| self.io("replacing", rel, e))?;
@@ -647,9 +672,17 @@ impl Run<'_> {
             .map_err(|e| MigrateError::Failed(anyhow!("listing {}: {e}", s.display())))?
         {
             let e = e.map_err(|e| MigrateError::Failed(anyhow!("listing {}: {e}", s.display())))?;
-            let m = e.metadata().map_err(|err| {
-                MigrateError::Failed(anyhow!("examining {}: {err}", e.path().display()))
-            })?;
+            // A live home changes under the copy: an entry gone since the listing is skipped.
+            let m = match e.metadata() {
+                Ok(m) => m,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => {
+                    return Err(MigrateError::Failed(anyhow!(
+                        "examining {}: {err}",
+                        e.path().display()
+                    )))
+                }
+            };
             entries.push((e.file_name(), m));
         }
         entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -801,9 +834,16 @@ impl Run<'_> {
             }
             std::fs::remove_file(&d).map_err(|e| self.io("replacing", rel, e))?;
         }
-        let mut input = File::open(self.src.join(rel)).map_err(|e| {
-            MigrateError::Failed(anyhow!("opening {}: {e}", self.src.join(rel).display()))
-        })?;
+        // A file that vanished or cannot be read (another user's, without root) is reported
+        // and the copy goes on: one unreadable file must not stop a whole home.
+        let mut input = match File::open(self.src.join(rel)) {
+            Ok(f) => f,
+            Err(e) => {
+                self.warn(format!("{}: not copied: {e}", rel.display()));
+                self.remaining = self.remaining.saturating_sub(size);
+                return Ok(());
+            }
+        };
         let mut out = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -824,13 +864,19 @@ impl Run<'_> {
                 start = have;
             }
         }
-        if start == 0 {
+        if start == size && size > 0 {
+            // All there from an earlier run whose journal line was lost (or a complete run
+            // whose journal was removed): only metadata and verification remain.
+            self.summary.files_skipped += 1;
+        } else if start == 0 {
             input
                 .seek(SeekFrom::Start(0))
                 .map_err(|e| self.io("reading", rel, e))?;
             out.set_len(0).map_err(|e| self.io("truncating", rel, e))?;
+            self.summary.files_copied += 1;
         } else {
             self.summary.bytes_resumed += start;
+            self.summary.files_copied += 1;
         }
         out.seek(SeekFrom::Start(start))
             .map_err(|e| self.io("seeking", rel, e))?;
@@ -878,7 +924,6 @@ impl Run<'_> {
             Ok((h, _)) => hex(&h.finalize()),
             Err(e) => return Err(self.io("reading back", rel, e)),
         };
-        self.summary.files_copied += 1;
         if got != want {
             self.summary.mismatches.push(format!(
                 "{}: content differs after copying (sha256 {want} expected, {got} read back)",

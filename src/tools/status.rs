@@ -156,7 +156,7 @@ pub fn store_state(backing: &Path) -> std::result::Result<StoreState, String> {
 }
 
 /// Whether some process holds the store's exclusive lock (a mount, or its daemon finishing).
-fn writer_active(backing: &Path) -> bool {
+pub fn writer_active(backing: &Path) -> bool {
     let Ok(dir) = std::fs::File::open(backing.join(STORE_DIR)) else {
         return false;
     };
@@ -326,11 +326,16 @@ pub fn render_text(list: &[BackingStatus]) -> String {
     for s in list {
         let _ = writeln!(out, "{}", s.backing.display());
         match (&s.device, &s.device_fstype) {
+            (Some(d), Some(t)) if !s.removable => {
+                let _ = writeln!(
+                    out,
+                    "  stick:        none: a directory on {d} ({t}), not a removable stick"
+                );
+            }
             (Some(d), Some(t)) => {
                 let _ = writeln!(
                     out,
-                    "  stick:        {d} ({t}{}), mounted on {}",
-                    if s.removable { ", removable" } else { "" },
+                    "  stick:        {d} ({t}), mounted on {}",
                     s.device_mountpoint
                         .as_deref()
                         .unwrap_or(Path::new("?"))

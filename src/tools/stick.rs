@@ -145,14 +145,18 @@ impl StickFs {
 }
 
 /// What `blkid` says a block device holds (`vfat`, `exfat`, ...), if anything.
+/// `blkid -p` reads the device (root only); an ordinary user gets udev's answer through
+/// `lsblk`.
 pub fn probe_type(device: &Path) -> Option<String> {
-    let out = Command::new("blkid")
-        .args(["-p", "-o", "value", "-s", "TYPE"])
-        .arg(device)
-        .output()
-        .ok()?;
-    let t = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    (out.status.success() && !t.is_empty()).then_some(t)
+    let tries: [(&str, &[&str]); 2] = [
+        ("blkid", &["-p", "-o", "value", "-s", "TYPE"]),
+        ("lsblk", &["-n", "-d", "-o", "FSTYPE"]),
+    ];
+    tries.iter().find_map(|(prog, args)| {
+        let out = Command::new(prog).args(*args).arg(device).output().ok()?;
+        let t = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !t.is_empty()).then_some(t)
+    })
 }
 
 fn stick_fs_of_type(t: &str) -> Option<StickFs> {
