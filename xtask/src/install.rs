@@ -56,6 +56,7 @@ const DOCS: &[&str] = &[
     "README.md",
     "docs/install.md",
     "docs/admin-guide.md",
+    "docs/user-guide.md",
     "docs/architecture.md",
     "docs/format.md",
     "docs/fsck.md",
@@ -64,6 +65,10 @@ const DOCS: &[&str] = &[
 /// The XDG autostart entry that shows the login notice (`pershome notice`) in the desktop
 /// session; installed as `SYSCONFDIR/xdg/autostart/pershome-notice.desktop`.
 const AUTOSTART_ENTRY: &str = "data/pershome-notice.desktop";
+
+/// The menu entry of `pershome prepare --gui` (for people who do not use a terminal);
+/// installed as `PREFIX/share/applications/pershome-prepare.desktop`.
+const PREPARE_ENTRY: &str = "data/pershome-prepare.desktop";
 
 /// The example list of users, installed as `SYSCONFDIR/ltsp/persistent_homes` (a conffile in
 /// the Debian package).
@@ -363,7 +368,12 @@ pub fn install(sh: &Shell, opts: &Options) -> Result<()> {
     put_config(
         &layout,
         &layout.sysconf("xdg/autostart/pershome-notice.desktop"),
-        autostart_entry(&opts.prefix)?.as_bytes(),
+        desktop_entry(AUTOSTART_ENTRY, &opts.prefix)?.as_bytes(),
+    )?;
+    put(
+        &layout.prefix("share/applications/pershome-prepare.desktop"),
+        desktop_entry(PREPARE_ENTRY, &opts.prefix)?.as_bytes(),
+        0o644,
     )?;
     put_config(
         &layout,
@@ -373,11 +383,12 @@ pub fn install(sh: &Shell, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The autostart entry with its `Exec=` pointing into PREFIX/bin: the file in the repository
-/// names `/usr/bin`, which is right for the Debian package only (Nix installs into the store).
-fn autostart_entry(prefix: &Path) -> Result<String> {
-    let text = String::from_utf8(read_project_file(AUTOSTART_ENTRY)?)
-        .with_context(|| format!("{AUTOSTART_ENTRY} is not UTF-8"))?;
+/// A desktop entry from `data/`, with an `Exec=/usr/bin/...` pointing into PREFIX/bin: the
+/// files in the repository name `/usr/bin`, which is right for the Debian package only (Nix
+/// installs into the store). A bare `Exec=pershome ...` is left to PATH.
+fn desktop_entry(rel: &str, prefix: &Path) -> Result<String> {
+    let text = String::from_utf8(read_project_file(rel)?)
+        .with_context(|| format!("{rel} is not UTF-8"))?;
     let bin = prefix.join("bin");
     let bin = bin.to_str().with_context(|| {
         format!(
@@ -388,11 +399,11 @@ fn autostart_entry(prefix: &Path) -> Result<String> {
     let mut out = String::with_capacity(text.len());
     let mut execs = 0;
     for line in text.lines() {
+        if line.starts_with("Exec=") {
+            execs += 1;
+        }
         match line.strip_prefix("Exec=/usr/bin/") {
-            Some(rest) => {
-                execs += 1;
-                out.push_str(&format!("Exec={bin}/{rest}\n"));
-            }
+            Some(rest) => out.push_str(&format!("Exec={bin}/{rest}\n")),
             None => {
                 out.push_str(line);
                 out.push('\n');
@@ -400,7 +411,7 @@ fn autostart_entry(prefix: &Path) -> Result<String> {
         }
     }
     if execs != 1 {
-        bail!("{AUTOSTART_ENTRY} should have one `Exec=/usr/bin/...` line, found {execs}");
+        bail!("{rel} should have one `Exec=` line, found {execs}");
     }
     Ok(out)
 }
@@ -464,7 +475,7 @@ mod tests {
                 "Exec=/nix/store/abc-pershome/bin/pershome notice",
             ),
         ] {
-            let text = autostart_entry(Path::new(prefix)).expect("the entry renders");
+            let text = desktop_entry(AUTOSTART_ENTRY, Path::new(prefix)).expect("it renders");
             let got: Vec<&str> = text.lines().filter(|l| l.starts_with("Exec=")).collect();
             assert_eq!(
                 got,

@@ -36,8 +36,15 @@ let
     }
   );
 
-  # The same rule for user names as `pershome-config add-user` applies.
-  validUserName = name: builtins.match "[A-Za-z0-9_][A-Za-z0-9._-]*" name != null;
+  # The rule `pershome-config add-user` applies (src/homes_list.rs, check_user_name): 1 to 32
+  # of A-Z a-z 0-9 . _ -, not starting with '-', not . or .., not all digits. A name the hook
+  # would reject must fail the build, not every login of that user.
+  validUserName =
+    name:
+    builtins.match "[A-Za-z0-9._][A-Za-z0-9._-]{0,31}" name != null
+    && builtins.match "[0-9]+" name == null
+    && name != "."
+    && name != "..";
   invalidUsers = builtins.filter (u: !validUserName u) cfg.users;
 in
 {
@@ -134,7 +141,8 @@ in
         assertion = invalidUsers == [ ];
         message = ''
           services.pershome.users contains invalid user names: ${lib.concatStringsSep ", " invalidUsers}.
-          Use login names as in users.users (letters, digits, '.', '_', '-'; not starting with '-' or '.').
+          A name is 1 to 32 of A-Z a-z 0-9 . _ -, not starting with '-', not all digits
+          (the rule of `pershome-config add-user`); use the login names of users.users.
         '';
       }
       {
