@@ -15,6 +15,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::faults::{torn_len, Faults, Gate};
 
 /// `stat` of a backing entry, reduced to what pershome uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,9 @@ pub struct DataStats {
 pub struct Backing {
     root: OwnedFd,
     pub stats: DataStats,
+    /// Test hook (tests/crash.rs): injected failures of every write-like call below. Unset in
+    /// production, where each call costs one load of an empty `OnceLock`.
+    faults: OnceLock<Arc<Faults>>,
 }
 
 fn cstr(bytes: &[u8]) -> io::Result<CString> {
@@ -106,7 +112,32 @@ impl Backing {
         Ok(Backing {
             root,
             stats: DataStats::default(),
+            faults: OnceLock::new(),
         })
+    }
+
+    /// Test hook: fail this backing's write-like calls from now on as `faults` says (see
+    /// `crate::faults`). Set once; a second call is ignored.
+    pub fn set_faults(&self, faults: Arc<Faults>) {
+        let _ = self.faults.set(faults);
+    }
+
+    /// Consults the injected faults, if any, before a write-like call.
+    fn gate(&self) -> Gate {
+        match self.faults.get() {
+            None => Gate::Go,
+            Some(f) => f.gate(),
+        }
+    }
+
+    /// `gate` for a call that cannot be torn: the injected error if it must fail. Public to
+    /// the crate for the few calls the fs makes on a backing file itself (fallocate,
+    /// copy_file_range).
+    pub(crate) fn check_fault(&self) -> io::Result<()> {
+        match self.gate() {
+            Gate::Go => Ok(()),
+            Gate::Fail { .. } => Err(injected()),
+        }
     }
 
     pub fn root(&self) -> BorrowedFd<'_> {
@@ -227,6 +258,9 @@ impl Backing {
         mode: libc::mode_t,
     ) -> io::Result<File> {
         let c = cstr(name)?;
+        if flags & (libc::O_CREAT | libc::O_TRUNC) != 0 {
+            self.check_fault()?;
+        }
         let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: valid arguments; result checked.
         let fd = check(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode) })?;
@@ -236,6 +270,7 @@ impl Backing {
 
     pub fn mkdir_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
         let c = cstr(name)?;
+        self.check_fault()?;
         // The mode on the stick is irrelevant (FAT has none); the real mode is in the store.
         // SAFETY: valid arguments; result checked.
         check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o700) }).map(drop)
@@ -244,6 +279,7 @@ impl Backing {
     pub fn unlink_at(&self, dir: BorrowedFd<'_>, name: &[u8], is_dir: bool) -> io::Result<()> {
         let c = cstr(name)?;
         let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+        self.check_fault()?;
         // SAFETY: valid arguments; result checked.
         check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) }).map(drop)
     }
@@ -259,6 +295,7 @@ impl Backing {
     ) -> io::Result<()> {
         let f = cstr(from)?;
         let t = cstr(to)?;
+        self.check_fault()?;
         // SAFETY: valid arguments; result checked.
         check(unsafe {
             libc::renameat2(
@@ -296,6 +333,14 @@ impl Backing {
     pub fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
         let mut done = 0;
         while done < data.len() {
+            if let Gate::Fail { torn } = self.gate() {
+                let part = &data[done..done + torn_len(data.len() - done)];
+                if torn && !part.is_empty() {
+                    // The error of a torn write is the injected one, whatever this gives.
+                    let _ = file.write_at(part, offset + done as u64);
+                }
+                return Err(injected());
+            }
             match file.write_at(&data[done..], offset + done as u64) {
                 Ok(0) => return Err(io::Error::from_raw_os_error(libc::ENOSPC)),
                 Ok(n) => {
@@ -340,9 +385,33 @@ impl Backing {
     }
 
     pub fn fsync_dir(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+        self.check_fault()?;
         // SAFETY: valid fd; result checked.
         check(unsafe { libc::fsync(dir.as_raw_fd()) }).map(drop)
     }
+}
+
+impl Backing {
+    /// Sets a backing file's length (truncate or sparse extension).
+    pub fn set_len(&self, file: &File, size: u64) -> io::Result<()> {
+        self.check_fault()?;
+        file.set_len(size)
+    }
+
+    /// Makes a backing file's data (and with `!datasync` its attributes) durable.
+    pub fn sync_file(&self, file: &File, datasync: bool) -> io::Result<()> {
+        self.check_fault()?;
+        if datasync {
+            file.sync_data()
+        } else {
+            file.sync_all()
+        }
+    }
+}
+
+/// The error an injected fault gives: EIO, what a pulled stick gives.
+fn injected() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
 }
 
 /// A backing name as an `OsStr`, for messages.

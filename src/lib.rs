@@ -7,6 +7,7 @@ pub mod backing;
 pub mod cli;
 pub mod daemon;
 pub mod fatrules;
+pub mod faults;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;

@@ -208,12 +208,9 @@ impl Fs {
     /// Makes a file's data and all metadata durable on the stick.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
         let (_, file) = self.handle_file(fh)?;
-        let r = if datasync {
-            file.sync_data()
-        } else {
-            file.sync_all()
-        };
-        r.map_err(|e| errno_of(&e))?;
+        self.backing
+            .sync_file(&file, datasync)
+            .map_err(|e| errno_of(&e))?;
         self.commit()
     }
 
@@ -228,6 +225,7 @@ impl Fs {
         if end > MAX_FILE_SIZE + 1 && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
             return Err(Errno::EFBIG);
         }
+        self.backing.check_fault().map_err(|e| errno_of(&e))?;
         // SAFETY: valid fd; result checked.
         let r = unsafe {
             libc::fallocate(
@@ -246,7 +244,7 @@ impl Fs {
                     .map_err(|e| errno_of(&e))?
                     .size;
                 if end > size {
-                    file.set_len(end).map_err(|e| errno_of(&e))?;
+                    self.backing.set_len(&file, end).map_err(|e| errno_of(&e))?;
                 }
             } else {
                 return Err(errno_of(&e));
@@ -298,6 +296,7 @@ impl Fs {
         if len == 0 && end > MAX_FILE_SIZE + 1 {
             return Err(Errno::EFBIG);
         }
+        self.backing.check_fault().map_err(|e| errno_of(&e))?;
         let mut oi = off_in as libc::loff_t;
         let mut oo = off_out as libc::loff_t;
         // SAFETY: valid fds and offsets; result checked.
@@ -383,7 +382,9 @@ impl Fs {
                     )
                 }
             };
-            file.set_len(size).map_err(|e| errno_of(&e))?;
+            self.backing
+                .set_len(&file, size)
+                .map_err(|e| errno_of(&e))?;
             let stat = crate::backing::Backing::fstat(&file).ok();
             if let (Some(stat), Ok(inode)) = (stat, self.lock().inode_mut(ino)) {
                 inode.note_backing(&stat);

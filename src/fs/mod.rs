@@ -45,6 +45,9 @@ pub const ROOT: Ino = 1;
 
 /// Where the content of hard-linked files lives, below the store directory.
 pub(crate) const INODES_DIR: &str = "inodes";
+/// Below the store directory: new files with content are written here first and renamed into
+/// place (`Fs::write_whole_new_file`); anything found here at mount is a crash's leftover.
+pub(crate) const STAGING_DIR: &str = "staging";
 
 /// Options of one mount, as the command line gives them.
 #[derive(Debug, Clone)]
@@ -430,13 +433,17 @@ impl Fs {
             next_fh: 1,
             warnings,
         };
-        Ok(Fs {
+        let fs = Fs {
             backing,
             opts,
             state: Mutex::new(state),
             dir_cache: Mutex::new(HashMap::new()),
             journal: Mutex::new(journal),
-        })
+        };
+        if !fs.opts.read_only {
+            fs.clear_staging();
+        }
+        Ok(fs)
     }
 
     pub fn options(&self) -> &FsOptions {

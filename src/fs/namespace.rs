@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use super::acl;
 use super::{
     errno_of, link_file_name, now, Attr, Ctx, Dentry, DirEntry, DirHandle, DirState, Errno, Fs,
-    Ino, Inode, Kind, Result, State, INODES_DIR, ROOT,
+    Ino, Inode, Kind, Result, State, INODES_DIR, ROOT, STAGING_DIR,
 };
 use crate::fatrules::fold_key;
 use crate::meta::{Meta, Record, STORE_DIR};
@@ -127,7 +127,7 @@ impl Fs {
             Kind::Symlink => {
                 let target = node.symlink.unwrap_or_default();
                 size = target.len() as u64;
-                self.backing.write_new_file(
+                self.write_whole_new_file(
                     dirfd,
                     &backing_name,
                     &super::reconcile::symlink_body(target),
@@ -893,4 +893,77 @@ pub(crate) fn backing_open_flags(flags: i32) -> i32 {
         out |= libc::O_TRUNC;
     }
     out
+}
+
+/// Staged files get names unique within this process; leftovers of earlier mounts are removed
+/// at the next read-write mount (`Fs::clear_staging`), and the pid keeps them apart meanwhile.
+static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Fs {
+    /// Creates `name` in `dirfd` holding exactly `content`, or nothing at all if the stick is
+    /// pulled or the daemon dies half-way. A file created in place and then written would be
+    /// seen, after such a crash, as an empty file under the new name: for a symlink (whose
+    /// target is its content, `!<symlink>…`) that is a wrong file invented out of nothing. So
+    /// the content is written to a file in `.pershome/staging/` and renamed into place; a
+    /// rename to a free name is a single directory-entry change, on FAT as elsewhere.
+    pub(crate) fn write_whole_new_file(
+        &self,
+        dirfd: std::os::fd::BorrowedFd<'_>,
+        name: &[u8],
+        content: &[u8],
+    ) -> std::io::Result<()> {
+        if content.is_empty() {
+            return self.backing.write_new_file(dirfd, name, content);
+        }
+        let store = self.backing.open_dir(STORE_DIR.as_bytes())?;
+        match self.backing.mkdir_at(store.as_fd(), STAGING_DIR.as_bytes()) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+            _ => {}
+        }
+        let staging = self
+            .backing
+            .open_dir(format!("{STORE_DIR}/{STAGING_DIR}").as_bytes())?;
+        let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = format!("{:x}-{n:x}", std::process::id()).into_bytes();
+        let staged = self
+            .backing
+            .write_new_file(staging.as_fd(), &tmp, content)
+            .and_then(|()| {
+                self.backing
+                    .rename_at(staging.as_fd(), &tmp, dirfd, name, 0)
+            });
+        if staged.is_err() {
+            // Best effort: on a pulled stick this fails too, and the next mount clears it.
+            let _ = self.backing.unlink_at(staging.as_fd(), &tmp, false);
+        }
+        staged
+    }
+
+    /// Removes what a crash left in `.pershome/staging/`: files whose rename into place never
+    /// happened, so nothing refers to them. Called at a read-write mount, before any staging.
+    pub(crate) fn clear_staging(&self) {
+        let Ok(staging) = self
+            .backing
+            .open_dir(format!("{STORE_DIR}/{STAGING_DIR}").as_bytes())
+        else {
+            return;
+        };
+        let Ok(entries) = self.backing.list(staging.as_fd()) else {
+            return;
+        };
+        for e in entries {
+            match self.backing.unlink_at(staging.as_fd(), &e.name, false) {
+                Ok(()) => tracing::info!(
+                    "removed {}/{STAGING_DIR}/{}, left by an interrupted write",
+                    STORE_DIR,
+                    crate::backing::display(&e.name).to_string_lossy()
+                ),
+                Err(err) => tracing::warn!(
+                    "cannot remove {}/{STAGING_DIR}/{}: {err}",
+                    STORE_DIR,
+                    crate::backing::display(&e.name).to_string_lossy()
+                ),
+            }
+        }
+    }
 }

@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use nix::dir::Dir;
@@ -30,6 +29,7 @@ use nix::unistd::{fdatasync, fsync, ftruncate, unlinkat, UnlinkatFlags};
 use super::codec::{decode_all, encode_record};
 use super::pending::Replayed;
 use super::{Record, STORE_DIR};
+use crate::faults::{torn_len, Faults, Gate};
 
 /// The on-stick format this code writes, and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -94,76 +94,6 @@ pub struct Recovered {
     pub warnings: Vec<String>,
     /// True when this open created the store (ReadWrite, no store files before).
     pub created: bool,
-}
-
-/// Test hook: injected failures of the store's write-like system calls, to prove recovery
-/// at every point a write can stop (tests/crash.rs). Every `pwrite`, `fsync`/`fdatasync`,
-/// `O_CREAT` open, `unlink`, `rename` and `ftruncate` the store makes while these are set
-/// counts as one operation. The first `allow` operations run normally; the next one fails with
-/// EIO — a `pwrite` that is `torn` first writes the first half of its buffer — and so does
-/// every later one, as on a stick that was pulled. Never set in production: a `Journal`
-/// without faults (the default) does not look at this at all.
-#[derive(Debug)]
-pub struct Faults {
-    allow: u64,
-    torn: bool,
-    attempted: AtomicU64,
-    tripped: AtomicBool,
-}
-
-/// What an injected-fault check decided for one operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gate {
-    Go,
-    /// Fail; when `torn`, a write first writes the leading `torn_len` bytes of its buffer.
-    Fail {
-        torn: bool,
-    },
-}
-
-impl Faults {
-    /// Allows `allow` operations, then fails every later one (the first of them torn, if
-    /// `torn` and it is a write).
-    pub fn new(allow: u64, torn: bool) -> Faults {
-        Faults {
-            allow,
-            torn,
-            attempted: AtomicU64::new(0),
-            tripped: AtomicBool::new(false),
-        }
-    }
-
-    /// Never fails: only counts the operations (to learn how many a workload makes).
-    pub fn counting() -> Faults {
-        Faults::new(u64::MAX, false)
-    }
-
-    /// Write-like operations attempted so far (the failed ones included).
-    pub fn operations(&self) -> u64 {
-        self.attempted.load(Ordering::SeqCst)
-    }
-
-    /// Whether an operation has been failed.
-    pub fn tripped(&self) -> bool {
-        self.tripped.load(Ordering::SeqCst)
-    }
-
-    fn gate(&self) -> Gate {
-        let n = self.attempted.fetch_add(1, Ordering::SeqCst);
-        if n < self.allow {
-            return Gate::Go;
-        }
-        self.tripped.store(true, Ordering::SeqCst);
-        Gate::Fail {
-            torn: self.torn && n == self.allow,
-        }
-    }
-}
-
-/// The length of the prefix a torn write leaves: half the buffer, rounded down, so a one-byte
-/// write leaves nothing and every longer one leaves part of itself.
-fn torn_len(len: usize) -> usize {
-    len / 2
 }
 
 /// Why the store could not be opened or written.

@@ -12,7 +12,8 @@ pub mod codec;
 pub mod journal;
 pub mod pending;
 
-pub use journal::{Faults, Journal, OpenMode, Recovered, StoreError, WriteStats, FORMAT_VERSION};
+pub use crate::faults::Faults;
+pub use journal::{Journal, OpenMode, Recovered, StoreError, WriteStats, FORMAT_VERSION};
 pub use pending::PendingTree;
 
 /// The name of the store directory at the root of the backing directory. It is FAT-legal, and
