@@ -19,7 +19,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use nix::unistd::AccessFlags;
 
 use crate::cli::OpenError;
@@ -113,6 +113,13 @@ struct Args {
     /// Debug logging (implies -f)
     #[arg(short = 'd')]
     debug: bool,
+}
+
+/// The `pershomefs` command line as clap sees it: what `main` parses, and what the man page
+/// pershomefs(1) and the shell completions are generated from (`cargo xtask man`), so they
+/// cannot drift from the real syntax.
+pub fn command() -> clap::Command {
+    Args::command()
 }
 
 /// A failure before the session runs: the message for the person and the exit code.

@@ -1,5 +1,7 @@
 //! `cargo xtask ci`: every check CI runs, in order, stopping at the first failure with the
-//! step's name in the error. `.ci/run` calls this on a clean Debian 12 machine as root.
+//! step's name in the error. `.ci/run` calls this on a clean Debian 12 machine as root. The
+//! packaging checks (the .nix syntax check, the .deb build with its lintian and install/purge
+//! checks) run right after the tests, before the long conformance runs.
 //!
 //! This module owns the order and the parameters of the CI steps. The short benchmark and the
 //! flash-wear table at the end are informational: their tables are printed, and neither their
@@ -34,8 +36,15 @@ pub fn run(sh: &Shell) -> Result<()> {
         .run()
         .context("CI step `cargo clippy` failed")?;
 
+    step("nix-check: every .nix file parses");
+    crate::nix::check(sh).context("CI step `nix-check` failed")?;
+
     step("cargo test --workspace");
     crate::cargo_test(sh).context("CI step `cargo test` failed")?;
+
+    step("deb + deb-check: lintian, install, doctor and purge in a clean Debian 12 root");
+    let deb = crate::deb::build(sh).context("CI step `deb` failed")?;
+    crate::deb::check(sh, &deb).context("CI step `deb-check` failed")?;
 
     step("pjdfstest --backing both");
     pjdfstest::run(

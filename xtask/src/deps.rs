@@ -38,10 +38,10 @@ pub const APT_PACKAGES: &[&str] = &[
 pub const CARGO_TOOLS: &[(&str, &str, &str)] =
     &[("pjdfstest", "0.2.2", "pjdfstest"), ("fsx", "0.3.2", "fsx")];
 
-fn missing_packages(sh: &Shell) -> Result<Vec<&'static str>> {
+fn missing_packages(sh: &Shell, wanted: &[&'static str]) -> Result<Vec<&'static str>> {
     // dpkg-query exits 1 when some package is unknown; its stdout still lists the known ones.
     let format = "${Package}\t${Status}\n";
-    let out = cmd!(sh, "dpkg-query -W --showformat={format} {APT_PACKAGES...}")
+    let out = cmd!(sh, "dpkg-query -W --showformat={format} {wanted...}")
         .quiet()
         .ignore_status()
         .ignore_stderr()
@@ -53,7 +53,7 @@ fn missing_packages(sh: &Shell) -> Result<Vec<&'static str>> {
         .filter(|(_, status)| *status == "install ok installed")
         .map(|(pkg, _)| pkg.split(':').next().unwrap_or(pkg))
         .collect();
-    Ok(APT_PACKAGES
+    Ok(wanted
         .iter()
         .copied()
         .filter(|p| !installed.contains(p))
@@ -90,31 +90,37 @@ pub fn tool_version_ok(bin: &str, version: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Install those of `wanted` that are missing (apt-get, as root or through sudo).
+pub fn ensure_apt(sh: &Shell, wanted: &[&'static str]) -> Result<()> {
+    let missing = missing_packages(sh, wanted)?;
+    if missing.is_empty() {
+        eprintln!("all {} Debian packages are installed", wanted.len());
+        return Ok(());
+    }
+    eprintln!("installing missing Debian packages: {}", missing.join(" "));
+    let sudo: &[&str] = if util::is_root() {
+        &[]
+    } else if Command::new("sudo").arg("-n").arg("true").status().is_ok() {
+        &["sudo"]
+    } else {
+        bail!("missing Debian packages {missing:?}: run as root or install sudo");
+    };
+    cmd!(sh, "env {sudo...} apt-get update")
+        .run()
+        .context("apt-get update")?;
+    cmd!(sh, "env {sudo...} DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {missing...}")
+        .run()
+        .context("apt-get install")?;
+    let still = missing_packages(sh, wanted)?;
+    if !still.is_empty() {
+        bail!("apt-get install finished but these packages are still not installed: {still:?}");
+    }
+    Ok(())
+}
+
 pub fn run(sh: &Shell) -> Result<()> {
     util::banner("deps: Debian packages and cargo tools");
-    let missing = missing_packages(sh)?;
-    if missing.is_empty() {
-        eprintln!("all {} Debian packages are installed", APT_PACKAGES.len());
-    } else {
-        eprintln!("installing missing Debian packages: {}", missing.join(" "));
-        let sudo: &[&str] = if util::is_root() {
-            &[]
-        } else if Command::new("sudo").arg("-n").arg("true").status().is_ok() {
-            &["sudo"]
-        } else {
-            bail!("missing Debian packages {missing:?}: run as root or install sudo");
-        };
-        cmd!(sh, "env {sudo...} apt-get update")
-            .run()
-            .context("apt-get update")?;
-        cmd!(sh, "env {sudo...} DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {missing...}")
-            .run()
-            .context("apt-get install")?;
-        let still = missing_packages(sh)?;
-        if !still.is_empty() {
-            bail!("apt-get install finished but these packages are still not installed: {still:?}");
-        }
-    }
+    ensure_apt(sh, APT_PACKAGES)?;
     for (krate, version, bin) in CARGO_TOOLS {
         if tool_version_ok(bin, version) {
             eprintln!("{bin} {version} is installed");

@@ -7,16 +7,20 @@
 
 mod bench;
 mod ci;
+mod deb;
 mod demo;
 mod deps;
 mod fsx;
 mod fuzz;
 mod guards;
+mod install;
+mod nix;
 mod pjdfstest;
 mod target;
 mod util;
 mod wear;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -105,7 +109,43 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
-    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, fuzz, a short bench, wear.
+    /// Write the man pages, generated from the clap definitions, into a directory.
+    Man {
+        #[arg(long, default_value = "target/man")]
+        out: PathBuf,
+    },
+    /// The install recipe every package uses: binaries, man pages, completions, the PAM
+    /// profile, the autostart entry, docs and the example configuration, below DESTDIR.
+    Install {
+        /// Staging root (packagers); without it, files go straight into the live system.
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        #[arg(long, default_value = "/etc")]
+        sysconfdir: PathBuf,
+        /// zsh completion directory below the prefix (Nix: share/zsh/site-functions).
+        #[arg(long, default_value = "share/zsh/vendor-completions")]
+        zsh_dir: PathBuf,
+        /// Take the binaries from this directory instead of running cargo build --release.
+        #[arg(long, conflicts_with = "no_bins")]
+        bin_dir: Option<PathBuf>,
+        /// Install everything except the binaries (Nix's buildRustPackage installs those).
+        #[arg(long)]
+        no_bins: bool,
+    },
+    /// Build the Debian package (target/debian/pershome_*.deb) with cargo-deb.
+    Deb,
+    /// Build the Debian package, run lintian, install and purge it in a clean Debian 12 root.
+    DebCheck {
+        /// Check this .deb instead of building one.
+        #[arg(long)]
+        deb: Option<PathBuf>,
+    },
+    /// Check that every .nix file parses (nix-instantiate --parse).
+    NixCheck,
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, fuzz, a short bench, wear,
+    /// the Nix parse check and the Debian package checks.
     Ci,
 }
 
@@ -162,6 +202,37 @@ fn run() -> Result<()> {
         }),
         Cmd::Wear { files, dirs, quick } => wear::run(&wear::Options::new(files, dirs, quick)),
         Cmd::Fuzz { seconds } => fuzz::run(&sh, &fuzz::Options { seconds }),
+        Cmd::Man { out } => install::man(&util::project_root().join(out)),
+        Cmd::Install {
+            destdir,
+            prefix,
+            sysconfdir,
+            zsh_dir,
+            bin_dir,
+            no_bins,
+        } => install::install(
+            &sh,
+            &install::Options {
+                destdir,
+                prefix,
+                sysconfdir,
+                zsh_dir,
+                binaries: match (bin_dir, no_bins) {
+                    (_, true) => install::Binaries::Skip,
+                    (Some(dir), false) => install::Binaries::From(dir),
+                    (None, false) => install::Binaries::Build,
+                },
+            },
+        ),
+        Cmd::Deb => deb::build(&sh).map(|_| ()),
+        Cmd::DebCheck { deb } => {
+            let deb = match deb {
+                Some(deb) => deb,
+                None => deb::build(&sh)?,
+            };
+            deb::check(&sh, &deb)
+        }
+        Cmd::NixCheck => nix::check(&sh),
         Cmd::Ci => ci::run(&sh),
     }
 }
