@@ -37,7 +37,7 @@ pkgs.testers.runNixOSTest {
   nodes.machine =
     { pkgs, ... }:
     {
-      imports = [ ./nixos-module ];
+      imports = [ ../../nixos-module ];
 
       services.pershome = {
         enable = true;

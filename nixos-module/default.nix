@@ -1,7 +1,7 @@
 # NixOS module for pershome: home directories on FAT or exFAT USB sticks, mounted at login by
 # a PAM session hook (pam_exec running `pershome-config session`).
 #
-#   imports = [ ./packaging/nix/nixos-module ];
+#   imports = [ ./nixos-module ];
 #   services.pershome = { enable = true; users = [ "joseph" ]; };
 #
 # It writes /etc/ltsp/persistent_homes and /etc/pershome/config.toml from its options and adds
@@ -58,7 +58,7 @@ in
 
     package = mkOption {
       type = types.package;
-      default = pkgs.callPackage ../package.nix { };
+      default = pkgs.callPackage ../packaging/nix/package.nix { };
       defaultText = literalExpression "pkgs.callPackage ./packaging/nix/package.nix { }";
       description = "The pershome package (pershomefs, pershome and pershome-config).";
     };
