@@ -13,3 +13,4 @@ pub mod logging;
 pub mod meta;
 pub mod mount_opts;
 pub mod names;
+pub mod session;
