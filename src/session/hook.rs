@@ -18,21 +18,34 @@ use nix::unistd::{Gid, Uid};
 use super::mounts::{self, Unmounted};
 use super::rundir::{self, State, UserRunDir};
 use super::stick::{self, Missing, Source};
+use crate::sysconfig::SystemConfig;
 
 /// How long the daemon may take to write its last commit and exit after the unmount.
 const DAEMON_EXIT_WAIT: Duration = Duration::from_secs(30);
 
-/// What the hook needs from the system configuration (`/etc/pershome/config.toml`).
+/// What the hook works with: the root, where the stick is looked for, and the system
+/// configuration (`/etc/pershome/config.toml`).
 #[derive(Debug, Clone)]
 pub struct HookConfig {
-    /// The root the runtime directory lives under (`/`; a temporary root in tests).
+    /// The root the runtime directory and the users' homes live under (`/`; a temporary
+    /// root in tests, as `--root` gives).
     pub root: PathBuf,
     /// Where the stick is looked for.
     pub source: Source,
+    /// The system configuration.
+    pub system: SystemConfig,
+}
+
+impl HookConfig {
     /// pershomefs `commit=` seconds.
-    pub commit_secs: u32,
+    fn commit_secs(&self) -> u32 {
+        self.system.commit_interval.0
+    }
+
     /// How long the close waits for programs still using the home or stick.
-    pub linger: Duration,
+    fn linger(&self) -> Duration {
+        self.system.logout_timeout.duration()
+    }
 }
 
 /// A user as the passwd database knows them.
@@ -45,21 +58,23 @@ pub struct Account {
 }
 
 impl Account {
-    /// Looks `name` up in the passwd database (NSS). Refuses names that are not plain file
-    /// names before asking.
-    pub fn lookup(name: &str) -> Result<Account> {
+    /// Looks `name` up in the passwd database (NSS; `root/etc/passwd` under another root)
+    /// and returns the account with its home as seen under `root`, and the passwd entry.
+    /// Refuses names that are not plain file names before asking.
+    pub fn lookup(root: &Path, name: &str) -> Result<(Account, nix::unistd::User)> {
         if !rundir::is_safe_component(name) {
             bail!("refusing the user name {name:?}");
         }
-        let user = nix::unistd::User::from_name(name)
+        let user = crate::wants::lookup_user(root, name)
             .with_context(|| format!("looking up user {name:?}"))?
             .with_context(|| format!("there is no user {name:?}"))?;
-        Ok(Account {
-            name: user.name,
+        let account = Account {
+            name: user.name.clone(),
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
-            home: user.dir,
-        })
+            home: crate::wants::under_root(root, &user.dir),
+        };
+        Ok((account, user))
     }
 }
 
@@ -152,7 +167,7 @@ pub fn open(
             return Ok(Opened::AlreadyMounted);
         }
         // The record of a mount that is gone (the daemon died): start afresh.
-        release_stick(&run, &state, cfg.linger)?;
+        release_stick(&run, &state, cfg.linger())?;
         run.clear_state()?;
     }
     count.set(0)?;
@@ -227,7 +242,7 @@ pub fn open(
         // default_permissions (always on) then applies the modes, and the top directory is
         // kept 0700 below, so other users get EACCES as with a normal home.
         "allow_other".to_owned(),
-        format!("commit={}", cfg.commit_secs),
+        format!("commit={}", cfg.commit_secs()),
         format!(
             "fsname=pershome:{}",
             crate::mount_opts::escape_option_value(&stick_name)
@@ -243,7 +258,7 @@ pub fn open(
             backing: found.backing.clone(),
             stick_device: found.device.clone(),
         };
-        release_stick(&run, &state, cfg.linger)?;
+        release_stick(&run, &state, cfg.linger())?;
         return fallback(
             format!(
                 "pershome: your stick ({stick_name}) could not be opened as your home: {e:#}\n\
@@ -308,7 +323,7 @@ pub fn close(cfg: &HookConfig, account: &Account, out: &mut dyn Write) -> Result
     mounts::commit(&state.home);
     match nix::mount::umount2(&state.home, nix::mount::MntFlags::empty()) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
-            teardown(&run, &state, cfg.linger, account, out)?;
+            teardown(&run, &state, cfg.linger(), account, out)?;
             Ok(Closed::Done)
         }
         Err(nix::errno::Errno::EBUSY) => {
@@ -318,7 +333,7 @@ pub fn close(cfg: &HookConfig, account: &Account, out: &mut dyn Write) -> Result
                 "{}: {} is still in use; unmounting in the background within {}s",
                 account.name,
                 state.home.display(),
-                cfg.linger.as_secs()
+                cfg.linger().as_secs()
             );
             tell(
                 out,
@@ -338,7 +353,7 @@ pub fn finish(cfg: &HookConfig, account: &Account) -> Result<Closed> {
     let Some(run) = UserRunDir::open(&cfg.root, &account.name)? else {
         return Ok(Closed::Nothing);
     };
-    let deadline = std::time::Instant::now() + cfg.linger;
+    let deadline = std::time::Instant::now() + cfg.linger();
     loop {
         let mut count = run.lock_sessions()?;
         let Some(state) = run.read_state()? else {
@@ -373,10 +388,10 @@ pub fn finish(cfg: &HookConfig, account: &Account) -> Result<Closed> {
                  they exit",
                 account.name,
                 state.home.display(),
-                cfg.linger.as_secs()
+                cfg.linger().as_secs()
             );
         }
-        teardown(&run, &state, cfg.linger, account, &mut std::io::sink())?;
+        teardown(&run, &state, cfg.linger(), account, &mut std::io::sink())?;
         return Ok(Closed::Done);
     }
 }

@@ -13,6 +13,7 @@
 //! through a symlink, the stick is always mounted `nosuid,nodev,noexec`.
 
 pub mod discover;
+pub mod entry;
 pub mod hook;
 pub mod mounts;
 pub mod rundir;

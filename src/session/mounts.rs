@@ -18,7 +18,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
-/// The mount flags every stick mount carries. A stick is attacker-controlled: a setuid binary
+use crate::sysconfig::StickMount;
+
+/// The mount flags every stick mount carries, whatever the configuration says. A stick is attacker-controlled: a setuid binary
 /// or a device node on it must never gain power, no program runs from the raw stick, and
 /// access times are never written (flash wear).
 pub const STICK_FLAGS: MsFlags = MsFlags::MS_NOSUID
@@ -26,42 +28,24 @@ pub const STICK_FLAGS: MsFlags = MsFlags::MS_NOSUID
     .union(MsFlags::MS_NOEXEC)
     .union(MsFlags::MS_NOATIME);
 
-/// The filesystem-specific option string for a stick of type `fstype` owned by `uid`/`gid`:
-/// the owner, a umask that shuts out everybody else, and `extra` (from the configuration).
-/// The flags in [`STICK_FLAGS`] are not options of the string; words that would weaken them
-/// (`suid`, `dev`, `exec`) are refused.
-pub fn stick_mount_data(fstype: &str, uid: u32, gid: u32, extra: &[String]) -> Result<String> {
-    let mut words = vec![
-        format!("uid={uid}"),
-        format!("gid={gid}"),
-        "umask=077".to_owned(),
-    ];
-    for w in extra {
-        let key = w.split('=').next().unwrap_or("");
-        if matches!(
-            key,
-            "suid" | "dev" | "exec" | "uid" | "gid" | "umask" | "fmask" | "dmask"
-        ) && !w.is_empty()
-        {
-            bail!(
-                "stick mount option `{w}` for {fstype} is not allowed: the owner, umask and \
-                 nosuid,nodev,noexec are set by pershome"
-            );
-        }
-        if w.contains(',') || w.is_empty() {
-            bail!("stick mount option `{w}` for {fstype} must be one word without commas");
-        }
-        words.push(w.clone());
-    }
-    Ok(words.join(","))
-}
-
-/// Mounts `device` (filesystem `fstype`) on `target` with [`STICK_FLAGS`] and `data`.
-pub fn mount_stick(device: &Path, target: &Path, fstype: &str, data: &str) -> Result<()> {
-    nix::mount::mount(Some(device), target, Some(fstype), STICK_FLAGS, Some(data)).map_err(|e| {
+/// Mounts `device` on `target` as `mount` (from [`SystemConfig::stick_mount`]) says, with
+/// [`STICK_FLAGS`] always added.
+///
+/// [`SystemConfig::stick_mount`]: crate::sysconfig::SystemConfig::stick_mount
+pub fn mount_stick(device: &Path, target: &Path, mount: &StickMount) -> Result<()> {
+    let fstype = mount.fstype.name();
+    nix::mount::mount(
+        Some(device),
+        target,
+        Some(fstype),
+        mount.flags | STICK_FLAGS,
+        Some(mount.data.as_str()),
+    )
+    .map_err(|e| {
         anyhow!(
-            "mounting {} ({fstype}, {data}) on {}: {e}",
+            "mounting {} ({fstype}, {}) on {}: {e}",
             device.display(),
+            mount.options,
             target.display()
         )
     })
@@ -300,22 +284,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stick_options() -> Result<()> {
-        let extra = vec![
-            "utf8=1".to_owned(),
-            "shortname=mixed".to_owned(),
-            "flush".to_owned(),
-        ];
-        assert_eq!(
-            stick_mount_data("vfat", 1001, 100, &extra)?,
-            "uid=1001,gid=100,umask=077,utf8=1,shortname=mixed,flush"
-        );
-        for bad in ["suid", "dev", "exec", "uid=0", "umask=000", "a,suid", ""] {
-            let got = stick_mount_data("vfat", 1, 1, &[bad.to_owned()]);
-            assert!(got.is_err(), "expected {bad:?} to be refused, got {got:?}");
+    fn stick_mounts_are_always_harmless() {
+        let cfg = crate::sysconfig::SystemConfig::default();
+        let m = cfg.stick_mount(crate::sysconfig::StickFs::Vfat, 1001, 100);
+        let flags = m.flags | STICK_FLAGS;
+        for want in [
+            MsFlags::MS_NOSUID,
+            MsFlags::MS_NODEV,
+            MsFlags::MS_NOEXEC,
+            MsFlags::MS_NOATIME,
+        ] {
+            assert!(flags.contains(want), "expected {want:?} in {flags:?}");
         }
-        assert!(STICK_FLAGS.contains(MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC));
-        Ok(())
+        for want in [
+            "uid=1001",
+            "gid=100",
+            "umask=077",
+            "utf8=1",
+            "shortname=mixed",
+            "flush",
+        ] {
+            assert!(
+                m.data.split(',').any(|w| w == want),
+                "expected {want} in {:?}",
+                m.data
+            );
+        }
     }
 
     #[test]

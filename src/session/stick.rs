@@ -19,6 +19,7 @@ use nix::sys::stat::Mode;
 
 use super::discover::{self, Candidate};
 use super::mounts;
+use crate::sysconfig::SystemConfig;
 
 /// The name of the directory a stick must have at its top level (any case).
 pub const PERSHOME_DIR: &str = "pershome";
@@ -36,10 +37,8 @@ pub enum Source {
     Devices {
         /// `/sys/block` (another directory in tests).
         sys_block: PathBuf,
-        /// The filesystem types that count as a stick, e.g. `vfat`, `exfat`.
-        fstypes: Vec<String>,
-        /// Extra mount options per filesystem type (`utf8=1`, `shortname=mixed`, ...).
-        options: Vec<(String, Vec<String>)>,
+        /// Which filesystems count as a stick, and how they are mounted.
+        config: SystemConfig,
     },
 }
 
@@ -197,20 +196,22 @@ pub fn find(
                 }),
             })
         }
-        Source::Devices {
-            sys_block,
-            fstypes,
-            options,
-        } => {
-            let candidates = discover::candidates(sys_block, fstypes)?;
-            find_on_devices(&candidates, options, user, uid, gid, mountpoint)
+        Source::Devices { sys_block, config } => {
+            let fstypes: Vec<String> = config
+                .stick
+                .filesystems
+                .iter()
+                .map(|f| f.name().to_owned())
+                .collect();
+            let candidates = discover::candidates(sys_block, &fstypes)?;
+            find_on_devices(&candidates, config, user, uid, gid, mountpoint)
         }
     }
 }
 
 fn find_on_devices(
     candidates: &[Candidate],
-    options: &[(String, Vec<String>)],
+    config: &SystemConfig,
     user: &str,
     uid: u32,
     gid: u32,
@@ -220,13 +221,10 @@ fn find_on_devices(
         return Ok(Err(Missing::NoStick));
     }
     let mount = |c: &Candidate| -> Result<()> {
-        let extra = options
-            .iter()
-            .find(|(t, _)| *t == c.fstype)
-            .map(|(_, o)| o.as_slice())
-            .unwrap_or(&[]);
-        let data = mounts::stick_mount_data(&c.fstype, uid, gid, extra)?;
-        mounts::mount_stick(&c.devnode, mountpoint, &c.fstype, &data)
+        let fs = config
+            .is_stick_fs(&c.fstype)
+            .with_context(|| format!("{} is not a stick filesystem", c.fstype))?;
+        mounts::mount_stick(&c.devnode, mountpoint, &config.stick_mount(fs, uid, gid))
     };
     let release = || {
         if let Err(e) = mounts::unmount_within(mountpoint, std::time::Duration::from_secs(5)) {
