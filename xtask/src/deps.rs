@@ -27,6 +27,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "fuse-posixovl",
     "dosfstools",
     "mtools",
+    // The PAM session tests (tests/pam_session.rs) drive real PAM sessions with the
+    // pam-client crate: libpam's headers, and libclang for pam-sys's bindgen.
+    "libpam0g-dev",
+    "libclang-dev",
 ];
 
 /// crates.io tools: (crate, exact version, binary). Exact versions because the harness parses
