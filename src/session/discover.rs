@@ -104,7 +104,7 @@ pub fn candidates(sys_block: &Path, fstypes: &[String]) -> Result<Vec<Candidate>
     for name in removable_partitions(sys_block)? {
         let devnode = Path::new("/dev").join(&name);
         match probe_fstype(&devnode) {
-            Ok(Some(fstype)) if fstypes.iter().any(|t| *t == fstype) => {
+            Ok(Some(fstype)) if fstypes.contains(&fstype) => {
                 out.push(Candidate { devnode, fstype })
             }
             Ok(_) => {}
