@@ -582,3 +582,73 @@ fn a_symlinked_home_is_refused() {
         .map_err(|e| e.to_string())
         .expect("close");
 }
+
+/// The pam_mount entry point, called the way pam_mount calls it: `mount.fuse3
+/// PROGRAM#mount-home MOUNTPOINT -o OPTIONS` (mount.fuse3 runs `PROGRAM mount-home MOUNTPOINT
+/// -o OPTIONS`). The home is mounted; after pam_mount's `umount` at logout the daemon exits and
+/// the watcher forgets the state. Uses the real /run/pershome/USER (removed by a guard).
+#[test]
+fn mount_home_through_mount_fuse3() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let name_home = root.path().join("home");
+    let user = TestUser::new();
+    let home = name_home.join(&user.name);
+    let status = Command::new("usermod")
+        .arg("--home")
+        .arg(&home)
+        .arg(&user.name)
+        .status()
+        .expect("usermod");
+    assert!(status.success(), "usermod --home: {status}");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(user.uid), Some(user.gid)).unwrap();
+    struct RunDir(PathBuf);
+    impl Drop for RunDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let run = RunDir(Path::new("/run/pershome").join(&user.name));
+    let stick = root.stick("s8", true);
+    let out = Command::new("mount.fuse3")
+        .arg(format!("{HOOK}#mount-home"))
+        .arg(&home)
+        .arg("-o")
+        .arg(format!(
+            "nosuid,nodev,pershome_user={},stick_dir={}",
+            user.name,
+            stick.display()
+        ))
+        .output()
+        .expect("running mount.fuse3");
+    assert!(
+        out.status.success(),
+        "mount.fuse3: expected success, got {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected pershomefs on {home:?}"
+    );
+    let file = home.join("from-pam-mount");
+    let (ok, err) = run_as(user.uid, user.gid, "touch", &[file.as_os_str()]);
+    assert!(ok, "creating {file:?}: {err}");
+    assert!(
+        stick.join("pershome/from-pam-mount").is_file(),
+        "expected the file on the stick"
+    );
+    let state = run.0.join("state");
+    assert!(
+        state.exists(),
+        "expected the state of the mount in {state:?}"
+    );
+    let status = Command::new("umount").arg(&home).status().expect("umount");
+    assert!(status.success(), "umount {home:?}: {status}");
+    common::wait_until("the daemon exits", || {
+        common::daemons_serving(&home).is_empty()
+    });
+    common::wait_until("the watcher forgets the state", || !state.exists());
+}

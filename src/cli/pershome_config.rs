@@ -133,8 +133,8 @@ enum Command {
     MountHome {
         /// Where the home goes (pam_mount passes the user's home)
         mountpoint: PathBuf,
-        /// Options: user=NAME (needed as root), stick_dir=DIR; mount.fuse3's rw,nosuid,nodev
-        /// and similar words are accepted and ignored
+        /// Options: pershome_user=NAME (needed as root), stick_dir=DIR; mount.fuse3's
+        /// rw,nosuid,nodev and similar words are accepted and ignored
         #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
         options: Vec<String>,
     },
@@ -163,7 +163,7 @@ const MOUNT_HOME_HELP: &str = "\
 Mount a stick home on MOUNTPOINT, for pam_mount. pam_mount.conf.xml names it as \
 <volume fstype=\"fuse\" path=\"/usr/bin/pershome-config#mount-home\" mountpoint=\"~\" .../>; \
 mount.fuse3 then runs `pershome-config mount-home MOUNTPOINT -o OPTIONS`. Run as root (with \
--o user=NAME) it finds and mounts the stick itself, and a background watcher unmounts the \
+-o pershome_user=NAME) it finds and mounts the stick itself, and a background watcher unmounts the \
 stick once pam_mount has unmounted the home and pershomefs has written its last commit. Run \
 as the user it can only use a stick directory (-o stick_dir=DIR).";
 

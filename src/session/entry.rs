@@ -208,8 +208,9 @@ fn open_phase(
 /// `pershome-config mount-home MOUNTPOINT [-o OPTIONS]`: what pam_mount's volume runs through
 /// mount.fuse3 (`path="/usr/bin/pershome-config#mount-home"`, so mount.fuse3 calls
 /// `pershome-config mount-home MOUNTPOINT -o OPTIONS`). The options name the user
-/// (`user=NAME`) when run as root; as a user, the user is the caller. Only `user=`,
-/// `stick_dir=` and mount.fuse3's own bookkeeping words are accepted.
+/// (`pershome_user=NAME`, as `pershome-config pam --mode mount` writes it) when run as root;
+/// as a user, the user is the caller. Only `pershome_user=`, `stick_dir=` and mount.fuse3's
+/// own bookkeeping words are accepted.
 ///
 /// The stick home is opened as the session hook does, but without counting sessions
 /// (pam_mount counts them). If the hook mounted a stick device, a watcher is started in the
@@ -225,7 +226,7 @@ pub fn run_mount_home(
     let mut stick_dir = None;
     for word in options.iter().flat_map(|o| o.split(',')) {
         match word.split_once('=') {
-            Some(("user", v)) => user = Some(v.to_owned()),
+            Some(("pershome_user", v)) => user = Some(v.to_owned()),
             Some(("stick_dir", v)) => stick_dir = Some(PathBuf::from(v)),
             // mount.fuse3 and pam_mount add these; the stick home is always nosuid,nodev.
             None if matches!(
@@ -251,7 +252,9 @@ pub fn run_mount_home(
         match user {
             Some(u) => u,
             None => {
-                eprintln!("pershome-config mount-home: as root, say whose home: -o user=NAME");
+                eprintln!(
+                    "pershome-config mount-home: as root, say whose home: -o pershome_user=NAME"
+                );
                 return exit_code::USAGE;
             }
         }
@@ -294,10 +297,11 @@ pub fn run_mount_home(
                     let _ = count.set(0);
                 }
             }
-            if device.is_some() {
-                if let Err(e) = spawn_stick_watcher(root, &name) {
-                    tracing::error!(user = %name, "starting the stick watcher for {}: {e:#}", backing.display());
-                }
+            // The watcher releases the stick (if one was mounted) and forgets the state once
+            // pam_mount has unmounted the home.
+            tracing::debug!(user = %name, "mount-home: {} (device {device:?})", backing.display());
+            if let Err(e) = spawn_stick_watcher(root, &name) {
+                tracing::error!(user = %name, "starting the stick watcher: {e:#}");
             }
             exit_code::SUCCESS
         }
