@@ -256,6 +256,9 @@ fn open_mounts_the_stick_home_and_close_unmounts_it() {
     root.add_account(&bob);
     root.list(&alice);
     let stick = root.stick("s1", true);
+    // An attacker's stick: a symlink to a file only root may read. The daemon runs as root; it
+    // must neither follow nor show it.
+    std::os::unix::fs::symlink("/etc/shadow", stick.join("pershome/shadow")).unwrap();
     let service = PamService::new(root.path(), &stick);
 
     let mut ctx = pam(&service, &alice);
@@ -285,6 +288,12 @@ fn open_mounts_the_stick_home_and_close_unmounts_it() {
         (meta.uid(), meta.mode() & 0o777),
         (alice.uid, 0o700),
         "expected the home owned by alice, mode 700"
+    );
+    let planted = home.join("shadow");
+    let (ok, err) = run_as(alice.uid, alice.gid, "cat", &[planted.as_os_str()]);
+    assert!(
+        !ok && err.contains("No such file"),
+        "expected the planted symlink to be invisible, got ok={ok} {err}"
     );
     // Another local user cannot read it (security: docs/security.md).
     let (ok, err) = run_as(bob.uid, bob.gid, "ls", &[home.as_os_str()]);
@@ -651,4 +660,36 @@ fn mount_home_through_mount_fuse3() {
         common::daemons_serving(&home).is_empty()
     });
     common::wait_until("the watcher forgets the state", || !state.exists());
+}
+
+/// Security: no user-controlled string reaches a shell. The login hook's code runs programs
+/// only with argument vectors; this pins that no shell is ever started from it.
+#[test]
+fn the_login_hook_never_runs_a_shell() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/session");
+    let mut offenders = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("listing src/session") {
+        let path = entry.expect("listing src/session").path();
+        let text = std::fs::read_to_string(&path).expect("reading a source file");
+        for (i, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for needle in [
+                "\"sh\"",
+                "\"/bin/sh\"",
+                "\"bash\"",
+                "\"-c\"",
+                "libc::system",
+                "popen",
+            ] {
+                if code.contains(needle) {
+                    offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "expected no shell in the login hook, got:\n{}",
+        offenders.join("\n")
+    );
 }
