@@ -9,9 +9,10 @@
 //! on the list's directory (the file itself is replaced by each edit, so it cannot carry the
 //! lock). It never writes a list it could not parse: a malformed line is an error naming it.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io;
+#[cfg(test)]
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -241,40 +242,13 @@ fn edit(
     if !change(&mut list)? {
         return Ok(false);
     }
-    let mode = match fs::metadata(&path) {
-        Ok(meta) => meta.permissions().mode() & 0o7777,
-        Err(_) => 0o644,
-    };
-    let tmp = dir.join(".persistent_homes.pershome-tmp");
-    // A leftover from a run that crashed before its rename; no one else writes it while we
-    // hold the lock.
-    let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io_err("creating", &tmp))?;
-    let write = |file: &mut File| -> io::Result<()> {
-        file.write_all(list.render().as_bytes())?;
-        // create_new's mode went through the umask; set the old file's mode exactly.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.sync_all()
-    };
-    if let Err(e) = write(&mut file) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err("writing", &tmp)(e));
-    }
-    drop(file);
-    if let Err(e) = fs::rename(&tmp, &path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err("replacing", &path)(e));
-    }
-    // The rename is durable only once the directory is on disk.
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing", &dir))?;
+    crate::atomic_file::replace(&path, list.render().as_bytes(), 0o644).map_err(|source| {
+        ListError::Io {
+            what: "writing",
+            path: path.clone(),
+            source,
+        }
+    })?;
     Ok(true)
 }
 

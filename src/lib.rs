@@ -1,6 +1,7 @@
 //! pershome: a POSIX home directory layered on the `pershome/` directory of a FAT or exFAT
 //! USB stick. See `docs/architecture.md` for the bird's-eye view and the module map.
 
+pub mod atomic_file;
 pub mod audit;
 pub mod backing;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod meta;
 pub mod mount_opts;
 pub mod names;
+pub mod pam_setup;
 pub mod session;
 pub mod sysconfig;
 pub mod wants;

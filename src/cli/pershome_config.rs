@@ -16,10 +16,14 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+use crate::atomic_file;
 use crate::homes_list::{self, ListError};
 use crate::logging::{self, LogTarget};
+use crate::pam_setup;
 use crate::sysconfig;
 use crate::wants::{self, Wants};
+
+mod doctor;
 
 /// The exit codes of `pershome-config`.
 pub mod exit_code {
@@ -113,6 +117,19 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Set up PAM: the pam_exec session hook (default), pam_mount volumes, or pam_script hooks.
+    #[command(long_about = PAM_HELP)]
+    Pam(PamArgs),
+    /// Check the installation and say what is wrong and how to fix it (exit 0 all OK, 1 not).
+    #[command(
+        long_about = "Check what a stick home needs: /dev/fuse, fuse3 (fusermount3), \
+                      /etc/fuse.conf, the PAM set-up (the pershome profile enabled in \
+                      /etc/pam.d/common-session, or pershome's volumes in pam_mount.conf.xml), \
+                      /etc/pershome/config.toml and /etc/ltsp/persistent_homes (every listed \
+                      user exists). Each check prints OK or the problem and how to fix it. \
+                      Exit 0 when all are OK, 1 otherwise."
+    )]
+    Doctor,
     /// Open or close the stick home of a login session (run by PAM as root).
     #[command(long_about = SESSION_HELP)]
     Session {
@@ -167,6 +184,48 @@ mount.fuse3 then runs `pershome-config mount-home MOUNTPOINT -o OPTIONS`. Run as
 stick once pam_mount has unmounted the home and pershomefs has written its last commit. Run \
 as the user it can only use a stick directory (-o stick_dir=DIR).";
 
+const PAM_HELP: &str = "\
+Set up PAM for pershome. Exactly one of --install and --print.
+
+--mode exec (default): a pam-auth-update profile, /usr/share/pam-configs/pershome, with the \
+session line `session optional pam_exec.so quiet stdout /usr/bin/pershome-config session` \
+(`required` when config.toml says on_missing_stick = \"deny\"). Session only, never auth. \
+--install writes it and, when --root is /, runs `pam-auth-update --package --enable pershome`.
+
+--mode mount: pershome's <volume> entries for the users of /etc/ltsp/persistent_homes, merged \
+into /etc/security/pam_mount.conf.xml between two marker comments. Other volumes, comments \
+and settings are kept as they are; running it again replaces only pershome's block. Re-run \
+it after add-user/remove-user. Users with only a $HOME/.persistent_home are not covered in \
+this mode.
+
+--mode script: pam_script hooks pam_script_ses_open and pam_script_ses_close in \
+/usr/share/libpam-script (never pam_script_auth), for sites that already use pam_script.
+
+--print writes to stdout what --install would write.";
+
+#[derive(Debug, clap::Args)]
+struct PamArgs {
+    /// How the hook is wired into PAM.
+    #[arg(long, value_enum, default_value = "exec")]
+    mode: PamMode,
+    /// Write the files (and enable the profile when --root is /).
+    #[arg(long, conflicts_with = "print", required_unless_present = "print")]
+    install: bool,
+    /// Write to stdout what --install would write.
+    #[arg(long)]
+    print: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PamMode {
+    /// pam_exec session hook through a pam-auth-update profile.
+    Exec,
+    /// pam_mount volumes in pam_mount.conf.xml.
+    Mount,
+    /// pam_script session hooks.
+    Script,
+}
+
 /// The clap command, for man pages and shell completions.
 pub fn command() -> clap::Command {
     Cli::command()
@@ -199,6 +258,8 @@ fn run(args: impl IntoIterator<Item = OsString>) -> u8 {
         Command::RemoveUser { users } => edit_users(root, &users, Edit::Remove),
         Command::List => list(root),
         Command::Wants { user, quiet } => wants(root, &user, quiet),
+        Command::Pam(args) => pam(root, &args),
+        Command::Doctor => doctor::run(root),
         Command::Session {
             phase,
             user,
@@ -317,6 +378,116 @@ fn wants(root: &Path, name: &str, quiet: bool) -> u8 {
             }
         }
         Err(wants::WantsError::List(e)) => fail(list_error_code(&e), e),
+    }
+}
+
+fn load_config(root: &Path) -> Result<sysconfig::SystemConfig, u8> {
+    sysconfig::load(root).map_err(|e| match e {
+        sysconfig::ConfigError::Invalid { .. } => fail(exit_code::CONFIG, e),
+        sysconfig::ConfigError::Read { .. } => fail(exit_code::FAILED, e),
+    })
+}
+
+fn pam(root: &Path, args: &PamArgs) -> u8 {
+    let files = match pam_files(root, args.mode) {
+        Ok(files) => files,
+        Err(code) => return code,
+    };
+    if args.print {
+        let several = files.len() > 1;
+        for (path, contents, _) in &files {
+            if several {
+                // Only the script mode has several files; they are shell scripts, so a
+                // comment line tells them apart without breaking either.
+                println!("# ==> {} <==", path.display());
+            }
+            print!("{contents}");
+        }
+        return exit_code::SUCCESS;
+    }
+    for (path, contents, mode) in &files {
+        if let Err(e) = atomic_file::replace(path, contents.as_bytes(), *mode) {
+            return fail(exit_code::FAILED, e);
+        }
+        println!("wrote {}", path.display());
+        tracing::info!("pam --mode {:?}: wrote {}", args.mode, path.display());
+    }
+    match args.mode {
+        PamMode::Exec if root == Path::new("/") => {
+            // Fixed arguments, no shell: pam-auth-update regenerates /etc/pam.d/common-*.
+            let status = std::process::Command::new("pam-auth-update")
+                .args(["--package", "--enable", pam_setup::PROFILE_NAME])
+                .status();
+            match status {
+                Ok(s) if s.success() => {
+                    println!("enabled the {} profile", pam_setup::PROFILE_NAME);
+                    tracing::info!("pam-auth-update --enable {}", pam_setup::PROFILE_NAME);
+                }
+                Ok(s) => {
+                    return fail(
+                        exit_code::FAILED,
+                        format!("pam-auth-update --package --enable pershome failed: {s}"),
+                    )
+                }
+                Err(e) => {
+                    return fail(
+                        exit_code::FAILED,
+                        format!("running pam-auth-update (package libpam-runtime): {e}"),
+                    )
+                }
+            }
+        }
+        PamMode::Exec => println!(
+            "not running pam-auth-update under --root {}: run `pam-auth-update --package \
+             --enable pershome` inside that system",
+            root.display()
+        ),
+        PamMode::Mount => println!(
+            "pam_mount must be in the session stack (libpam-mount enables it); re-run this \
+             after add-user/remove-user"
+        ),
+        PamMode::Script => println!(
+            "pam_script.so must be in the session stack (libpam-script) for the hooks to run"
+        ),
+    }
+    exit_code::SUCCESS
+}
+
+/// The files `pam --install` writes for a mode: (path under root, contents, mode if new).
+fn pam_files(root: &Path, mode: PamMode) -> Result<Vec<(PathBuf, String, u32)>, u8> {
+    match mode {
+        PamMode::Exec => {
+            let cfg = load_config(root)?;
+            let deny = cfg.on_missing_stick == sysconfig::OnMissingStick::Deny;
+            Ok(vec![(
+                root.join(pam_setup::PROFILE_PATH),
+                pam_setup::pam_auth_update_profile(deny),
+                0o644,
+            )])
+        }
+        PamMode::Script => Ok(pam_setup::pam_script_hooks()
+            .into_iter()
+            .map(|(name, text)| (root.join(pam_setup::PAM_SCRIPT_DIR).join(name), text, 0o755))
+            .collect()),
+        PamMode::Mount => {
+            let users = homes_list::list(root).map_err(|e| fail(list_error_code(&e), e))?;
+            let path = root.join(pam_setup::PAM_MOUNT_CONF);
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    pam_setup::EMPTY_PAM_MOUNT_CONF.to_owned()
+                }
+                Err(e) => {
+                    return Err(fail(
+                        exit_code::FAILED,
+                        format!("reading {}: {e}", path.display()),
+                    ))
+                }
+            };
+            let merged = pam_setup::merge_pam_mount(&text, &users, &path)
+                .map_err(|e| fail(exit_code::CONFIG, e))?;
+            Ok(vec![(path, merged, 0o644)])
+        }
     }
 }
 
