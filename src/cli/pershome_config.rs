@@ -141,7 +141,8 @@ enum Command {
         user: Option<String>,
         /// Use DIR as the stick (its pershome/ directory, used as it is; nothing is
         /// mounted) instead of looking for a removable device: the thin-client case (an
-        /// sshfs mount of the client's stick) and tests
+        /// sshfs mount of the client's stick) and tests. `{user}` in DIR is replaced by the
+        /// user name
         #[arg(long, value_name = "DIR")]
         stick_dir: Option<PathBuf>,
     },
@@ -159,7 +160,7 @@ enum Command {
 
 const SESSION_HELP: &str = "\
 Open or close the stick home of a login session. PAM runs it as root through pam_exec \
-(`session optional pam_exec.so quiet stdout seteuid /usr/bin/pershome-config session`, phase \
+(`session optional pam_exec.so quiet stdout /usr/bin/pershome-config session`, phase \
 and user from PAM_TYPE and PAM_USER) or from pam_script's pam_script_ses_open/close hooks \
 (`pershome-config session open --user \"$PAM_USER\"`).
 

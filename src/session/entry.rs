@@ -59,15 +59,34 @@ pub fn phase_from_pam_type(pam_type: Option<&str>) -> Result<Phase> {
     }
 }
 
-/// Where the stick is looked for: the given directory, else the removable devices.
-fn source(stick_dir: Option<PathBuf>, system: &SystemConfig) -> Source {
+/// Where the stick is looked for: the given directory (`{user}` in it replaced by the user
+/// name, for per-user sshfs mounts on a thin-client server), else the removable devices.
+fn source(stick_dir: Option<PathBuf>, system: &SystemConfig, user: &str) -> Source {
     match stick_dir {
-        Some(dir) => Source::Directory(dir),
+        Some(dir) => Source::Directory(expand_user(&dir, user)),
         None => Source::Devices {
             sys_block: PathBuf::from("/sys/block"),
             config: system.clone(),
         },
     }
+}
+
+/// `dir` with `{user}` replaced by `user` (a name already checked to be a plain file name).
+fn expand_user(dir: &Path, user: &str) -> PathBuf {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let bytes = dir.as_os_str().as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(b"{user}") {
+            out.extend_from_slice(user.as_bytes());
+            i += b"{user}".len();
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 /// `pershome-config session`: runs one phase for one user. `pam_type`/`pam_user` are the
@@ -114,7 +133,7 @@ pub fn run_session(
     };
     let cfg = HookConfig {
         root: root.to_path_buf(),
-        source: source(stick_dir, &system),
+        source: source(stick_dir, &system, &name),
         system,
     };
     match phase {
@@ -276,7 +295,7 @@ pub fn run_mount_home(
     };
     let cfg = HookConfig {
         root: root.to_path_buf(),
-        source: source(stick_dir, &system),
+        source: source(stick_dir, &system, &name),
         system,
     };
     let (mut account, _) = match Account::lookup(root, &name) {
