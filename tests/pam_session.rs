@@ -170,12 +170,17 @@ struct PamService {
 
 impl PamService {
     fn new(root: &Path, stick: &Path) -> PamService {
+        Self::with_control(root, stick, "optional")
+    }
+
+    /// With `control` (`optional`, `required`) on the session line.
+    fn with_control(root: &Path, stick: &Path, control: &str) -> PamService {
         let name = unique("pershome-test-");
         let text = format!(
             "# pershome test service (tests/pam_session.rs); removed when the test ends\n\
              auth     required pam_permit.so\n\
              account  required pam_permit.so\n\
-             session  optional pam_exec.so quiet stdout {HOOK} --root {} session --stick-dir {}\n",
+             session  {control} pam_exec.so quiet stdout {HOOK} --root {} session --stick-dir {}\n",
             root.display(),
             stick.display()
         );
@@ -691,5 +696,66 @@ fn the_login_hook_never_runs_a_shell() {
         offenders.is_empty(),
         "expected no shell in the login hook, got:\n{}",
         offenders.join("\n")
+    );
+}
+
+/// `on_missing_stick = "deny"` with a `required` session line (as `pershome-config pam`
+/// writes it then): no stick home means no session, and the person is still told why.
+#[test]
+fn deny_refuses_the_session_without_a_stick() {
+    needs_root!();
+    let root = TestRoot::new("on_missing_stick = \"deny\"\n");
+    let ivan = TestUser::new();
+    let home = root.add_account(&ivan);
+    root.list(&ivan);
+    let stick = root.stick("s9", false);
+    let service = PamService::with_control(root.path(), &stick, "required");
+    let mut ctx = pam(&service, &ivan);
+    let got = ctx.open_session(Flag::NONE).map(|s| s.leak());
+    assert!(
+        got.is_err(),
+        "expected the session to be refused, got {got:?}"
+    );
+    assert_eq!(fstype_at(&home), None, "expected nothing mounted");
+    let said = infos(&ctx);
+    assert!(
+        said.contains("no folder named \"pershome\""),
+        "expected the reason, got {said:?}"
+    );
+}
+
+/// Without a phase or a user (not run by PAM, no arguments) the hook is a usage error, and
+/// an auth-stack call is refused: it only ever runs in the session stack.
+#[test]
+fn the_hook_needs_a_phase_and_a_user() {
+    let run = |envs: &[(&str, &str)], args: &[&str]| {
+        let out = Command::new(HOOK)
+            .env_clear()
+            .envs(envs.iter().copied())
+            .arg("--root")
+            .arg("/nonexistent")
+            .arg("session")
+            .args(args)
+            .output()
+            .expect("running pershome-config session");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[], &[]);
+    assert!(
+        code == Some(2) && err.contains("PAM_TYPE"),
+        "no phase: expected exit 2, got {code:?} {err}"
+    );
+    let (code, err) = run(&[("PAM_TYPE", "auth"), ("PAM_USER", "x")], &[]);
+    assert!(
+        code == Some(2) && err.contains("session stack"),
+        "auth: expected exit 2, got {code:?} {err}"
+    );
+    let (code, err) = run(&[("PAM_TYPE", "open_session")], &[]);
+    assert!(
+        code == Some(2) && err.contains("PAM_USER"),
+        "no user: expected exit 2, got {code:?} {err}"
     );
 }
