@@ -759,3 +759,61 @@ fn the_hook_needs_a_phase_and_a_user() {
         "no user: expected exit 2, got {code:?} {err}"
     );
 }
+
+/// Stick discovery on a real FAT filesystem: a loop device holding a vfat image, offered as a
+/// removable disk by a fake `/sys/block`, is probed by `blkid -p` as vfat, and only counts when
+/// vfat is a configured stick type. (Mounting it needs a vfat driver: the QEMU tests do that.)
+#[test]
+fn discovery_probes_a_real_fat_image() {
+    needs_root!();
+    struct Loop(String);
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let image = t.path().join("stick.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    let out = Command::new("mkfs.vfat")
+        .arg("-F")
+        .arg("32")
+        .arg(&image)
+        .output()
+        .expect("mkfs.vfat");
+    assert!(
+        out.status.success(),
+        "mkfs.vfat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&image)
+        .output()
+        .expect("losetup");
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let name = dev.0.trim_start_matches("/dev/").to_owned();
+    let sys = t.path().join("sys-block");
+    std::fs::create_dir_all(sys.join(&name)).unwrap();
+    std::fs::write(sys.join(&name).join("removable"), "1\n").unwrap();
+    let got =
+        pershome::session::discover::candidates(&sys, &["vfat".into(), "exfat".into()]).unwrap();
+    let expected = vec![pershome::session::discover::Candidate {
+        devnode: PathBuf::from(&dev.0),
+        fstype: "vfat".into(),
+    }];
+    assert_eq!(got, expected, "expected {expected:?}, got {got:?}");
+    let got = pershome::session::discover::candidates(&sys, &["exfat".into()]).unwrap();
+    assert!(
+        got.is_empty(),
+        "expected no candidate when only exfat counts, got {got:?}"
+    );
+}
