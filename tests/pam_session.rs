@@ -311,17 +311,21 @@ fn open_mounts_the_stick_home_and_close_unmounts_it() {
         !ok && err.contains("Permission denied"),
         "expected EACCES for bob reading a file, got ok={ok} {err}"
     );
-    // The stick's raw mount is out of reach of users: /run/pershome/USER/stick is 0700 root.
+    // The stick's raw mount is out of reach of the user too (it sits in a root-only 0700
+    // directory), so nobody changes the stick behind the daemon's back.
     let stick_mp = root
         .path()
         .join("run/pershome")
         .join(&alice.name)
-        .join("stick");
-    let m = std::fs::metadata(&stick_mp).unwrap();
-    assert_eq!(
-        (m.uid(), m.mode() & 0o777),
-        (0, 0o700),
-        "stick mount point {stick_mp:?}"
+        .join("raw/stick");
+    assert!(
+        fstype_at(&stick_mp).is_some(),
+        "expected the stick directory bound on {stick_mp:?}"
+    );
+    let (ok, err) = run_as(alice.uid, alice.gid, "ls", &[stick_mp.as_os_str()]);
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "expected EACCES for alice on the raw stick, got ok={ok} {err}"
     );
 
     let session = ctx.unleak_session(token);
@@ -620,6 +624,17 @@ fn mount_home_through_mount_fuse3() {
     struct RunDir(PathBuf);
     impl Drop for RunDir {
         fn drop(&mut self) {
+            // Detach anything still mounted below it first: removing the tree through a
+            // bound stick would delete the stick's files.
+            let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            for m in pershome::session::mounts::parse_mountinfo(&text)
+                .iter()
+                .rev()
+            {
+                if m.mountpoint.starts_with(&self.0) {
+                    let _ = nix::mount::umount2(&m.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }

@@ -166,7 +166,7 @@ and user from PAM_TYPE and PAM_USER) or from pam_script's pam_script_ses_open/cl
 
 open: if the user wants a stick home (see `wants`), find the stick (a removable vfat or exFAT \
 device with a pershome folder; with several, the one marked as this user's), mount it under \
-/run/pershome/USER/stick (nosuid,nodev,noexec), and mount pershomefs on the home. When that \
+/run/pershome/USER/raw/stick (nosuid,nodev,noexec), and mount pershomefs on the home. When that \
 cannot be done the login goes on with the normal home, and the person is told why and how \
 to fix it (on the terminal, and by the desktop dialog `pershome notice`). Exit 0 then, or 1 \
 with on_missing_stick = deny.

@@ -308,7 +308,7 @@ pub fn run_mount_home(
     // pam_mount expands `~` itself; the mount point it passes is the one to use.
     account.home = mountpoint.to_path_buf();
     match hook::open(&cfg, &account, true, out) {
-        Ok(Opened::Mounted { device, backing }) => {
+        Ok(Opened::Mounted { mounted, backing }) => {
             // pam_mount counts sessions itself: forget ours so a later `session close` of
             // the pam_exec hook (if both are configured) does not unmount under pam_mount.
             if let Ok(Some(run)) = UserRunDir::open(root, &name) {
@@ -318,7 +318,7 @@ pub fn run_mount_home(
             }
             // The watcher releases the stick (if one was mounted) and forgets the state once
             // pam_mount has unmounted the home.
-            tracing::debug!(user = %name, "mount-home: {} (device {device:?})", backing.display());
+            tracing::debug!(user = %name, "mount-home: {} (stick {mounted:?})", backing.display());
             if let Err(e) = spawn_stick_watcher(root, &name) {
                 tracing::error!(user = %name, "starting the stick watcher: {e:#}");
             }
@@ -377,7 +377,7 @@ pub fn release_stick_when_free(root: &Path, name: &str) -> Result<()> {
 }
 
 fn release(run: &UserRunDir, state: &State) -> Result<()> {
-    if state.stick_device.is_some() {
+    if state.stick_mounted.is_some() {
         super::mounts::unmount_within(&run.stick_mountpoint(), Duration::from_secs(10))?;
     }
     nix::unistd::sync();

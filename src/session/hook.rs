@@ -86,7 +86,8 @@ pub enum Opened {
     /// pershomefs now serves the user's home from this backing.
     Mounted {
         backing: PathBuf,
-        device: Option<PathBuf>,
+        /// What was mounted at `/run/pershome/USER/raw/stick` (see `stick::Found::mounted`).
+        mounted: Option<PathBuf>,
     },
     /// Another session of the user already has the stick home mounted.
     AlreadyMounted,
@@ -231,7 +232,7 @@ pub fn open(
         }
     };
     let stick_name = found
-        .device
+        .mounted
         .as_ref()
         .map(|d| d.display().to_string())
         .unwrap_or_else(|| found.backing.display().to_string());
@@ -256,7 +257,7 @@ pub fn open(
         let state = State {
             home: account.home.clone(),
             backing: found.backing.clone(),
-            stick_device: found.device.clone(),
+            stick_mounted: found.mounted.clone(),
         };
         release_stick(&run, &state, cfg.linger())?;
         return fallback(
@@ -276,7 +277,7 @@ pub fn open(
     run.write_state(&State {
         home: account.home.clone(),
         backing: found.backing.clone(),
-        stick_device: found.device.clone(),
+        stick_mounted: found.mounted.clone(),
     })?;
     count.set(1)?;
     if let Err(e) = run.clear_notice() {
@@ -293,7 +294,7 @@ pub fn open(
     );
     Ok(Opened::Mounted {
         backing: found.backing,
-        device: found.device,
+        mounted: found.mounted,
     })
 }
 
@@ -422,7 +423,7 @@ fn teardown(
     release_stick(run, state, linger)?;
     run.clear_state()?;
     let stick = state
-        .stick_device
+        .stick_mounted
         .as_ref()
         .map(|d| d.display().to_string())
         .unwrap_or_else(|| state.backing.display().to_string());
@@ -439,7 +440,7 @@ fn teardown(
 
 /// Unmounts the stick the hook mounted (if it did) and syncs.
 fn release_stick(run: &UserRunDir, state: &State, linger: Duration) -> Result<()> {
-    if state.stick_device.is_some() {
+    if state.stick_mounted.is_some() {
         let mp = run.stick_mountpoint();
         if mounts::mount_at(&mp)?.is_some() {
             let how = mounts::unmount_within(&mp, linger)?;

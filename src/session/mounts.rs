@@ -51,6 +51,44 @@ pub fn mount_stick(device: &Path, target: &Path, mount: &StickMount) -> Result<(
     })
 }
 
+/// Binds the stick directory `dir` (its `pershome/`, already checked not to be a symlink) on
+/// `target`, `nosuid,nodev,noexec,noatime`. The directory is opened with `O_NOFOLLOW` and the
+/// bind is made from that descriptor (`/proc/self/fd/N`), so a directory swapped for a
+/// symlink after the check (on an sshfs mount the far side can do that) is never what gets
+/// bound; pershomefs then only ever sees `target`, a path only root controls.
+pub fn bind_stick_dir(dir: &Path, target: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir)
+        .with_context(|| format!("opening {} (it must be a real directory)", dir.display()))?;
+    let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    nix::mount::mount(
+        Some(source.as_str()),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| anyhow!("binding {} on {}: {e}", dir.display(), target.display()))?;
+    // A bind mount takes its flags only from a remount.
+    if let Err(e) = nix::mount::mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | STICK_FLAGS,
+        None::<&str>,
+    ) {
+        let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
+        bail!(
+            "making the bind of {} nosuid,nodev,noexec: {e}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// One line of /proc/self/mountinfo that matters here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {

@@ -5,8 +5,10 @@
 //! Layout, all created by root:
 //! - `/run/pershome/` and `/run/pershome/USER/`: root-owned, mode 0711 (no listing, so other
 //!   users cannot see who is logged in with a stick; traversable, so the user reaches the notice)
-//! - `stick/`: root-owned 0700, the stick's mount point: only root (the pershomefs daemon)
-//!   reaches the raw stick, nobody changes it behind the daemon's back
+//! - `raw/`: root-owned 0700, and in it `raw/stick/`, the stick's mount point. The mount's
+//!   own root takes the stick's modes (a vfat stick's belongs to the user), so the closed
+//!   directory is the one *above* it: only root (the pershomefs daemon) reaches the raw stick,
+//!   and nobody changes it behind the daemon's back
 //! - `sessions`: root 0600, the number of open sessions of USER, guarded by `flock`
 //! - `state`: root 0600, what the hook mounted (backing path, whether it mounted a stick)
 //! - `notice`: owned by USER, 0400, the message the desktop dialog shows
@@ -97,7 +99,7 @@ fn open_dir_path(path: &Path) -> Result<OwnedFd> {
 }
 
 impl UserRunDir {
-    /// Creates (or opens) `ROOT/run/pershome/USER` and its `stick/` mount point. Root only.
+    /// Creates (or opens) `ROOT/run/pershome/USER` and its `raw/stick/` mount point. Root only.
     pub fn create(root: &Path, user: &str) -> Result<UserRunDir> {
         if !is_safe_component(user) {
             bail!("refusing the user name {user:?}: it is not a plain file name");
@@ -108,7 +110,8 @@ impl UserRunDir {
         let base_path = root.join(RUN_DIR);
         let dir = ensure_root_dir(&base, &base_path, user, 0o711)?;
         let path = base_path.join(user);
-        ensure_root_dir(&dir, &path, "stick", 0o700)?;
+        let raw = ensure_root_dir(&dir, &path, "raw", 0o700)?;
+        ensure_root_dir(&raw, &path.join("raw"), "stick", 0o700)?;
         Ok(UserRunDir { path, dir })
     }
 
@@ -129,9 +132,9 @@ impl UserRunDir {
         &self.path
     }
 
-    /// Where the stick is mounted: `/run/pershome/USER/stick`.
+    /// Where the stick is mounted: `/run/pershome/USER/raw/stick`.
     pub fn stick_mountpoint(&self) -> PathBuf {
-        self.path.join("stick")
+        self.path.join("raw/stick")
     }
 
     fn open_file(&self, name: &str, flags: OFlag, mode: u32) -> Result<File> {
@@ -291,8 +294,9 @@ pub struct State {
     pub home: PathBuf,
     /// The backing directory (the stick's `pershome/`).
     pub backing: PathBuf,
-    /// The device the hook mounted at `stick/`, `None` for a directory stick.
-    pub stick_device: Option<PathBuf>,
+    /// What the hook mounted at `stick/` (a device, or a stick directory bound there);
+    /// `None` when nothing was mounted there.
+    pub stick_mounted: Option<PathBuf>,
 }
 
 impl State {
@@ -302,8 +306,8 @@ impl State {
             self.home.display(),
             self.backing.display()
         );
-        if let Some(d) = &self.stick_device {
-            s.push_str(&format!("device={}\n", d.display()));
+        if let Some(d) = &self.stick_mounted {
+            s.push_str(&format!("stick={}\n", d.display()));
         }
         s
     }
@@ -311,19 +315,19 @@ impl State {
     fn from_text(text: &str) -> Result<State> {
         let mut home = None;
         let mut backing = None;
-        let mut stick_device = None;
+        let mut stick_mounted = None;
         for line in text.lines() {
             match line.split_once('=') {
                 Some(("home", v)) => home = Some(PathBuf::from(v)),
                 Some(("backing", v)) => backing = Some(PathBuf::from(v)),
-                Some(("device", v)) => stick_device = Some(PathBuf::from(v)),
+                Some(("stick", v)) => stick_mounted = Some(PathBuf::from(v)),
                 _ => bail!("unexpected line {line:?} in the session state"),
             }
         }
         Ok(State {
             home: home.ok_or_else(|| anyhow!("session state without home="))?,
             backing: backing.ok_or_else(|| anyhow!("session state without backing="))?,
-            stick_device,
+            stick_mounted,
         })
     }
 }
@@ -389,11 +393,11 @@ mod tests {
         let s = State {
             home: "/home/a".into(),
             backing: "/run/pershome/a/stick/PERSHOME".into(),
-            stick_device: Some("/dev/sdb1".into()),
+            stick_mounted: Some("/dev/sdb1".into()),
         };
         assert_eq!(State::from_text(&s.to_text())?, s);
         let d = State {
-            stick_device: None,
+            stick_mounted: None,
             ..s
         };
         assert_eq!(State::from_text(&d.to_text())?, d);
@@ -419,7 +423,7 @@ mod tests {
         let got = (
             mode(t.path().join(RUN_DIR))?,
             mode(run.path().to_path_buf())?,
-            mode(run.stick_mountpoint())?,
+            mode(run.path().join("raw"))?,
         );
         assert_eq!(
             got,

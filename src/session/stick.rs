@@ -1,6 +1,6 @@
 //! Choosing the stick for a user and making its `pershome/` directory reachable: a directory
 //! given by the administrator (the thin-client case, and tests), or a removable device found
-//! by `session::discover` and mounted at `/run/pershome/USER/stick`.
+//! by `session::discover` and mounted at `/run/pershome/USER/raw/stick`.
 //!
 //! This module owns the choice among several sticks and the owner mark
 //! (`pershome/.pershome/owner-name`). It never trusts the mark for anything but choosing: the
@@ -47,8 +47,9 @@ pub enum Source {
 pub struct Found {
     /// The `pershome/` directory (the backing).
     pub backing: PathBuf,
-    /// The device the hook mounted, `None` for a directory stick.
-    pub device: Option<PathBuf>,
+    /// What the hook mounted at `/run/pershome/USER/raw/stick`: the device, or (as root) the
+    /// stick directory bound there; `None` when nothing was mounted (a user's own mount).
+    pub mounted: Option<PathBuf>,
 }
 
 /// Why there is no usable stick; each is told to the user with the way to fix it.
@@ -95,13 +96,31 @@ pub fn find_pershome_dir(top: &Path) -> Result<Option<PathBuf>> {
         .or_else(|| found.into_iter().next()))
 }
 
-/// The owner name marked in `backing`'s store, `None` when unmarked. The mark is read
-/// without following symlinks and at most 256 bytes of it; anything unreadable counts as
-/// "marked for somebody else" (`Some("")`), which refuses rather than guesses.
+/// Opens `backing`'s store directory without following a symlink: `Ok(None)` when there is
+/// none, `Err` when it is anything but a real directory (a symlink planted on an sshfs or ext4
+/// "stick" would otherwise make root read or write wherever it points).
+fn open_store_dir(backing: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(backing.join(crate::meta::STORE_DIR))
+    {
+        Ok(dir) => Ok(Some(dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The owner name marked in `backing`'s store, `None` when unmarked. The store directory and
+/// the mark are opened without following symlinks, and at most 256 bytes are read; anything
+/// unreadable counts as "marked for somebody else" (`Some("")`), which refuses rather than
+/// guesses.
 pub fn read_owner_mark(backing: &Path) -> Option<String> {
-    let store = backing.join(crate::meta::STORE_DIR);
-    let Ok(dir) = std::fs::File::open(&store) else {
-        return None;
+    let dir = match open_store_dir(backing) {
+        Ok(Some(dir)) => dir,
+        Ok(None) => return None,
+        Err(_) => return Some(String::new()),
     };
     let fd = match openat(
         Some(dir.as_raw_fd()),
@@ -122,36 +141,32 @@ pub fn read_owner_mark(backing: &Path) -> Option<String> {
     if file.take(256).read_to_end(&mut buf).is_err() {
         return Some(String::new());
     }
-    Some(String::from_utf8_lossy(&buf).trim().to_owned())
+    // Only the first line, without control characters: the name is shown in messages.
+    let text = String::from_utf8_lossy(&buf);
+    let first = text.lines().next().unwrap_or("").trim();
+    Some(first.chars().filter(|c| !c.is_control()).collect())
 }
 
 /// Marks `backing` as `user`'s home (after a successful mount of an unmarked stick), so that
 /// with several sticks plugged in the hook picks this one. Failures are only logged.
 pub fn write_owner_mark(backing: &Path, user: &str) {
-    let path = backing.join(crate::meta::STORE_DIR).join(OWNER_MARK);
-    let result = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags_nofollow()
-        .open(&path)
-        .and_then(|mut f| {
-            std::io::Write::write_all(&mut f, format!("{user}\n").as_bytes())?;
-            f.sync_all()
-        });
+    let result = (|| -> std::io::Result<()> {
+        let dir = open_store_dir(backing)?
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        let fd = openat(
+            Some(dir.as_raw_fd()),
+            OWNER_MARK,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        std::io::Write::write_all(&mut file, format!("{user}\n").as_bytes())?;
+        file.sync_all()
+    })();
     match result {
         Ok(()) => tracing::info!("marked {} as the home of {user}", backing.display()),
-        Err(e) => tracing::warn!("marking {} as the home of {user}: {e}", path.display()),
-    }
-}
-
-trait NoFollow {
-    fn custom_flags_nofollow(&mut self) -> &mut Self;
-}
-
-impl NoFollow for std::fs::OpenOptions {
-    fn custom_flags_nofollow(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NOFOLLOW)
+        Err(e) => tracing::warn!("marking {} as the home of {user}: {e}", backing.display()),
     }
 }
 
@@ -188,13 +203,24 @@ pub fn find(
             let Some(backing) = find_pershome_dir(dir)? else {
                 return Ok(Err(Missing::NoPershomeDir(dir.display().to_string())));
             };
-            Ok(match verdict(&backing, user) {
-                Verdict::Other(name) => Err(Missing::OtherUsers(vec![name])),
-                Verdict::Mine | Verdict::Unmarked => Ok(Found {
+            if let Verdict::Other(name) = verdict(&backing, user) {
+                return Ok(Err(Missing::OtherUsers(vec![name])));
+            }
+            if !nix::unistd::geteuid().is_root() {
+                // A user mounting their own home (pam_mount as the user): the daemon runs as
+                // them and has no more rights than they do, so the path is used as it is.
+                return Ok(Ok(Found {
                     backing,
-                    device: None,
-                }),
-            })
+                    mounted: None,
+                }));
+            }
+            // As root, bind it under the root-only /run/pershome/USER/raw/stick first, so that
+            // nothing on the far side of an sshfs can redirect the root daemon.
+            mounts::bind_stick_dir(&backing, mountpoint)?;
+            Ok(Ok(Found {
+                backing: mountpoint.to_path_buf(),
+                mounted: Some(backing),
+            }))
         }
         Source::Devices { sys_block, config } => {
             let fstypes: Vec<String> = config
@@ -251,7 +277,7 @@ fn find_on_devices(
             Verdict::Mine => {
                 return Ok(Ok(Found {
                     backing,
-                    device: Some(c.devnode.clone()),
+                    mounted: Some(c.devnode.clone()),
                 }))
             }
             Verdict::Unmarked => unmarked.push(c),
@@ -265,7 +291,7 @@ fn find_on_devices(
             match find_pershome_dir(mountpoint)? {
                 Some(backing) => Ok(Ok(Found {
                     backing,
-                    device: Some(only.devnode.clone()),
+                    mounted: Some(only.devnode.clone()),
                 })),
                 None => {
                     release();
@@ -308,27 +334,43 @@ mod tests {
     fn directory_source_and_owner_marks() -> Result<()> {
         let t = tempfile::tempdir()?;
         let src = Source::Directory(t.path().to_path_buf());
-        let mp = t.path().join("unused");
-        let got = find(&src, "alice", 1, 1, &mp)?;
+        let mp = t.path().join("mp");
+        std::fs::create_dir(&mp)?;
+        // As root the stick directory is bound on `mp`: undo that after every find, also
+        // when an assertion fails.
+        struct Unbind<'a>(&'a Path);
+        impl Drop for Unbind<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let find_once = |user: &str| {
+            let _unbind = Unbind(&mp);
+            find(&src, user, 1, 1, &mp)
+        };
+        let got = find_once("alice")?;
         assert_eq!(
             got,
             Err(Missing::NoPershomeDir(t.path().display().to_string()))
         );
         let backing = t.path().join("pershome");
         std::fs::create_dir_all(backing.join(".pershome"))?;
-        let expected = Ok(Found {
-            backing: backing.clone(),
-            device: None,
-        });
-        assert_eq!(find(&src, "alice", 1, 1, &mp)?, expected, "unmarked: used");
+        let expected = if nix::unistd::geteuid().is_root() {
+            Ok(Found {
+                backing: mp.clone(),
+                mounted: Some(backing.clone()),
+            })
+        } else {
+            Ok(Found {
+                backing: backing.clone(),
+                mounted: None,
+            })
+        };
+        assert_eq!(find_once("alice")?, expected, "unmarked: used");
         write_owner_mark(&backing, "alice");
         assert_eq!(read_owner_mark(&backing).as_deref(), Some("alice"));
-        assert_eq!(
-            find(&src, "alice", 1, 1, &mp)?,
-            expected,
-            "marked for alice"
-        );
-        let got = find(&src, "bob", 1, 1, &mp)?;
+        assert_eq!(find_once("alice")?, expected, "marked for alice");
+        let got = find_once("bob")?;
         assert_eq!(
             got,
             Err(Missing::OtherUsers(vec!["alice".into()])),
@@ -355,6 +397,33 @@ mod tests {
             read_owner_mark(&backing).as_deref(),
             Some(""),
             "expected a refused mark"
+        );
+        Ok(())
+    }
+
+    /// A store directory that is a symlink (to a directory holding a file named like the
+    /// mark) is neither read nor written through: root would otherwise show the start of any
+    /// file in a message, or create files anywhere.
+    #[test]
+    fn symlinked_store_is_never_followed() -> Result<()> {
+        let t = tempfile::tempdir()?;
+        let backing = t.path().join("pershome");
+        let elsewhere = t.path().join("elsewhere");
+        std::fs::create_dir_all(&backing)?;
+        std::fs::create_dir_all(&elsewhere)?;
+        std::fs::write(elsewhere.join(OWNER_MARK), "secret\n")?;
+        std::os::unix::fs::symlink(&elsewhere, backing.join(".pershome"))?;
+        let got = read_owner_mark(&backing);
+        assert_eq!(
+            got.as_deref(),
+            Some(""),
+            "expected a refused mark, got {got:?}"
+        );
+        std::fs::remove_file(elsewhere.join(OWNER_MARK))?;
+        write_owner_mark(&backing, "alice");
+        assert!(
+            !elsewhere.join(OWNER_MARK).exists(),
+            "expected no mark written through the symlink"
         );
         Ok(())
     }
