@@ -832,3 +832,72 @@ fn discovery_probes_a_real_fat_image() {
         "expected no candidate when only exfat counts, got {got:?}"
     );
 }
+
+/// The hook logs to syslog (journald reads /dev/log), naming the user and the stick. Run in a
+/// private mount namespace whose /dev holds only a test socket as `log`, so the machine's
+/// logging is neither needed nor touched.
+#[test]
+fn the_hook_logs_to_syslog_naming_user_and_stick() {
+    needs_root!();
+    use std::os::unix::net::UnixDatagram;
+    let root = TestRoot::new(CONFIG);
+    let judy = TestUser::new();
+    root.add_account(&judy);
+    root.list(&judy);
+    let stick = root.stick("s10", false);
+    let devdir = tempfile::tempdir().unwrap();
+    let socket = UnixDatagram::bind(devdir.path().join("log")).expect("binding the log socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let dev = std::ffi::CString::new(devdir.path().as_os_str().as_encoded_bytes()).unwrap();
+    let mut cmd = Command::new(HOOK);
+    cmd.arg("--root")
+        .arg(root.path())
+        .args(["session", "open", "--user", &judy.name, "--stick-dir"])
+        .arg(&stick);
+    // SAFETY: only unshare(2) and mount(2) with strings prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    c"none".as_ptr(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    dev.as_ptr(),
+                    c"/dev".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let out = cmd.output().expect("running the hook");
+    assert!(
+        out.status.success(),
+        "expected exit 0 (fallback), got {}",
+        out.status
+    );
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.recv(&mut buf) {
+        lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let stick_shown = stick.display().to_string();
+    let found = lines.iter().any(|l| {
+        l.contains("pershome-config[") && l.contains(&judy.name) && l.contains(&stick_shown)
+    });
+    assert!(
+        found,
+        "expected a pershome-config line naming {} and {stick_shown}, got {lines:#?}",
+        judy.name
+    );
+}
