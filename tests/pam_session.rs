@@ -427,11 +427,14 @@ fn a_stick_without_pershome_falls_back_with_the_message() {
         (dave.uid, 0o400),
         "notice owner and mode"
     );
-    let text = pershome::session::rundir::read_notice(root.path(), &dave.name).unwrap();
+    // What `pershome notice` (the autostart entry) shows, here on a terminal.
+    let mut shown = Vec::new();
+    pershome::session::entry::show_notice_for(root.path(), &dave.name, false, &mut shown)
+        .expect("showing the notice");
+    let shown = String::from_utf8_lossy(&shown);
     assert!(
-        text.as_deref()
-            .is_some_and(|t| t.contains("pershome prepare")),
-        "expected the notice to say how to fix it, got {text:?}"
+        shown.contains("pershome prepare") && shown.contains("no folder named"),
+        "expected the notice to say why and how to fix it, got {shown:?}"
     );
     ctx.unleak_session(token)
         .close(Flag::NONE)

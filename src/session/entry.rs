@@ -392,11 +392,21 @@ pub fn show_notice(root: &Path, out: &mut dyn Write) -> Result<()> {
     let user = nix::unistd::User::from_uid(uid)
         .context("looking up the current user")?
         .with_context(|| format!("there is no user with uid {uid}"))?;
-    let Some(text) = rundir::read_notice(root, &user.name)? else {
-        return Ok(());
-    };
     let graphical =
         std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    show_notice_for(root, &user.name, graphical, out)
+}
+
+/// Shows `user`'s notice: with zenity when `graphical` and zenity runs, else on `out`.
+pub fn show_notice_for(
+    root: &Path,
+    user: &str,
+    graphical: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let Some(text) = rundir::read_notice(root, user)? else {
+        return Ok(());
+    };
     if graphical {
         // --no-markup: the text is shown as it is, whatever characters a path holds.
         let shown = std::process::Command::new("zenity")
