@@ -483,14 +483,6 @@ fn keep_home_private(home: &Path) {
 /// neither waits for nor kills it), else as a detached process of its own session.
 fn spawn_finisher(cfg: &HookConfig, account: &Account) -> Result<()> {
     let exe = std::env::current_exe().context("finding the running program")?;
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "--root".into(),
-        cfg.root.clone().into_os_string(),
-        "session".into(),
-        "finish".into(),
-        "--user".into(),
-        account.name.clone().into(),
-    ];
     let mut cmd = if Path::new("/run/systemd/system").is_dir() && which("systemd-run") {
         let mut c = Command::new("systemd-run");
         c.args(["--scope", "--quiet", "--collect", "--"]).arg(&exe);
@@ -498,7 +490,9 @@ fn spawn_finisher(cfg: &HookConfig, account: &Account) -> Result<()> {
     } else {
         Command::new(&exe)
     };
-    cmd.args(args.drain(..))
+    cmd.arg("--root")
+        .arg(&cfg.root)
+        .args(["session", "finish", "--user", &account.name])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
