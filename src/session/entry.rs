@@ -336,7 +336,7 @@ pub fn run_mount_home(
 
 fn spawn_stick_watcher(root: &Path, name: &str) -> Result<()> {
     let exe = std::env::current_exe().context("finding the running program")?;
-    let mut cmd = std::process::Command::new(exe);
+    let mut cmd = super::mounts::own_scope(&exe, &format!("pershome stick watcher of {name}"));
     cmd.arg("--root")
         .arg(root)
         .args(["session", "release-stick", "--user", name])

@@ -9,7 +9,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -483,13 +483,7 @@ fn keep_home_private(home: &Path) {
 /// neither waits for nor kills it), else as a detached process of its own session.
 fn spawn_finisher(cfg: &HookConfig, account: &Account) -> Result<()> {
     let exe = std::env::current_exe().context("finding the running program")?;
-    let mut cmd = if Path::new("/run/systemd/system").is_dir() && which("systemd-run") {
-        let mut c = Command::new("systemd-run");
-        c.args(["--scope", "--quiet", "--collect", "--"]).arg(&exe);
-        c
-    } else {
-        Command::new(&exe)
-    };
+    let mut cmd = mounts::own_scope(&exe, &format!("pershome logout of {}", account.name));
     cmd.arg("--root")
         .arg(&cfg.root)
         .args(["session", "finish", "--user", &account.name])
@@ -507,12 +501,6 @@ fn spawn_finisher(cfg: &HookConfig, account: &Account) -> Result<()> {
     };
     cmd.spawn().context("starting the background unmount")?;
     Ok(())
-}
-
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false)
 }
 
 /// Writes a message for the person; a closed stdout is not an error worth failing for.

@@ -217,9 +217,14 @@ pub fn pershomefs_binary() -> PathBuf {
 
 /// Mounts pershomefs over `backing` on `home` for `uid`/`gid` and returns once it serves
 /// (pershomefs returns only when the mount is ready). `options` are extra `-o` words.
+///
+/// Under systemd the daemon is started in a transient scope of its own (`systemd-run
+/// --scope`), as LTSP's pamltsp does for its background work: otherwise it would stay in the
+/// cgroup of the login program (getty@ttyN.service, gdm.service), and stopping or restarting
+/// that unit would take the mounted home down with it.
 pub fn mount_pershomefs(backing: &Path, home: &Path, options: &[String]) -> Result<()> {
     let binary = pershomefs_binary();
-    let output = Command::new(&binary)
+    let output = own_scope(&binary, &format!("pershome home {}", home.display()))
         .arg(backing)
         .arg(home)
         .arg("-o")
@@ -240,6 +245,29 @@ pub fn mount_pershomefs(backing: &Path, home: &Path, options: &[String]) -> Resu
         );
     }
     Ok(())
+}
+
+/// Whether systemd runs this machine and `systemd-run` is there.
+fn systemd_runs() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+        && ["/usr/bin/systemd-run", "/bin/systemd-run"]
+            .iter()
+            .any(|p| Path::new(p).is_file())
+}
+
+/// A command running `program` in a transient systemd scope of its own (described by
+/// `description`) when systemd runs, else directly. The caller adds the arguments.
+pub fn own_scope(program: &Path, description: &str) -> Command {
+    if systemd_runs() {
+        let mut c = Command::new("systemd-run");
+        c.args(["--scope", "--quiet", "--collect", "--description"])
+            .arg(description)
+            .arg("--")
+            .arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
 }
 
 /// Asks pershomefs to commit the metadata now: `fsync` on the home's top directory is a
