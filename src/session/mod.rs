@@ -6,6 +6,7 @@
 //! - `mounts`: the stick and pershomefs mounts, home path checks, bounded unmounting
 //! - `rundir`: `/run/pershome/USER/` (mount point, session count, state, notice)
 //! - `hook`: open and close, and the messages a person sees
+//! - `entry`: the command-line entry points (`session`, `mount-home`, `pershome notice`)
 //!
 //! Everything here runs as root on input users control (the user name from PAM, the home
 //! path's directories, the stick's contents). The rules, and the tests that hold them, are in
