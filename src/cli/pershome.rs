@@ -45,6 +45,10 @@ enum Cmd {
     /// Check a stick's metadata store against its files, and repair it with --repair.
     #[command(after_help = FSCK_HELP)]
     Fsck(FsckArgs),
+    /// Show the message the login left for you (why your stick home is not open and how to
+    /// fix it), with zenity on a desktop, else on the terminal. Started at desktop login by
+    /// /etc/xdg/autostart/pershome-notice.desktop; shows nothing when there is no message.
+    Notice,
 }
 
 const PREPARE_HELP: &str = "\
@@ -212,7 +216,21 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             &mut std::io::stdout().lock(),
             &mut std::io::stderr().lock(),
         ),
+        Cmd::Notice => run_notice(),
     })
+}
+
+fn run_notice() -> u8 {
+    match crate::session::entry::show_notice(
+        std::path::Path::new("/"),
+        &mut std::io::stdout().lock(),
+    ) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pershome notice: {e:#}");
+            1
+        }
+    }
 }
 
 fn run_prepare(a: PrepareArgs) -> u8 {

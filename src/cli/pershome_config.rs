@@ -130,8 +130,60 @@ enum Command {
                       Exit 0 when all are OK, 1 otherwise."
     )]
     Doctor,
-    // The session engineer's `session` subcommand (run by the PAM hook) joins here.
+    /// Open or close the stick home of a login session (run by PAM as root).
+    #[command(long_about = SESSION_HELP)]
+    Session {
+        /// open or close; default: from PAM_TYPE (open_session, close_session)
+        #[arg(value_enum)]
+        phase: Option<crate::session::entry::Phase>,
+        /// The user; default: PAM_USER
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// Use DIR as the stick (its pershome/ directory, used as it is; nothing is
+        /// mounted) instead of looking for a removable device: the thin-client case (an
+        /// sshfs mount of the client's stick) and tests. `{user}` in DIR is replaced by the
+        /// user name
+        #[arg(long, value_name = "DIR")]
+        stick_dir: Option<PathBuf>,
+    },
+    /// Mount a stick home on MOUNTPOINT: the pam_mount entry point, through mount.fuse3.
+    #[command(long_about = MOUNT_HOME_HELP)]
+    MountHome {
+        /// Where the home goes (pam_mount passes the user's home)
+        mountpoint: PathBuf,
+        /// Options: pershome_user=NAME (needed as root), stick_dir=DIR; mount.fuse3's
+        /// rw,nosuid,nodev and similar words are accepted and ignored
+        #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+        options: Vec<String>,
+    },
 }
+
+const SESSION_HELP: &str = "\
+Open or close the stick home of a login session. PAM runs it as root through pam_exec \
+(`session optional pam_exec.so quiet stdout /usr/bin/pershome-config session`, phase \
+and user from PAM_TYPE and PAM_USER) or from pam_script's pam_script_ses_open/close hooks \
+(`pershome-config session open --user \"$PAM_USER\"`).
+
+open: if the user wants a stick home (see `wants`), find the stick (a removable vfat or exFAT \
+device with a pershome folder; with several, the one marked as this user's), mount it under \
+/run/pershome/USER/raw/stick (nosuid,nodev,noexec), and mount pershomefs on the home. When that \
+cannot be done the login goes on with the normal home, and the person is told why and how \
+to fix it (on the terminal, and by the desktop dialog `pershome notice`). Exit 0 then, or 1 \
+with on_missing_stick = deny.
+
+close: at the close of the user's last session, commit, unmount the home (waiting up to \
+logout_timeout seconds in the background for programs still using it), unmount the stick, \
+sync, and say that the stick may be removed.
+
+Everything is logged to syslog (journalctl -t pershome-config) with the user and the stick.";
+
+const MOUNT_HOME_HELP: &str = "\
+Mount a stick home on MOUNTPOINT, for pam_mount. pam_mount.conf.xml names it as \
+<volume fstype=\"fuse\" path=\"/usr/bin/pershome-config#mount-home\" mountpoint=\"~\" .../>; \
+mount.fuse3 then runs `pershome-config mount-home MOUNTPOINT -o OPTIONS`. Run as root (with \
+-o pershome_user=NAME) it finds and mounts the stick itself, and a background watcher unmounts the \
+stick once pam_mount has unmounted the home and pershomefs has written its last commit. Run \
+as the user it can only use a stick directory (-o stick_dir=DIR).";
 
 const PAM_HELP: &str = "\
 Set up PAM for pershome. Exactly one of --install and --print.
@@ -209,6 +261,28 @@ fn run(args: impl IntoIterator<Item = OsString>) -> u8 {
         Command::Wants { user, quiet } => wants(root, &user, quiet),
         Command::Pam(args) => pam(root, &args),
         Command::Doctor => doctor::run(root),
+        Command::Session {
+            phase,
+            user,
+            stick_dir,
+        } => crate::session::entry::run_session(
+            root,
+            phase,
+            user,
+            stick_dir,
+            std::env::var("PAM_TYPE").ok(),
+            std::env::var("PAM_USER").ok(),
+            &mut std::io::stdout().lock(),
+        ),
+        Command::MountHome {
+            mountpoint,
+            options,
+        } => crate::session::entry::run_mount_home(
+            root,
+            &mountpoint,
+            &options,
+            &mut std::io::stdout().lock(),
+        ),
     }
 }
 

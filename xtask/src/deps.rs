@@ -30,6 +30,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "mtools",
     "libpam-mount",
     "libxml2-utils",
+    // The PAM session tests (tests/pam_session.rs) drive real PAM sessions with the
+    // pam-client crate: libpam's headers, and libclang for pam-sys's bindgen.
+    "libpam0g-dev",
+    "libclang-dev",
 ];
 
 /// crates.io tools: (crate, exact version, binary). Exact versions because the harness parses

@@ -60,6 +60,7 @@ const DOCS: &[&str] = &[
     "docs/architecture.md",
     "docs/format.md",
     "docs/fsck.md",
+    "docs/security.md",
 ];
 
 /// The XDG autostart entry that shows the login notice (`pershome notice`) in the desktop
