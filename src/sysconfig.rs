@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use nix::mount::MsFlags;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::stick::StickFs;
+
 /// Where the file lives, relative to the root (`--root DIR`, normally `/`).
 pub const CONFIG_PATH: &str = "etc/pershome/config.toml";
 
@@ -95,41 +97,6 @@ impl Default for StickConfig {
             vfat_options: opts(&["utf8=1", "shortname=mixed", "flush", "noatime"]),
             exfat_options: opts(&["iocharset=utf8", "noatime"]),
         }
-    }
-}
-
-/// A filesystem type that may count as a stick.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StickFs {
-    /// FAT12/16/32 with long names (blkid `TYPE="vfat"`).
-    Vfat,
-    /// exFAT (blkid `TYPE="exfat"`).
-    Exfat,
-}
-
-impl StickFs {
-    /// The name blkid and mount(8) use.
-    pub fn name(self) -> &'static str {
-        match self {
-            StickFs::Vfat => "vfat",
-            StickFs::Exfat => "exfat",
-        }
-    }
-
-    /// The filesystem for a blkid `TYPE`, if it is one that may count as a stick.
-    pub fn from_blkid(fstype: &str) -> Option<StickFs> {
-        match fstype {
-            "vfat" => Some(StickFs::Vfat),
-            "exfat" => Some(StickFs::Exfat),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for StickFs {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -341,11 +308,6 @@ impl SystemConfig {
         }
     }
 
-    /// Whether a filesystem of blkid type `fstype` counts as a stick.
-    pub fn is_stick_fs(&self, fstype: &str) -> Option<StickFs> {
-        StickFs::from_blkid(fstype).filter(|fs| self.stick.filesystems.contains(fs))
-    }
-
     /// The file as it would be written with these values (used by `pershome-config` to show
     /// the effective configuration and by tests to round-trip).
     pub fn to_toml(&self) -> String {
@@ -497,8 +459,6 @@ exfat_options = ["iocharset=utf8", "sync"]
         assert_eq!(got.logout_timeout, Seconds(0));
         assert_eq!(got.stick.filesystems, vec![StickFs::Exfat]);
         assert_eq!(got.stick.umask, Umask(0o077));
-        assert_eq!(got.is_stick_fs("vfat"), None);
-        assert_eq!(got.is_stick_fs("exfat"), Some(StickFs::Exfat));
         let m = got.stick_mount(StickFs::Exfat, 1000, 100);
         assert_eq!(
             m.options,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use pam_client::conv_mock::Conversation;
 use pam_client::{Context, Flag};
+use pershome::stick::{discover, StickFs};
 
 mod common;
 
@@ -148,7 +149,7 @@ impl TestRoot {
 impl Drop for TestRoot {
     fn drop(&mut self) {
         let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mine: Vec<PathBuf> = pershome::session::mounts::parse_mountinfo(&text)
+        let mine: Vec<PathBuf> = pershome::stick::mountinfo::parse_mountinfo(&text)
             .into_iter()
             .map(|m| m.mountpoint)
             .filter(|m| m.starts_with(self.path()))
@@ -219,7 +220,7 @@ fn infos(ctx: &Context<Conversation>) -> String {
 }
 
 fn fstype_at(path: &Path) -> Option<String> {
-    pershome::session::mounts::mount_at(path)
+    pershome::stick::mountinfo::mount_at(path)
         .expect("reading mountinfo")
         .map(|m| m.fstype)
 }
@@ -630,7 +631,7 @@ fn mount_home_through_mount_fuse3() {
             // Detach anything still mounted below it first: removing the tree through a
             // bound stick would delete the stick's files.
             let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-            for m in pershome::session::mounts::parse_mountinfo(&text)
+            for m in pershome::stick::mountinfo::parse_mountinfo(&text)
                 .iter()
                 .rev()
             {
@@ -689,10 +690,20 @@ fn mount_home_through_mount_fuse3() {
 /// only with argument vectors; this pins that no shell is ever started from it.
 #[test]
 fn the_login_hook_never_runs_a_shell() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/session");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    // The hook's own code, and the stick code it shares with the tools.
+    for dir in ["src/session", "src/stick"] {
+        for entry in std::fs::read_dir(root.join(dir)).expect("listing the hook's sources") {
+            files.push(entry.expect("listing the hook's sources").path());
+        }
+    }
+    assert!(
+        files.len() >= 10,
+        "expected the hook's source files, got {files:?}"
+    );
     let mut offenders = Vec::new();
-    for entry in std::fs::read_dir(&dir).expect("listing src/session") {
-        let path = entry.expect("listing src/session").path();
+    for path in files {
         let text = std::fs::read_to_string(&path).expect("reading a source file");
         for (i, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap_or("");
@@ -822,14 +833,19 @@ fn discovery_probes_a_real_fat_image() {
     let sys = t.path().join("sys-block");
     std::fs::create_dir_all(sys.join(&name)).unwrap();
     std::fs::write(sys.join(&name).join("removable"), "1\n").unwrap();
-    let got =
-        pershome::session::discover::candidates(&sys, &["vfat".into(), "exfat".into()]).unwrap();
-    let expected = vec![pershome::session::discover::Candidate {
+    // The size in 512-byte sectors, as sysfs shows it: a device of size 0 has no medium.
+    std::fs::write(
+        sys.join(&name).join("size"),
+        format!("{}\n", (40u64 << 20) / 512),
+    )
+    .unwrap();
+    let got = discover::candidates(&sys, &[StickFs::Vfat, StickFs::Exfat]).unwrap();
+    let expected = vec![discover::Candidate {
         devnode: PathBuf::from(&dev.0),
-        fstype: "vfat".into(),
+        fs: StickFs::Vfat,
     }];
     assert_eq!(got, expected, "expected {expected:?}, got {got:?}");
-    let got = pershome::session::discover::candidates(&sys, &["exfat".into()]).unwrap();
+    let got = discover::candidates(&sys, &[StickFs::Exfat]).unwrap();
     assert!(
         got.is_empty(),
         "expected no candidate when only exfat counts, got {got:?}"

@@ -378,7 +378,7 @@ pub fn release_stick_when_free(root: &Path, name: &str) -> Result<()> {
 
 fn release(run: &UserRunDir, state: &State) -> Result<()> {
     if state.stick_mounted.is_some() {
-        super::mounts::unmount_within(&run.stick_mountpoint(), Duration::from_secs(10))?;
+        crate::stick::mount::unmount_within(&run.stick_mountpoint(), Duration::from_secs(10))?;
     }
     nix::unistd::sync();
     run.clear_state()

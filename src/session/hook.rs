@@ -15,9 +15,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use nix::unistd::{Gid, Uid};
 
-use super::mounts::{self, Unmounted};
+use super::mounts;
 use super::rundir::{self, State, UserRunDir};
 use super::stick::{self, Missing, Source};
+use crate::stick::mount::{unmount_within, Unmounted};
+use crate::stick::mountinfo::{mount_at, PERSHOMEFS_TYPE};
 use crate::sysconfig::SystemConfig;
 
 /// How long the daemon may take to write its last commit and exit after the unmount.
@@ -198,7 +200,7 @@ pub fn open(
             out,
         );
     }
-    if let Some(m) = mounts::mount_at(&account.home)? {
+    if let Some(m) = mount_at(&account.home)? {
         tracing::error!(
             "{}: {} is already a mount point ({} from {}): not mounting a stick home over it",
             account.name,
@@ -369,7 +371,7 @@ pub fn finish(cfg: &HookConfig, account: &Account) -> Result<Closed> {
         }
         let last_try = std::time::Instant::now() >= deadline;
         let unmounted = if last_try {
-            mounts::unmount_within(&state.home, Duration::ZERO)?
+            unmount_within(&state.home, Duration::ZERO)?
         } else {
             match nix::mount::umount2(&state.home, nix::mount::MntFlags::empty()) {
                 Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
@@ -442,8 +444,8 @@ fn teardown(
 fn release_stick(run: &UserRunDir, state: &State, linger: Duration) -> Result<()> {
     if state.stick_mounted.is_some() {
         let mp = run.stick_mountpoint();
-        if mounts::mount_at(&mp)?.is_some() {
-            let how = mounts::unmount_within(&mp, linger)?;
+        if mount_at(&mp)?.is_some() {
+            let how = unmount_within(&mp, linger)?;
             if how == Unmounted::Lazily {
                 tracing::warn!(
                     "{}: still busy after {}s; detached lazily",
@@ -459,7 +461,7 @@ fn release_stick(run: &UserRunDir, state: &State, linger: Duration) -> Result<()
 
 /// Whether `path` is a pershomefs mount.
 fn is_pershomefs(path: &Path) -> Result<bool> {
-    Ok(mounts::mount_at(path)?.is_some_and(|m| m.fstype == "fuse.pershomefs"))
+    Ok(mount_at(path)?.is_some_and(|m| m.fstype == PERSHOMEFS_TYPE))
 }
 
 /// Takes group and other permissions off the home's top directory, as Debian creates homes

@@ -1,19 +1,21 @@
 //! The login integration: what runs at PAM session open and close (`pershome-config session`,
 //! and `pershome-config mount-home` for pam_mount), and the desktop notice.
 //!
-//! - `discover`: removable block devices and their filesystem types (sysfs, `blkid -p`)
 //! - `stick`: choosing the user's stick and reaching its `pershome/`
-//! - `mounts`: the stick and pershomefs mounts, home path checks, bounded unmounting
+//! - `mounts`: binding a stick directory, the pershomefs mount, home path checks, waiting for
+//!   the daemon's last commit
 //! - `rundir`: `/run/pershome/USER/` (mount point, session count, state, notice)
 //! - `hook`: open and close, and the messages a person sees
 //! - `entry`: the command-line entry points (`session`, `mount-home`, `pershome notice`)
+//!
+//! Finding, probing and mounting stick devices, the mount table and the `pershome/` look-up
+//! are shared with the tools in `crate::stick`.
 //!
 //! Everything here runs as root on input users control (the user name from PAM, the home
 //! path's directories, the stick's contents). The rules, and the tests that hold them, are in
 //! `docs/security.md`: no user string reaches a shell, nothing user-controlled is followed
 //! through a symlink, the stick is always mounted `nosuid,nodev,noexec`.
 
-pub mod discover;
 pub mod entry;
 pub mod hook;
 pub mod mounts;

@@ -1,14 +1,14 @@
-//! The mounts the login hook makes and removes: the stick (mount(2) with an option string
-//! built here, never a shell), pershomefs on the home directory (the `pershomefs` binary run
-//! with an argument vector), and their bounded unmounting at logout.
+//! The mounts of the login hook beyond the stick device itself: the stick directory bound
+//! under root's `/run/pershome/USER/raw/stick`, pershomefs on the home directory (the
+//! `pershomefs` binary run with an argument vector), the checks on the home path before
+//! anything is mounted over it, and the wait for the daemon's last commit.
 //!
-//! This module owns the mount flags that make a stick harmless (`nosuid`, `nodev`, `noexec`
-//! are always set, whatever the configuration says), the checks on the home path before
-//! anything is mounted over it, and every wait of the hook: each has a deadline, so a logout
-//! never hangs forever. It never decides *whether* to mount (that is `session::hook`).
+//! This module owns those checks and waits: each wait has a deadline, so a logout never hangs
+//! forever (except the pam_mount watcher, which lives as long as the mount). The stick mount,
+//! its harmless flags and the bounded unmount are `crate::stick::mount`'s. It never decides
+//! *whether* to mount (that is `session::hook`).
 
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,38 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
-use crate::sysconfig::StickMount;
-
-/// The mount flags every stick mount carries, whatever the configuration says. A stick is attacker-controlled: a setuid binary
-/// or a device node on it must never gain power, no program runs from the raw stick, and
-/// access times are never written (flash wear).
-pub const STICK_FLAGS: MsFlags = MsFlags::MS_NOSUID
-    .union(MsFlags::MS_NODEV)
-    .union(MsFlags::MS_NOEXEC)
-    .union(MsFlags::MS_NOATIME);
-
-/// Mounts `device` on `target` as `mount` (from [`SystemConfig::stick_mount`]) says, with
-/// [`STICK_FLAGS`] always added.
-///
-/// [`SystemConfig::stick_mount`]: crate::sysconfig::SystemConfig::stick_mount
-pub fn mount_stick(device: &Path, target: &Path, mount: &StickMount) -> Result<()> {
-    let fstype = mount.fstype.name();
-    nix::mount::mount(
-        Some(device),
-        target,
-        Some(fstype),
-        mount.flags | STICK_FLAGS,
-        Some(mount.data.as_str()),
-    )
-    .map_err(|e| {
-        anyhow!(
-            "mounting {} ({fstype}, {}) on {}: {e}",
-            device.display(),
-            mount.options,
-            target.display()
-        )
-    })
-}
+use crate::stick::mount::STICK_FLAGS;
 
 /// Binds the stick directory `dir` (its `pershome/`, already checked not to be a symlink) on
 /// `target`, `nosuid,nodev,noexec,noatime`. The directory is opened with `O_NOFOLLOW` and the
@@ -87,61 +56,6 @@ pub fn bind_stick_dir(dir: &Path, target: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// One line of /proc/self/mountinfo that matters here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mountpoint: PathBuf,
-    pub fstype: String,
-    pub source: String,
-}
-
-/// Undoes the octal escapes (`\040` for a space) of /proc mount tables.
-fn unescape(field: &str) -> Vec<u8> {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// Parses /proc/self/mountinfo text.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let mountpoint = fields.get(4)?;
-            Some(MountEntry {
-                mountpoint: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(mountpoint))),
-                fstype: (*fields.get(sep + 1)?).to_owned(),
-                source: String::from_utf8_lossy(&unescape(fields.get(sep + 2)?)).into_owned(),
-            })
-        })
-        .collect()
-}
-
-/// The topmost mount on `path`, if any.
-pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    Ok(parse_mountinfo(&text)
-        .into_iter()
-        .rev()
-        .find(|m| m.mountpoint == path))
 }
 
 /// Checks that `home` may be mounted over for user `uid`: an absolute path whose every
@@ -280,36 +194,6 @@ pub fn commit(home: &Path) {
     }
 }
 
-/// How an unmount ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unmounted {
-    /// The mount is gone.
-    Clean,
-    /// Still busy when the time was up; detached lazily (it goes once the last user lets go).
-    Lazily,
-}
-
-/// Unmounts `path`, retrying while it is busy until `within` has passed, then detaching it
-/// lazily (MNT_DETACH) so a logout is never stuck on a process that keeps a file open.
-/// `Ok(Clean)` also when nothing is mounted there.
-pub fn unmount_within(path: &Path, within: Duration) -> Result<Unmounted> {
-    let deadline = Instant::now() + within;
-    loop {
-        match nix::mount::umount2(path, MntFlags::empty()) {
-            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => return Ok(Unmounted::Clean),
-            Err(Errno::EBUSY) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            Err(Errno::EBUSY) => {
-                nix::mount::umount2(path, MntFlags::MNT_DETACH)
-                    .map_err(|e| anyhow!("detaching {}: {e}", path.display()))?;
-                return Ok(Unmounted::Lazily);
-            }
-            Err(e) => return Err(anyhow!("unmounting {}: {e}", path.display())),
-        }
-    }
-}
-
 /// Waits until nothing holds the store lock of `backing` (`.pershome/`, locked by the
 /// pershomefs daemon for its whole life), i.e. until the daemon has written its last commit
 /// and exited. `Ok(false)` when `within` passed first. A missing store counts as free.
@@ -348,55 +232,6 @@ pub fn wait_store_free(backing: &Path, within: Duration) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stick_mounts_are_always_harmless() {
-        let cfg = crate::sysconfig::SystemConfig::default();
-        let m = cfg.stick_mount(crate::sysconfig::StickFs::Vfat, 1001, 100);
-        let flags = m.flags | STICK_FLAGS;
-        for want in [
-            MsFlags::MS_NOSUID,
-            MsFlags::MS_NODEV,
-            MsFlags::MS_NOEXEC,
-            MsFlags::MS_NOATIME,
-        ] {
-            assert!(flags.contains(want), "expected {want:?} in {flags:?}");
-        }
-        for want in [
-            "uid=1001",
-            "gid=100",
-            "umask=077",
-            "utf8=1",
-            "shortname=mixed",
-            "flush",
-        ] {
-            assert!(
-                m.data.split(',').any(|w| w == want),
-                "expected {want} in {:?}",
-                m.data
-            );
-        }
-    }
-
-    #[test]
-    fn mountinfo_lines() {
-        let text = "36 35 98:0 / /mnt1 rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
-                    40 36 0:52 / /home/a\\040b rw,nosuid,nodev shared:9 - fuse.pershomefs /run/x rw,user_id=0\n";
-        let got = parse_mountinfo(text);
-        let expected = vec![
-            MountEntry {
-                mountpoint: "/mnt1".into(),
-                fstype: "ext3".into(),
-                source: "/dev/root".into(),
-            },
-            MountEntry {
-                mountpoint: "/home/a b".into(),
-                fstype: "fuse.pershomefs".into(),
-                source: "/run/x".into(),
-            },
-        ];
-        assert_eq!(got, expected, "expected {expected:?}, got {got:?}");
-    }
 
     #[test]
     fn home_checks() -> Result<()> {

@@ -1,6 +1,6 @@
 //! Choosing the stick for a user and making its `pershome/` directory reachable: a directory
 //! given by the administrator (the thin-client case, and tests), or a removable device found
-//! by `session::discover` and mounted at `/run/pershome/USER/raw/stick`.
+//! by `crate::stick::discover` and mounted at `/run/pershome/USER/raw/stick`.
 //!
 //! This module owns the choice among several sticks and the owner mark
 //! (`pershome/.pershome/owner-name`). It never trusts the mark for anything but choosing: the
@@ -13,16 +13,15 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 
-use super::discover::{self, Candidate};
 use super::mounts;
+use crate::stick::discover::{self, Candidate};
+use crate::stick::layout::find_pershome_dir;
+use crate::stick::mount::{mount_stick, unmount_within};
 use crate::sysconfig::SystemConfig;
-
-/// The name of the directory a stick must have at its top level (any case).
-pub const PERSHOME_DIR: &str = "pershome";
 
 /// The file in the store that names the stick's owner, written by the hook at first use.
 pub const OWNER_MARK: &str = "owner-name";
@@ -63,37 +62,6 @@ pub enum Missing {
     OtherUsers(Vec<String>),
     /// Several unmarked sticks with `pershome/`: the hook cannot know which is the user's.
     Ambiguous(usize),
-}
-
-/// The `pershome` directory at the top of `top` (any case, a real directory, not a symlink).
-pub fn find_pershome_dir(top: &Path) -> Result<Option<PathBuf>> {
-    let entries = match std::fs::read_dir(top) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", top.display())),
-    };
-    let mut found: Vec<PathBuf> = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", top.display()))?;
-        let name = entry.file_name();
-        if !name
-            .as_encoded_bytes()
-            .eq_ignore_ascii_case(PERSHOME_DIR.as_bytes())
-        {
-            continue;
-        }
-        // file_type() does not follow symlinks.
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            found.push(entry.path());
-        }
-    }
-    // On a case-sensitive directory there could be `pershome` and `PERSHOME`: prefer the
-    // lowercase one, then the first in byte order, so the choice is stable.
-    found.sort();
-    let exact = found.iter().position(|p| p.ends_with(PERSHOME_DIR));
-    Ok(exact
-        .map(|i| found[i].clone())
-        .or_else(|| found.into_iter().next()))
 }
 
 /// Opens `backing`'s store directory without following a symlink: `Ok(None)` when there is
@@ -223,13 +191,7 @@ pub fn find(
             }))
         }
         Source::Devices { sys_block, config } => {
-            let fstypes: Vec<String> = config
-                .stick
-                .filesystems
-                .iter()
-                .map(|f| f.name().to_owned())
-                .collect();
-            let candidates = discover::candidates(sys_block, &fstypes)?;
+            let candidates = discover::candidates(sys_block, &config.stick.filesystems)?;
             find_on_devices(&candidates, config, user, uid, gid, mountpoint)
         }
     }
@@ -247,13 +209,10 @@ fn find_on_devices(
         return Ok(Err(Missing::NoStick));
     }
     let mount = |c: &Candidate| -> Result<()> {
-        let fs = config
-            .is_stick_fs(&c.fstype)
-            .with_context(|| format!("{} is not a stick filesystem", c.fstype))?;
-        mounts::mount_stick(&c.devnode, mountpoint, &config.stick_mount(fs, uid, gid))
+        mount_stick(&c.devnode, mountpoint, &config.stick_mount(c.fs, uid, gid))
     };
     let release = || {
-        if let Err(e) = mounts::unmount_within(mountpoint, std::time::Duration::from_secs(5)) {
+        if let Err(e) = unmount_within(mountpoint, std::time::Duration::from_secs(5)) {
             tracing::warn!("unmounting a stick that is not {user}'s: {e:#}");
         }
     };
@@ -311,24 +270,6 @@ fn find_on_devices(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pershome_dir_any_case_never_a_symlink() -> Result<()> {
-        let t = tempfile::tempdir()?;
-        assert_eq!(find_pershome_dir(t.path())?, None, "empty stick");
-        std::os::unix::fs::symlink("/etc", t.path().join("pershome"))?;
-        assert_eq!(
-            find_pershome_dir(t.path())?,
-            None,
-            "a symlink is not the directory"
-        );
-        std::fs::create_dir(t.path().join("PerSHome"))?;
-        assert_eq!(
-            find_pershome_dir(t.path())?,
-            Some(t.path().join("PerSHome"))
-        );
-        Ok(())
-    }
 
     #[test]
     fn directory_source_and_owner_marks() -> Result<()> {

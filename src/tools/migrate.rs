@@ -29,7 +29,8 @@ use nix::sys::stat::{Mode, SFlag};
 use sha2::{Digest, Sha256};
 
 use crate::meta::STORE_DIR;
-use crate::tools::stick::{self, PERSHOMEFS_TYPE};
+use crate::stick::layout::find_pershome_dir;
+use crate::stick::mountinfo::{self, PERSHOMEFS_TYPE};
 
 /// The resume journal at the top of DEST: one line per verified regular file.
 pub const STATE_FILE: &str = ".pershome-migrate";
@@ -268,7 +269,7 @@ impl ChildMount {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let up = stick::mounts()?
+            let up = mountinfo::mounts()?
                 .iter()
                 .any(|e| e.mountpoint == m.mountpoint && e.fstype == PERSHOMEFS_TYPE);
             if up {
@@ -334,7 +335,7 @@ fn resolve_dest(
     let t = dest
         .canonicalize()
         .map_err(|e| MigrateError::Target(format!("{}: {e}", dest.display())))?;
-    let mounts = stick::mounts().map_err(MigrateError::Failed)?;
+    let mounts = mountinfo::mounts().map_err(MigrateError::Failed)?;
     if mounts
         .iter()
         .any(|m| m.mountpoint == t && m.fstype == PERSHOMEFS_TYPE)
@@ -344,7 +345,7 @@ fn resolve_dest(
             _mount: None,
         });
     }
-    if stick::mount_of(&mounts, &t).is_some_and(|m| m.fstype == PERSHOMEFS_TYPE) {
+    if mountinfo::mount_of(&mounts, &t).is_some_and(|m| m.fstype == PERSHOMEFS_TYPE) {
         return Err(MigrateError::Target(format!(
             "{} is inside a pershome home; give the home's top directory (its mount point)",
             t.display()
@@ -353,7 +354,7 @@ fn resolve_dest(
     let backing = if t.join(STORE_DIR).is_dir() {
         t
     } else {
-        match stick::find_backing(&t).map_err(|e| MigrateError::Target(format!("{e:#}")))? {
+        match find_pershome_dir(&t).map_err(|e| MigrateError::Target(format!("{e:#}")))? {
             Some(b) if b.join(STORE_DIR).is_dir() => b,
             _ => {
                 return Err(MigrateError::Target(format!(

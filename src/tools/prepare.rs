@@ -8,7 +8,6 @@
 //! writes to an already-prepared stick, and never follows a symlink for `pershome/`.
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -17,7 +16,11 @@ use nix::sys::stat::Mode;
 
 use crate::meta::journal::{Journal, OpenMode, StoreError};
 use crate::meta::STORE_DIR;
-use crate::tools::stick::{self, StickFs, TempMount, BACKING_DIR};
+use crate::stick::discover::{self, Stick};
+use crate::stick::layout::{find_pershome_dir, is_pershome_name, PERSHOME_DIR};
+use crate::stick::mount::TempMount;
+use crate::stick::mountinfo::{self, PERSHOMEFS_TYPE};
+use crate::stick::StickFs;
 
 /// Exit codes of `pershome prepare`.
 pub mod exit_code {
@@ -165,7 +168,7 @@ pub fn resolve(target: &Path) -> Result<Resolved, PrepareError> {
 }
 
 fn resolve_device(device: &Path) -> Result<Resolved, PrepareError> {
-    let mounts = stick::mounts().map_err(PrepareError::Failed)?;
+    let mounts = mountinfo::mounts().map_err(PrepareError::Failed)?;
     let canon = device
         .canonicalize()
         .map_err(|e| target_err(format!("{}: {e}", device.display())))?;
@@ -180,12 +183,12 @@ fn resolve_device(device: &Path) -> Result<Resolved, PrepareError> {
             _temp: None,
         });
     }
-    let Some(fs) = stick::stick_fs_of_device(device) else {
+    let Some(fs) = discover::stick_fs_of_device(device) else {
         return Err(target_err(format!(
             "{} holds no FAT or exFAT filesystem (blkid says: {}); pershome never formats a \
              stick: format it FAT32 or exFAT on any computer first (this erases it)",
             device.display(),
-            stick::probe_type(device).unwrap_or_else(|| "nothing it knows".into())
+            discover::fstype_of(device).unwrap_or_else(|| "nothing it knows".into())
         )));
     };
     let temp = TempMount::mount(device, fs).map_err(PrepareError::Failed)?;
@@ -197,9 +200,9 @@ fn resolve_device(device: &Path) -> Result<Resolved, PrepareError> {
 }
 
 /// Finds the one stick to prepare when none was named. Several: the error lists them.
-pub fn choose_stick() -> Result<stick::Stick, PrepareError> {
-    let mounts = stick::mounts().map_err(PrepareError::Failed)?;
-    let mut sticks = stick::find_sticks(&mounts);
+pub fn choose_stick() -> Result<Stick, PrepareError> {
+    let mounts = mountinfo::mounts().map_err(PrepareError::Failed)?;
+    let mut sticks = discover::find_sticks(&mounts);
     match sticks.len() {
         0 => Err(target_err(
             "no USB stick with a FAT or exFAT filesystem was found; plug one in, or name it: \
@@ -222,7 +225,7 @@ pub fn choose_stick() -> Result<stick::Stick, PrepareError> {
 }
 
 /// Resolves a chosen stick to a directory (mounting it for the moment if needed).
-pub fn resolve_stick(s: &stick::Stick) -> Result<Resolved, PrepareError> {
+pub fn resolve_stick(s: &Stick) -> Result<Resolved, PrepareError> {
     match &s.mountpoint {
         Some(mp) => Ok(Resolved {
             dir: mp.clone(),
@@ -239,15 +242,15 @@ pub fn prepare_dir(dir: &Path, opts: PrepareOptions) -> Result<Prepared, Prepare
     if !md.is_dir() {
         return Err(target_err(format!("{} is not a directory", dir.display())));
     }
-    let mounts = stick::mounts().map_err(PrepareError::Failed)?;
-    let under = stick::mount_of(&mounts, dir);
-    if under.is_some_and(|m| m.fstype == stick::PERSHOMEFS_TYPE) {
+    let mounts = mountinfo::mounts().map_err(PrepareError::Failed)?;
+    let under = mountinfo::mount_of(&mounts, dir);
+    if under.is_some_and(|m| m.fstype == PERSHOMEFS_TYPE) {
         return Err(target_err(format!(
             "{} is inside a mounted pershome home; prepare the stick itself, not the home",
             dir.display()
         )));
     }
-    let fs = under.and_then(stick::stick_fs_of_mount);
+    let fs = under.and_then(discover::stick_fs_of_mount);
     if fs.is_none() && !opts.any_fs {
         return Err(target_err(format!(
             "{} is on a {} filesystem, not on a FAT or exFAT stick; to use a plain directory \
@@ -268,9 +271,7 @@ pub fn prepare_dir(dir: &Path, opts: PrepareOptions) -> Result<Prepared, Prepare
 
     // The backing directory: `dir` itself if it is named pershome, else its pershome/ entry
     // in any case, else a new one.
-    let named_backing = dir
-        .file_name()
-        .is_some_and(|n| n.as_bytes().eq_ignore_ascii_case(BACKING_DIR.as_bytes()));
+    let named_backing = dir.file_name().is_some_and(is_pershome_name);
     let (parent, name, existing) = if named_backing {
         let canon = dir
             .canonicalize()
@@ -282,12 +283,12 @@ pub fn prepare_dir(dir: &Path, opts: PrepareOptions) -> Result<Prepared, Prepare
             .unwrap_or_default();
         (parent, name, true)
     } else {
-        match stick::find_backing(dir).map_err(|e| target_err(format!("{e:#}")))? {
+        match find_pershome_dir(dir).map_err(|e| target_err(format!("{e:#}")))? {
             Some(p) => {
                 let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
                 (dir.to_path_buf(), name, true)
             }
-            None => (dir.to_path_buf(), BACKING_DIR.into(), false),
+            None => (dir.to_path_buf(), PERSHOME_DIR.into(), false),
         }
     };
     let backing = parent.join(&name);
@@ -390,5 +391,5 @@ fn open_dir(parent: &Path, name: Option<&std::ffi::OsStr>) -> anyhow::Result<Own
 
 /// A stick's filesystem for messages.
 pub fn fs_name(fs: Option<StickFs>) -> &'static str {
-    fs.map_or("directory", StickFs::name)
+    fs.map_or("directory", StickFs::human_name)
 }

@@ -17,7 +17,9 @@ use anyhow::{Context, Result};
 
 use crate::meta::journal::{Journal, OpenMode};
 use crate::meta::STORE_DIR;
-use crate::tools::stick::{self, MountEntry, PERSHOMEFS_TYPE};
+use crate::stick::discover;
+use crate::stick::layout::{find_pershome_dir, is_pershome_name};
+use crate::stick::mountinfo::{self, MountEntry, PERSHOMEFS_TYPE};
 
 /// Exit codes of `pershome status`.
 pub mod exit_code {
@@ -198,15 +200,10 @@ fn backing_of_target(mounts: &[MountEntry], target: &Path) -> Result<PathBuf> {
             )
         });
     }
-    if t.join(STORE_DIR).is_dir()
-        || t.file_name().is_some_and(|n| {
-            n.as_bytes()
-                .eq_ignore_ascii_case(stick::BACKING_DIR.as_bytes())
-        })
-    {
+    if t.join(STORE_DIR).is_dir() || t.file_name().is_some_and(is_pershome_name) {
         return Ok(t);
     }
-    match stick::find_backing(&t)? {
+    match find_pershome_dir(&t)? {
         Some(b) => Ok(canon(&b)),
         None => anyhow::bail!(
             "{} is not a pershome home, backing directory or prepared stick (no pershome/ in \
@@ -220,7 +217,7 @@ fn backing_of_target(mounts: &[MountEntry], target: &Path) -> Result<PathBuf> {
 /// Gathers the status of TARGET, or of every pershome mount and every mounted stick that has
 /// a `pershome/`.
 pub fn status(target: Option<&Path>) -> Result<Vec<BackingStatus>> {
-    let mounts = stick::mounts()?;
+    let mounts = mountinfo::mounts()?;
     let mut backings: Vec<PathBuf> = Vec::new();
     match target {
         Some(t) => backings.push(backing_of_target(&mounts, t)?),
@@ -230,9 +227,9 @@ pub fn status(target: Option<&Path>) -> Result<Vec<BackingStatus>> {
                     backings.push(canon(&b));
                 }
             }
-            for s in stick::find_sticks(&mounts) {
+            for s in discover::find_sticks(&mounts) {
                 if let Some(mp) = &s.mountpoint {
-                    if let Ok(Some(b)) = stick::find_backing(mp) {
+                    if let Ok(Some(b)) = find_pershome_dir(mp) {
                         backings.push(canon(&b));
                     }
                 }
@@ -253,13 +250,13 @@ fn one(mounts: &[MountEntry], backing: PathBuf) -> BackingStatus {
         .collect();
     let store = store_state(&backing);
     let writer = writer_active(&backing);
-    let under = stick::underlying_mount_of(mounts, &backing);
+    let under = mountinfo::underlying_mount_of(mounts, &backing);
     let device = under
         .filter(|m| m.source.starts_with("/dev/"))
         .map(|m| m.source.clone());
     let removable = device
         .as_deref()
-        .is_some_and(|d| stick::is_removable(Path::new(d)));
+        .is_some_and(|d| discover::is_removable(Path::new(d)));
     let removal = if let Some(h) = homes.first() {
         Removal::InUse(format!(
             "mounted as a home on {}; log out (or unmount it) first",

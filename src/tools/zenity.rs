@@ -9,8 +9,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use crate::stick::discover::{self, Stick};
+use crate::stick::mountinfo;
 use crate::tools::prepare::{self, exit_code, PrepareOptions};
-use crate::tools::stick::{self, Stick};
 
 const TITLE: &str = "Prepare a pershome stick";
 
@@ -105,8 +106,8 @@ pub fn run(target: Option<PathBuf>, opts: PrepareOptions) -> u8 {
     let resolved = match target {
         Some(t) => prepare::resolve(&t),
         None => {
-            let sticks = match stick::mounts() {
-                Ok(m) => stick::find_sticks(&m),
+            let sticks = match mountinfo::mounts() {
+                Ok(m) => discover::find_sticks(&m),
                 Err(e) => {
                     show(false, &format!("{e:#}"));
                     return exit_code::FAILED;
@@ -188,12 +189,12 @@ pub fn run(target: Option<PathBuf>, opts: PrepareOptions) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tools::stick::StickFs;
+    use crate::stick::StickFs;
 
     fn stick(dev: &str, mp: Option<&str>) -> Stick {
         Stick {
             device: dev.into(),
-            fs: StickFs::Fat,
+            fs: StickFs::Vfat,
             mountpoint: mp.map(Into::into),
             read_only: false,
             label: Some("A<B".into()),
