@@ -688,9 +688,9 @@ mod tests {
         let mut buf = vec![TAG_REMOVE, 1];
         put_varint(1 << 60, &mut buf);
         buf.extend_from_slice(b"abc");
-        let started = std::time::Instant::now();
+        // Refused from the length alone: nothing of 2^60 bytes is allocated (if it were, the
+        // test would abort on the allocation instead of getting this error).
         expect_err(&buf, "allowed 1 to 1024");
-        assert!(started.elapsed() < std::time::Duration::from_millis(100));
         // Within the limit but longer than the input.
         let mut buf = vec![TAG_REMOVE, 1];
         put_varint(1000, &mut buf);
