@@ -339,6 +339,15 @@ impl Backing {
         Ok(unsafe { st.assume_init() })
     }
 
+    /// The backing's file system type (`statfs(2)` `f_type`), to tell FAT from the rest.
+    pub fn statfs_type(&self) -> io::Result<i64> {
+        let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: as in stat_at.
+        check(unsafe { libc::fstatfs(self.root.as_raw_fd(), st.as_mut_ptr()) })?;
+        // SAFETY: fstatfs succeeded.
+        Ok(unsafe { st.assume_init() }.f_type as i64)
+    }
+
     pub fn fsync_dir(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
         // SAFETY: valid fd; result checked.
         check(unsafe { libc::fsync(dir.as_raw_fd()) }).map(drop)

@@ -613,10 +613,10 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
     let opts = FsOptions {
         // The store's owner id itself: ids then pass through unchanged, so no file owned by
         // the user running fsck (root, say) is rewritten as owned by "whoever mounts".
-        uid: OWNER_ID,
-        gid: OWNER_ID,
-        read_only: false,
         commit_interval: Duration::from_secs(3600),
+        // Repair splits nothing; files already in parts stay so.
+        parts: crate::fs::PartsMode::Never,
+        ..FsOptions::new(OWNER_ID, OWNER_ID)
     };
     let fs = Fs::open_backing(backing, opts).map_err(|e| match e {
         OpenError::Store(StoreError::Busy) => FsckError::Busy(path.clone()),
@@ -627,6 +627,10 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
         OpenError::Backing { path, source } => FsckError::Io {
             context: format!("opening {path}"),
             source,
+        },
+        e @ OpenError::PartSize(_) => FsckError::Io {
+            context: format!("opening {path}"),
+            source: io::Error::other(e.to_string()),
         },
     })?;
     let fs_err = |what: &str| {

@@ -13,6 +13,8 @@ fn main() -> ExitCode {
             gid: opts.gid,
             read_only: opts.read_only,
             commit_interval: opts.commit_interval,
+            parts: opts.parts,
+            part_size: opts.part_size,
         };
         pershome::fuse::Adapter::open(backing, fs_opts).map_err(|e| match e {
             FsOpenError::Backing { .. } => OpenError::Backing(anyhow::Error::new(e)),
@@ -20,6 +22,7 @@ fn main() -> ExitCode {
                 "{e}: this stick was written by a newer pershome; update pershome on this \
                  computer, or mount it read-only with a newer version"
             )),
+            FsOpenError::PartSize(_) => OpenError::Refused(e.to_string()),
             FsOpenError::Store(s) => OpenError::Refused(format!(
                 "the metadata store in {}/.pershome cannot be used: {s}; run `pershome fsck` on it",
                 backing.display()

@@ -31,8 +31,22 @@ use super::codec::{decode_all, encode_record};
 use super::pending::Replayed;
 use super::{Record, STORE_DIR};
 
-/// The on-stick format this code writes, and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest on-stick format this code reads and writes. Format 2 adds files stored in parts
+/// (record tags 7 and 8); a generation is written as format 2 only when it holds such a record,
+/// so a stick without parted files stays readable by a format-1 pershome.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The format of a generation without parted files.
+pub const BASE_FORMAT_VERSION: u32 = 1;
+
+/// The format a generation holding `records` must declare.
+pub fn version_for(records: &[Record]) -> u32 {
+    if records.iter().any(Record::needs_format_2) {
+        2
+    } else {
+        BASE_FORMAT_VERSION
+    }
+}
 
 /// No store file is read if it is larger than this: whole files are read into memory, and a
 /// stick must not be able to make the daemon allocate without bound.
@@ -191,6 +205,11 @@ pub enum StoreError {
     #[error("the store's generation number is exhausted")]
     GenerationOverflow,
     #[error(
+        "the batch describes a file stored in parts, which the current journal (format \
+         {current}) may not hold; write a new generation (checkpoint) instead"
+    )]
+    NeedsNewerFormat { current: u32 },
+    #[error(
         "the metadata store is in use: this stick is already mounted by pershomefs (or being \
          checked); unmount it first"
     )]
@@ -225,6 +244,8 @@ pub struct Journal {
     stats: WriteStats,
     /// Injected failures (tests only); None costs one branch per write.
     faults: Option<Arc<Faults>>,
+    /// The format version in the current journal's header, once known (read lazily).
+    live_version: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,9 +298,13 @@ fn magic_of(kind: Kind) -> &'static [u8; 8] {
 }
 
 fn encode_header(kind: Kind, generation: u64) -> Vec<u8> {
+    encode_header_version(kind, generation, BASE_FORMAT_VERSION)
+}
+
+fn encode_header_version(kind: Kind, generation: u64, version: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(HEADER_LEN);
     h.extend_from_slice(magic_of(kind));
-    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h.extend_from_slice(&version.to_le_bytes());
     h.extend_from_slice(&generation.to_le_bytes());
     let crc = crc32c::crc32c(&h);
     h.extend_from_slice(&crc.to_le_bytes());
@@ -478,7 +503,7 @@ fn scan_checkpoint(bytes: &[u8], generation: u64) -> CheckpointScan {
 
 /// Builds a whole checkpoint file.
 fn build_checkpoint(generation: u64, records: &[Record]) -> Vec<u8> {
-    let mut file = encode_header(Kind::Checkpoint, generation);
+    let mut file = encode_header_version(Kind::Checkpoint, generation, version_for(records));
     let mut chunk = Vec::new();
     for r in records {
         encode_record(r, &mut chunk);
@@ -825,7 +850,12 @@ impl Journal {
         let j_name = file_name(Kind::Journal, generation);
         let result = self
             .create_durable(&ck_name, &checkpoint)
-            .and_then(|_| self.create_durable(&j_name, &encode_header(Kind::Journal, generation)));
+            .and_then(|_| {
+                self.create_durable(
+                    &j_name,
+                    &encode_header_version(Kind::Journal, generation, version_for(records)),
+                )
+            });
         if result.is_err() {
             // Best effort: the older generation is still the authoritative one either way,
             // and recovery removes these if they survive.
@@ -841,6 +871,12 @@ impl Journal {
         self.dir()?;
         if records.is_empty() {
             return Ok(());
+        }
+        if records.iter().any(Record::needs_format_2) {
+            let current = self.live_version()?;
+            if current < 2 {
+                return Err(StoreError::NeedsNewerFormat { current });
+            }
         }
         let mut payload = Vec::new();
         for r in records {
@@ -889,6 +925,7 @@ impl Journal {
         let new = old.checked_add(1).ok_or(StoreError::GenerationOverflow)?;
         let fd = self.write_generation(new, records)?;
         self.file = Some(fd);
+        self.live_version = Some(version_for(records));
         self.generation = new;
         self.len = HEADER_LEN as u64;
         self.tail_dirty = false;
@@ -897,6 +934,29 @@ impl Journal {
         self.unlink(&file_name(Kind::Journal, old))?;
         self.unlink(&file_name(Kind::Checkpoint, old))?;
         Ok(())
+    }
+
+    /// The format version the current journal declares: a batch of format-2 records may only
+    /// be appended to a format-2 journal (a format-1 reader would drop it as damage).
+    pub fn live_version(&mut self) -> Result<u32, StoreError> {
+        if let Some(v) = self.live_version {
+            return Ok(v);
+        }
+        let fd = self.file.as_ref().ok_or(StoreError::ReadOnly)?;
+        let mut header = [0u8; HEADER_LEN];
+        let n = pread(fd.as_fd(), &mut header, 0).map_err(io_err(format!(
+            "reading the header of {STORE_DIR}/{}",
+            file_name(Kind::Journal, self.generation)
+        )))?;
+        // The header was checked at open (or written by us); a short read cannot happen on a
+        // live journal, but if it does, the safe answer is the base format.
+        let v = if n == HEADER_LEN {
+            u32_at(&header, 8)
+        } else {
+            BASE_FORMAT_VERSION
+        };
+        self.live_version = Some(v);
+        Ok(v)
     }
 
     /// Bytes in the current journal (header included).
@@ -927,6 +987,7 @@ impl Journal {
             tail_dirty: false,
             stats: WriteStats::default(),
             faults: None,
+            live_version: None,
         };
         let root = backing_root.as_raw_fd();
         let mut created_dir = false;

@@ -18,6 +18,7 @@ pub fn opts() -> FsOptions {
         gid: 1000,
         read_only: false,
         commit_interval: Duration::from_secs(5),
+        ..FsOptions::new(1000, 1000)
     }
 }
 

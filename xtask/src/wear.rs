@@ -381,6 +381,7 @@ fn fs_options() -> FsOptions {
         gid: OWNER.gid,
         read_only: false,
         commit_interval: Duration::from_secs(5),
+        ..FsOptions::new(OWNER.uid, OWNER.gid)
     }
 }
 
