@@ -333,7 +333,9 @@ fn parse_part_size(v: &str) -> Result<u64, OptionError> {
         reason,
     };
     if !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad("expected a number of bytes, such as part_size=65536".to_owned()));
+        return Err(bad(
+            "expected a number of bytes, such as part_size=65536".to_owned()
+        ));
     }
     let n: u64 = v
         .parse()
@@ -582,8 +584,16 @@ mod tests {
     #[test]
     fn parts_and_part_size() {
         assert_eq!(ok(&["parts=never"]).parts, PartsMode::Never, "parts=never");
-        assert_eq!(ok(&["parts=always"]).parts, PartsMode::Always, "parts=always");
-        assert_eq!(ok(&["parts=always,parts=auto"]).parts, PartsMode::Auto, "last wins");
+        assert_eq!(
+            ok(&["parts=always"]).parts,
+            PartsMode::Always,
+            "parts=always"
+        );
+        assert_eq!(
+            ok(&["parts=always,parts=auto"]).parts,
+            PartsMode::Auto,
+            "last wins"
+        );
         assert_eq!(ok(&["part_size=4096"]).part_size, 4096, "part_size=4096");
         assert_eq!(
             ok(&["part_size=4294963200"]).part_size,

@@ -400,18 +400,18 @@ pub enum OpenError {
 /// fusefat: splitting is the safe guess).
 fn backing_needs_parts(backing: &Backing) -> bool {
     const LARGE_FILE_FS: &[i64] = &[
-        0xEF53,                // ext2/3/4
-        0x9123_683E,           // btrfs
-        0x5846_5342,           // xfs
-        0x0102_1994,           // tmpfs
-        0x794C_7630,           // overlayfs
-        0x2011_BAB0,           // exfat (kernel driver)
-        0x5346_544E,           // ntfs
-        0x7366_746E,           // ntfs3
+        0xEF53,                 // ext2/3/4
+        0x9123_683E,            // btrfs
+        0x5846_5342,            // xfs
+        0x0102_1994,            // tmpfs
+        0x794C_7630,            // overlayfs
+        0x2011_BAB0,            // exfat (kernel driver)
+        0x5346_544E,            // ntfs
+        0x7366_746E,            // ntfs3
         0xF2F5_2010_u32 as i64, // f2fs
-        0x2FC1_2FC1,           // zfs
+        0x2FC1_2FC1,            // zfs
         0xCA45_1A4E_u32 as i64, // bcachefs
-        0x6969,                // nfs
+        0x6969,                 // nfs
         0xFF53_4D42_u32 as i64, // cifs
         0xFE53_4D42_u32 as i64, // smb2
     ];

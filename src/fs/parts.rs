@@ -115,7 +115,10 @@ impl Fs {
             (false, false) => libc::O_RDWR,
             (false, true) => libc::O_RDWR | libc::O_CREAT,
         };
-        let file = match self.backing.open_at(dir.as_fd(), &part_name(k), flags, 0o600) {
+        let file = match self
+            .backing
+            .open_at(dir.as_fd(), &part_name(k), flags, 0o600)
+        {
             Ok(f) => Arc::new(f),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !create => return Ok(None),
             Err(e) => return Err(errno_of(&e)),
@@ -149,15 +152,6 @@ impl Fs {
             .collect();
         out.sort_by_key(|(k, _)| *k);
         out
-    }
-
-    /// A parted file's length as its parts on the backing give it (see the module invariant),
-    /// from the length of its first part.
-    pub(crate) fn parted_size(&self, p: Parts, first_len: u64) -> u64 {
-        match self.list_parts(p.id).last() {
-            Some((k, stat)) => k * p.size + stat.size.min(p.size),
-            None => first_len.min(p.size),
-        }
     }
 
     fn file_for(&self, l: &Layout<'_>, k: u64, create: bool) -> Result<Option<Arc<File>>> {
@@ -204,7 +198,11 @@ impl Fs {
             let out = &mut buf[(pos - offset) as usize..(seg_end - offset) as usize];
             let in_part = pos - k * l.parts.size;
             let owned = self.file_for(l, k, false)?;
-            let file: Option<&File> = if k == 0 { Some(l.first) } else { owned.as_deref() };
+            let file: Option<&File> = if k == 0 {
+                Some(l.first)
+            } else {
+                owned.as_deref()
+            };
             if let Some(file) = file {
                 read_full(file, out, in_part)?;
             }
@@ -314,7 +312,11 @@ impl Fs {
             let in_part = pos - k * l.parts.size;
             let plen = part_len(l.parts, l.size, k);
             let owned = self.file_for(l, k, false)?;
-            let file: Option<&File> = if k == 0 { Some(l.first) } else { owned.as_deref() };
+            let file: Option<&File> = if k == 0 {
+                Some(l.first)
+            } else {
+                owned.as_deref()
+            };
             let found = match file {
                 None if whence == libc::SEEK_HOLE => Some(in_part),
                 None => None,
@@ -374,7 +376,11 @@ impl Fs {
             let seg_end = ((k + 1) * l.parts.size).min(end);
             let in_part = pos - k * l.parts.size;
             let owned = self.file_for(l, k, false)?;
-            let file: Option<&File> = if k == 0 { Some(l.first) } else { owned.as_deref() };
+            let file: Option<&File> = if k == 0 {
+                Some(l.first)
+            } else {
+                owned.as_deref()
+            };
             if let Some(f) = file {
                 // SAFETY: valid fd; result checked.
                 let r = unsafe {
@@ -452,19 +458,21 @@ impl Fs {
         let whole = crate::backing::Backing::fstat(&first)
             .map_err(|e| errno_of(&e))?
             .size;
-        let result = self.copy_tail_into_parts(&first, parts, whole).and_then(|()| {
-            let mut st = self.lock();
-            let inode = st.inode_mut(ino)?;
-            inode.meta.parts = Some(parts);
-            st.mark_dirty(ino);
-            let r = self.commit_locked(&mut st);
-            if r.is_err() {
-                if let Ok(inode) = st.inode_mut(ino) {
-                    inode.meta.parts = None;
+        let result = self
+            .copy_tail_into_parts(&first, parts, whole)
+            .and_then(|()| {
+                let mut st = self.lock();
+                let inode = st.inode_mut(ino)?;
+                inode.meta.parts = Some(parts);
+                st.mark_dirty(ino);
+                let r = self.commit_locked(&mut st);
+                if r.is_err() {
+                    if let Ok(inode) = st.inode_mut(ino) {
+                        inode.meta.parts = None;
+                    }
                 }
-            }
-            r
-        });
+                r
+            });
         if let Err(e) = result {
             self.remove_all_parts(parts);
             return Err(e);
@@ -485,7 +493,8 @@ impl Fs {
         while pos < whole {
             // Skip holes: a sparse 5 GiB file must not become 5 GiB of zeros.
             // SAFETY: valid fd; result checked.
-            let data = unsafe { libc::lseek(first.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+            let data =
+                unsafe { libc::lseek(first.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
             if data < 0 {
                 break;
             }

@@ -848,14 +848,12 @@ impl Journal {
         }
         let ck_name = file_name(Kind::Checkpoint, generation);
         let j_name = file_name(Kind::Journal, generation);
-        let result = self
-            .create_durable(&ck_name, &checkpoint)
-            .and_then(|_| {
-                self.create_durable(
-                    &j_name,
-                    &encode_header_version(Kind::Journal, generation, version_for(records)),
-                )
-            });
+        let result = self.create_durable(&ck_name, &checkpoint).and_then(|_| {
+            self.create_durable(
+                &j_name,
+                &encode_header_version(Kind::Journal, generation, version_for(records)),
+            )
+        });
         if result.is_err() {
             // Best effort: the older generation is still the authoritative one either way,
             // and recovery removes these if they survive.
@@ -942,14 +940,23 @@ impl Journal {
         if let Some(v) = self.live_version {
             return Ok(v);
         }
-        let fd = self.file.as_ref().ok_or(StoreError::ReadOnly)?;
+        self.file.as_ref().ok_or(StoreError::ReadOnly)?;
+        let name = file_name(Kind::Journal, self.generation);
+        let context = || format!("reading the header of {STORE_DIR}/{name}");
+        // The live journal is held write-only: read its header through a second descriptor.
+        let fd = openat(
+            Some(self.dir()?.as_raw_fd()),
+            name.as_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err(context()))?;
+        // SAFETY: openat returned a fresh fd that nothing else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let mut header = [0u8; HEADER_LEN];
-        let n = pread(fd.as_fd(), &mut header, 0).map_err(io_err(format!(
-            "reading the header of {STORE_DIR}/{}",
-            file_name(Kind::Journal, self.generation)
-        )))?;
-        // The header was checked at open (or written by us); a short read cannot happen on a
-        // live journal, but if it does, the safe answer is the base format.
+        let n = pread(fd.as_fd(), &mut header, 0).map_err(io_err(context()))?;
+        // The header was checked at open (or written by us); should it be short now, the
+        // safe answer is the base format: parted records then go to a new generation.
         let v = if n == HEADER_LEN {
             u32_at(&header, 8)
         } else {
