@@ -617,3 +617,85 @@ fn a_sparse_file_past_4_gib_is_split_on_the_default_part_size() {
     drop(fs);
     assert_fat_clean(&backing);
 }
+
+/// fsck finds orphaned parts, missing parts and a first part rewritten elsewhere, and a repair
+/// leaves a clean stick: orphans moved to `pershome-recovered/`, holes for missing parts.
+#[test]
+fn fsck_finds_and_repairs_part_problems() {
+    use pershome::fsck::{fsck, FsckOptions};
+    let (_t, backing) = temp();
+    let fs = open_with(&backing, tiny());
+    let mut model = pattern(10, (4 * P + 3) as usize);
+    for name in [&b"keep"[..], b"edited"] {
+        let (_, fh) = fs.create(USER, ROOT, name, 0o644, libc::O_RDWR).unwrap();
+        fs.write(fh, 0, &model).unwrap();
+        fs.release(fh).unwrap();
+    }
+    fs.shutdown();
+    drop(fs);
+    let dirs = parts_on_disk(&backing);
+    assert_eq!(dirs.len(), 2, "two parted files: {dirs:?}");
+    // A crash left parts of a file that is gone; a part of "keep" is lost; "edited" was
+    // rewritten on Windows.
+    let orphan = backing.join(".pershome/parts/00000000000000ab");
+    std::fs::create_dir(&orphan).unwrap();
+    std::fs::write(orphan.join("00000001"), b"lost bytes").unwrap();
+    std::fs::write(backing.join("edited"), b"short").unwrap();
+    // Part 2 of both files is lost (for "edited" it no longer matters: its parts go).
+    for (d, _) in &dirs {
+        std::fs::remove_file(backing.join(".pershome/parts").join(d).join("00000002")).unwrap();
+    }
+    let report = fsck(&backing, &FsckOptions::default()).unwrap();
+    let found = |needle: &str| report.findings.iter().any(|f| f.what.contains(needle));
+    for needle in [
+        "orphaned parts",
+        "are missing or short",
+        "rewritten on another computer",
+    ] {
+        assert!(
+            found(needle),
+            "expected a finding {needle:?}, got {:#?}",
+            report.findings
+        );
+    }
+    let repaired = fsck(
+        &backing,
+        &FsckOptions {
+            repair: true,
+            force: false,
+        },
+    )
+    .unwrap();
+    let left: Vec<_> = repaired.problems_left().collect();
+    assert!(
+        left.is_empty(),
+        "problems left after a repair: {left:#?}; did {:#?}",
+        repaired.repairs
+    );
+    assert!(
+        backing
+            .join("pershome-recovered/parts-00000000000000ab/00000001")
+            .exists(),
+        "the orphan moved; did {:#?}",
+        repaired.repairs
+    );
+    let fs = open_with(&backing, tiny());
+    model[(2 * P) as usize..(3 * P) as usize].fill(0);
+    check_model(
+        &fs,
+        lookup(&fs, b"keep").ino,
+        &model,
+        "keep after the repair",
+    );
+    check_model(
+        &fs,
+        lookup(&fs, b"edited").ino,
+        b"short",
+        "edited after the repair",
+    );
+    drop(fs);
+    let report = fsck(&backing, &FsckOptions::default()).unwrap();
+    let left: Vec<_> = report.problems_left().collect();
+    assert!(left.is_empty(), "a second check finds: {left:#?}");
+    assert_fat_clean(&backing);
+}

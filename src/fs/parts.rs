@@ -420,8 +420,17 @@ impl Fs {
     /// was (and an orphan parts directory for fsck); after it, the parts are authoritative.
     /// The caller holds `parts_lock`.
     pub(crate) fn make_parted(&self, ino: Ino) -> Result<Parts> {
-        if let Some(p) = self.lock().inode(ino)?.meta.parts {
-            return Ok(p);
+        {
+            let st = self.lock();
+            if let Some(p) = st.inode(ino)?.meta.parts {
+                return Ok(p);
+            }
+            // The kernel reads and writes a passthrough file by itself and would go on seeing
+            // only the first part: such a file cannot be split while it is open, and grows no
+            // further than the backing allows, as on FAT itself (docs/architecture.md).
+            if st.handles.values().any(|h| h.ino == ino && h.passthrough) {
+                return Err(Errno::EFBIG);
+            }
         }
         let store = self
             .backing

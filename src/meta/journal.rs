@@ -1885,26 +1885,72 @@ mod tests {
         h
     }
 
+    /// Format 2 only where needed: a parted record never lands in a format-1 journal (a
+    /// format-1 reader would cut it off as damage), a checkpoint holding one is format 2, and
+    /// the next checkpoint without one is format 1 again.
+    #[test]
+    fn parted_records_need_a_format_2_generation() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut journal, _) = open_ok(&root, OpenMode::ReadWrite);
+        let parted = Record::Put {
+            path: vec![b"big".to_vec()],
+            meta: crate::meta::Meta {
+                mode: libc::S_IFREG | 0o644,
+                parts: Some(crate::meta::Parts { id: 5, size: 8192 }),
+                ..Default::default()
+            },
+        };
+        journal.append(&[put(1)]).unwrap();
+        match journal.append(&[parted.clone()]) {
+            Err(StoreError::NeedsNewerFormat { current: 1 }) => {}
+            other => panic!("expected NeedsNewerFormat {{ current: 1 }}, got {other:?}"),
+        }
+        let version = |name: &str| u32_at(&store_files(&root)[name], 8);
+        journal.checkpoint(&[put(1), parted.clone()]).unwrap();
+        assert_eq!(
+            (version(&c(2)), version(&j(2))),
+            (2, 2),
+            "checkpoint and journal of a generation with a parted file"
+        );
+        journal.append(&[parted.clone()]).unwrap();
+        drop(journal);
+        let (mut journal, rec) = open_ok(&root, OpenMode::ReadWrite);
+        assert_eq!(
+            rec.replayed.root.children[&b"big".to_vec()]
+                .meta
+                .as_ref()
+                .and_then(|m| m.parts),
+            Some(crate::meta::Parts { id: 5, size: 8192 }),
+            "the parts survive a reopen"
+        );
+        journal.checkpoint(&[put(1)]).unwrap();
+        assert_eq!(
+            (version(&c(3)), version(&j(3))),
+            (1, 1),
+            "a generation without parted files is format 1 again"
+        );
+    }
+
     #[test]
     fn newer_format_is_refused_and_nothing_is_written() {
         let (root, _, _) = three_batches();
         let gen1 = store_files(&root);
         let mut newer_journal = gen1.clone();
-        let mut bytes = header_with_version(Kind::Journal, 1, 2);
+        let mut bytes = header_with_version(Kind::Journal, 1, FORMAT_VERSION + 1);
         bytes.extend_from_slice(&gen1[&j(1)][HEADER_LEN..]);
         newer_journal.insert(j(1), bytes);
         let mut newer_checkpoint = gen1.clone();
         let mut bytes = header_with_version(Kind::Checkpoint, 9, 7);
         bytes.extend_from_slice(b"whatever format 7 holds");
         newer_checkpoint.insert(c(9), bytes);
-        for (files, found) in [(newer_journal, 2), (newer_checkpoint, 7)] {
+        for (files, found) in [(newer_journal, FORMAT_VERSION + 1), (newer_checkpoint, 7)] {
             let root = with_store(&files);
             let before = snapshot_tree(root.path());
             for mode in [OpenMode::ReadWrite, OpenMode::ReadOnly] {
                 match open(&root, mode) {
                     Err(StoreError::NewerFormat {
                         found: f,
-                        supported: 1,
+                        supported: FORMAT_VERSION,
                     }) if f == found => {}
                     Err(e) => panic!("expected NewerFormat {{ found: {found} }}, got {e}"),
                     Ok((_, rec)) => panic!("expected NewerFormat, got an open store: {rec:?}"),
