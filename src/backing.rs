@@ -345,7 +345,10 @@ impl Backing {
         // SAFETY: as in stat_at.
         check(unsafe { libc::fstatfs(self.root.as_raw_fd(), st.as_mut_ptr()) })?;
         // SAFETY: fstatfs succeeded.
-        Ok(unsafe { st.assume_init() }.f_type as i64)
+        let st = unsafe { st.assume_init() };
+        // f_type is __fsword_t, whose width and sign differ between architectures.
+        #[allow(clippy::unnecessary_cast)]
+        Ok(st.f_type as i64)
     }
 
     pub fn fsync_dir(&self, dir: BorrowedFd<'_>) -> io::Result<()> {

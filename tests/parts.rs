@@ -286,7 +286,7 @@ fn truncate_grows_with_holes_and_shrinking_removes_parts() {
 fn rename_unlink_and_hard_links_keep_parts_consistent() {
     let (_t, backing) = temp();
     let fs = open_with(&backing, tiny());
-    let (attr, fh) = fs.create(USER, ROOT, b"a", 0o644, libc::O_RDWR).unwrap();
+    let (_, fh) = fs.create(USER, ROOT, b"a", 0o644, libc::O_RDWR).unwrap();
     let data = pattern(4, (4 * P + 17) as usize);
     fs.write(fh, 0, &data).unwrap();
     fs.release(fh).unwrap();
@@ -314,11 +314,10 @@ fn rename_unlink_and_hard_links_keep_parts_consistent() {
     );
     assert_eq!(parts_on_disk(&backing).len(), 1, "one parts directory");
     // Rename over another parted file removes the replaced file's parts.
-    let (x, fh) = fs.create(USER, ROOT, b"x", 0o644, libc::O_RDWR).unwrap();
+    let (_, fh) = fs.create(USER, ROOT, b"x", 0o644, libc::O_RDWR).unwrap();
     fs.write(fh, 0, &pattern(6, (2 * P + 1) as usize)).unwrap();
     fs.release(fh).unwrap();
     assert_eq!(parts_on_disk(&backing).len(), 2, "two parted files");
-    let _ = x;
     fs.rename(ROOT, b"b", ROOT, b"x", 0).unwrap();
     assert_eq!(
         parts_on_disk(&backing).len(),
@@ -351,8 +350,11 @@ fn rename_unlink_and_hard_links_keep_parts_consistent() {
         "parts removed at the last close"
     );
     let fs = remount(fs, &backing);
-    let (kind_ok, _) = (fs.lookup(ROOT, b"c").err() == Some(Errno::ENOENT), ());
-    assert!(kind_ok, "c is gone after a remount");
+    assert_eq!(
+        fs.lookup(ROOT, b"c").err(),
+        Some(Errno::ENOENT),
+        "c is gone after a remount"
+    );
     fs.compact().unwrap();
     assert!(
         store_versions(&backing).iter().all(|(_, v)| *v == 1),
@@ -367,7 +369,7 @@ fn rename_unlink_and_hard_links_keep_parts_consistent() {
 fn fallocate_and_copy_file_range_cross_parts() {
     let (_t, backing) = temp();
     let fs = open_with(&backing, tiny());
-    let (a, fa) = fs.create(USER, ROOT, b"a", 0o644, libc::O_RDWR).unwrap();
+    let (_, fa) = fs.create(USER, ROOT, b"a", 0o644, libc::O_RDWR).unwrap();
     let data = pattern(7, (3 * P + 11) as usize);
     fs.write(fa, 0, &data).unwrap();
     let (b, fb) = fs.create(USER, ROOT, b"b", 0o644, libc::O_RDWR).unwrap();
@@ -408,7 +410,6 @@ fn fallocate_and_copy_file_range_cross_parts() {
     );
     fs.release(fa).unwrap();
     fs.release(fb).unwrap();
-    let _ = a;
     let fs = remount(fs, &backing);
     check_model(&fs, lookup(&fs, b"b").ino, &model, "after a remount");
     drop(fs);

@@ -153,7 +153,9 @@ fn random_operations_on_a_parted_file_through_the_kernel_match_a_model() {
                     );
                 } else {
                     assert!(
-                        model[(off as usize).min(model.len())..].iter().all(|&b| b == 0),
+                        model[(off as usize).min(model.len())..]
+                            .iter()
+                            .all(|&b| b == 0),
                         "step {step}: SEEK_DATA from {off} found no data, but there is"
                     );
                 }
@@ -185,7 +187,11 @@ fn random_operations_on_a_parted_file_through_the_kernel_match_a_model() {
     std::fs::hard_link(mnt.join("moved.bin"), mnt.join("link.bin")).unwrap();
     m.unmount();
     let m = Mount::new(&backing, &mnt, OPTS);
-    check_all(&open_rw(&mnt.join("link.bin")), &model, "through a hard link");
+    check_all(
+        &open_rw(&mnt.join("link.bin")),
+        &model,
+        "through a hard link",
+    );
     assert!(
         model.len() as u64 <= P || parts_dirs(&backing).len() == 1,
         "a {}-byte file over 4 KiB parts is stored in parts: {:?}",

@@ -54,6 +54,12 @@ Mount options (-o, comma-separated, may be repeated; escape a comma in a value a
   rw                 read-write (the default)
   commit=SECONDS     commit metadata changes to the stick at least this often
                      (1-3600, default 5): a yanked stick loses at most that much
+  parts=auto|always|never
+                     store files past 4 GiB - 4 KiB in parts (default auto: on a
+                     FAT or unknown backing; files stay whole on exFAT, ext4 and
+                     other file systems that hold large files)
+  part_size=BYTES    for tests: the part size of newly split files (a multiple
+                     of 4096; default 4294963200)
   fsname=NAME        the source name shown by mount and df (default: BACKING)
   subtype=...        ignored: the type is always fuse.pershomefs
   noexec, exec       forbid or allow running programs from the mount
@@ -451,6 +457,8 @@ mod tests {
             "ro ",
             "rw ",
             "commit=",
+            "parts=",
+            "part_size=",
             "fsname=",
             "subtype=",
             "noexec",

@@ -1901,7 +1901,7 @@ mod tests {
             },
         };
         journal.append(&[put(1)]).unwrap();
-        match journal.append(&[parted.clone()]) {
+        match journal.append(std::slice::from_ref(&parted)) {
             Err(StoreError::NeedsNewerFormat { current: 1 }) => {}
             other => panic!("expected NeedsNewerFormat {{ current: 1 }}, got {other:?}"),
         }
@@ -1912,7 +1912,7 @@ mod tests {
             (2, 2),
             "checkpoint and journal of a generation with a parted file"
         );
-        journal.append(&[parted.clone()]).unwrap();
+        journal.append(std::slice::from_ref(&parted)).unwrap();
         drop(journal);
         let (mut journal, rec) = open_ok(&root, OpenMode::ReadWrite);
         assert_eq!(
