@@ -416,6 +416,82 @@ fn fallocate_and_copy_file_range_cross_parts() {
     assert_fat_clean(&backing);
 }
 
+/// A whole file longer than a part (written while parts were off, or through passthrough) is
+/// split when it grows through pershome: its bytes past the part size move into parts.
+#[test]
+fn a_whole_file_longer_than_a_part_is_split_when_it_grows() {
+    for grow_by_truncate in [true, false] {
+        let (_t, backing) = temp();
+        let fs = open_with(
+            &backing,
+            FsOptions {
+                parts: PartsMode::Never,
+                ..tiny()
+            },
+        );
+        let (_, fh) = fs.create(USER, ROOT, b"w", 0o644, libc::O_RDWR).unwrap();
+        let mut model = pattern(11, (3 * P + 7) as usize);
+        fs.write(fh, 0, &model).unwrap();
+        // A hole in the middle of what will be part 1 stays a hole.
+        fs.fallocate(
+            fh,
+            P + 100,
+            P,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        )
+        .unwrap();
+        model[(P + 100) as usize..(2 * P + 100) as usize].fill(0);
+        fs.release(fh).unwrap();
+        fs.shutdown();
+        drop(fs);
+        let fs = open_with(&backing, tiny());
+        let w = lookup(&fs, b"w");
+        if grow_by_truncate {
+            fs.setattr(
+                w.ino,
+                SetAttr {
+                    size: Some(5 * P + 1),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+            model.resize((5 * P + 1) as usize, 0);
+        } else {
+            let fh = fs.open(w.ino, libc::O_RDWR).unwrap();
+            fs.write(fh, 5 * P, b"xy").unwrap();
+            fs.release(fh).unwrap();
+            model.resize((5 * P) as usize, 0);
+            model.extend_from_slice(b"xy");
+        }
+        let what = if grow_by_truncate {
+            "truncate"
+        } else {
+            "write"
+        };
+        check_model(&fs, w.ino, &model, &format!("grown by {what}"));
+        assert_eq!(
+            std::fs::metadata(backing.join("w")).unwrap().len(),
+            P,
+            "{what}: the first part is cut to one part"
+        );
+        let parts = parts_on_disk(&backing);
+        assert_eq!(
+            parts[0].1,
+            expected_parts(model.len() as u64),
+            "{what}: part lengths"
+        );
+        let fs = remount(fs, &backing);
+        check_model(
+            &fs,
+            lookup(&fs, b"w").ino,
+            &model,
+            &format!("{what}, remounted"),
+        );
+        drop(fs);
+        assert_fat_clean(&backing);
+    }
+}
+
 #[test]
 fn parts_never_and_auto_on_a_large_file_backing_keep_files_whole() {
     for mode in [PartsMode::Never, PartsMode::Auto] {

@@ -510,7 +510,10 @@ impl Fs {
                 && (parts.is_some() || (self.split && size > self.part_size && size > cur))
             {
                 _parts = self.parts_guard();
-                let parts = match self.lock().inode(ino)?.meta.parts {
+                // Not `match self.lock()…`: the guard would live through `make_parted`, which
+                // takes the state lock itself.
+                let known = self.lock().inode(ino)?.meta.parts;
+                let parts = match known {
                     Some(p) => p,
                     None => self.make_parted(ino)?,
                 };
