@@ -492,6 +492,65 @@ fn a_whole_file_longer_than_a_part_is_split_when_it_grows() {
     }
 }
 
+/// While the kernel has a file open through passthrough it writes the first part itself, so
+/// pershome does not split it then: it grows whole, and is split at the next write through
+/// pershome once the passthrough handles are closed.
+#[test]
+fn a_file_open_through_passthrough_is_split_only_after_it_is_closed() {
+    let (_t, backing) = temp();
+    let fs = open_with(&backing, tiny());
+    let (attr, fh) = fs.create(USER, ROOT, b"pt", 0o644, libc::O_RDWR).unwrap();
+    fs.set_passthrough(fh);
+    let mut model = pattern(12, (2 * P + 9) as usize);
+    // What the kernel would write directly, then a truncate through pershome.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(backing.join("pt"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &model, 0).unwrap();
+    fs.setattr(
+        attr.ino,
+        SetAttr {
+            size: Some(3 * P),
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    model.resize((3 * P) as usize, 0);
+    assert_eq!(
+        parts_on_disk(&backing),
+        vec![],
+        "no parts while passthrough is open"
+    );
+    assert_eq!(
+        std::fs::metadata(backing.join("pt")).unwrap().len(),
+        3 * P,
+        "the file grew whole"
+    );
+    fs.release(fh).unwrap();
+    assert!(
+        fs.passthrough_file(attr.ino).is_err(),
+        "a file of half a part or more is not handed to the kernel on a splitting mount"
+    );
+    let fh = fs.open(attr.ino, libc::O_RDWR).unwrap();
+    fs.write(fh, 3 * P, b"more").unwrap();
+    fs.release(fh).unwrap();
+    model.extend_from_slice(b"more");
+    check_model(
+        &fs,
+        attr.ino,
+        &model,
+        "split after the passthrough handle closed",
+    );
+    assert_eq!(
+        parts_on_disk(&backing)[0].1,
+        expected_parts(model.len() as u64),
+        "part lengths after the split"
+    );
+    drop(fs);
+    assert_fat_clean(&backing);
+}
+
 #[test]
 fn parts_never_and_auto_on_a_large_file_backing_keep_files_whole() {
     for mode in [PartsMode::Never, PartsMode::Auto] {

@@ -152,14 +152,26 @@ impl Fs {
     /// Whether an operation reaching `end` must work on parts: the file is parted already, or
     /// it is about to grow past the part size on a mount that splits.
     fn needs_parts(&self, io: &Io, end: u64) -> bool {
-        io.parts.is_some() || (self.split && end > self.part_size && end > io.size)
+        io.parts.is_some() || (self.may_split(io.ino) && end > self.part_size && end > io.size)
+    }
+
+    /// Whether a whole file may be split now: on a mount that splits, unless the kernel has
+    /// it open through passthrough (it would go on writing the first part alone); such a file
+    /// grows whole up to the backing's limit and is split at a later write through pershome.
+    fn may_split(&self, ino: Ino) -> bool {
+        self.split
+            && !self
+                .lock()
+                .handles
+                .values()
+                .any(|h| h.ino == ino && h.passthrough)
     }
 
     /// With `parts_lock` held: the handle's state again (another thread may have split the
     /// file meanwhile), split first when `grow_to` passes the part size of a whole file.
     fn parted_io(&self, fh: u64, grow_to: u64) -> Result<Io> {
         let mut io = self.handle_io(fh)?;
-        if io.parts.is_none() && self.split && grow_to > self.part_size {
+        if io.parts.is_none() && grow_to > self.part_size && self.may_split(io.ino) {
             io.parts = Some(self.make_parted(io.ino)?);
         }
         Ok(io)
@@ -507,7 +519,7 @@ impl Fs {
                 (i.kind, i.meta.parts, i.size)
             };
             if kind == Kind::File
-                && (parts.is_some() || (self.split && size > self.part_size && size > cur))
+                && (parts.is_some() || (size > self.part_size && size > cur && self.may_split(ino)))
             {
                 _parts = self.parts_guard();
                 // Not `match self.lock()…`: the guard would live through `make_parted`, which
