@@ -528,10 +528,12 @@ fn a_file_open_through_passthrough_is_split_only_after_it_is_closed() {
         "the file grew whole"
     );
     fs.release(fh).unwrap();
+    let fh = fs.open(attr.ino, libc::O_RDONLY).unwrap();
     assert!(
-        fs.passthrough_file(attr.ino).is_err(),
+        fs.passthrough_file(attr.ino, fh).is_err(),
         "a file of half a part or more is not handed to the kernel on a splitting mount"
     );
+    fs.release(fh).unwrap();
     let fh = fs.open(attr.ino, libc::O_RDWR).unwrap();
     fs.write(fh, 3 * P, b"more").unwrap();
     fs.release(fh).unwrap();
@@ -549,6 +551,50 @@ fn a_file_open_through_passthrough_is_split_only_after_it_is_closed() {
     );
     drop(fs);
     assert_fat_clean(&backing);
+}
+
+/// Which opens the kernel may serve itself: on a splitting mount only readers of small whole
+/// files, and never next to a handle served by pershome (the kernel refuses mixed opens).
+#[test]
+fn passthrough_is_offered_only_where_pershome_need_not_see_the_data() {
+    let (_t, backing) = temp();
+    let fs = open_with(&backing, tiny());
+    let (attr, fh) = fs
+        .create(USER, ROOT, b"small", 0o644, libc::O_RDWR)
+        .unwrap();
+    fs.write(fh, 0, b"tiny").unwrap();
+    assert!(
+        fs.passthrough_file(attr.ino, fh).is_err(),
+        "a writer on a splitting mount"
+    );
+    let reader = fs.open(attr.ino, libc::O_RDONLY).unwrap();
+    assert!(
+        fs.passthrough_file(attr.ino, reader).is_err(),
+        "a reader while a writer is served by pershome"
+    );
+    fs.release(fh).unwrap();
+    fs.release(reader).unwrap();
+    let reader = fs.open(attr.ino, libc::O_RDONLY).unwrap();
+    assert!(
+        fs.passthrough_file(attr.ino, reader).is_ok(),
+        "a lone reader of a small whole file"
+    );
+    fs.release(reader).unwrap();
+    drop(fs);
+    let fs = open_with(
+        &backing,
+        FsOptions {
+            parts: PartsMode::Never,
+            ..tiny()
+        },
+    );
+    let ino = lookup(&fs, b"small").ino;
+    let writer = fs.open(ino, libc::O_RDWR).unwrap();
+    assert!(
+        fs.passthrough_file(ino, writer).is_ok(),
+        "a writer where nothing is split"
+    );
+    fs.release(writer).unwrap();
 }
 
 #[test]

@@ -70,6 +70,7 @@ impl Fs {
                 ino: attr.ino,
                 file: Arc::new(file),
                 passthrough: false,
+                writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
             },
         );
         Ok((attr, fh))
@@ -122,6 +123,7 @@ impl Fs {
                 ino,
                 file: Arc::new(file),
                 passthrough: false,
+                writable: acc != libc::O_RDONLY,
             },
         );
         Ok(fh)
@@ -192,17 +194,27 @@ impl Fs {
 
     /// A backing file for the kernel to read and write directly (FUSE passthrough): one per
     /// inode, opened read-write (read-only on a read-only mount) whatever the first `open`
-    /// asked, because the kernel uses it for every handle of the inode.
-    pub fn passthrough_file(&self, ino: Ino) -> Result<File> {
+    /// asked, because the kernel uses it for every handle of the inode. Asked when handle `fh`
+    /// is the first to want passthrough for `ino`.
+    ///
+    /// The kernel insists that all open handles of an inode agree (all passthrough or none),
+    /// and it would read and write only the first part of a parted file and could never let
+    /// pershome split one. So this refuses (`EOPNOTSUPP`, and the handle is served by the
+    /// daemon) when another handle of the inode is open already, for a parted file, and, on
+    /// a mount that splits files, for a writer (it might write past the part size: `cp` of a
+    /// 5 GiB file) or a file of half a part or more (docs/architecture.md).
+    pub fn passthrough_file(&self, ino: Ino, fh: u64) -> Result<File> {
         let st = self.lock();
         let inode = st.inode(ino)?;
         if inode.kind != Kind::File {
             return Err(Errno::EINVAL);
         }
-        // The kernel would read and write the first part only, and a file growing past the
-        // part size must be split by pershome: parted files, and big files on a mount that
-        // splits, are served through the daemon (docs/architecture.md, "Files in parts").
-        if inode.meta.parts.is_some() || (self.split && inode.size >= self.part_size / 2) {
+        let writable = st.handles.get(&fh).is_some_and(|h| h.writable);
+        let others = st.handles.iter().any(|(&f, h)| h.ino == ino && f != fh);
+        if others
+            || inode.meta.parts.is_some()
+            || (self.split && (writable || inode.size >= self.part_size / 2))
+        {
             return Err(Errno::EOPNOTSUPP);
         }
         let (dir, name) = st.content_location(ino)?;

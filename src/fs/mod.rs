@@ -328,6 +328,9 @@ pub(crate) struct Handle {
     /// The kernel reads and writes this file itself (FUSE passthrough), so its size and mtime
     /// must be read back from the backing file.
     pub passthrough: bool,
+    /// Opened for writing: on a mount that splits files, such a handle is served by pershome
+    /// (see `Fs::passthrough_file`).
+    pub writable: bool,
 }
 
 /// A directory listing taken at opendir, so readdir offsets stay stable while it changes.
