@@ -384,6 +384,18 @@ impl Backing {
         Ok(unsafe { st.assume_init() })
     }
 
+    /// The backing's file system type (`statfs(2)` `f_type`), to tell FAT from the rest.
+    pub fn statfs_type(&self) -> io::Result<i64> {
+        let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: as in stat_at.
+        check(unsafe { libc::fstatfs(self.root.as_raw_fd(), st.as_mut_ptr()) })?;
+        // SAFETY: fstatfs succeeded.
+        let st = unsafe { st.assume_init() };
+        // f_type is __fsword_t, whose width and sign differ between architectures.
+        #[allow(clippy::unnecessary_cast)]
+        Ok(st.f_type as i64)
+    }
+
     pub fn fsync_dir(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
         self.check_fault()?;
         // SAFETY: valid fd; result checked.

@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use crate::audit;
 use crate::backing::Backing;
+use crate::fs::parts::PARTS_DIR;
 use crate::fs::{Fs, FsOptions, Kind, OpenError, RECOVERED_DIR, ROOT};
 use crate::meta::journal::{Journal, OpenMode, StoreError};
 use crate::meta::pending::PendingTree;
-use crate::meta::{Meta, OWNER_ID, STORE_DIR};
+use crate::meta::{Meta, Parts, OWNER_ID, STORE_DIR};
 use crate::names::{self, Decoded};
 
 /// Exit codes, as e2fsck's.
@@ -361,6 +362,18 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
         .collect();
     // Hard-link id → the POSIX paths of the names that refer to it.
     let mut names_of: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    // Parts id → (parts, the file's path, its first part's length when known).
+    let mut parts_of: BTreeMap<u64, (Parts, String, Option<u64>)> = BTreeMap::new();
+    for (id, meta) in &replayed.inodes {
+        if let Some(p) = meta.parts {
+            let content = format!("{STORE_DIR}/inodes/{id:016x}");
+            let len = contents
+                .iter()
+                .find(|c| c.id == Some(*id) && c.is_file)
+                .map(|c| c.size);
+            parts_of.insert(p.id, (p, content, len));
+        }
+    }
 
     let root_tree = std::mem::take(&mut replayed.root);
     // (backing path, POSIX path, the store's records below it)
@@ -455,6 +468,9 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
             seen.insert(name, entry.name.clone());
 
             if entry.stat.is_file {
+                if let Some(p) = meta.as_ref().and_then(|m| m.parts) {
+                    parts_of.insert(p.id, (p, shown(&child_path), Some(entry.stat.size)));
+                }
                 if let Some(id) = meta.as_ref().and_then(link_of) {
                     names_of.entry(id).or_default().push(shown(&child_path));
                     let has_inode = replayed.inodes.contains_key(&id);
@@ -587,6 +603,8 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
         }
     }
 
+    check_parts(&b, &parts_of, &mut report)?;
+
     let problems = audit::audit_tree(backing).map_err(io_err("auditing the backing tree"))?;
     for problem in problems {
         let rel = problem.path.strip_prefix(backing).unwrap_or(&problem.path);
@@ -604,6 +622,139 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
     Ok(report)
 }
 
+/// Files stored in parts (`docs/format.md` § Parts): every parts directory must belong to a
+/// file, every part before the last must be present and one part long, and the first part of a
+/// file with further parts must be one part long too (else it was rewritten elsewhere).
+fn check_parts(
+    b: &Backing,
+    parts_of: &BTreeMap<u64, (Parts, String, Option<u64>)>,
+    report: &mut Report,
+) -> Result<(), FsckError> {
+    let mut add =
+        |class, path: String, what: String| report.findings.push(Finding { class, path, what });
+    let rel = format!("{STORE_DIR}/{PARTS_DIR}");
+    let dirs = match b.open_dir(rel.as_bytes()) {
+        Ok(d) => b
+            .list(d.as_fd())
+            .map_err(io_err(format!("listing {rel}")))?,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Vec::new(),
+        Err(e) => return Err(io_err(format!("opening {rel}"))(e)),
+    };
+    let mut on_disk = BTreeSet::new();
+    for d in dirs {
+        let path = format!("{rel}/{}", String::from_utf8_lossy(&d.name));
+        let Some(id) = crate::fs::parts::parse_parts_dir_name(&d.name).filter(|_| d.stat.is_dir)
+        else {
+            add(
+                Class::Unrepairable,
+                path,
+                "not something pershome puts in .pershome/parts/; left alone (look at it, \
+                 then move or delete it)"
+                    .into(),
+            );
+            continue;
+        };
+        on_disk.insert(id);
+        let dir = b
+            .open_dir(path.as_bytes())
+            .map_err(io_err(format!("opening {path}")))?;
+        let listed = b
+            .list(dir.as_fd())
+            .map_err(io_err(format!("listing {path}")))?;
+        let mut parts: Vec<(u64, u64)> = Vec::new();
+        for e in &listed {
+            match crate::fs::parts::parse_part_name(&e.name).filter(|_| e.stat.is_file) {
+                Some(k) => parts.push((k, e.stat.size)),
+                None => add(
+                    Class::Unrepairable,
+                    format!("{path}/{}", String::from_utf8_lossy(&e.name)),
+                    "not a part pershome writes; left alone".into(),
+                ),
+            }
+        }
+        parts.sort_unstable();
+        let bytes: u64 = parts.iter().map(|(_, n)| n).sum();
+        let Some((p, file, first_len)) = parts_of.get(&id) else {
+            add(
+                Class::Repairable,
+                path,
+                format!(
+                    "orphaned parts ({} part(s), {bytes} bytes) of a file that no longer \
+                     has them (a crash while a file was split or deleted, or its first part \
+                     rewritten on another computer); a repair moves them to \
+                     {RECOVERED_DIR}/parts-{id:016x}/",
+                    parts.len()
+                ),
+            );
+            continue;
+        };
+        let Some(&(last, _)) = parts.last() else {
+            continue;
+        };
+        if first_len.is_some_and(|n| n != p.size) {
+            add(
+                Class::Repairable,
+                file.clone(),
+                format!(
+                    "its first part is {} bytes, not one part ({}): it was rewritten on \
+                     another computer; pershome shows only the first part, and a repair \
+                     moves the later parts to {RECOVERED_DIR}/parts-{id:016x}/",
+                    first_len.unwrap_or_default(),
+                    p.size
+                ),
+            );
+            continue;
+        }
+        let present: BTreeMap<u64, u64> = parts.iter().copied().collect();
+        let short: Vec<String> = (1..last)
+            .filter(|k| present.get(k).is_none_or(|&n| n < p.size))
+            .map(|k| format!("{k}"))
+            .collect();
+        if !short.is_empty() {
+            add(
+                Class::Repairable,
+                file.clone(),
+                format!(
+                    "part(s) {} of {path} are missing or short: those bytes read as zeros \
+                     (their data is lost); a repair makes them holes of the right length",
+                    short.join(", ")
+                ),
+            );
+        }
+        let long: Vec<String> = parts
+            .iter()
+            .filter(|(_, n)| *n > p.size)
+            .map(|(k, _)| format!("{k}"))
+            .collect();
+        if !long.is_empty() {
+            add(
+                Class::Unrepairable,
+                file.clone(),
+                format!(
+                    "part(s) {} of {path} are longer than a part ({} bytes): pershome never \
+                     shows the bytes past a part's end; left alone",
+                    long.join(", "),
+                    p.size
+                ),
+            );
+        }
+    }
+    for (id, (_, file, _)) in parts_of {
+        if !on_disk.contains(id) {
+            // A file split and then shrunk keeps no parts directory only after a crash; it
+            // reads as its first part, which is all there is.
+            add(
+                Class::Note,
+                file.clone(),
+                format!(
+                    "stored in parts, but {rel}/{id:016x} is missing: it holds only its first part"
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Repairs through the filesystem's own logic: open read-write (which cuts a torn journal
 /// tail and takes the exclusive lock), load every directory (reconciling every record), fix
 /// link counts and unreferenced inodes, write a checkpoint of the live state (stale records
@@ -613,12 +764,12 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
     let opts = FsOptions {
         // The store's owner id itself: ids then pass through unchanged, so no file owned by
         // the user running fsck (root, say) is rewritten as owned by "whoever mounts".
-        uid: OWNER_ID,
-        gid: OWNER_ID,
-        read_only: false,
         commit_interval: Duration::from_secs(3600),
         // The stick's own mode, whichever it is.
         names: None,
+        // Repair splits nothing; files already in parts stay so.
+        parts: crate::fs::PartsMode::Never,
+        ..FsOptions::new(OWNER_ID, OWNER_ID)
     };
     let fs = Fs::open_backing(backing, opts).map_err(|e| match e {
         OpenError::Store(StoreError::Busy) => FsckError::Busy(path.clone()),
@@ -631,7 +782,7 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
             source,
         },
         // Cannot happen with `names: None`, which adopts the stick's mode.
-        e @ OpenError::NameMode { .. } => FsckError::Io {
+        e @ (OpenError::NameMode { .. } | OpenError::PartSize(_)) => FsckError::Io {
             context: format!("opening {path}"),
             source: io::Error::other(e.to_string()),
         },
@@ -697,6 +848,20 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
             .map_err(fs_err("moving orphaned content to pershome-recovered"))?;
         done.push(format!(
             "moved orphaned content {STORE_DIR}/inodes/{id:016x} to {to}"
+        ));
+    }
+    // Parts: holes for missing or short parts of live files, then parts directories no file
+    // refers to (also those reconciliation just detached) moved where the user sees them.
+    done.extend(
+        fs.mend_parts()
+            .map_err(fs_err("mending the parts of a file"))?,
+    );
+    for id in fs.orphan_parts() {
+        let to = fs
+            .recover_parts(id)
+            .map_err(fs_err("moving orphaned parts to pershome-recovered"))?;
+        done.push(format!(
+            "moved orphaned parts {STORE_DIR}/{PARTS_DIR}/{id:016x} to {to}"
         ));
     }
     fs.shutdown();

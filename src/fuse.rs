@@ -202,7 +202,7 @@ impl Adapter {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let std::collections::hash_map::Entry::Vacant(slot) = ids.entry(ino) {
-            let file = self.fs.passthrough_file(ino).ok()?;
+            let file = self.fs.passthrough_file(ino, fh).ok()?;
             match register(&file) {
                 Ok(id) => {
                     slot.insert((id, 0));

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use fuser::{Config, MountOption, SessionACL};
 
+pub use crate::fs::PartsMode;
 use crate::names::NameMode;
 
 /// The filesystem subtype: `mount` and `df` show the type as `fuse.pershomefs`.
@@ -64,6 +65,11 @@ pub struct MountOptions {
     /// `names=long|8.3`: how names are written on the stick. `None` (no option) adopts the
     /// mode recorded in the stick's store, and is `long` on a new store.
     pub names: Option<NameMode>,
+    /// `parts=auto|always|never`: when files growing past the part size are stored in parts.
+    pub parts: PartsMode,
+    /// `part_size=BYTES` (for tests: tiny parts cross boundaries often): the part size of
+    /// files split from now on.
+    pub part_size: u64,
 }
 
 /// A rejected `-o` option. The message names the option and says what to do.
@@ -153,6 +159,8 @@ pub fn parse_options_with(
         sync: false,
         dirsync: false,
         names: None,
+        parts: PartsMode::Auto,
+        part_size: crate::fs::parts::DEFAULT_PART_SIZE,
     };
     let mut allow_other = false;
     let mut allow_root = false;
@@ -191,6 +199,24 @@ pub fn parse_options_with(
                                     .to_owned(),
                         }
                     })?);
+                }
+                "parts" => {
+                    out.parts = match required(key, value)? {
+                        "auto" => PartsMode::Auto,
+                        "always" => PartsMode::Always,
+                        "never" => PartsMode::Never,
+                        v => {
+                            return Err(OptionError::InvalidValue {
+                                option: key.to_owned(),
+                                value: v.to_owned(),
+                                reason: "expected auto, always or never".to_owned(),
+                            })
+                        }
+                    };
+                }
+                "part_size" => {
+                    let v = required(key, value)?;
+                    out.part_size = parse_part_size(v)?;
                 }
                 "fsname" => {
                     let v = required(key, value)?;
@@ -315,6 +341,29 @@ fn parse_id(v: &str) -> Option<u32> {
         return None;
     }
     v.parse::<u32>().ok().filter(|&id| id != u32::MAX)
+}
+
+fn parse_part_size(v: &str) -> Result<u64, OptionError> {
+    use crate::meta::{MAX_PART_SIZE, MIN_PART_SIZE, PART_ALIGN};
+    let bad = |reason: String| OptionError::InvalidValue {
+        option: "part_size".to_owned(),
+        value: v.to_owned(),
+        reason,
+    };
+    if !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad(
+            "expected a number of bytes, such as part_size=65536".to_owned()
+        ));
+    }
+    let n: u64 = v
+        .parse()
+        .map_err(|_| bad(format!("at most {MAX_PART_SIZE}")))?;
+    if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&n) || n % PART_ALIGN != 0 {
+        return Err(bad(format!(
+            "expected a multiple of {PART_ALIGN} from {MIN_PART_SIZE} to {MAX_PART_SIZE}"
+        )));
+    }
+    Ok(n)
 }
 
 fn parse_commit(v: &str) -> Result<u32, OptionError> {
@@ -484,6 +533,8 @@ mod tests {
             sync: false,
             dirsync: false,
             names: None,
+            parts: PartsMode::Auto,
+            part_size: crate::fs::parts::DEFAULT_PART_SIZE,
         };
         assert_eq!(o, expected, "expected {expected:?}, got {o:?}");
     }
@@ -566,6 +617,44 @@ mod tests {
         assert!(ok(&["ro"]).read_only, "ro");
         assert!(!ok(&["ro,rw"]).read_only, "ro,rw");
         assert!(ok(&["rw", "ro"]).read_only, "rw then ro");
+    }
+
+    #[test]
+    fn parts_and_part_size() {
+        assert_eq!(ok(&["parts=never"]).parts, PartsMode::Never, "parts=never");
+        assert_eq!(
+            ok(&["parts=always"]).parts,
+            PartsMode::Always,
+            "parts=always"
+        );
+        assert_eq!(
+            ok(&["parts=always,parts=auto"]).parts,
+            PartsMode::Auto,
+            "last wins"
+        );
+        assert_eq!(ok(&["part_size=4096"]).part_size, 4096, "part_size=4096");
+        assert_eq!(
+            ok(&["part_size=4294963200"]).part_size,
+            crate::meta::MAX_PART_SIZE,
+            "the largest part size"
+        );
+        for bad in [
+            "parts=sometimes",
+            "part_size=4095",
+            "part_size=5000",
+            "part_size=4294967296",
+            "part_size=-4096",
+            "part_size=1e6",
+            "part_size=99999999999999999999999",
+        ] {
+            match err(&[bad]) {
+                OptionError::InvalidValue { option, .. } => {
+                    assert!(bad.starts_with(&option), "{bad}: error names {option}")
+                }
+                other => panic!("{bad}: expected InvalidValue, got {other:?}"),
+            }
+        }
+        assert_eq!(err(&["parts"]), OptionError::MissingValue("parts".into()));
     }
 
     #[test]

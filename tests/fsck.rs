@@ -297,7 +297,9 @@ fn a_newer_format_is_refused_untouched() {
     realistic(tmp.path());
     let journal = store_file(tmp.path(), "journal.");
     let mut bytes = std::fs::read(&journal).expect("read");
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    // One past the newest format this pershome reads.
+    let newer = pershome::meta::FORMAT_VERSION + 1;
+    bytes[8..12].copy_from_slice(&newer.to_le_bytes());
     let crc = crc32c::crc32c(&bytes[..20]);
     bytes[20..24].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&journal, &bytes).expect("write");

@@ -299,7 +299,9 @@ fn a_stick_written_by_a_newer_pershome_is_refused_untouched() {
         })
         .expect("a journal file");
     let mut bytes = std::fs::read(&journal).unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    // One past the newest format this pershome reads.
+    let newer = pershome::meta::FORMAT_VERSION + 1;
+    bytes[8..12].copy_from_slice(&newer.to_le_bytes());
     let crc = crc32c::crc32c(&bytes[..20]);
     bytes[20..24].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&journal, &bytes).unwrap();

@@ -14,6 +14,8 @@ fn main() -> ExitCode {
             read_only: opts.read_only,
             commit_interval: opts.commit_interval,
             names: opts.names,
+            parts: opts.parts,
+            part_size: opts.part_size,
         };
         pershome::fuse::Adapter::open(backing, fs_opts).map_err(|e| match e {
             FsOpenError::Backing { .. } => OpenError::Backing(anyhow::Error::new(e)),
@@ -22,6 +24,7 @@ fn main() -> ExitCode {
                  computer, or mount it read-only with a newer version"
             )),
             FsOpenError::NameMode { .. } => OpenError::Refused(e.to_string()),
+            FsOpenError::PartSize(_) => OpenError::Refused(e.to_string()),
             FsOpenError::Store(s) => OpenError::Refused(format!(
                 "the metadata store in {}/.pershome cannot be used: {s}; run `pershome fsck` on it",
                 backing.display()

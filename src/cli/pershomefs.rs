@@ -60,6 +60,12 @@ Mount options (-o, comma-separated, may be repeated; escape a comma in a value a
                      kept in the metadata store). A stick keeps the mode it was first
                      written in: without the option its own mode is used, and the
                      other mode is refused
+  parts=auto|always|never
+                     store files past 4 GiB - 4 KiB in parts (default auto: on a
+                     FAT or unknown backing; files stay whole on exFAT, ext4 and
+                     other file systems that hold large files)
+  part_size=BYTES    for tests: the part size of newly split files (a multiple
+                     of 4096; default 4294963200)
   fsname=NAME        the source name shown by mount and df (default: BACKING)
   subtype=...        ignored: the type is always fuse.pershomefs
   noexec, exec       forbid or allow running programs from the mount
@@ -464,6 +470,8 @@ mod tests {
             "ro ",
             "rw ",
             "commit=",
+            "parts=",
+            "part_size=",
             "fsname=",
             "subtype=",
             "noexec",

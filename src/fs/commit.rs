@@ -24,8 +24,12 @@ impl Fs {
             return Ok(());
         };
         let mut journal = self.journal();
+        let upgrade = self.upgrade_snapshot(&st, &mut journal, &records);
         drop(st);
-        let result = Self::append(&mut journal, &records);
+        let result = match upgrade {
+            Some(snapshot) => Self::write_checkpoint(&mut journal, &snapshot),
+            None => Self::append(&mut journal, &records),
+        };
         let compact = result.is_ok()
             && journal
                 .as_ref()
@@ -65,7 +69,12 @@ impl Fs {
         let Some((records, inos)) = self.build_batch(st) else {
             return Ok(());
         };
-        let result = Self::append(&mut self.journal(), &records);
+        let mut journal = self.journal();
+        let result = match self.upgrade_snapshot(st, &mut journal, &records) {
+            Some(snapshot) => Self::write_checkpoint(&mut journal, &snapshot),
+            None => Self::append(&mut journal, &records),
+        };
+        drop(journal);
         if result.is_err() {
             self.requeue(st, records, inos);
         }
@@ -74,6 +83,33 @@ impl Fs {
 
     pub(crate) fn journal(&self) -> std::sync::MutexGuard<'_, Option<crate::meta::Journal>> {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The first record of a file stored in parts cannot go into a format-1 journal (an
+    /// older pershome would read it as damage and cut it off): the whole state, which already
+    /// holds the batch's changes, is written as a new format-2 generation instead.
+    fn upgrade_snapshot(
+        &self,
+        st: &State,
+        journal: &mut Option<crate::meta::Journal>,
+        records: &[Record],
+    ) -> Option<Vec<Record>> {
+        if !records.iter().any(Record::needs_format_2) {
+            return None;
+        }
+        let version = journal.as_mut()?.live_version().ok()?;
+        (version < 2).then(|| self.snapshot(st))
+    }
+
+    fn write_checkpoint(
+        journal: &mut Option<crate::meta::Journal>,
+        snapshot: &[Record],
+    ) -> Result<()> {
+        let journal = journal.as_mut().ok_or(Errno::EROFS)?;
+        journal.checkpoint(snapshot).map_err(|e| {
+            tracing::error!("writing the metadata store as format 2 failed: {e}");
+            Errno::EIO
+        })
     }
 
     fn append(journal: &mut Option<crate::meta::Journal>, records: &[Record]) -> Result<()> {

@@ -8,8 +8,28 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use super::namespace::{backing_open_flags, NewNode};
+use super::parts::Layout;
 use super::{errno_of, now, Attr, Ctx, Errno, Fs, Handle, Ino, Kind, Result, SetAttr, SetTime};
-use crate::fatrules::MAX_FILE_SIZE;
+use crate::meta::Parts;
+
+/// What a data operation on an open file works on: the handle's backing file (the whole file,
+/// or its first part) and, for a parted file, its parts and length.
+struct Io {
+    ino: Ino,
+    file: Arc<File>,
+    parts: Option<Parts>,
+    size: u64,
+}
+
+impl Io {
+    fn layout(&self) -> Option<Layout<'_>> {
+        self.parts.map(|parts| Layout {
+            first: &self.file,
+            parts,
+            size: self.size,
+        })
+    }
+}
 
 /// What `statfs` reports.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +70,7 @@ impl Fs {
                 ino: attr.ino,
                 file: Arc::new(file),
                 passthrough: false,
+                writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
             },
         );
         Ok((attr, fh))
@@ -60,6 +81,8 @@ impl Fs {
         if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             self.check_writable()?;
         }
+        // O_TRUNC of a parted file removes its parts: a structural change.
+        let _parts = (flags & libc::O_TRUNC != 0).then(|| self.parts_guard());
         let mut st = self.lock();
         let inode = st.inode(ino)?;
         match inode.kind {
@@ -83,6 +106,10 @@ impl Fs {
         let inode = st.inode_mut(ino)?;
         inode.opens += 1;
         if bflags & libc::O_TRUNC != 0 && inode.size != 0 {
+            if let Some(p) = inode.meta.parts {
+                self.remove_parts_from(p, 1)?;
+            }
+            let inode = st.inode_mut(ino)?;
             let t = now();
             inode.size = 0;
             inode.blocks = 0;
@@ -96,6 +123,7 @@ impl Fs {
                 ino,
                 file: Arc::new(file),
                 passthrough: false,
+                writable: acc != libc::O_RDONLY,
             },
         );
         Ok(fh)
@@ -107,13 +135,87 @@ impl Fs {
         Ok((h.ino, h.file.clone()))
     }
 
+    fn handle_io(&self, fh: u64) -> Result<Io> {
+        let st = self.lock();
+        let h = st.handles.get(&fh).ok_or(Errno::EBADF)?;
+        let inode = st.inode(h.ino)?;
+        Ok(Io {
+            ino: h.ino,
+            file: h.file.clone(),
+            parts: inode.meta.parts,
+            size: inode.size,
+        })
+    }
+
+    pub(crate) fn parts_guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.parts_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether an operation reaching `end` must work on parts: the file is parted already, or
+    /// it is about to grow past the part size on a mount that splits.
+    fn needs_parts(&self, io: &Io, end: u64) -> bool {
+        io.parts.is_some() || (self.may_split(io.ino) && end > self.part_size && end > io.size)
+    }
+
+    /// Whether a whole file may be split now: on a mount that splits, unless the kernel has
+    /// it open through passthrough (it would go on writing the first part alone); such a file
+    /// grows whole up to the backing's limit and is split at a later write through pershome.
+    fn may_split(&self, ino: Ino) -> bool {
+        self.split
+            && !self
+                .lock()
+                .handles
+                .values()
+                .any(|h| h.ino == ino && h.passthrough)
+    }
+
+    /// With `parts_lock` held: the handle's state again (another thread may have split the
+    /// file meanwhile), split first when `grow_to` passes the part size of a whole file.
+    fn parted_io(&self, fh: u64, grow_to: u64) -> Result<Io> {
+        let mut io = self.handle_io(fh)?;
+        if io.parts.is_none() && grow_to > self.part_size && self.may_split(io.ino) {
+            io.parts = Some(self.make_parted(io.ino)?);
+        }
+        Ok(io)
+    }
+
+    /// After a size change of a parted file: its new size, blocks and times.
+    fn note_growth(&self, ino: Ino, size: u64, set: bool) {
+        let mut st = self.lock();
+        if let Ok(inode) = st.inode_mut(ino) {
+            let t = now();
+            inode.size = if set { size } else { inode.size.max(size) };
+            inode.blocks = inode.size.div_ceil(512);
+            inode.meta.mtime = t;
+            inode.meta.ctime = t;
+            st.mark_dirty(ino);
+        }
+    }
+
     /// A backing file for the kernel to read and write directly (FUSE passthrough): one per
     /// inode, opened read-write (read-only on a read-only mount) whatever the first `open`
-    /// asked, because the kernel uses it for every handle of the inode.
-    pub fn passthrough_file(&self, ino: Ino) -> Result<File> {
+    /// asked, because the kernel uses it for every handle of the inode. Asked when handle `fh`
+    /// is the first to want passthrough for `ino`.
+    ///
+    /// The kernel insists that all open handles of an inode agree (all passthrough or none),
+    /// and it would read and write only the first part of a parted file and could never let
+    /// pershome split one. So this refuses (`EOPNOTSUPP`, and the handle is served by the
+    /// daemon) when another handle of the inode is open already, for a parted file, and, on
+    /// a mount that splits files, for a writer (it might write past the part size: `cp` of a
+    /// 5 GiB file) or a file of half a part or more (docs/architecture.md).
+    pub fn passthrough_file(&self, ino: Ino, fh: u64) -> Result<File> {
         let st = self.lock();
-        if st.inode(ino)?.kind != Kind::File {
+        let inode = st.inode(ino)?;
+        if inode.kind != Kind::File {
             return Err(Errno::EINVAL);
+        }
+        let writable = st.handles.get(&fh).is_some_and(|h| h.writable);
+        let others = st.handles.iter().any(|(&f, h)| h.ino == ino && f != fh);
+        if others
+            || inode.meta.parts.is_some()
+            || (self.split && (writable || inode.size >= self.part_size / 2))
+        {
+            return Err(Errno::EOPNOTSUPP);
         }
         let (dir, name) = st.content_location(ino)?;
         let dirfd = self.backing.open_dir(&dir).map_err(|e| errno_of(&e))?;
@@ -128,7 +230,15 @@ impl Fs {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let (_, file) = self.handle_file(fh)?;
+        let io = self.handle_io(fh)?;
+        if io.parts.is_some() {
+            let _parts = self.parts_guard();
+            let io = self.handle_io(fh)?;
+            if let Some(l) = io.layout() {
+                return self.parted_read(&l, offset, size as usize);
+            }
+        }
+        let file = io.file;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -140,16 +250,33 @@ impl Fs {
             }
         }
         buf.truncate(done);
+        if done < size as usize && self.split {
+            // A short read of a whole file may be a split that cut this file to its first
+            // part while we read: the rest is in parts now. Read it again from the parts,
+            // else a reader would take the cut for the end of the file.
+            let _parts = self.parts_guard();
+            let io = self.handle_io(fh)?;
+            if let Some(l) = io.layout() {
+                return self.parted_read(&l, offset, size as usize);
+            }
+        }
         Ok(buf)
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
         self.check_writable()?;
-        let (ino, file) = self.handle_file(fh)?;
+        let io = self.handle_io(fh)?;
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
-        if end > MAX_FILE_SIZE + 1 {
-            return Err(Errno::EFBIG);
+        if self.needs_parts(&io, end) {
+            let _parts = self.parts_guard();
+            let io = self.parted_io(fh, end)?;
+            if let Some(l) = io.layout() {
+                let n = self.parted_write(&l, offset, data)?;
+                self.note_growth(io.ino, offset + n as u64, false);
+                return Ok(n as u32);
+            }
         }
+        let (ino, file) = (io.ino, io.file);
         let n = self
             .backing
             .write_at(&file, data, offset)
@@ -187,6 +314,7 @@ impl Fs {
         let stat = crate::backing::Backing::fstat(&handle.file).ok();
         drop(handle);
         let mut remove_link = None;
+        let mut remove_parts = None;
         if let Ok(inode) = st.inode_mut(ino) {
             if let Some(stat) = stat {
                 inode.note_backing(&stat);
@@ -196,21 +324,40 @@ impl Fs {
                 if let Some(id) = inode.link_id.filter(|_| inode.meta.nlink == 0) {
                     remove_link = Some(id);
                 }
+                let gone = match inode.link_id {
+                    Some(_) => inode.meta.nlink == 0,
+                    None => inode.parent == 0,
+                };
+                if gone {
+                    remove_parts = inode.meta.parts;
+                }
             }
         }
         if let Some(id) = remove_link {
             self.remove_link_content(id);
+        }
+        if let Some(p) = remove_parts {
+            // The last name went while the file was open: its parts go with its last close.
+            self.remove_all_parts(p);
         }
         st.maybe_drop(ino);
         Ok(())
     }
 
     /// Makes a file's data and all metadata durable on the stick.
+    /// Makes a file's data and all metadata durable on the stick. A file in parts has its
+    /// later parts synced too: the bytes the caller wrote may be in any of them.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<()> {
-        let (_, file) = self.handle_file(fh)?;
+        let io = self.handle_io(fh)?;
         self.backing
-            .sync_file(&file, datasync)
+            .sync_file(&io.file, datasync)
             .map_err(|e| errno_of(&e))?;
+        if let Some(p) = io.parts {
+            let _parts = self.parts_guard();
+            // The size may have changed since `handle_io`; the parts lock keeps it still now.
+            let size = self.lock().inode(io.ino).map_or(io.size, |i| i.size);
+            self.sync_parts(p, size, datasync)?;
+        }
         self.commit()
     }
 
@@ -220,11 +367,29 @@ impl Fs {
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
         self.check_writable()?;
-        let (ino, file) = self.handle_file(fh)?;
+        let io = self.handle_io(fh)?;
         let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
-        if end > MAX_FILE_SIZE + 1 && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
-            return Err(Errno::EFBIG);
+        let grows = mode & libc::FALLOC_FL_KEEP_SIZE == 0;
+        if io.parts.is_some() || (grows && self.needs_parts(&io, end)) {
+            let _parts = self.parts_guard();
+            let mut io = self.parted_io(fh, if grows { end } else { 0 })?;
+            if io.parts.is_some() {
+                if grows && end > io.size {
+                    if let Some(l) = io.layout() {
+                        self.parted_set_len(&l, end)?;
+                    }
+                    io.size = end;
+                }
+                if let Some(l) = io.layout() {
+                    self.parted_fallocate(&l, offset, length, mode)?;
+                }
+                if grows {
+                    self.note_growth(io.ino, end, false);
+                }
+                return Ok(());
+            }
         }
+        let (ino, file) = (io.ino, io.file);
         self.backing.check_fault().map_err(|e| errno_of(&e))?;
         // SAFETY: valid fd; result checked.
         let r = unsafe {
@@ -267,7 +432,23 @@ impl Fs {
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        let (_, file) = self.handle_file(fh)?;
+        let io = self.handle_io(fh)?;
+        if io.parts.is_some() {
+            let _parts = self.parts_guard();
+            let io = self.handle_io(fh)?;
+            if let Some(l) = io.layout() {
+                let off = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+                return match whence {
+                    libc::SEEK_DATA | libc::SEEK_HOLE => {
+                        Ok(self.parted_seek(&l, off, whence)? as i64)
+                    }
+                    libc::SEEK_SET => Ok(offset),
+                    libc::SEEK_END => Ok((l.size as i64).saturating_add(offset)),
+                    _ => Err(Errno::EINVAL),
+                };
+            }
+        }
+        let file = io.file;
         // SAFETY: valid fd; lseek on our own private descriptor; result checked.
         let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
         if r < 0 {
@@ -285,17 +466,20 @@ impl Fs {
         len: u64,
     ) -> Result<u64> {
         self.check_writable()?;
-        let (_, fin) = self.handle_file(fh_in)?;
-        let (ino_out, fout) = self.handle_file(fh_out)?;
+        let io_in = self.handle_io(fh_in)?;
+        let io_out = self.handle_io(fh_out)?;
         let end = off_out.checked_add(len).ok_or(Errno::EFBIG)?;
-        let len = if end > MAX_FILE_SIZE + 1 {
-            (MAX_FILE_SIZE + 1).saturating_sub(off_out)
-        } else {
-            len
-        };
-        if len == 0 && end > MAX_FILE_SIZE + 1 {
-            return Err(Errno::EFBIG);
+        if io_in.parts.is_some() || self.needs_parts(&io_out, end) {
+            // Parts are not one file the kernel could copy between: copy through a buffer,
+            // with the same splitting as any write.
+            let chunk = len.min(1 << 20) as u32;
+            let data = self.read(fh_in, off_in, chunk)?;
+            if data.is_empty() {
+                return Ok(0);
+            }
+            return Ok(u64::from(self.write(fh_out, off_out, &data)?));
         }
+        let (fin, ino_out, fout) = (io_in.file, io_out.ino, io_out.file);
         self.backing.check_fault().map_err(|e| errno_of(&e))?;
         let mut oi = off_in as libc::loff_t;
         let mut oo = off_out as libc::loff_t;
@@ -355,10 +539,41 @@ impl Fs {
 
     pub fn setattr(&self, ino: Ino, set: SetAttr) -> Result<Attr> {
         self.check_writable()?;
+        let _parts;
+        let mut parted_done = false;
         if let Some(size) = set.size {
-            if size > MAX_FILE_SIZE {
-                return Err(Errno::EFBIG);
+            let (kind, parts, cur) = {
+                let st = self.lock();
+                let i = st.inode(ino)?;
+                (i.kind, i.meta.parts, i.size)
+            };
+            if kind == Kind::File
+                && (parts.is_some() || (size > self.part_size && size > cur && self.may_split(ino)))
+            {
+                _parts = self.parts_guard();
+                // Not `match self.lock()…`: the guard would live through `make_parted`, which
+                // takes the state lock itself.
+                let known = self.lock().inode(ino)?.meta.parts;
+                let parts = match known {
+                    Some(p) => p,
+                    None => self.make_parted(ino)?,
+                };
+                let first = self.open_first(ino)?;
+                let cur = self.lock().inode(ino)?.size;
+                let l = Layout {
+                    first: &first,
+                    parts,
+                    size: cur,
+                };
+                self.parted_set_len(&l, size)?;
+                let stat = crate::backing::Backing::fstat(&first).ok();
+                if let (Some(stat), Ok(inode)) = (stat, self.lock().inode_mut(ino)) {
+                    inode.note_backing(&stat);
+                }
+                parted_done = true;
             }
+        }
+        if let Some(size) = set.size.filter(|_| !parted_done) {
             let handle_file = set
                 .fh
                 .and_then(|fh| self.handle_file(fh).ok())

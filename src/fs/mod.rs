@@ -20,6 +20,7 @@ mod commit;
 mod io_ops;
 pub mod name_mode;
 mod namespace;
+pub mod parts;
 mod reconcile;
 mod repair;
 pub mod xattr;
@@ -62,6 +63,37 @@ pub struct FsOptions {
     pub commit_interval: Duration,
     /// The `names=` option: `None` adopts the mode recorded on the stick (see `name_mode`).
     pub names: Option<NameMode>,
+    /// Whether files growing past `part_size` are stored in parts (`parts=`).
+    pub parts: PartsMode,
+    /// The part size of files split from now on (`parts::DEFAULT_PART_SIZE` unless a test
+    /// asks for tiny parts); files already parted keep the size they were split with.
+    pub part_size: u64,
+}
+
+/// When a file growing past the part size is split into parts (`parts=` mount option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartsMode {
+    /// Split on a backing that cannot hold files of 4 GiB (FAT, and any file system pershome
+    /// does not know); keep files whole on exFAT, ext4, btrfs, XFS, NTFS, tmpfs and the like.
+    Auto,
+    Always,
+    /// Never split: the backing's own limit applies (`EFBIG` from FAT32 at 4 GiB − 1).
+    Never,
+}
+
+impl FsOptions {
+    /// The options of a mount by `uid`/`gid` with every other option at its default.
+    pub fn new(uid: u32, gid: u32) -> FsOptions {
+        FsOptions {
+            uid,
+            gid,
+            read_only: false,
+            commit_interval: Duration::from_secs(5),
+            parts: PartsMode::Auto,
+            part_size: parts::DEFAULT_PART_SIZE,
+            names: None,
+        }
+    }
 }
 
 /// File types pershome represents.
@@ -304,6 +336,9 @@ pub(crate) struct Handle {
     /// The kernel reads and writes this file itself (FUSE passthrough), so its size and mtime
     /// must be read back from the backing file.
     pub passthrough: bool,
+    /// Opened for writing: on a mount that splits files, such a handle is served by pershome
+    /// (see `Fs::passthrough_file`).
+    pub writable: bool,
 }
 
 /// A directory listing taken at opendir, so readdir offsets stay stable while it changes.
@@ -345,6 +380,15 @@ pub struct Fs {
     pub(crate) dir_cache: Mutex<HashMap<Ino, Arc<OwnedFd>>>,
     /// The store's journal; `None` on a read-only mount. Locked after `state` when both are.
     pub(crate) journal: Mutex<Option<Journal>>,
+    /// Whether a whole file growing past `part_size` is split (`FsOptions::parts` resolved
+    /// against the backing's file system at mount).
+    pub(crate) split: bool,
+    pub(crate) part_size: u64,
+    /// Held across every structural change of a parted file, and across data I/O on one, so
+    /// that sizes and parts change together. Taken before the state lock.
+    pub(crate) parts_lock: Mutex<()>,
+    /// Open part files, by (parts id, part index).
+    pub(crate) part_cache: Mutex<HashMap<(u64, u64), Arc<File>>>,
 }
 
 /// Why a backing directory could not be opened.
@@ -365,6 +409,37 @@ pub enum OpenError {
         asked.as_str()
     )]
     NameMode { stick: NameMode, asked: NameMode },
+    #[error(
+        "part size {0} is not a multiple of 4096 from 4096 to {max}",
+        max = crate::meta::MAX_PART_SIZE
+    )]
+    PartSize(u64),
+}
+
+/// Whether files on this backing must be split to pass 4 GiB: yes on FAT (`msdos`/`vfat`)
+/// and on any file system not known to hold large files (a FUSE mount may be exfat-fuse or
+/// fusefat: splitting is the safe guess).
+fn backing_needs_parts(backing: &Backing) -> bool {
+    const LARGE_FILE_FS: &[i64] = &[
+        0xEF53,                 // ext2/3/4
+        0x9123_683E,            // btrfs
+        0x5846_5342,            // xfs
+        0x0102_1994,            // tmpfs
+        0x794C_7630,            // overlayfs
+        0x2011_BAB0,            // exfat (kernel driver)
+        0x5346_544E,            // ntfs
+        0x7366_746E,            // ntfs3
+        0xF2F5_2010_u32 as i64, // f2fs
+        0x2FC1_2FC1,            // zfs
+        0xCA45_1A4E_u32 as i64, // bcachefs
+        0x6969,                 // nfs
+        0xFF53_4D42_u32 as i64, // cifs
+        0xFE53_4D42_u32 as i64, // smb2
+    ];
+    match backing.statfs_type() {
+        Ok(t) => !LARGE_FILE_FS.contains(&t),
+        Err(_) => true,
+    }
 }
 
 impl Fs {
@@ -454,6 +529,17 @@ impl Fs {
             next_fh: 1,
             warnings,
         };
+        let split = match opts.parts {
+            PartsMode::Always => true,
+            PartsMode::Never => false,
+            PartsMode::Auto => backing_needs_parts(&backing),
+        };
+        let part_size = opts.part_size;
+        if !(crate::meta::MIN_PART_SIZE..=crate::meta::MAX_PART_SIZE).contains(&part_size)
+            || part_size % crate::meta::PART_ALIGN != 0
+        {
+            return Err(OpenError::PartSize(part_size));
+        }
         let fs = Fs {
             backing,
             opts,
@@ -461,6 +547,10 @@ impl Fs {
             state: Mutex::new(state),
             dir_cache: Mutex::new(HashMap::new()),
             journal: Mutex::new(journal),
+            split,
+            part_size,
+            parts_lock: Mutex::new(()),
+            part_cache: Mutex::new(HashMap::new()),
         };
         if !fs.opts.read_only {
             fs.clear_staging();

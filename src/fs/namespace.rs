@@ -360,10 +360,14 @@ impl Fs {
                 inode.dentries.retain(|(p, n)| !(*p == parent && n == name));
                 let nlink = inode.meta.nlink;
                 let opens = inode.opens;
+                let parts = inode.meta.parts;
                 st.mark_dirty(ino);
                 if nlink == 0 {
                     if opens == 0 {
                         self.remove_link_content(id);
+                        if let Some(p) = parts {
+                            self.remove_all_parts(p);
+                        }
                     }
                     st.pending.push(Record::RemoveInode { id });
                 } else if nlink == 1 {
@@ -372,6 +376,12 @@ impl Fs {
             }
             None => {
                 inode.parent = 0;
+                // The first part is gone from the backing already; the other parts follow
+                // (at the last close if the file is still open). A crash in between leaves
+                // orphan parts, which fsck finds: never a name missing its parts.
+                if let (Some(p), 0) = (inode.meta.parts, inode.opens) {
+                    self.remove_all_parts(p);
+                }
                 st.dirty.remove(&ino);
             }
         }

@@ -273,8 +273,7 @@ impl Fs {
                     match (st.link_meta.remove(&id), content) {
                         (Some(link_meta), Some(cstat)) => {
                             link_id = Some(id);
-                            size = cstat.size;
-                            blocks = cstat.blocks;
+                            (size, blocks) = self.content_size(link_meta.parts, &cstat);
                             (non_dir_kind(&link_meta), link_meta)
                         }
                         (link_meta, _) => {
@@ -294,9 +293,29 @@ impl Fs {
                 }
                 Some(mut m) => {
                     let kind = non_dir_kind(&m);
-                    if kind == Kind::File
-                        && (m.backing_size != stat.size || m.backing_mtime != ts(stat.mtime))
-                    {
+                    let changed = m.backing_size != stat.size || m.backing_mtime != ts(stat.mtime);
+                    if let Some(p) = m.parts.filter(|_| kind == Kind::File) {
+                        // A first part still one part long was at most edited in place; one
+                        // of another length was rewritten elsewhere (Windows sees only the
+                        // first part), so the later parts no longer belong to it.
+                        if changed && stat.size != p.size && !self.list_parts(p.id).is_empty() {
+                            let w = format!(
+                                "{} was changed on another computer: it now holds only what \
+                                 that computer saw ({} bytes); its later parts are kept in \
+                                 {STORE_DIR}/parts/{:016x} for `pershome fsck --repair` to \
+                                 recover",
+                                String::from_utf8_lossy(name),
+                                stat.size,
+                                p.id
+                            );
+                            tracing::warn!("{w}");
+                            st.warnings.push(w);
+                            m.parts = None;
+                        } else {
+                            (size, blocks) = self.content_size(m.parts, stat);
+                        }
+                    }
+                    if kind == Kind::File && changed {
                         // Changed on another computer since pershome last wrote it.
                         m.mtime = ts(stat.mtime);
                         m.ctime = now();
@@ -383,6 +402,20 @@ impl Fs {
             st.lazy_dirty.insert(ino);
         }
         Ok(ino)
+    }
+
+    /// Size and blocks of a file's content: its backing file, plus its parts if parted.
+    fn content_size(&self, parts: Option<crate::meta::Parts>, first: &BackingStat) -> (u64, u64) {
+        let Some(p) = parts else {
+            return (first.size, first.blocks);
+        };
+        let listed = self.list_parts(p.id);
+        let size = match listed.last() {
+            Some((k, stat)) => k * p.size + stat.size.min(p.size),
+            None => first.size.min(p.size),
+        };
+        let blocks = first.blocks + listed.iter().map(|(_, s)| s.blocks).sum::<u64>();
+        (size, blocks)
     }
 
     fn link_content_stat(&self, id: u64) -> Option<BackingStat> {

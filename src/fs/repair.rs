@@ -1,6 +1,7 @@
 //! What `pershome fsck --repair` needs from the filesystem beyond ordinary operations: making
 //! reconciliation findings durable, correcting hard-link counts, dropping inode-table entries
-//! no name refers to, and moving orphaned hard-link content where the user can see it.
+//! no name refers to, moving orphaned hard-link content and parts where the user can see them,
+//! and giving parted files back their layout (holes for missing parts).
 //!
 //! These run on an `Fs` opened read-write after every directory has been loaded (so that the
 //! state is the whole home). Nothing here deletes or truncates file data: content only moves,
@@ -8,9 +9,10 @@
 
 use std::os::fd::AsFd;
 
+use super::parts::{parse_parts_dir_name, PARTS_DIR};
 use super::{errno_of, link_file_name, Errno, Fs, Result, INODES_DIR, ROOT};
 use crate::fatrules::fold_key;
-use crate::meta::{Record, STORE_DIR};
+use crate::meta::{Parts, Record, STORE_DIR};
 
 /// Where orphaned hard-link content is put, at the root of the backing (a FAT-legal, canonical
 /// name, so the home shows it under this name and Windows does too).
@@ -95,11 +97,114 @@ impl Fs {
     /// `-2`, `-3`… suffix) and returns the backing path it now has. Never replaces anything.
     /// The moved file is not added to the loaded state: the next mount finds it as a new file.
     pub fn recover_link_content(&self, id: u64) -> Result<String> {
-        let mut st = self.lock();
         let inodes_dir = self
             .backing
             .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
             .map_err(|e| errno_of(&e))?;
+        self.move_to_recovered(
+            inodes_dir.as_fd(),
+            &link_file_name(id),
+            &format!("inode-{id:016x}"),
+        )
+    }
+
+    /// Every parts id that a file of the loaded state (or an inode-table entry) refers to.
+    fn parts_in_use(&self) -> std::collections::BTreeMap<u64, Parts> {
+        let st = self.lock();
+        st.inodes
+            .values()
+            .filter(|i| i.parent != 0 || i.link_id.is_some())
+            .filter_map(|i| i.meta.parts)
+            .chain(st.link_meta.values().filter_map(|m| m.parts))
+            .map(|p| (p.id, p))
+            .collect()
+    }
+
+    /// Parts directories in `.pershome/parts/` that no file refers to, sorted. Only meaningful
+    /// after every directory has been loaded.
+    pub fn orphan_parts(&self) -> Vec<u64> {
+        let live = self.parts_in_use();
+        let rel = format!("{STORE_DIR}/{PARTS_DIR}");
+        let Ok(dir) = self.backing.open_dir(rel.as_bytes()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<u64> = self
+            .backing
+            .list(dir.as_fd())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.stat.is_dir)
+            .filter_map(|e| parse_parts_dir_name(&e.name))
+            .filter(|id| !live.contains_key(id))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Gives every live parted file its layout back: a missing or short part before the last
+    /// becomes a hole of a whole part (what reads showed anyway). Returns what was done.
+    pub fn mend_parts(&self) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        let _parts = self.parts_guard();
+        for (id, p) in self.parts_in_use() {
+            let listed = self.list_parts(id);
+            let Some(&(last, _)) = listed.last() else {
+                continue;
+            };
+            let present: std::collections::BTreeMap<u64, u64> =
+                listed.iter().map(|(k, s)| (*k, s.size)).collect();
+            let dir = self
+                .backing
+                .open_dir(&super::parts::parts_dir_path(id))
+                .map_err(|e| errno_of(&e))?;
+            for k in 1..last {
+                if present.get(&k).is_some_and(|&n| n >= p.size) {
+                    continue;
+                }
+                let f = self
+                    .backing
+                    .open_at(
+                        dir.as_fd(),
+                        &super::parts::part_name(k),
+                        libc::O_WRONLY | libc::O_CREAT,
+                        0o600,
+                    )
+                    .map_err(|e| errno_of(&e))?;
+                f.set_len(p.size).map_err(|e| errno_of(&e))?;
+                done.push(format!(
+                    "made part {k} of {STORE_DIR}/{PARTS_DIR}/{id:016x} a hole of {} bytes",
+                    p.size
+                ));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Moves an orphaned parts directory to `pershome-recovered/parts-<id>` (its part files
+    /// keep their names: the bytes of part k belong at offset k × part size of the lost file).
+    pub fn recover_parts(&self, id: u64) -> Result<String> {
+        let parent = self
+            .backing
+            .open_dir(format!("{STORE_DIR}/{PARTS_DIR}").as_bytes())
+            .map_err(|e| errno_of(&e))?;
+        self.move_to_recovered(
+            parent.as_fd(),
+            format!("{id:016x}").as_bytes(),
+            &format!("parts-{id:016x}"),
+        )
+    }
+
+    /// Moves `source` in `from` to `pershome-recovered/<base>` at the backing root (the
+    /// directory is created when missing; a name already taken gets a `-2`, `-3`… suffix) and
+    /// returns the backing path it now has. Never replaces anything. The moved entry is not
+    /// added to the loaded state: the next mount finds it as new.
+    fn move_to_recovered(
+        &self,
+        from: std::os::fd::BorrowedFd<'_>,
+        source: &[u8],
+        base: &str,
+    ) -> Result<String> {
+        let mut st = self.lock();
         let root = self.backing.root();
         // The recovery directory: the first candidate that is a directory, or that can be
         // created without clashing (in Windows case) with a name already in the root.
@@ -144,12 +249,11 @@ impl Fs {
             .backing
             .open_dir(dir_name.as_bytes())
             .map_err(|e| errno_of(&e))?;
-        let source = link_file_name(id);
         for n in 1..10_000 {
             let name = if n == 1 {
-                format!("inode-{id:016x}")
+                base.to_string()
             } else {
-                format!("inode-{id:016x}-{n}")
+                format!("{base}-{n}")
             };
             match self.backing.stat_at(target_dir.as_fd(), name.as_bytes()) {
                 Ok(_) => continue,
@@ -159,19 +263,16 @@ impl Fs {
             // RENAME_NOREPLACE where the backing supports it; otherwise the stat above (under
             // the store lock, so no other pershome is creating names) has to do.
             let moved = match self.backing.rename_at(
-                inodes_dir.as_fd(),
-                &source,
+                from,
+                source,
                 target_dir.as_fd(),
                 name.as_bytes(),
                 libc::RENAME_NOREPLACE,
             ) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.backing.rename_at(
-                    inodes_dir.as_fd(),
-                    &source,
-                    target_dir.as_fd(),
-                    name.as_bytes(),
-                    0,
-                ),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.backing
+                        .rename_at(from, source, target_dir.as_fd(), name.as_bytes(), 0)
+                }
                 other => other,
             };
             match moved {
@@ -179,9 +280,7 @@ impl Fs {
                     self.backing
                         .fsync_dir(target_dir.as_fd())
                         .map_err(|e| errno_of(&e))?;
-                    self.backing
-                        .fsync_dir(inodes_dir.as_fd())
-                        .map_err(|e| errno_of(&e))?;
+                    self.backing.fsync_dir(from).map_err(|e| errno_of(&e))?;
                     return Ok(format!("{dir_name}/{name}"));
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use super::{Meta, Record, Timespec};
+use super::{Meta, Parts, Record, Timespec, MAX_PART_SIZE, MIN_PART_SIZE, PART_ALIGN};
 
 /// Tag bytes, one per record kind. Never reuse a retired value: old sticks keep old records.
 const TAG_PUT: u8 = 1;
@@ -17,6 +17,9 @@ const TAG_RENAME: u8 = 3;
 const TAG_EXCHANGE: u8 = 4;
 const TAG_PUT_INODE: u8 = 5;
 const TAG_REMOVE_INODE: u8 = 6;
+/// Format 2: a `Put` / `PutInode` whose meta is followed by a parts field (docs/format.md).
+const TAG_PUT_PARTED: u8 = 7;
+const TAG_PUT_INODE_PARTED: u8 = 8;
 
 /// Longest backing name component accepted (VFAT long names are at most 255 UTF-16 units, so
 /// at most 765 UTF-8 bytes; the limit leaves room without letting a record claim megabytes).
@@ -168,6 +171,14 @@ fn put_meta(m: &Meta, out: &mut Vec<u8>) {
     }
 }
 
+/// The parts field of tags 7 and 8: the parts id, then the part size, as varints.
+fn put_parts(m: &Meta, out: &mut Vec<u8>) {
+    if let Some(p) = m.parts {
+        put_varint(p.id, out);
+        put_varint(p.size, out);
+    }
+}
+
 /// Xattrs are written sorted by name with unique names, which is what `Meta` promises and what
 /// the decoder insists on. Should a caller break that promise, sorting here (the later of two
 /// equal names wins, as a later setxattr would) keeps the record decodable instead of making a
@@ -207,9 +218,14 @@ fn put_xattrs(xattrs: &[Xattr], out: &mut Vec<u8>) {
 pub fn encode_record(r: &Record, out: &mut Vec<u8>) {
     match r {
         Record::Put { path, meta } => {
-            out.push(TAG_PUT);
+            out.push(if meta.parts.is_some() {
+                TAG_PUT_PARTED
+            } else {
+                TAG_PUT
+            });
             put_path(path, out);
             put_meta(meta, out);
+            put_parts(meta, out);
         }
         Record::Remove { path } => {
             out.push(TAG_REMOVE);
@@ -226,9 +242,14 @@ pub fn encode_record(r: &Record, out: &mut Vec<u8>) {
             put_path(b, out);
         }
         Record::PutInode { id, meta } => {
-            out.push(TAG_PUT_INODE);
+            out.push(if meta.parts.is_some() {
+                TAG_PUT_INODE_PARTED
+            } else {
+                TAG_PUT_INODE
+            });
             put_varint(*id, out);
             put_meta(meta, out);
+            put_parts(meta, out);
         }
         Record::RemoveInode { id } => {
             out.push(TAG_REMOVE_INODE);
@@ -420,7 +441,29 @@ impl<'a> Reader<'a> {
             backing_size,
             backing_mtime,
             nlink,
+            parts: None,
         })
+    }
+
+    /// The parts field (tags 7 and 8): an id other than 0 and a part size within limits.
+    fn parts(&mut self) -> Result<Parts, DecodeError> {
+        let at = self.pos;
+        let id = self.varint("parts id")?;
+        if id == 0 {
+            return Err(self.err(at, "parts id 0 is invalid"));
+        }
+        let at = self.pos;
+        let size = self.varint("part size")?;
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&size) || size % PART_ALIGN != 0 {
+            return Err(self.err(
+                at,
+                format!(
+                    "part size {size} is not a multiple of {PART_ALIGN} from {MIN_PART_SIZE} \
+                     to {MAX_PART_SIZE}"
+                ),
+            ));
+        }
+        Ok(Parts { id, size })
     }
 
     fn xattrs(&mut self) -> Result<Vec<Xattr>, DecodeError> {
@@ -482,9 +525,12 @@ pub fn decode_record(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
     let mut r = Reader { buf, pos: 0 };
     let tag = r.byte("record tag")?;
     let record = match tag {
-        TAG_PUT => {
+        TAG_PUT | TAG_PUT_PARTED => {
             let path = r.path("path", true)?;
-            let meta = r.meta()?;
+            let mut meta = r.meta()?;
+            if tag == TAG_PUT_PARTED {
+                meta.parts = Some(r.parts()?);
+            }
             Record::Put { path, meta }
         }
         TAG_REMOVE => Record::Remove {
@@ -500,9 +546,12 @@ pub fn decode_record(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
             let b = r.path("second path", false)?;
             Record::Exchange { a, b }
         }
-        TAG_PUT_INODE => {
+        TAG_PUT_INODE | TAG_PUT_INODE_PARTED => {
             let id = r.varint("inode id")?;
-            let meta = r.meta()?;
+            let mut meta = r.meta()?;
+            if tag == TAG_PUT_INODE_PARTED {
+                meta.parts = Some(r.parts()?);
+            }
             Record::PutInode { id, meta }
         }
         TAG_REMOVE_INODE => Record::RemoveInode {
@@ -569,6 +618,10 @@ mod tests {
             backing_size: u64::MAX,
             backing_mtime: t(1_700_000_000, 123),
             nlink: u32::MAX,
+            parts: Some(Parts {
+                id: u64::MAX,
+                size: MAX_PART_SIZE,
+            }),
         }
     }
 
@@ -787,6 +840,19 @@ mod tests {
         buf[2] |= F_XATTRS;
         put_varint(MAX_XATTRS as u64 + 1, &mut buf);
         expect_err(&buf, "4097 xattrs");
+        // A parts field with id 0, an unaligned or an oversized part size.
+        for (id, size, needle) in [
+            (0, PART_ALIGN, "parts id 0"),
+            (1, PART_ALIGN + 1, "part size 4097"),
+            (1, 0, "part size 0 "),
+            (1, MAX_PART_SIZE + PART_ALIGN, "is not a multiple"),
+        ] {
+            let mut buf = vec![TAG_PUT_INODE_PARTED, 0];
+            put_meta(&Meta::default(), &mut buf);
+            put_varint(id, &mut buf);
+            put_varint(size, &mut buf);
+            expect_err(&buf, needle);
+        }
         // Truncation anywhere in a valid record is an error, not a panic.
         let mut full = Vec::new();
         encode_record(&all_kinds()[1], &mut full);
@@ -822,6 +888,7 @@ mod tests {
         fn arbitrary_metas_round_trip(
             mode: u32, uid: u32, gid: u32, rdev: u64, secs: [i64; 5], nsecs: [u32; 5],
             link: Option<u64>, size: u64, nlink: u32,
+            parts in proptest::option::of((1u64.., 1u64..=MAX_PART_SIZE / PART_ALIGN)),
             name in proptest::option::of("[a-z]{1,20}"),
             xattrs in proptest::collection::btree_map("[a-z.]{1,10}", proptest::collection::vec(any::<u8>(), 0..8), 0..4),
         ) {
@@ -831,6 +898,7 @@ mod tests {
                 atime: ts(0), mtime: ts(1), ctime: ts(2), btime: ts(3), backing_mtime: ts(4),
                 xattrs: xattrs.into_iter().map(|(k, v)| (k.into_bytes(), v)).collect(),
                 link, name: name.map(String::into_bytes), backing_size: size, nlink,
+                parts: parts.map(|(id, n)| Parts { id, size: n * PART_ALIGN }),
             };
             let r = Record::Put { path: vec![b"f".to_vec()], meta };
             let mut buf = Vec::new();

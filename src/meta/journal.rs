@@ -31,8 +31,22 @@ use super::pending::Replayed;
 use super::{Record, STORE_DIR};
 use crate::faults::{torn_len, Faults, Gate};
 
-/// The on-stick format this code writes, and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest on-stick format this code reads and writes. Format 2 adds files stored in parts
+/// (record tags 7 and 8); a generation is written as format 2 only when it holds such a record,
+/// so a stick without parted files stays readable by a format-1 pershome.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The format of a generation without parted files.
+pub const BASE_FORMAT_VERSION: u32 = 1;
+
+/// The format a generation holding `records` must declare.
+pub fn version_for(records: &[Record]) -> u32 {
+    if records.iter().any(Record::needs_format_2) {
+        2
+    } else {
+        BASE_FORMAT_VERSION
+    }
+}
 
 /// No store file is read if it is larger than this: whole files are read into memory, and a
 /// stick must not be able to make the daemon allocate without bound.
@@ -121,6 +135,11 @@ pub enum StoreError {
     #[error("the store's generation number is exhausted")]
     GenerationOverflow,
     #[error(
+        "the batch describes a file stored in parts, which the current journal (format \
+         {current}) may not hold; write a new generation (checkpoint) instead"
+    )]
+    NeedsNewerFormat { current: u32 },
+    #[error(
         "the metadata store is in use: this stick is already mounted by pershomefs (or being \
          checked); unmount it first"
     )]
@@ -155,6 +174,8 @@ pub struct Journal {
     stats: WriteStats,
     /// Injected failures (tests only); None costs one branch per write.
     faults: Option<Arc<Faults>>,
+    /// The format version in the current journal's header, once known (read lazily).
+    live_version: Option<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -207,9 +228,13 @@ fn magic_of(kind: Kind) -> &'static [u8; 8] {
 }
 
 fn encode_header(kind: Kind, generation: u64) -> Vec<u8> {
+    encode_header_version(kind, generation, BASE_FORMAT_VERSION)
+}
+
+fn encode_header_version(kind: Kind, generation: u64, version: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(HEADER_LEN);
     h.extend_from_slice(magic_of(kind));
-    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h.extend_from_slice(&version.to_le_bytes());
     h.extend_from_slice(&generation.to_le_bytes());
     let crc = crc32c::crc32c(&h);
     h.extend_from_slice(&crc.to_le_bytes());
@@ -408,7 +433,7 @@ fn scan_checkpoint(bytes: &[u8], generation: u64) -> CheckpointScan {
 
 /// Builds a whole checkpoint file.
 fn build_checkpoint(generation: u64, records: &[Record]) -> Vec<u8> {
-    let mut file = encode_header(Kind::Checkpoint, generation);
+    let mut file = encode_header_version(Kind::Checkpoint, generation, version_for(records));
     let mut chunk = Vec::new();
     for r in records {
         encode_record(r, &mut chunk);
@@ -753,9 +778,12 @@ impl Journal {
         }
         let ck_name = file_name(Kind::Checkpoint, generation);
         let j_name = file_name(Kind::Journal, generation);
-        let result = self
-            .create_durable(&ck_name, &checkpoint)
-            .and_then(|_| self.create_durable(&j_name, &encode_header(Kind::Journal, generation)));
+        let result = self.create_durable(&ck_name, &checkpoint).and_then(|_| {
+            self.create_durable(
+                &j_name,
+                &encode_header_version(Kind::Journal, generation, version_for(records)),
+            )
+        });
         if result.is_err() {
             // Best effort: the older generation is still the authoritative one either way,
             // and recovery removes these if they survive.
@@ -771,6 +799,12 @@ impl Journal {
         self.dir()?;
         if records.is_empty() {
             return Ok(());
+        }
+        if records.iter().any(Record::needs_format_2) {
+            let current = self.live_version()?;
+            if current < 2 {
+                return Err(StoreError::NeedsNewerFormat { current });
+            }
         }
         let mut payload = Vec::new();
         for r in records {
@@ -819,6 +853,7 @@ impl Journal {
         let new = old.checked_add(1).ok_or(StoreError::GenerationOverflow)?;
         let fd = self.write_generation(new, records)?;
         self.file = Some(fd);
+        self.live_version = Some(version_for(records));
         self.generation = new;
         self.len = HEADER_LEN as u64;
         self.tail_dirty = false;
@@ -827,6 +862,38 @@ impl Journal {
         self.unlink(&file_name(Kind::Journal, old))?;
         self.unlink(&file_name(Kind::Checkpoint, old))?;
         Ok(())
+    }
+
+    /// The format version the current journal declares: a batch of format-2 records may only
+    /// be appended to a format-2 journal (a format-1 reader would drop it as damage).
+    pub fn live_version(&mut self) -> Result<u32, StoreError> {
+        if let Some(v) = self.live_version {
+            return Ok(v);
+        }
+        self.file.as_ref().ok_or(StoreError::ReadOnly)?;
+        let name = file_name(Kind::Journal, self.generation);
+        let context = || format!("reading the header of {STORE_DIR}/{name}");
+        // The live journal is held write-only: read its header through a second descriptor.
+        let fd = openat(
+            Some(self.dir()?.as_raw_fd()),
+            name.as_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err(context()))?;
+        // SAFETY: openat returned a fresh fd that nothing else owns.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut header = [0u8; HEADER_LEN];
+        let n = pread(fd.as_fd(), &mut header, 0).map_err(io_err(context()))?;
+        // The header was checked at open (or written by us); should it be short now, the
+        // safe answer is the base format: parted records then go to a new generation.
+        let v = if n == HEADER_LEN {
+            u32_at(&header, 8)
+        } else {
+            BASE_FORMAT_VERSION
+        };
+        self.live_version = Some(v);
+        Ok(v)
     }
 
     /// Bytes in the current journal (header included).
@@ -857,6 +924,7 @@ impl Journal {
             tail_dirty: false,
             stats: WriteStats::default(),
             faults: None,
+            live_version: None,
         };
         let root = backing_root.as_raw_fd();
         let mut created_dir = false;
@@ -1747,26 +1815,72 @@ mod tests {
         h
     }
 
+    /// Format 2 only where needed: a parted record never lands in a format-1 journal (a
+    /// format-1 reader would cut it off as damage), a checkpoint holding one is format 2, and
+    /// the next checkpoint without one is format 1 again.
+    #[test]
+    fn parted_records_need_a_format_2_generation() {
+        let root = tempfile::tempdir().unwrap();
+        let (mut journal, _) = open_ok(&root, OpenMode::ReadWrite);
+        let parted = Record::Put {
+            path: vec![b"big".to_vec()],
+            meta: crate::meta::Meta {
+                mode: libc::S_IFREG | 0o644,
+                parts: Some(crate::meta::Parts { id: 5, size: 8192 }),
+                ..Default::default()
+            },
+        };
+        journal.append(&[put(1)]).unwrap();
+        match journal.append(std::slice::from_ref(&parted)) {
+            Err(StoreError::NeedsNewerFormat { current: 1 }) => {}
+            other => panic!("expected NeedsNewerFormat {{ current: 1 }}, got {other:?}"),
+        }
+        let version = |name: &str| u32_at(&store_files(&root)[name], 8);
+        journal.checkpoint(&[put(1), parted.clone()]).unwrap();
+        assert_eq!(
+            (version(&c(2)), version(&j(2))),
+            (2, 2),
+            "checkpoint and journal of a generation with a parted file"
+        );
+        journal.append(std::slice::from_ref(&parted)).unwrap();
+        drop(journal);
+        let (mut journal, rec) = open_ok(&root, OpenMode::ReadWrite);
+        assert_eq!(
+            rec.replayed.root.children[&b"big".to_vec()]
+                .meta
+                .as_ref()
+                .and_then(|m| m.parts),
+            Some(crate::meta::Parts { id: 5, size: 8192 }),
+            "the parts survive a reopen"
+        );
+        journal.checkpoint(&[put(1)]).unwrap();
+        assert_eq!(
+            (version(&c(3)), version(&j(3))),
+            (1, 1),
+            "a generation without parted files is format 1 again"
+        );
+    }
+
     #[test]
     fn newer_format_is_refused_and_nothing_is_written() {
         let (root, _, _) = three_batches();
         let gen1 = store_files(&root);
         let mut newer_journal = gen1.clone();
-        let mut bytes = header_with_version(Kind::Journal, 1, 2);
+        let mut bytes = header_with_version(Kind::Journal, 1, FORMAT_VERSION + 1);
         bytes.extend_from_slice(&gen1[&j(1)][HEADER_LEN..]);
         newer_journal.insert(j(1), bytes);
         let mut newer_checkpoint = gen1.clone();
         let mut bytes = header_with_version(Kind::Checkpoint, 9, 7);
         bytes.extend_from_slice(b"whatever format 7 holds");
         newer_checkpoint.insert(c(9), bytes);
-        for (files, found) in [(newer_journal, 2), (newer_checkpoint, 7)] {
+        for (files, found) in [(newer_journal, FORMAT_VERSION + 1), (newer_checkpoint, 7)] {
             let root = with_store(&files);
             let before = snapshot_tree(root.path());
             for mode in [OpenMode::ReadWrite, OpenMode::ReadOnly] {
                 match open(&root, mode) {
                     Err(StoreError::NewerFormat {
                         found: f,
-                        supported: 1,
+                        supported: FORMAT_VERSION,
                     }) if f == found => {}
                     Err(e) => panic!("expected NewerFormat {{ found: {found} }}, got {e}"),
                     Ok((_, rec)) => panic!("expected NewerFormat, got an open store: {rec:?}"),

@@ -62,6 +62,37 @@ pub struct Meta {
     pub backing_mtime: Timespec,
     /// For a hard-link inode table entry (`PutInode`): the link count. 0 elsewhere.
     pub nlink: u32,
+    /// For a file stored in parts (format 2, see docs/format.md § Parts): where its further
+    /// parts live and how long each part is. `None` for every other file.
+    pub parts: Option<Parts>,
+}
+
+/// A file stored in parts: the backing file at its name (or `.pershome/inodes/<link>`) holds
+/// the first `size` bytes, and `.pershome/parts/<id>/<k>` holds bytes `k*size ..`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Parts {
+    /// Names the directory `.pershome/parts/<id as 16 hex digits>`; never 0.
+    pub id: u64,
+    /// Bytes per part: a multiple of `PART_ALIGN`, from `MIN_PART_SIZE` to `MAX_PART_SIZE`.
+    pub size: u64,
+}
+
+/// Parts are whole multiples of this (the page size, so part boundaries never split a page).
+pub const PART_ALIGN: u64 = 4096;
+/// The smallest part size a record may hold (tests use tiny parts to cross boundaries often).
+pub const MIN_PART_SIZE: u64 = PART_ALIGN;
+/// The largest part size: the largest multiple of `PART_ALIGN` a FAT32 file can hold.
+pub const MAX_PART_SIZE: u64 = (crate::fatrules::MAX_FILE_SIZE / PART_ALIGN) * PART_ALIGN;
+
+impl Record {
+    /// Whether this record can only be written to a format-2 store file (it describes a file
+    /// stored in parts, which a format-1 reader would misread as a short file).
+    pub fn needs_format_2(&self) -> bool {
+        match self {
+            Record::Put { meta, .. } | Record::PutInode { meta, .. } => meta.parts.is_some(),
+            _ => false,
+        }
+    }
 }
 
 /// One change to the store. A path is the list of backing names from the backing root down to

@@ -19,6 +19,7 @@ pub fn opts() -> FsOptions {
         read_only: false,
         commit_interval: Duration::from_secs(5),
         names: None,
+        ..FsOptions::new(1000, 1000)
     }
 }
 

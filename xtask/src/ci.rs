@@ -74,8 +74,19 @@ pub fn run(sh: &Shell) -> Result<()> {
         seed: None,
         fs: Fs::Pershomefs,
         backing: BackingKind::Dir,
+        part_size: None,
     })
     .context("CI step `fsx` failed")?;
+
+    step("fsx --part-size 4096 (files in parts across every boundary)");
+    fsx::run(&fsx::Options {
+        ops: 50_000,
+        seed: None,
+        fs: Fs::Pershomefs,
+        backing: BackingKind::Dir,
+        part_size: Some(4096),
+    })
+    .context("CI step `fsx --part-size 4096` failed")?;
 
     step("fuzz --seconds 20");
     fuzz::run(sh, &fuzz::Options { seconds: 20 }).context("CI step `fuzz` failed")?;

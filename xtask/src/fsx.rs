@@ -12,6 +12,9 @@
 //!   4. `fsx -b HALF+1 -N OPS -S SEED` on the remounted file: the same op sequence continues;
 //!   5. the reference for all OPS ops, remount again, compare again.
 //!
+//! With `--part-size N` pershomefs stores the files in parts of N bytes (a test setting; real
+//! parts are 4 GiB − 4 KiB), so every fsx operation crosses part boundaries.
+//!
 //! This module never judges timing; any fsx error or byte mismatch fails the run.
 
 use std::path::{Path, PathBuf};
@@ -28,6 +31,9 @@ pub struct Options {
     pub seed: Option<u64>,
     pub fs: Fs,
     pub backing: BackingKind,
+    /// pershomefs only: store the file in parts of this many bytes (`-o parts=always,
+    /// part_size=N`), so fsx's operations cross part boundaries all the time.
+    pub part_size: Option<u64>,
 }
 
 fn random_seed() -> u64 {
@@ -168,8 +174,12 @@ pub fn run(options: &Options) -> Result<()> {
     let seed = options.seed.unwrap_or_else(random_seed);
     let ops = options.ops.max(2);
     let half = ops / 2;
+    let part_arg = options
+        .part_size
+        .map(|n| format!(" --part-size {n}"))
+        .unwrap_or_default();
     util::banner(&format!(
-        "fsx: {ops} ops on {} over {}, seed {seed} (replay: cargo xtask fsx --ops {ops} --seed {seed} --fs {} --backing {})",
+        "fsx: {ops} ops on {} over {}{part_arg}, seed {seed} (replay: cargo xtask fsx --ops {ops} --seed {seed} --fs {} --backing {}{part_arg})",
         options.fs.name(),
         options.backing.name(),
         options.fs.name(),
@@ -184,11 +194,17 @@ pub fn run(options: &Options) -> Result<()> {
 
     let scratch = TempDir::new(&format!("fsx-{}", options.fs.name()))?;
     let backing = Backing::create(options.backing, &scratch)?;
+    let parts_opts = match (options.part_size, options.fs) {
+        (Some(n), Fs::Pershomefs) => vec!["parts=always".to_owned(), format!("part_size={n}")],
+        (Some(_), _) => bail!("--part-size applies to pershomefs only"),
+        (None, _) => Vec::new(),
+    };
+    let mount_opts: Vec<&str> = parts_opts.iter().map(String::as_str).collect();
     let mut target = Target::mount(
         options.fs,
         backing.dir(),
         &scratch.path().join("m"),
-        &[],
+        &mount_opts,
         bin.as_deref(),
     )?;
     let reference = ReferenceDir::new()?;

@@ -66,6 +66,10 @@ enum Cmd {
         fs: Fs,
         #[arg(long, value_enum, default_value = "dir")]
         backing: BackingKind,
+        /// Store the files in parts of this many bytes (pershomefs `part_size=`, a multiple
+        /// of 4096), so operations cross part boundaries.
+        #[arg(long)]
+        part_size: Option<u64>,
     },
     /// Time raw, pershomefs and posixovl side by side, each on a fresh filesystem (as root).
     Bench {
@@ -179,11 +183,13 @@ fn run() -> Result<()> {
             seed,
             fs,
             backing,
+            part_size,
         } => fsx::run(&fsx::Options {
             ops,
             seed,
             fs,
             backing,
+            part_size,
         }),
         Cmd::Bench {
             files,

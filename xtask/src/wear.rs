@@ -382,6 +382,7 @@ fn fs_options() -> FsOptions {
         read_only: false,
         commit_interval: Duration::from_secs(5),
         names: None,
+        ..FsOptions::new(OWNER.uid, OWNER.gid)
     }
 }
 

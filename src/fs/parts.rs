@@ -1,0 +1,579 @@
+//! Files larger than the backing can hold (FAT32: 4 GiB − 1), stored in parts.
+//!
+//! A parted file keeps its first `Parts::size` bytes in its ordinary backing file (at its
+//! name, or `.pershome/inodes/<link>` when hard-linked), so Windows still sees a file holding
+//! the first bytes; part `k ≥ 1` is `.pershome/parts/<id>/<k as 8 hex digits>` and holds bytes
+//! `k·size .. (k+1)·size`. Invariant on the stick: every part before the last one present is
+//! exactly `size` bytes long, so a file's length is `k_last·size + len(part k_last)`: it is
+//! read from the parts themselves at load, never trusted from the store. A missing part reads
+//! as a hole (zeros). The store records only `Parts { id, size }` in the file's record
+//! (format 2, `docs/format.md` § Parts).
+//!
+//! This module owns the mapping of file offsets to parts and every structural change to the
+//! parts (creating, extending, removing). It never decides *whether* a file is parted (that is
+//! `FsOptions::parts` and `io_ops`), and never touches the store except through `commit`.
+//!
+//! Lock order: `parts_lock` (held for the whole of a structural change), then the state
+//! lock, the journal, the directory-fd and part-file caches.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use super::{errno_of, Errno, Fs, Ino, Result};
+use crate::meta::{Parts, STORE_DIR};
+
+/// Below the store directory: one directory of parts per parted file.
+pub(crate) const PARTS_DIR: &str = "parts";
+
+/// The part size of new parted files unless the mount says otherwise: the largest multiple of
+/// 4 KiB a FAT32 file can hold, so a file is split only when it must be.
+pub const DEFAULT_PART_SIZE: u64 = crate::meta::MAX_PART_SIZE;
+
+/// Part indexes are 8 hex digits.
+const MAX_PARTS: u64 = 1 << 32;
+
+/// How many part files to keep open.
+const PART_CACHE_MAX: usize = 64;
+
+/// The largest size a file of these parts may reach (`EFBIG` past it).
+pub(crate) fn max_size(p: Parts) -> u64 {
+    p.size.saturating_mul(MAX_PARTS).min(i64::MAX as u64)
+}
+
+/// `.pershome/parts/<id>` as a backing path.
+pub(crate) fn parts_dir_path(id: u64) -> Vec<u8> {
+    format!("{STORE_DIR}/{PARTS_DIR}/{id:016x}").into_bytes()
+}
+
+pub(crate) fn part_name(k: u64) -> Vec<u8> {
+    format!("{k:08x}").into_bytes()
+}
+
+/// A part file name back to its index; `None` for anything not of that exact form (or 0:
+/// part 0 is the file itself).
+pub(crate) fn parse_part_name(name: &[u8]) -> Option<u64> {
+    if name.len() != 8 || !name.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let k = u64::from_str_radix(std::str::from_utf8(name).ok()?, 16).ok()?;
+    (k > 0).then_some(k)
+}
+
+/// A parts directory name back to its id.
+pub(crate) fn parse_parts_dir_name(name: &[u8]) -> Option<u64> {
+    if name.len() != 16 || !name.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let id = u64::from_str_radix(std::str::from_utf8(name).ok()?, 16).ok()?;
+    (id != 0).then_some(id)
+}
+
+/// The length part `k` has in a file of `size` bytes (0 if the file ends before it).
+fn part_len(p: Parts, size: u64, k: u64) -> u64 {
+    size.saturating_sub(k * p.size).min(p.size)
+}
+
+/// The index of the part holding byte `offset`.
+fn index_of(p: Parts, offset: u64) -> u64 {
+    offset / p.size
+}
+
+/// A fresh random parts id (never 0), from the kernel's generator.
+fn random_id() -> Result<u64> {
+    let mut buf = [0u8; 8];
+    // SAFETY: buf is valid for 8 bytes; the result is checked.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != 8 {
+        return Err(Errno::EIO);
+    }
+    Ok(u64::from_le_bytes(buf).max(1))
+}
+
+/// What a parted file is made of right now: its first part (an open file) and its layout.
+pub(crate) struct Layout<'a> {
+    pub first: &'a File,
+    pub parts: Parts,
+    pub size: u64,
+}
+
+impl Fs {
+    /// An open part `k ≥ 1`; `None` when it does not exist and `create` is false.
+    fn part_file(&self, p: Parts, k: u64, create: bool) -> Result<Option<Arc<File>>> {
+        let mut cache = self.part_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(&(p.id, k)) {
+            return Ok(Some(f.clone()));
+        }
+        let dir = match self.backing.open_dir(&parts_dir_path(p.id)) {
+            Ok(d) => d,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !create => return Ok(None),
+            Err(e) => return Err(errno_of(&e)),
+        };
+        let flags = match (self.opts.read_only, create) {
+            (true, _) => libc::O_RDONLY,
+            (false, false) => libc::O_RDWR,
+            (false, true) => libc::O_RDWR | libc::O_CREAT,
+        };
+        let file = match self
+            .backing
+            .open_at(dir.as_fd(), &part_name(k), flags, 0o600)
+        {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !create => return Ok(None),
+            Err(e) => return Err(errno_of(&e)),
+        };
+        if cache.len() >= PART_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert((p.id, k), file.clone());
+        Ok(Some(file))
+    }
+
+    fn forget_part_files(&self, id: u64) {
+        self.part_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, _), _| *i != id);
+    }
+
+    /// The indexes of the parts present on the backing (sorted), `[]` without a directory.
+    pub(crate) fn list_parts(&self, id: u64) -> Vec<(u64, crate::backing::BackingStat)> {
+        let Ok(dir) = self.backing.open_dir(&parts_dir_path(id)) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = self
+            .backing
+            .list(dir.as_fd())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.stat.is_file)
+            .filter_map(|e| parse_part_name(&e.name).map(|k| (k, e.stat)))
+            .collect();
+        out.sort_by_key(|(k, _)| *k);
+        out
+    }
+
+    fn file_for(&self, l: &Layout<'_>, k: u64, create: bool) -> Result<Option<Arc<File>>> {
+        if k == 0 {
+            // The first part is the handle's own file; a borrowed one is wrapped per call.
+            return Ok(None);
+        }
+        self.part_file(l.parts, k, create)
+    }
+
+    /// Makes every part before `k` exactly a part long (creating missing ones as holes), so
+    /// that part `k` may be written: the layout invariant.
+    fn fill_before(&self, l: &Layout<'_>, k: u64) -> Result<()> {
+        let from = if l.size == 0 {
+            0
+        } else {
+            index_of(l.parts, l.size - 1)
+        };
+        for j in from..k {
+            if part_len(l.parts, l.size, j) == l.parts.size {
+                continue;
+            }
+            if j == 0 {
+                self.backing
+                    .set_len(l.first, l.parts.size)
+                    .map_err(|e| errno_of(&e))?;
+            } else if let Some(f) = self.file_for(l, j, true)? {
+                self.backing
+                    .set_len(&f, l.parts.size)
+                    .map_err(|e| errno_of(&e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `offset` of a parted file; holes and missing parts read as
+    /// zeros.
+    /// `fsync`/`fdatasync` of parts 1.. of a file of `size` bytes in parts `p` (part 0 is the
+    /// handle's own file, synced by the caller). A part that does not exist is a hole: there
+    /// is nothing of it to sync.
+    pub(crate) fn sync_parts(&self, p: Parts, size: u64, datasync: bool) -> Result<()> {
+        if size <= p.size {
+            return Ok(());
+        }
+        for k in 1..=index_of(p, size - 1) {
+            if let Some(f) = self.part_file(p, k, false)? {
+                self.backing
+                    .sync_file(&f, datasync)
+                    .map_err(|e| errno_of(&e))?;
+            }
+        }
+        // New part files are entries of the parts directory: make them durable too.
+        if let Ok(dir) = self.backing.open_dir(&parts_dir_path(p.id)) {
+            self.backing
+                .fsync_dir(dir.as_fd())
+                .map_err(|e| errno_of(&e))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn parted_read(&self, l: &Layout<'_>, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let end = offset.saturating_add(len as u64).min(l.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        let mut pos = offset;
+        while pos < end {
+            let k = index_of(l.parts, pos);
+            let seg_end = ((k + 1) * l.parts.size).min(end);
+            let out = &mut buf[(pos - offset) as usize..(seg_end - offset) as usize];
+            let in_part = pos - k * l.parts.size;
+            let owned = self.file_for(l, k, false)?;
+            let file: Option<&File> = if k == 0 {
+                Some(l.first)
+            } else {
+                owned.as_deref()
+            };
+            if let Some(file) = file {
+                read_full(file, out, in_part)?;
+            }
+            pos = seg_end;
+        }
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset` of a parted file, creating parts as needed. The caller holds
+    /// `parts_lock` and updates the inode's size.
+    pub(crate) fn parted_write(&self, l: &Layout<'_>, offset: u64, data: &[u8]) -> Result<usize> {
+        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        if end > max_size(l.parts) {
+            return Err(Errno::EFBIG);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        self.fill_before(l, index_of(l.parts, offset))?;
+        let mut pos = offset;
+        while pos < end {
+            let k = index_of(l.parts, pos);
+            let seg_end = ((k + 1) * l.parts.size).min(end);
+            let chunk = &data[(pos - offset) as usize..(seg_end - offset) as usize];
+            let in_part = pos - k * l.parts.size;
+            let owned = self.file_for(l, k, true)?;
+            let file: &File = match (k, owned.as_deref()) {
+                (0, _) => l.first,
+                (_, Some(f)) => f,
+                (_, None) => return Err(Errno::EIO),
+            };
+            self.backing
+                .write_at(file, chunk, in_part)
+                .map_err(|e| errno_of(&e))?;
+            pos = seg_end;
+        }
+        Ok(data.len())
+    }
+
+    /// Changes a parted file's length: growing makes holes (creating parts), shrinking
+    /// removes the parts past the new end. The caller holds `parts_lock`.
+    pub(crate) fn parted_set_len(&self, l: &Layout<'_>, new: u64) -> Result<()> {
+        if new > max_size(l.parts) {
+            return Err(Errno::EFBIG);
+        }
+        let last = if new == 0 {
+            0
+        } else {
+            index_of(l.parts, new - 1)
+        };
+        if new > l.size {
+            self.fill_before(l, last)?;
+        } else {
+            self.remove_parts_from(l.parts, last + 1)?;
+        }
+        let len = part_len(l.parts, new, last);
+        if last == 0 {
+            self.backing
+                .set_len(l.first, len)
+                .map_err(|e| errno_of(&e))?;
+        } else if let Some(f) = self.file_for(l, last, true)? {
+            self.backing.set_len(&f, len).map_err(|e| errno_of(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes parts `k ≥ from` (and `from ≥ 1`), whatever the store says: the listing is
+    /// the truth.
+    pub(crate) fn remove_parts_from(&self, p: Parts, from: u64) -> Result<()> {
+        let from = from.max(1);
+        self.forget_part_files(p.id);
+        let Ok(dir) = self.backing.open_dir(&parts_dir_path(p.id)) else {
+            return Ok(());
+        };
+        for (k, _) in self.list_parts(p.id) {
+            if k >= from {
+                self.backing
+                    .unlink_at(dir.as_fd(), &part_name(k), false)
+                    .map_err(|e| errno_of(&e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every part of a file and its parts directory (the file is gone: its last name
+    /// was removed and nothing has it open). Failures only leave orphans for fsck.
+    pub(crate) fn remove_all_parts(&self, p: Parts) {
+        if let Err(e) = self.remove_parts_from(p, 1) {
+            tracing::warn!("removing the parts of a deleted file ({:016x}): {e}", p.id);
+            return;
+        }
+        let parent = format!("{STORE_DIR}/{PARTS_DIR}");
+        if let Ok(dir) = self.backing.open_dir(parent.as_bytes()) {
+            let name = format!("{:016x}", p.id).into_bytes();
+            if let Err(e) = self.backing.unlink_at(dir.as_fd(), &name, true) {
+                tracing::warn!("removing the parts directory of a deleted file: {e}");
+            }
+        }
+    }
+
+    /// `SEEK_DATA` / `SEEK_HOLE` across parts; a missing part is a hole.
+    pub(crate) fn parted_seek(&self, l: &Layout<'_>, offset: u64, whence: i32) -> Result<u64> {
+        if offset >= l.size {
+            return Err(Errno::ENXIO);
+        }
+        let mut pos = offset;
+        while pos < l.size {
+            let k = index_of(l.parts, pos);
+            let in_part = pos - k * l.parts.size;
+            let plen = part_len(l.parts, l.size, k);
+            let owned = self.file_for(l, k, false)?;
+            let file: Option<&File> = if k == 0 {
+                Some(l.first)
+            } else {
+                owned.as_deref()
+            };
+            let found = match file {
+                None if whence == libc::SEEK_HOLE => Some(in_part),
+                None => None,
+                Some(f) => {
+                    // SAFETY: valid fd; result checked. The offset is per open file
+                    // description; pershome's part fds are its own.
+                    let r = unsafe { libc::lseek(f.as_raw_fd(), in_part as libc::off_t, whence) };
+                    if r < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if e.raw_os_error() == Some(libc::ENXIO) {
+                            // SEEK_DATA: no data after in_part; SEEK_HOLE: in_part past EOF,
+                            // which the invariant rules out, so treat it as the end.
+                            (whence == libc::SEEK_HOLE).then_some(plen)
+                        } else {
+                            return Err(errno_of(&e));
+                        }
+                    } else {
+                        Some(r as u64)
+                    }
+                }
+            };
+            match found {
+                // A hole at a part's end is only a hole of the file if it is the file's end;
+                // otherwise the next part decides.
+                Some(r) if whence == libc::SEEK_HOLE && r >= plen => {}
+                Some(r) => return Ok((k * l.parts.size + r).min(l.size)),
+                None => {}
+            }
+            pos = (k + 1) * l.parts.size;
+        }
+        if whence == libc::SEEK_HOLE {
+            Ok(l.size)
+        } else {
+            Err(Errno::ENXIO)
+        }
+    }
+
+    /// `fallocate` on a parted file: modes that act per byte range (allocate, punch a hole,
+    /// zero a range) are applied part by part; modes that shift data are refused. The caller
+    /// grows the file first when the mode changes its size.
+    pub(crate) fn parted_fallocate(
+        &self,
+        l: &Layout<'_>,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<()> {
+        if mode & (libc::FALLOC_FL_COLLAPSE_RANGE | libc::FALLOC_FL_INSERT_RANGE) != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        // Space past the end is only a reservation: not kept for parted files, whose later
+        // parts must not exist before the data does.
+        let end = offset.saturating_add(length).min(l.size);
+        let mut pos = offset;
+        while pos < end {
+            let k = index_of(l.parts, pos);
+            let seg_end = ((k + 1) * l.parts.size).min(end);
+            let in_part = pos - k * l.parts.size;
+            let owned = self.file_for(l, k, false)?;
+            let file: Option<&File> = if k == 0 {
+                Some(l.first)
+            } else {
+                owned.as_deref()
+            };
+            if let Some(f) = file {
+                self.backing.check_fault().map_err(|e| errno_of(&e))?;
+                // SAFETY: valid fd; result checked.
+                let r = unsafe {
+                    libc::fallocate(
+                        f.as_raw_fd(),
+                        mode | libc::FALLOC_FL_KEEP_SIZE,
+                        in_part as libc::off_t,
+                        (seg_end - pos) as libc::off_t,
+                    )
+                };
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    // FAT allocates nothing in advance: plain allocation is a no-op there.
+                    if !(mode == 0 && e.raw_os_error() == Some(libc::EOPNOTSUPP)) {
+                        return Err(errno_of(&e));
+                    }
+                }
+            }
+            pos = seg_end;
+        }
+        Ok(())
+    }
+
+    /// Opens an inode's first part read-write for a structural change.
+    pub(crate) fn open_first(&self, ino: Ino) -> Result<File> {
+        let (dir, name) = self.lock().content_location(ino)?;
+        let dirfd = self.backing.open_dir(&dir).map_err(|e| errno_of(&e))?;
+        self.backing
+            .open_at(dirfd.as_fd(), &name, libc::O_RDWR, 0)
+            .map_err(|e| errno_of(&e))
+    }
+
+    /// Turns a whole file into a parted one (it is about to grow past `part_size`). Order,
+    /// for crash safety: the parts directory is made and any bytes past the part size copied
+    /// into parts first; then the record naming the parts is committed; only then is the
+    /// first part cut to the part size. A crash before the commit leaves the whole file as it
+    /// was (and an orphan parts directory for fsck); after it, the parts are authoritative.
+    /// The caller holds `parts_lock`.
+    pub(crate) fn make_parted(&self, ino: Ino) -> Result<Parts> {
+        {
+            let st = self.lock();
+            if let Some(p) = st.inode(ino)?.meta.parts {
+                return Ok(p);
+            }
+            // The kernel reads and writes a passthrough file by itself and would go on seeing
+            // only the first part: such a file cannot be split while it is open, and grows no
+            // further than the backing allows, as on FAT itself (docs/architecture.md).
+            if st.handles.values().any(|h| h.ino == ino && h.passthrough) {
+                return Err(Errno::EFBIG);
+            }
+        }
+        let store = self
+            .backing
+            .open_dir(STORE_DIR.as_bytes())
+            .map_err(|e| errno_of(&e))?;
+        match self.backing.mkdir_at(store.as_fd(), PARTS_DIR.as_bytes()) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
+            _ => {}
+        }
+        let parent = self
+            .backing
+            .open_dir(format!("{STORE_DIR}/{PARTS_DIR}").as_bytes())
+            .map_err(|e| errno_of(&e))?;
+        let mut id = random_id()?;
+        let mut tries = 0;
+        loop {
+            match self
+                .backing
+                .mkdir_at(parent.as_fd(), format!("{id:016x}").as_bytes())
+            {
+                Ok(()) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < 8 => {
+                    tries += 1;
+                    id = random_id()?;
+                }
+                Err(e) => return Err(errno_of(&e)),
+            }
+        }
+        let parts = Parts {
+            id,
+            size: self.part_size,
+        };
+        let first = self.open_first(ino)?;
+        let whole = crate::backing::Backing::fstat(&first)
+            .map_err(|e| errno_of(&e))?
+            .size;
+        let result = self
+            .copy_tail_into_parts(&first, parts, whole)
+            .and_then(|()| {
+                let mut st = self.lock();
+                let inode = st.inode_mut(ino)?;
+                inode.meta.parts = Some(parts);
+                st.mark_dirty(ino);
+                let r = self.commit_locked(&mut st);
+                if r.is_err() {
+                    if let Ok(inode) = st.inode_mut(ino) {
+                        inode.meta.parts = None;
+                    }
+                }
+                r
+            });
+        if let Err(e) = result {
+            self.remove_all_parts(parts);
+            return Err(e);
+        }
+        if whole > parts.size {
+            self.backing
+                .set_len(&first, parts.size)
+                .map_err(|e| errno_of(&e))?;
+        }
+        Ok(parts)
+    }
+
+    /// Copies the bytes of a whole file past the part size into parts (holes stay holes).
+    fn copy_tail_into_parts(&self, first: &File, p: Parts, whole: u64) -> Result<()> {
+        if whole <= p.size {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; (1 << 20).min(p.size) as usize];
+        let mut pos = p.size;
+        while pos < whole {
+            // Skip holes: a sparse 5 GiB file must not become 5 GiB of zeros.
+            // SAFETY: valid fd; result checked.
+            let data =
+                unsafe { libc::lseek(first.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                break;
+            }
+            pos = data as u64;
+            if pos >= whole {
+                break;
+            }
+            let n = (whole - pos).min(buf.len() as u64) as usize;
+            read_full(first, &mut buf[..n], pos)?;
+            let k = index_of(p, pos);
+            let seg = n.min(((k + 1) * p.size - pos) as usize);
+            let file = self.part_file(p, k, true)?.ok_or(Errno::EIO)?;
+            self.backing
+                .write_at(&file, &buf[..seg], pos - k * p.size)
+                .map_err(|e| errno_of(&e))?;
+            pos += seg as u64;
+        }
+        // After skipping holes: every part before the last full-length, the last one ending
+        // at `whole` (the layout invariant).
+        for k in 1..=index_of(p, whole - 1) {
+            let f = self.part_file(p, k, true)?.ok_or(Errno::EIO)?;
+            self.backing
+                .set_len(&f, part_len(p, whole, k))
+                .map_err(|e| errno_of(&e))?;
+        }
+        Ok(())
+    }
+}
+
+fn read_full(file: &File, out: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0;
+    while done < out.len() {
+        match file.read_at(&mut out[done..], offset + done as u64) {
+            Ok(0) => break, // a short part reads as a hole
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(errno_of(&e)),
+        }
+    }
+    Ok(())
+}
