@@ -96,6 +96,22 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// One flash-wear workload step on a mounted directory, with plain file calls (the VM
+    /// suite runs this inside its guest; see docs/vm-tests.md).
+    WearStep {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, value_enum)]
+        step: wear::Step,
+        #[arg(long, default_value_t = 1000)]
+        files: u32,
+        #[arg(long, default_value_t = 100)]
+        dirs: u32,
+        #[arg(long, default_value_t = 200)]
+        appends: u32,
+        #[arg(long, default_value_t = 200)]
+        rounds: u32,
+    },
     /// Run every fuzz target in `fuzz/` (libFuzzer through cargo-fuzz) for a fixed time.
     Fuzz {
         /// Seconds of fuzzing per target.
@@ -156,6 +172,23 @@ fn run() -> Result<()> {
             backing_fs,
         }),
         Cmd::Wear { files, dirs, quick } => wear::run(&wear::Options::new(files, dirs, quick)),
+        Cmd::WearStep {
+            dir,
+            step,
+            files,
+            dirs,
+            appends,
+            rounds,
+        } => wear::run_step(
+            &dir,
+            step,
+            &wear::Options {
+                files,
+                dirs: dirs.max(1),
+                appends,
+                rounds,
+            },
+        ),
         Cmd::Fuzz { seconds } => fuzz::run(&sh, &fuzz::Options { seconds }),
         Cmd::Ci => ci::run(&sh),
     }

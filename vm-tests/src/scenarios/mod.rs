@@ -1,0 +1,34 @@
+//! The scenarios of issue 6, each a function that boots what it needs and returns an error
+//! that says what it expected and what it got. Numbers follow the issue.
+//!
+//! This module owns the list. A scenario never leaves a QEMU running (its `Vm`s are dropped,
+//! and so killed, on every path out of it).
+
+mod conformance;
+mod kernels;
+
+use anyhow::Result;
+
+use crate::Ctx;
+
+pub struct Scenario {
+    pub number: u8,
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub run: fn(&mut Ctx) -> Result<()>,
+}
+
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        number: 5,
+        name: "conformance",
+        summary: "pjdfstest and fsx on pershomefs over a real vfat stick and a real exFAT stick",
+        run: conformance::run,
+    },
+    Scenario {
+        number: 7,
+        name: "kernels",
+        summary: "Debian 12's 6.1 and backports' 6.12 (FUSE passthrough on): the same checks pass",
+        run: kernels::run,
+    },
+];
