@@ -6,6 +6,8 @@
 
 mod conformance;
 mod kernels;
+mod wear;
+mod yank;
 
 use anyhow::Result;
 
@@ -30,5 +32,17 @@ pub const ALL: &[Scenario] = &[
         name: "kernels",
         summary: "Debian 12's 6.1 and backports' 6.12 (FUSE passthrough on): the same checks pass",
         run: kernels::run,
+    },
+    Scenario {
+        number: 3,
+        name: "yank",
+        summary: "the stick is pulled during writes: no hang, unmount completes, fsync'ed data survives",
+        run: yank::run,
+    },
+    Scenario {
+        number: 6,
+        name: "wear",
+        summary: "bytes the stick receives (QMP) for the wear workloads: pershome vs plain vfat",
+        run: wear::run,
     },
 ];
