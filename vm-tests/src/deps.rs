@@ -12,7 +12,10 @@ use xshell::{cmd, Shell};
 
 /// (program, Debian package that provides it).
 pub const TOOLS: &[(&str, &str)] = &[
-    ("qemu-system-x86_64", "qemu-system-x86 (from bookworm-backports)"),
+    (
+        "qemu-system-x86_64",
+        "qemu-system-x86 (from bookworm-backports)",
+    ),
     ("mmdebstrap", "mmdebstrap"),
     ("sfdisk", "fdisk"),
     ("mkfs.vfat", "dosfstools"),
@@ -24,7 +27,14 @@ pub const TOOLS: &[(&str, &str)] = &[
 ];
 
 /// Packages from bookworm itself.
-pub const APT_PACKAGES: &[&str] = &["mmdebstrap", "fdisk", "dosfstools", "mtools", "exfatprogs", "e2fsprogs"];
+pub const APT_PACKAGES: &[&str] = &[
+    "mmdebstrap",
+    "fdisk",
+    "dosfstools",
+    "mtools",
+    "exfatprogs",
+    "e2fsprogs",
+];
 
 const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
 
@@ -78,7 +88,8 @@ pub fn check() -> Result<()> {
 
 /// The mirror the host's own Debian source uses, for the backports source.
 fn host_mirror() -> String {
-    let text = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let text =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
     text.lines()
         .find_map(|l| l.strip_prefix("URIs:"))
         .and_then(|v| v.split_whitespace().next())
@@ -114,13 +125,19 @@ pub fn install(sh: &Shell) -> Result<()> {
         eprintln!("added {BACKPORTS_SOURCE}");
     }
     cmd!(sh, "apt-get update").run().context("apt-get update")?;
-    cmd!(sh, "apt-get install -y --no-install-recommends -t bookworm-backports qemu-system-x86")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .run()
-        .context("installing qemu-system-x86 from bookworm-backports")?;
-    cmd!(sh, "apt-get install -y --no-install-recommends {APT_PACKAGES...}")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .run()
-        .context("installing the image and stick tools")?;
+    cmd!(
+        sh,
+        "apt-get install -y --no-install-recommends -t bookworm-backports qemu-system-x86"
+    )
+    .env("DEBIAN_FRONTEND", "noninteractive")
+    .run()
+    .context("installing qemu-system-x86 from bookworm-backports")?;
+    cmd!(
+        sh,
+        "apt-get install -y --no-install-recommends {APT_PACKAGES...}"
+    )
+    .env("DEBIAN_FRONTEND", "noninteractive")
+    .run()
+    .context("installing the image and stick tools")?;
     check()
 }

@@ -83,7 +83,10 @@ pub fn unmount_home(vm: &mut Vm, mountpoint: &str) -> Result<()> {
 
 /// `pershome fsck` on the (unmounted) backing: must be clean. Returns its output.
 pub fn pershome_fsck_clean(vm: &mut Vm) -> Result<String> {
-    let out = vm.run(&format!("pershome fsck {BACKING} 2>&1"), Duration::from_secs(300))?;
+    let out = vm.run(
+        &format!("pershome fsck {BACKING} 2>&1"),
+        Duration::from_secs(300),
+    )?;
     if !out.ok() {
         bail!("pershome fsck is not clean: {}", out.describe());
     }
@@ -109,8 +112,16 @@ pub fn fsx(vm: &mut Vm, file: &str, ops: u64, seed: u64) -> Result<()> {
         shq(file)
     );
     let out = vm.run(&script, Duration::from_secs(1200))?;
-    if !out.ok() || !out.response.stdout.contains("All operations completed A-OK!") {
-        bail!("fsx -N {ops} -S {seed} on {file} failed: {}", out.describe());
+    if !out.ok()
+        || !out
+            .response
+            .stdout
+            .contains("All operations completed A-OK!")
+    {
+        bail!(
+            "fsx -N {ops} -S {seed} on {file} failed: {}",
+            out.describe()
+        );
     }
     Ok(())
 }

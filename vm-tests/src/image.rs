@@ -173,7 +173,8 @@ impl GuestImage {
 /// apt sources for the build: the host's Debian mirror (the only network these machines
 /// have), for bookworm, its updates and security, and bookworm-backports.
 fn apt_sources() -> String {
-    let host = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
+    let host =
+        std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
     let mut mirror = "http://deb.debian.org/debian".to_owned();
     let mut security = "http://deb.debian.org/debian-security".to_owned();
     for stanza in host.split("\n\n") {
@@ -184,7 +185,11 @@ fn apt_sources() -> String {
                 .map(|v| v.trim().to_owned())
         };
         if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
-            let uri = uris.split_whitespace().next().unwrap_or_default().to_owned();
+            let uri = uris
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
             if suites.contains("-security") {
                 security = uri;
             } else if suites.split_whitespace().any(|s| s == "bookworm") {
@@ -199,7 +204,12 @@ fn apt_sources() -> String {
     )
 }
 
-fn mmdebstrap_args(sources_file: &Path, customize: &Path, unit_file: &Path, root: &Path) -> Vec<String> {
+fn mmdebstrap_args(
+    sources_file: &Path,
+    customize: &Path,
+    unit_file: &Path,
+    root: &Path,
+) -> Vec<String> {
     let mut args = vec![
         "--variant=minbase".to_owned(),
         "--mode=root".to_owned(),
@@ -266,7 +276,12 @@ pub fn ensure() -> Result<GuestImage> {
     let root = work.join("root");
     let log = work.join("mmdebstrap.log");
     let mut command = Command::new("mmdebstrap");
-    command.args(mmdebstrap_args(&sources_file, &customize, &unit_file, &root));
+    command.args(mmdebstrap_args(
+        &sources_file,
+        &customize,
+        &unit_file,
+        &root,
+    ));
     util::run_logged(command, "mmdebstrap", &log)?;
 
     for kernel in Kernel::ALL {
@@ -281,7 +296,10 @@ pub fn ensure() -> Result<GuestImage> {
     // ext4 from the directory: no loop device, no mount.
     let rootfs = work.join("rootfs.raw");
     let mut mkfs = Command::new("mkfs.ext4");
-    mkfs.args(["-q", "-F", "-L", "root", "-d"]).arg(&root).arg(&rootfs).arg("2G");
+    mkfs.args(["-q", "-F", "-L", "root", "-d"])
+        .arg(&root)
+        .arg(&rootfs)
+        .arg("2G");
     util::run_logged(mkfs, "mkfs.ext4 -d", &work.join("mkfs.log"))?;
     std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
     // Older images are dead weight (about 1 GB each).
@@ -305,7 +323,8 @@ pub fn ensure() -> Result<GuestImage> {
 
 fn find_kernel(root: &Path, kernel: Kernel) -> Result<(PathBuf, PathBuf)> {
     let boot = root.join("boot");
-    let entries = std::fs::read_dir(&boot).with_context(|| format!("listing {}", boot.display()))?;
+    let entries =
+        std::fs::read_dir(&boot).with_context(|| format!("listing {}", boot.display()))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(release) = name.strip_prefix("vmlinuz-") {

@@ -145,9 +145,15 @@ fn run() -> Result<bool> {
         let outcome = (scenario.run)(&mut ctx);
         let secs = t.elapsed().as_secs_f64();
         match &outcome {
-            Ok(()) => eprintln!("\nPASS  {} {} ({secs:.0} s)", scenario.number, scenario.name),
+            Ok(()) => eprintln!(
+                "\nPASS  {} {} ({secs:.0} s)",
+                scenario.number, scenario.name
+            ),
             Err(e) => {
-                eprintln!("\nFAIL  {} {} ({secs:.0} s): {e:#}", scenario.number, scenario.name);
+                eprintln!(
+                    "\nFAIL  {} {} ({secs:.0} s): {e:#}",
+                    scenario.number, scenario.name
+                );
                 for console in &ctx.consoles {
                     eprintln!(
                         "--- last lines of the guest console {}:\n{}",
@@ -192,9 +198,7 @@ fn select(names: &[String]) -> Result<Vec<&'static scenarios::Scenario>> {
             scenarios::ALL
                 .iter()
                 .find(|s| s.name == name || s.number.to_string() == *name)
-                .with_context(|| {
-                    format!("no scenario {name:?} (see `cargo vm-test --list`)")
-                })
+                .with_context(|| format!("no scenario {name:?} (see `cargo vm-test --list`)"))
         })
         .collect()
 }
@@ -202,9 +206,12 @@ fn select(names: &[String]) -> Result<Vec<&'static scenarios::Scenario>> {
 /// Build what goes into the guest, in the harness's own profile.
 fn build_binaries(sh: &Shell) -> Result<()> {
     util::banner("building pershome, the guest agent and xtask");
-    cmd!(sh, "cargo build --quiet -p pershome --bins -p vm-tests --bin vm-guest-agent -p xtask")
-        .run()
-        .context("cargo build of the binaries the guest runs")
+    cmd!(
+        sh,
+        "cargo build --quiet -p pershome --bins -p vm-tests --bin vm-guest-agent -p xtask"
+    )
+    .run()
+    .context("cargo build of the binaries the guest runs")
 }
 
 /// The directory of the running harness binary: the same profile's other binaries are there.
@@ -231,7 +238,10 @@ fn stage_share(share: &Path) -> Result<()> {
     files.push(deps::cargo_tool("fsx"));
     for file in files {
         if !file.is_file() {
-            bail!("{} is missing (the build above should have made it)", file.display());
+            bail!(
+                "{} is missing (the build above should have made it)",
+                file.display()
+            );
         }
         let name = file.file_name().context("binary name")?;
         std::fs::copy(&file, bin.join(name))

@@ -127,7 +127,8 @@ impl Vm {
         let console = config.run_dir.join(format!("console-{}.log", config.name));
         for path in [&res_sock, &qmp_sock, &console] {
             if path.exists() {
-                std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing {}", path.display()))?;
             }
         }
         if res_sock.as_os_str().len() > 100 {
@@ -186,7 +187,8 @@ impl Vm {
                 ]);
         }
         let qemu_log = config.run_dir.join(format!("qemu-{}.log", config.name));
-        let log = File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?;
+        let log =
+            File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?;
         command
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating the log")?)
@@ -221,7 +223,9 @@ impl Vm {
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
-        let channel_out = channel.try_clone().context("duplicating the results channel")?;
+        let channel_out = channel
+            .try_clone()
+            .context("duplicating the results channel")?;
         let mut vm = Vm {
             channel: BufReader::new(channel),
             channel_out,
@@ -231,9 +235,9 @@ impl Vm {
             next_id: 1,
             stick_plugged: config.stick.is_some(),
         };
-        let ready = vm
-            .read_response(BOOT_TIMEOUT)
-            .with_context(|| format!("waiting for the guest agent (booting {:?})", config.kernel))?;
+        let ready = vm.read_response(BOOT_TIMEOUT).with_context(|| {
+            format!("waiting for the guest agent (booting {:?})", config.kernel)
+        })?;
         if !ready.ready {
             bail!("the guest agent's first message was not its greeting: {ready:?}");
         }
@@ -347,7 +351,13 @@ impl Vm {
         let _ = self.qmp.execute("quit", json!({}));
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if self.process.child.try_wait().context("waiting for QEMU")?.is_some() {
+            if self
+                .process
+                .child
+                .try_wait()
+                .context("waiting for QEMU")?
+                .is_some()
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));

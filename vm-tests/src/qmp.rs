@@ -60,8 +60,9 @@ impl Qmp {
 
     /// Run one command; returns its `return` value, or its `error` as an error.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
-        let mut request = serde_json::to_string(&json!({"execute": command, "arguments": arguments}))
-            .context("encoding a QMP command")?;
+        let mut request =
+            serde_json::to_string(&json!({"execute": command, "arguments": arguments}))
+                .context("encoding a QMP command")?;
         request.push('\n');
         self.writer
             .write_all(request.as_bytes())

@@ -62,11 +62,14 @@ pub fn create(sh: &Shell, path: &Path, fs: StickFs, size_mib: u64) -> Result<()>
     match fs {
         StickFs::Fat32 => {
             let blocks = (part_bytes / 1024).to_string();
-            cmd!(sh, "mkfs.vfat -F 32 -n {LABEL} --offset 2048 {path} {blocks}")
-                .quiet()
-                .ignore_stdout()
-                .run()
-                .with_context(|| format!("formatting {} as FAT32", path.display()))?;
+            cmd!(
+                sh,
+                "mkfs.vfat -F 32 -n {LABEL} --offset 2048 {path} {blocks}"
+            )
+            .quiet()
+            .ignore_stdout()
+            .run()
+            .with_context(|| format!("formatting {} as FAT32", path.display()))?;
             let image = format!("{}@@{PART_OFFSET}", path.display());
             cmd!(sh, "mmd -i {image} ::/pershome")
                 .quiet()
@@ -99,7 +102,8 @@ pub fn create(sh: &Shell, path: &Path, fs: StickFs, size_mib: u64) -> Result<()>
 /// Copy all of `from` into `to` at byte `offset`, keeping holes sparse is not needed: the
 /// formatted partition is mostly metadata at its start.
 fn copy_into(from: &Path, to: &Path, offset: u64) -> Result<()> {
-    let mut src = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let mut src =
+        std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
     let mut dst = OpenOptions::new()
         .write(true)
         .open(to)
@@ -116,13 +120,18 @@ fn copy_into(from: &Path, to: &Path, offset: u64) -> Result<()> {
 /// Returns fsck's output; fails if it found anything.
 pub fn fsck_fat_host(sh: &Shell, image: &Path) -> Result<String> {
     let part = PathBuf::from(format!("{}.fsck", image.display()));
-    let mut src = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let mut src =
+        std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
     src.seek(SeekFrom::Start(PART_OFFSET))
         .with_context(|| format!("seeking in {}", image.display()))?;
-    let mut dst = std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+    let mut dst =
+        std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
     std::io::copy(&mut src, &mut dst).with_context(|| format!("copying out {}", part.display()))?;
     drop(dst);
-    let out = cmd!(sh, "fsck.fat -n {part}").quiet().ignore_status().output();
+    let out = cmd!(sh, "fsck.fat -n {part}")
+        .quiet()
+        .ignore_status()
+        .output();
     let _ = std::fs::remove_file(&part);
     let out = out.context("running fsck.fat")?;
     let text = format!(

@@ -1,4 +1,4 @@
-//! `cargo xtask ci`: every check CI runs, in order, stopping at the first failure with the
+//! `cargo xtask ci`: every check CI runs (including the QEMU suite `cargo vm-test`), in order, stopping at the first failure with the
 //! step's name in the error. `.ci/run` calls this on a clean Debian 12 machine as root.
 //!
 //! This module owns the order and the parameters of the CI steps. The short benchmark and the
@@ -55,6 +55,13 @@ pub fn run(sh: &Shell) -> Result<()> {
         backing: BackingKind::Dir,
     })
     .context("CI step `fsx` failed")?;
+
+    // The QEMU end-to-end suite (vm-tests/, docs/vm-tests.md): real vfat and exFAT, a stick
+    // that is pulled, both kernels. Budgeted at 35 minutes of CI's 90.
+    step("cargo vm-test (the QEMU suite)");
+    cmd!(sh, "cargo vm-test")
+        .run()
+        .context("CI step `cargo vm-test` failed (see its summary and target/vm/runs/)")?;
 
     step("fuzz --seconds 20");
     fuzz::run(sh, &fuzz::Options { seconds: 20 }).context("CI step `fuzz` failed")?;

@@ -118,7 +118,7 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
-    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, fuzz, a short bench, wear.
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, the QEMU suite, fuzz, a short bench, wear.
     Ci,
 }
 

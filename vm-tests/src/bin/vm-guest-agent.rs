@@ -48,7 +48,8 @@ fn run() -> Result<()> {
     // JSON lines must arrive exactly as sent, in both directions.
     let mut tio = termios::tcgetattr(&port).with_context(|| format!("tcgetattr {device}"))?;
     termios::cfmakeraw(&mut tio);
-    termios::tcsetattr(&port, SetArg::TCSANOW, &tio).with_context(|| format!("tcsetattr {device}"))?;
+    termios::tcsetattr(&port, SetArg::TCSANOW, &tio)
+        .with_context(|| format!("tcsetattr {device}"))?;
     let mut out = port.try_clone().context("duplicating the port")?;
     send(
         &mut out,
@@ -79,7 +80,8 @@ fn run() -> Result<()> {
 fn send(out: &mut File, response: &Response) -> Result<()> {
     let mut line = serde_json::to_string(response).context("encoding a response")?;
     line.push('\n');
-    out.write_all(line.as_bytes()).context("writing the results channel")?;
+    out.write_all(line.as_bytes())
+        .context("writing the results channel")?;
     out.flush().context("flushing the results channel")
 }
 
@@ -108,7 +110,11 @@ fn execute(request: &Request, scratch: &std::path::Path) -> Response {
     }
 }
 
-fn execute_inner(request: &Request, scratch: &std::path::Path, response: &mut Response) -> Result<()> {
+fn execute_inner(
+    request: &Request,
+    scratch: &std::path::Path,
+    response: &mut Response,
+) -> Result<()> {
     let Some((program, args)) = request.argv.split_first() else {
         bail!("empty argv");
     };
@@ -139,7 +145,10 @@ fn execute_inner(request: &Request, scratch: &std::path::Path, response: &mut Re
     };
     response.code = status.code();
     response.signal = status.signal();
-    for (path, slot) in [(&out_path, &mut response.stdout), (&err_path, &mut response.stderr)] {
+    for (path, slot) in [
+        (&out_path, &mut response.stdout),
+        (&err_path, &mut response.stderr),
+    ] {
         if let Ok(file) = File::open(path) {
             *slot = tail(file);
         }

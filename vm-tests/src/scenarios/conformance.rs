@@ -19,6 +19,11 @@ const PJDFSTEST_CONFIG: &str = "[features]\nposix_fallocate = {}\nutime_now = {}
 const HOST_SKIPPED: u32 = 23;
 const HOST_PASSED: u32 = 375;
 
+/// A 4 GiB stick: FAT has no sparse files, so pjdfstest's `open::interact_2gb` (a write at
+/// offset 2 GiB) needs 2 GiB of free space; on a 256 MiB stick it fails with ENOSPC, as it
+/// would on any real stick that small. The image file stays sparse on the host.
+const STICK_MIB: u64 = 4096;
+
 /// fsx operations in the guest: TCG runs it about 20 times slower than the host.
 const FSX_OPS: u64 = 5_000;
 const FSX_SEED: u64 = 6_006;
@@ -62,7 +67,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
 
 fn one(ctx: &mut Ctx, fs: StickFs) -> Result<()> {
     let image = ctx.run_dir.join(format!("stick-{}.img", fs.name()));
-    stick::create(&ctx.sh, &image, fs, 256)?;
+    stick::create(&ctx.sh, &image, fs, STICK_MIB)?;
     let mut vm = ctx.boot(fs.name(), ctx.kernel, Some(&image))?;
     let device = guest::wait_for_stick(&mut vm)?;
     guest::mount_stick(&mut vm, &device, fs)?;
@@ -84,8 +89,8 @@ fn one(ctx: &mut Ctx, fs: StickFs) -> Result<()> {
     let saved = ctx.run_dir.join(&log);
     std::fs::copy(&results, &saved)
         .with_context(|| format!("copying {} out of the share", results.display()))?;
-    let output = std::fs::read_to_string(&saved)
-        .with_context(|| format!("reading {}", saved.display()))?;
+    let output =
+        std::fs::read_to_string(&saved).with_context(|| format!("reading {}", saved.display()))?;
     let Some(summary) = parse_summary(&output) else {
         bail!(
             "pjdfstest printed no summary (crashed?); log {}:\n{}",
@@ -146,7 +151,9 @@ mod tests {
 
     #[test]
     fn parses_the_summary_line() {
-        let got = parse_summary("x ok\nSummary: 1 failed, 23 skipped, 374 passed, 0 expected failures, 398 total\n");
+        let got = parse_summary(
+            "x ok\nSummary: 1 failed, 23 skipped, 374 passed, 0 expected failures, 398 total\n",
+        );
         let want = Summary {
             failed: 1,
             skipped: 23,
@@ -154,6 +161,10 @@ mod tests {
             total: 398,
         };
         assert_eq!(got, Some(want), "expected the counts of the summary line");
-        assert_eq!(parse_summary("panicked\n"), None, "expected None without a summary");
+        assert_eq!(
+            parse_summary("panicked\n"),
+            None,
+            "expected None without a summary"
+        );
     }
 }

@@ -53,7 +53,8 @@ project/run.sh
 pub fn run(ctx: &mut Ctx) -> Result<()> {
     let mut descriptions = Vec::new();
     for kernel in Kernel::ALL {
-        let description = one(ctx, kernel).with_context(|| format!("on kernel {}", kernel.name()))?;
+        let description =
+            one(ctx, kernel).with_context(|| format!("on kernel {}", kernel.name()))?;
         descriptions.push((kernel, description));
     }
     // Same tree, same answers, whichever kernel served it.
@@ -77,15 +78,30 @@ fn one(ctx: &mut Ctx, kernel: Kernel) -> Result<String> {
     let mut vm = ctx.boot(&format!("kernel-{}", kernel.name()), kernel, Some(&image))?;
     let release = vm.ok("uname -r", guest::SHORT)?.trim().to_owned();
     if !release.starts_with(kernel.release_prefix()) {
-        bail!("expected a {} kernel, the guest runs {release}", kernel.name());
+        bail!(
+            "expected a {} kernel, the guest runs {release}",
+            kernel.name()
+        );
     }
     let device = guest::wait_for_stick(&mut vm)?;
     guest::mount_stick(&mut vm, &device, StickFs::Fat32)?;
     let home_options = "uid=joseph,gid=joseph,allow_other";
     guest::mount_home(&mut vm, HOME, home_options)?;
-    vm.ok(&format!("chown joseph:joseph {HOME} && runuser -u joseph -- sh -c {}", crate::util::shq(MAKE_TREE)), Duration::from_secs(120))
-        .context("making the tree as joseph")?;
-    let before = vm.ok(&format!("runuser -u joseph -- sh -c {}", crate::util::shq(DESCRIBE_TREE)), guest::SHORT)?;
+    vm.ok(
+        &format!(
+            "chown joseph:joseph {HOME} && runuser -u joseph -- sh -c {}",
+            crate::util::shq(MAKE_TREE)
+        ),
+        Duration::from_secs(120),
+    )
+    .context("making the tree as joseph")?;
+    let before = vm.ok(
+        &format!(
+            "runuser -u joseph -- sh -c {}",
+            crate::util::shq(DESCRIBE_TREE)
+        ),
+        guest::SHORT,
+    )?;
 
     // Who carries the file data: the daemon (no passthrough) or the kernel (passthrough).
     let io_script = format!(
@@ -119,7 +135,13 @@ fn one(ctx: &mut Ctx, kernel: Kernel) -> Result<String> {
     guest::unmount_home(&mut vm, HOME)?;
     guest::pershome_fsck_clean(&mut vm).context("after the tree")?;
     guest::mount_home(&mut vm, HOME, home_options)?;
-    let after = vm.ok(&format!("runuser -u joseph -- sh -c {}", crate::util::shq(DESCRIBE_TREE)), guest::SHORT)?;
+    let after = vm.ok(
+        &format!(
+            "runuser -u joseph -- sh -c {}",
+            crate::util::shq(DESCRIBE_TREE)
+        ),
+        guest::SHORT,
+    )?;
     if before != after {
         bail!("the tree changed across unmount/remount:\n--- expected\n{before}\n--- got\n{after}");
     }

@@ -36,7 +36,8 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         number: 3,
         name: "yank",
-        summary: "the stick is pulled during writes: no hang, unmount completes, fsync'ed data survives",
+        summary:
+            "the stick is pulled during writes: no hang, unmount completes, fsync'ed data survives",
         run: yank::run,
     },
     Scenario {

@@ -142,7 +142,13 @@ fn one_step(vm: &mut Vm, device: &str, side: Side, step: &str) -> Result<Written
     guest::mount_stick(vm, device, StickFs::Fat32)?;
     let dir = match side {
         Side::Plain => {
-            vm.ok(&format!("mkdir -p {0}/plain && chown joseph:joseph {0}/plain", guest::STICK_MNT), guest::SHORT)?;
+            vm.ok(
+                &format!(
+                    "mkdir -p {0}/plain && chown joseph:joseph {0}/plain",
+                    guest::STICK_MNT
+                ),
+                guest::SHORT,
+            )?;
             format!("{}/plain", guest::STICK_MNT)
         }
         Side::Pershome => {
@@ -158,7 +164,10 @@ fn one_step(vm: &mut Vm, device: &str, side: Side, step: &str) -> Result<Written
     if side == Side::Pershome {
         guest::unmount_home(vm, "/home/joseph")?;
     }
-    vm.ok(&format!("umount {} && sync", guest::STICK_MNT), guest::SHORT)?;
+    vm.ok(
+        &format!("umount {} && sync", guest::STICK_MNT),
+        guest::SHORT,
+    )?;
     let after = vm.stick_writes()?;
     Ok(Written {
         bytes: after.wr_bytes - before.wr_bytes,

@@ -54,7 +54,10 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     guest::mount_stick(&mut vm, &device, StickFs::Fat32)?;
     guest::mount_home(&mut vm, HOME, "uid=joseph,gid=joseph,allow_other")?;
     vm.ok(
-        &format!("chown joseph:joseph {HOME} && runuser -u joseph -- sh -c {}", crate::util::shq(PRECIOUS)),
+        &format!(
+            "chown joseph:joseph {HOME} && runuser -u joseph -- sh -c {}",
+            crate::util::shq(PRECIOUS)
+        ),
         Duration::from_secs(120),
     )
     .context("writing the files fsync'ed before the workload")?;
@@ -86,7 +89,10 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         NO_HANG,
     )?;
     if out.response.timed_out {
-        bail!("the writer was still running {NO_HANG:?} after the yank (hung?): {}", out.describe());
+        bail!(
+            "the writer was still running {NO_HANG:?} after the yank (hung?): {}",
+            out.describe()
+        );
     }
     ctx.note(format!(
         "writer stopped {:.1} s after the yank; it said: {}",
@@ -95,7 +101,12 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     ));
     // The home answers (with errors), it does not hang.
     let ls = vm.run(&format!("ls {HOME}/w > /dev/null"), NO_HANG)?;
-    let write = vm.run(&format!("runuser -u joseph -- sh -c 'echo x > {HOME}/after-yank && sync {HOME}/after-yank'"), NO_HANG)?;
+    let write = vm.run(
+        &format!(
+            "runuser -u joseph -- sh -c 'echo x > {HOME}/after-yank && sync {HOME}/after-yank'"
+        ),
+        NO_HANG,
+    )?;
     for (what, out) in [("ls of the home", &ls), ("a write to the home", &write)] {
         if out.response.timed_out {
             bail!("{what} hung after the yank: {}", out.describe());
@@ -128,23 +139,38 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     // Plug it back: the stick is checked, mounted, and the fsync'ed data is there.
     vm.replug_stick()?;
     let device = guest::wait_for_stick(&mut vm)?;
-    let fsck = vm.run(&format!("fsck.vfat -a {device} 2>&1"), Duration::from_secs(300))?;
+    let fsck = vm.run(
+        &format!("fsck.vfat -a {device} 2>&1"),
+        Duration::from_secs(300),
+    )?;
     match fsck.response.code {
         Some(0) | Some(1) => ctx.note(format!(
             "fsck.vfat -a after re-plug: exit {:?} ({})",
             fsck.response.code,
             fsck.response.stdout.lines().last().unwrap_or("").trim()
         )),
-        _ => bail!("fsck.vfat -a could not repair the stick: {}", fsck.describe()),
+        _ => bail!(
+            "fsck.vfat -a could not repair the stick: {}",
+            fsck.describe()
+        ),
     }
     guest::mount_stick(&mut vm, &device, StickFs::Fat32)?;
-    let check = vm.run(&format!("pershome fsck {} 2>&1", guest::BACKING), Duration::from_secs(300))?;
+    let check = vm.run(
+        &format!("pershome fsck {} 2>&1", guest::BACKING),
+        Duration::from_secs(300),
+    )?;
     match check.response.code {
         Some(0) => ctx.note("pershome fsck after re-plug: clean".to_owned()),
         Some(4) => {
-            let repair = vm.run(&format!("pershome fsck --repair {} 2>&1", guest::BACKING), Duration::from_secs(300))?;
+            let repair = vm.run(
+                &format!("pershome fsck --repair {} 2>&1", guest::BACKING),
+                Duration::from_secs(300),
+            )?;
             if repair.response.code != Some(1) {
-                bail!("pershome fsck --repair did not repair (expected exit 1): {}", repair.describe());
+                bail!(
+                    "pershome fsck --repair did not repair (expected exit 1): {}",
+                    repair.describe()
+                );
             }
             ctx.note(format!(
                 "pershome fsck after re-plug repaired: {}",
@@ -162,7 +188,10 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         Duration::from_secs(300),
     )?;
     if !verify.ok() {
-        bail!("data fsync'ed before the yank is not intact: {}", verify.describe());
+        bail!(
+            "data fsync'ed before the yank is not intact: {}",
+            verify.describe()
+        );
     }
     ctx.note(format!(
         "after re-plug: 10 precious files and all {} fsync'ed workload files intact",
