@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 /// syntax, e.g. `PERSHOME_LOG=debug` or `PERSHOME_LOG=pershome::meta=trace,info`.
 pub const LOG_ENV: &str = "PERSHOME_LOG";
 
-/// The syslog identity: journald shows messages as `pershomefs[PID]: ...`.
+/// The syslog identity of the daemon: journald shows messages as `pershomefs[PID]: ...`.
 const SYSLOG_IDENT: &std::ffi::CStr = c"pershomefs";
 
 /// Where log events go.
@@ -34,6 +34,16 @@ pub enum LogTarget {
 /// `PERSHOME_LOG` overrides both. Calling it twice in one process is harmless: the second
 /// call leaves the first subscriber in place and returns an error the caller may ignore.
 pub fn init(target: LogTarget, debug: bool) -> anyhow::Result<()> {
+    init_with_ident(target, debug, SYSLOG_IDENT)
+}
+
+/// As [`init`], with another syslog identity (`journalctl -t IDENT`), for the other programs
+/// (`pershome-config` logs as `pershome-config`).
+pub fn init_with_ident(
+    target: LogTarget,
+    debug: bool,
+    ident: &'static std::ffi::CStr,
+) -> anyhow::Result<()> {
     let default_level = if debug { "debug" } else { "info" };
     let (filter, bad_filter) = match std::env::var(LOG_ENV) {
         Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
@@ -53,10 +63,10 @@ pub fn init(target: LogTarget, debug: bool) -> anyhow::Result<()> {
             .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
             .try_init(),
         LogTarget::Syslog => {
-            // SAFETY: openlog keeps the ident pointer; SYSLOG_IDENT is a 'static C string.
+            // SAFETY: openlog keeps the ident pointer; `ident` is a 'static C string.
             unsafe {
                 libc::openlog(
-                    SYSLOG_IDENT.as_ptr(),
+                    ident.as_ptr(),
                     libc::LOG_PID | libc::LOG_NDELAY,
                     libc::LOG_DAEMON,
                 )

@@ -24,6 +24,10 @@ enum Command {
     /// Check a stick's metadata store against its files, and repair it with --repair.
     #[command(after_help = FSCK_HELP)]
     Fsck(FsckArgs),
+    /// Show the message the login left for you (why your stick home is not open and how to
+    /// fix it), with zenity on a desktop, else on the terminal. Started at desktop login by
+    /// /etc/xdg/autostart/pershome-notice.desktop; shows nothing when there is no message.
+    Notice,
 }
 
 const FSCK_HELP: &str = "\
@@ -71,6 +75,18 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Notice => {
+            match pershome::session::entry::show_notice(
+                std::path::Path::new("/"),
+                &mut std::io::stdout().lock(),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pershome notice: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Fsck(args) => {
             let opts = FsckOptions {
                 repair: args.repair,

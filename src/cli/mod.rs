@@ -5,6 +5,7 @@
 //! This module owns the types shared by the front ends; it never implements filesystem
 //! operations and never reads the stick's metadata itself: that is the opener's job.
 
+pub mod pershome_config;
 pub mod pershomefs;
 
 /// Why the filesystem could not be opened: returned by the opener that `pershomefs::main`

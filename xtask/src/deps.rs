@@ -14,7 +14,8 @@ use crate::util;
 
 /// Debian packages: FUSE (runtime and headers for fuser), pkg-config, ACL headers (pjdfstest
 /// builds against libacl), attr/acl tools, exFAT (mkfs + FUSE driver), posixovl (the
-/// comparison filesystem), and the FAT image tools.
+/// comparison filesystem), the FAT image tools, and pam_mount's DTD plus xmllint (the generated
+/// pam_mount.conf.xml is validated against it).
 pub const APT_PACKAGES: &[&str] = &[
     "fuse3",
     "libfuse3-dev",
@@ -27,6 +28,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "fuse-posixovl",
     "dosfstools",
     "mtools",
+    "libpam-mount",
+    "libxml2-utils",
+    // The PAM session tests (tests/pam_session.rs) drive real PAM sessions with the
+    // pam-client crate: libpam's headers, and libclang for pam-sys's bindgen.
+    "libpam0g-dev",
+    "libclang-dev",
 ];
 
 /// crates.io tools: (crate, exact version, binary). Exact versions because the harness parses

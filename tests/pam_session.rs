@@ -1,0 +1,819 @@
+//! The login hook in real PAM sessions on this machine: a test PAM service
+//! (`/etc/pam.d/pershome-test-*`: pam_permit for auth and account, pam_exec running the built
+//! `pershome-config session` for the session), real users (useradd), and the `pam-client`
+//! crate opening and closing sessions as a login program does. The "stick" is a directory
+//! (`--stick-dir`), and the configuration lives under a `--root` of its own, so nothing of
+//! the machine's own /etc/ltsp or /etc/pershome is touched.
+//!
+//! Needs root (PAM service files, useradd, mounts); skipped otherwise. Every test cleans up
+//! through guards, also when it fails: users, the service file, mounts, daemons.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use pam_client::conv_mock::Conversation;
+use pam_client::{Context, Flag};
+
+mod common;
+
+const HOOK: &str = env!("CARGO_BIN_EXE_pershome-config");
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test run: `phtPPPPPN` (short: user names stay under 32 bytes).
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}{}",
+        std::process::id() % 100_000,
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A user made with useradd, removed (with its group) on drop.
+struct TestUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl TestUser {
+    fn new() -> TestUser {
+        let name = unique("pht");
+        let status = Command::new("useradd")
+            .args([
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(&name)
+            .status()
+            .expect("running useradd");
+        assert!(
+            status.success(),
+            "useradd {name}: expected success, got {status}"
+        );
+        let user = nix::unistd::User::from_name(&name)
+            .expect("look-up")
+            .expect("the user just added");
+        TestUser {
+            name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).status();
+    }
+}
+
+/// The test's root (`--root`): under /run, whose parents only root can write (the hook
+/// refuses homes below a world-writable /tmp). Holds etc/passwd, etc/ltsp/persistent_homes,
+/// etc/pershome/config.toml, home/USER, run/, and the stick directories. On drop, anything
+/// still mounted below it is unmounted and its daemons waited for.
+struct TestRoot {
+    dir: tempfile::TempDir,
+}
+
+impl TestRoot {
+    fn new(config: &str) -> TestRoot {
+        let dir = tempfile::Builder::new()
+            .prefix("pershome-pamtest")
+            .tempdir_in("/run")
+            .expect("temporary root under /run");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for d in ["etc/ltsp", "etc/pershome", "home", "run", "sticks"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("etc/pershome/config.toml"), config).unwrap();
+        std::fs::write(
+            dir.path().join("etc/ltsp/persistent_homes"),
+            "# test users\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("etc/passwd"), "").unwrap();
+        TestRoot { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds `user` to the root's passwd with home /home/NAME (created 0700, owned by them).
+    fn add_account(&self, user: &TestUser) -> PathBuf {
+        let line = format!(
+            "{0}:x:{1}:{2}::/home/{0}:/usr/sbin/nologin\n",
+            user.name, user.uid, user.gid
+        );
+        let mut passwd = std::fs::read_to_string(self.path().join("etc/passwd")).unwrap();
+        passwd.push_str(&line);
+        std::fs::write(self.path().join("etc/passwd"), passwd).unwrap();
+        let home = self.path().join("home").join(&user.name);
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(user.uid), Some(user.gid)).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+        home
+    }
+
+    /// Lists `user` in etc/ltsp/persistent_homes.
+    fn list(&self, user: &TestUser) {
+        let path = self.path().join("etc/ltsp/persistent_homes");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!("{}\n", user.name));
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A stick directory for `user`; with `prepared`, it has a pershome/ folder.
+    fn stick(&self, name: &str, prepared: bool) -> PathBuf {
+        let stick = self.path().join("sticks").join(name);
+        std::fs::create_dir_all(&stick).unwrap();
+        if prepared {
+            std::fs::create_dir(stick.join("pershome")).unwrap();
+        }
+        stick
+    }
+}
+
+impl Drop for TestRoot {
+    fn drop(&mut self) {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mine: Vec<PathBuf> = pershome::session::mounts::parse_mountinfo(&text)
+            .into_iter()
+            .map(|m| m.mountpoint)
+            .filter(|m| m.starts_with(self.path()))
+            .collect();
+        for m in mine.iter().rev() {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !common::daemons_serving(m).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// `/etc/pam.d/pershome-test-*`, removed on drop.
+struct PamService {
+    name: String,
+}
+
+impl PamService {
+    fn new(root: &Path, stick: &Path) -> PamService {
+        Self::with_control(root, stick, "optional")
+    }
+
+    /// With `control` (`optional`, `required`) on the session line.
+    fn with_control(root: &Path, stick: &Path, control: &str) -> PamService {
+        let name = unique("pershome-test-");
+        let text = format!(
+            "# pershome test service (tests/pam_session.rs); removed when the test ends\n\
+             auth     required pam_permit.so\n\
+             account  required pam_permit.so\n\
+             session  {control} pam_exec.so quiet stdout {HOOK} --root {} session --stick-dir {}\n",
+            root.display(),
+            stick.display()
+        );
+        std::fs::write(Path::new("/etc/pam.d").join(&name), text).expect("writing the PAM service");
+        PamService { name }
+    }
+}
+
+impl Drop for PamService {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(Path::new("/etc/pam.d").join(&self.name));
+    }
+}
+
+/// A PAM context for `user` through `service`, authenticated and with its account checked.
+fn pam(service: &PamService, user: &TestUser) -> Context<Conversation> {
+    let mut ctx = Context::new(
+        &service.name,
+        Some(&user.name),
+        Conversation::with_credentials(&user.name, "unused"),
+    )
+    .expect("PAM context");
+    ctx.authenticate(Flag::NONE)
+        .expect("authenticate (pam_permit)");
+    ctx.acct_mgmt(Flag::NONE).expect("account (pam_permit)");
+    ctx
+}
+
+/// The info messages (pam_exec's `stdout`) the conversation got, as one text.
+fn infos(ctx: &Context<Conversation>) -> String {
+    ctx.conversation()
+        .infos()
+        .map(|m| m.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn fstype_at(path: &Path) -> Option<String> {
+    pershome::session::mounts::mount_at(path)
+        .expect("reading mountinfo")
+        .map(|m| m.fstype)
+}
+
+/// Runs `program args` as `uid`/`gid`; returns (success, stderr).
+fn run_as(uid: u32, gid: u32, program: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("running a program as the test user");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const CONFIG: &str = "commit_interval = 1\nlogout_timeout = 3\n";
+
+macro_rules! needs_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (PAM service files, useradd, mounts)");
+            return;
+        }
+    };
+}
+
+/// The whole flow for a listed user with a prepared stick: the open mounts pershomefs on the
+/// home (owned by the user, private), files land on the stick, another user gets EACCES, the
+/// close unmounts and no daemon is left.
+#[test]
+fn open_mounts_the_stick_home_and_close_unmounts_it() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let (alice, bob) = (TestUser::new(), TestUser::new());
+    let home = root.add_account(&alice);
+    root.add_account(&bob);
+    root.list(&alice);
+    let stick = root.stick("s1", true);
+    // An attacker's stick: a symlink to a file only root may read. The daemon runs as root; it
+    // must neither follow nor show it.
+    std::os::unix::fs::symlink("/etc/shadow", stick.join("pershome/shadow")).unwrap();
+    let service = PamService::new(root.path(), &stick);
+
+    let mut ctx = pam(&service, &alice);
+    let session = ctx.open_session(Flag::NONE).expect("open_session");
+    let token = session.leak();
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected pershomefs on {home:?}"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("your home folder is on your stick"),
+        "expected the mount message, got {said:?}"
+    );
+
+    // The user works in the home: the file lands in the stick's pershome/.
+    let file = home.join("notes.txt");
+    let (ok, err) = run_as(alice.uid, alice.gid, "touch", &[file.as_os_str()]);
+    assert!(ok, "alice creating {file:?}: expected success, got {err}");
+    assert!(
+        stick.join("pershome/notes.txt").is_file(),
+        "expected notes.txt on the stick"
+    );
+    let meta = std::fs::metadata(&home).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (alice.uid, 0o700),
+        "expected the home owned by alice, mode 700"
+    );
+    let planted = home.join("shadow");
+    let (ok, err) = run_as(alice.uid, alice.gid, "cat", &[planted.as_os_str()]);
+    assert!(
+        !ok && err.contains("No such file"),
+        "expected the planted symlink to be invisible, got ok={ok} {err}"
+    );
+    // Another local user cannot read it (security: docs/security.md).
+    let (ok, err) = run_as(bob.uid, bob.gid, "ls", &[home.as_os_str()]);
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "expected EACCES for bob, got ok={ok} {err}"
+    );
+    let (ok, err) = run_as(bob.uid, bob.gid, "cat", &[file.as_os_str()]);
+    assert!(
+        !ok && err.contains("Permission denied"),
+        "expected EACCES for bob reading a file, got ok={ok} {err}"
+    );
+    // The stick's raw mount is out of reach of users: /run/pershome/USER/stick is 0700 root.
+    let stick_mp = root
+        .path()
+        .join("run/pershome")
+        .join(&alice.name)
+        .join("stick");
+    let m = std::fs::metadata(&stick_mp).unwrap();
+    assert_eq!(
+        (m.uid(), m.mode() & 0o777),
+        (0, 0o700),
+        "stick mount point {stick_mp:?}"
+    );
+
+    let session = ctx.unleak_session(token);
+    session
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close_session");
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected nothing mounted on {home:?} after close"
+    );
+    let left = common::daemons_serving(&home);
+    assert!(
+        left.is_empty(),
+        "expected no pershomefs daemon after close, got {left:?}"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("you can remove your stick"),
+        "expected the removal message, got {said:?}"
+    );
+    // The stick now names its owner, and the metadata was committed.
+    let mark =
+        std::fs::read_to_string(stick.join("pershome/.pershome/owner-name")).unwrap_or_default();
+    assert_eq!(mark.trim(), alice.name, "owner mark");
+}
+
+/// `wants` is honoured: a user who is not listed (and has no ~/.persistent_home) gets nothing
+/// mounted and no message.
+#[test]
+fn a_user_who_does_not_want_it_gets_nothing() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let carol = TestUser::new();
+    let home = root.add_account(&carol);
+    let stick = root.stick("s2", true);
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &carol);
+    let session = ctx.open_session(Flag::NONE).expect("open_session");
+    let token = session.leak();
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected nothing mounted on {home:?}"
+    );
+    let said = infos(&ctx);
+    assert!(said.is_empty(), "expected no message, got {said:?}");
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close_session");
+    assert!(
+        !root.path().join("run/pershome").join(&carol.name).exists(),
+        "expected no runtime directory for a user without a stick home"
+    );
+}
+
+/// A stick without `pershome/`: the login goes on with the normal home, and the person is
+/// told why and how to fix it, on the terminal and in the notice for the desktop dialog.
+#[test]
+fn a_stick_without_pershome_falls_back_with_the_message() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let dave = TestUser::new();
+    let home = root.add_account(&dave);
+    root.list(&dave);
+    let stick = root.stick("s3", false);
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &dave);
+    let session = ctx
+        .open_session(Flag::NONE)
+        .expect("open_session succeeds in fallback");
+    let token = session.leak();
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected the normal home, nothing mounted"
+    );
+    let said = infos(&ctx);
+    for want in [
+        "no folder named \"pershome\"",
+        "normal home folder",
+        "pershome prepare",
+    ] {
+        assert!(
+            said.contains(want),
+            "expected {want:?} in the message, got {said:?}"
+        );
+    }
+    let notice = root
+        .path()
+        .join("run/pershome")
+        .join(&dave.name)
+        .join("notice");
+    let meta = std::fs::symlink_metadata(&notice).expect("the notice for the desktop dialog");
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (dave.uid, 0o400),
+        "notice owner and mode"
+    );
+    let text = pershome::session::rundir::read_notice(root.path(), &dave.name).unwrap();
+    assert!(
+        text.as_deref()
+            .is_some_and(|t| t.contains("pershome prepare")),
+        "expected the notice to say how to fix it, got {text:?}"
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close_session");
+}
+
+/// Two sessions of one user share one mount; it goes at the close of the last.
+#[test]
+fn the_home_stays_until_the_last_session_closes() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let erin = TestUser::new();
+    let home = root.add_account(&erin);
+    root.list(&erin);
+    let stick = root.stick("s4", true);
+    let service = PamService::new(root.path(), &stick);
+    let mut first = pam(&service, &erin);
+    let mut second = pam(&service, &erin);
+    let t1 = first.open_session(Flag::NONE).expect("first open").leak();
+    let t2 = second.open_session(Flag::NONE).expect("second open").leak();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let n = mounts
+        .lines()
+        .filter(|l| l.contains(&format!(" {} ", home.display())))
+        .count();
+    assert_eq!(n, 1, "expected one mount on {home:?}, got {n}");
+    first
+        .unleak_session(t1)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("first close");
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "still mounted for the second session"
+    );
+    second
+        .unleak_session(t2)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("second close");
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected the home unmounted after the last close"
+    );
+}
+
+/// A program still in the home at logout: the close returns at once (the logout is never
+/// held), and the background finisher unmounts once the program is gone.
+#[test]
+fn a_busy_home_is_unmounted_in_the_background() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let fred = TestUser::new();
+    let home = root.add_account(&fred);
+    root.list(&fred);
+    let stick = root.stick("s5", true);
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &fred);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    // A lingering program with its working directory in the home.
+    let mut lingering = Command::new("sleep")
+        .arg("30")
+        .current_dir(&home)
+        .uid(fred.uid)
+        .gid(fred.gid)
+        .spawn()
+        .expect("starting a lingering program");
+    struct Reap<'a>(&'a mut std::process::Child);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let reap = Reap(&mut lingering);
+    let started = Instant::now();
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "expected the close not to wait, took {took:?}"
+    );
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "still busy: still mounted"
+    );
+    drop(reap);
+    common::wait_until("the finisher unmounts the home", || {
+        fstype_at(&home).is_none()
+    });
+    common::wait_until("the daemon exits", || {
+        common::daemons_serving(&home).is_empty()
+    });
+}
+
+/// Security: a stick marked as another user's home is not mounted as this user's home.
+#[test]
+fn a_stick_of_another_user_is_refused() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let gina = TestUser::new();
+    let home = root.add_account(&gina);
+    root.list(&gina);
+    let stick = root.stick("s6", true);
+    std::fs::create_dir(stick.join("pershome/.pershome")).unwrap();
+    std::fs::write(
+        stick.join("pershome/.pershome/owner-name"),
+        "somebody-else\n",
+    )
+    .unwrap();
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &gina);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected another user's stick not to be mounted"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("somebody-else"),
+        "expected the refusal to name the owner, got {said:?}"
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+}
+
+/// Security: a home that is a symlink is never mounted over (the mount would land wherever
+/// the link points).
+#[test]
+fn a_symlinked_home_is_refused() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let hank = TestUser::new();
+    let home = root.add_account(&hank);
+    root.list(&hank);
+    let elsewhere = root.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::remove_dir(&home).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &home).unwrap();
+    let stick = root.stick("s7", true);
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &hank);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&elsewhere),
+        None,
+        "expected nothing mounted through the symlink"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("symlink"),
+        "expected the message to name the symlink, got {said:?}"
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+}
+
+/// The pam_mount entry point, called the way pam_mount calls it: `mount.fuse3
+/// PROGRAM#mount-home MOUNTPOINT -o OPTIONS` (mount.fuse3 runs `PROGRAM mount-home MOUNTPOINT
+/// -o OPTIONS`). The home is mounted; after pam_mount's `umount` at logout the daemon exits and
+/// the watcher forgets the state. Uses the real /run/pershome/USER (removed by a guard).
+#[test]
+fn mount_home_through_mount_fuse3() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let name_home = root.path().join("home");
+    let user = TestUser::new();
+    let home = name_home.join(&user.name);
+    let status = Command::new("usermod")
+        .arg("--home")
+        .arg(&home)
+        .arg(&user.name)
+        .status()
+        .expect("usermod");
+    assert!(status.success(), "usermod --home: {status}");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(user.uid), Some(user.gid)).unwrap();
+    struct RunDir(PathBuf);
+    impl Drop for RunDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let run = RunDir(Path::new("/run/pershome").join(&user.name));
+    let stick = root.stick("s8", true);
+    let out = Command::new("mount.fuse3")
+        .arg(format!("{HOOK}#mount-home"))
+        .arg(&home)
+        .arg("-o")
+        .arg(format!(
+            "nosuid,nodev,pershome_user={},stick_dir={}",
+            user.name,
+            stick.display()
+        ))
+        .output()
+        .expect("running mount.fuse3");
+    assert!(
+        out.status.success(),
+        "mount.fuse3: expected success, got {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected pershomefs on {home:?}"
+    );
+    let file = home.join("from-pam-mount");
+    let (ok, err) = run_as(user.uid, user.gid, "touch", &[file.as_os_str()]);
+    assert!(ok, "creating {file:?}: {err}");
+    assert!(
+        stick.join("pershome/from-pam-mount").is_file(),
+        "expected the file on the stick"
+    );
+    let state = run.0.join("state");
+    assert!(
+        state.exists(),
+        "expected the state of the mount in {state:?}"
+    );
+    let status = Command::new("umount").arg(&home).status().expect("umount");
+    assert!(status.success(), "umount {home:?}: {status}");
+    common::wait_until("the daemon exits", || {
+        common::daemons_serving(&home).is_empty()
+    });
+    common::wait_until("the watcher forgets the state", || !state.exists());
+}
+
+/// Security: no user-controlled string reaches a shell. The login hook's code runs programs
+/// only with argument vectors; this pins that no shell is ever started from it.
+#[test]
+fn the_login_hook_never_runs_a_shell() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/session");
+    let mut offenders = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("listing src/session") {
+        let path = entry.expect("listing src/session").path();
+        let text = std::fs::read_to_string(&path).expect("reading a source file");
+        for (i, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for needle in [
+                "\"sh\"",
+                "\"/bin/sh\"",
+                "\"bash\"",
+                "\"-c\"",
+                "libc::system",
+                "popen",
+            ] {
+                if code.contains(needle) {
+                    offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "expected no shell in the login hook, got:\n{}",
+        offenders.join("\n")
+    );
+}
+
+/// `on_missing_stick = "deny"` with a `required` session line (as `pershome-config pam`
+/// writes it then): no stick home means no session, and the person is still told why.
+#[test]
+fn deny_refuses_the_session_without_a_stick() {
+    needs_root!();
+    let root = TestRoot::new("on_missing_stick = \"deny\"\n");
+    let ivan = TestUser::new();
+    let home = root.add_account(&ivan);
+    root.list(&ivan);
+    let stick = root.stick("s9", false);
+    let service = PamService::with_control(root.path(), &stick, "required");
+    let mut ctx = pam(&service, &ivan);
+    let got = ctx.open_session(Flag::NONE).map(|s| s.leak());
+    assert!(
+        got.is_err(),
+        "expected the session to be refused, got {got:?}"
+    );
+    assert_eq!(fstype_at(&home), None, "expected nothing mounted");
+    let said = infos(&ctx);
+    assert!(
+        said.contains("no folder named \"pershome\""),
+        "expected the reason, got {said:?}"
+    );
+}
+
+/// Without a phase or a user (not run by PAM, no arguments) the hook is a usage error, and
+/// an auth-stack call is refused: it only ever runs in the session stack.
+#[test]
+fn the_hook_needs_a_phase_and_a_user() {
+    let run = |envs: &[(&str, &str)], args: &[&str]| {
+        let out = Command::new(HOOK)
+            .env_clear()
+            .envs(envs.iter().copied())
+            .arg("--root")
+            .arg("/nonexistent")
+            .arg("session")
+            .args(args)
+            .output()
+            .expect("running pershome-config session");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[], &[]);
+    assert!(
+        code == Some(2) && err.contains("PAM_TYPE"),
+        "no phase: expected exit 2, got {code:?} {err}"
+    );
+    let (code, err) = run(&[("PAM_TYPE", "auth"), ("PAM_USER", "x")], &[]);
+    assert!(
+        code == Some(2) && err.contains("session stack"),
+        "auth: expected exit 2, got {code:?} {err}"
+    );
+    let (code, err) = run(&[("PAM_TYPE", "open_session")], &[]);
+    assert!(
+        code == Some(2) && err.contains("PAM_USER"),
+        "no user: expected exit 2, got {code:?} {err}"
+    );
+}
+
+/// Stick discovery on a real FAT filesystem: a loop device holding a vfat image, offered as a
+/// removable disk by a fake `/sys/block`, is probed by `blkid -p` as vfat, and only counts when
+/// vfat is a configured stick type. (Mounting it needs a vfat driver: the QEMU tests do that.)
+#[test]
+fn discovery_probes_a_real_fat_image() {
+    needs_root!();
+    struct Loop(String);
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    let image = t.path().join("stick.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    let out = Command::new("mkfs.vfat")
+        .arg("-F")
+        .arg("32")
+        .arg(&image)
+        .output()
+        .expect("mkfs.vfat");
+    assert!(
+        out.status.success(),
+        "mkfs.vfat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&image)
+        .output()
+        .expect("losetup");
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let name = dev.0.trim_start_matches("/dev/").to_owned();
+    let sys = t.path().join("sys-block");
+    std::fs::create_dir_all(sys.join(&name)).unwrap();
+    std::fs::write(sys.join(&name).join("removable"), "1\n").unwrap();
+    let got =
+        pershome::session::discover::candidates(&sys, &["vfat".into(), "exfat".into()]).unwrap();
+    let expected = vec![pershome::session::discover::Candidate {
+        devnode: PathBuf::from(&dev.0),
+        fstype: "vfat".into(),
+    }];
+    assert_eq!(got, expected, "expected {expected:?}, got {got:?}");
+    let got = pershome::session::discover::candidates(&sys, &["exfat".into()]).unwrap();
+    assert!(
+        got.is_empty(),
+        "expected no candidate when only exfat counts, got {got:?}"
+    );
+}
