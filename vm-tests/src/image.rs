@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::util;
 
 /// Bump to force a rebuild when something the hash cannot see changes.
-const RECIPE_VERSION: &str = "1";
+const RECIPE_VERSION: &str = "2";
 
 /// The kernels in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -101,7 +101,9 @@ const MODULE_EXCLUDES: &[&str] = &[
 ];
 
 /// The systemd unit that starts the agent: it installs the project's binaries from the share
-/// and serves the results channel on ttyS1.
+/// where the Debian package puts them (`/usr/bin`: the PAM profile names
+/// `/usr/bin/pershome-config`), the test tools in `/usr/local/bin`, and serves the results
+/// channel on ttyS1.
 const AGENT_UNIT: &str = "\
 [Unit]
 Description=pershome VM test agent (results channel on ttyS1)
@@ -110,7 +112,7 @@ After=systemd-udevd.service
 
 [Service]
 Type=simple
-ExecStartPre=/bin/sh -c 'install -m 0755 /host/bin/* /usr/local/bin/'
+ExecStartPre=/bin/sh -c 'install -m 0755 /host/bin/* /usr/bin/ && install -m 0755 /host/tools/* /usr/local/bin/'
 ExecStart=/usr/local/bin/vm-guest-agent /dev/ttyS1
 StandardOutput=journal+console
 StandardError=journal+console

@@ -222,30 +222,34 @@ fn bin_dir() -> Result<PathBuf> {
         .context("the harness binary has no directory")
 }
 
-/// Fill `share/bin` with everything the guest runs.
+/// Fill the share: `bin/` with the project's binaries (installed in /usr/bin at boot, where
+/// the package puts them) and `tools/` with the test tools (installed in /usr/local/bin).
 fn stage_share(share: &Path) -> Result<()> {
-    let bin = share.join("bin");
-    if bin.exists() {
-        std::fs::remove_dir_all(&bin).with_context(|| format!("clearing {}", bin.display()))?;
-    }
-    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     let built = bin_dir()?;
-    let mut files: Vec<PathBuf> = ["vm-guest-agent", "pershomefs", "pershome", "xtask"]
+    let project: Vec<PathBuf> = ["pershomefs", "pershome", "pershome-config"]
         .iter()
         .map(|name| built.join(name))
         .collect();
-    files.push(deps::cargo_tool("pjdfstest"));
-    files.push(deps::cargo_tool("fsx"));
-    for file in files {
-        if !file.is_file() {
-            bail!(
-                "{} is missing (the build above should have made it)",
-                file.display()
-            );
+    let mut tools: Vec<PathBuf> = ["vm-guest-agent", "vm-pam-login", "xtask"]
+        .iter()
+        .map(|name| built.join(name))
+        .collect();
+    tools.push(deps::cargo_tool("pjdfstest"));
+    tools.push(deps::cargo_tool("fsx"));
+    for (dir, files) in [("bin", project), ("tools", tools)] {
+        let dir = share.join(dir);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
         }
-        let name = file.file_name().context("binary name")?;
-        std::fs::copy(&file, bin.join(name))
-            .with_context(|| format!("copying {} into the share", file.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for file in files {
+            if !file.is_file() {
+                bail!("{} is missing (the build above should have made it)", file.display());
+            }
+            let name = file.file_name().context("binary name")?;
+            std::fs::copy(&file, dir.join(name))
+                .with_context(|| format!("copying {} into the share", file.display()))?;
+        }
     }
     Ok(())
 }

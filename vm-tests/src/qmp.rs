@@ -100,9 +100,13 @@ impl Qmp {
             .as_array()
             .ok_or_else(|| anyhow!("query-blockstats returned no list: {ret}"))?;
         for entry in entries {
-            // The qdev field is the device's id, or its QOM path for devices without one.
+            // The qdev field is the device's id, or a QOM path. usb-storage creates an inner
+            // SCSI disk that carries the statistics: `/machine/peripheral/ID/ID.0/legacy[0]`.
             let name = entry.get("qdev").and_then(Value::as_str).unwrap_or("");
-            if name == qdev || name.ends_with(&format!("/{qdev}")) {
+            if name == qdev
+                || name.ends_with(&format!("/{qdev}"))
+                || name.contains(&format!("/{qdev}/"))
+            {
                 let stats = &entry["stats"];
                 let get = |key: &str| {
                     stats
@@ -116,6 +120,10 @@ impl Qmp {
                 });
             }
         }
-        bail!("query-blockstats has no device {qdev:?} (unplugged?): {ret}")
+        let names: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e.get("qdev").and_then(Value::as_str))
+            .collect();
+        bail!("query-blockstats has no device {qdev:?} (unplugged?); it has {names:?}")
     }
 }
