@@ -205,10 +205,10 @@ fn select(names: &[String]) -> Result<Vec<&'static scenarios::Scenario>> {
 
 /// Build what goes into the guest, in the harness's own profile.
 fn build_binaries(sh: &Shell) -> Result<()> {
-    util::banner("building pershome, the guest agent and xtask");
+    util::banner("building pershome, the guest-side binaries and xtask");
     cmd!(
         sh,
-        "cargo build --quiet -p pershome --bins -p vm-tests --bin vm-guest-agent -p xtask"
+        "cargo build --quiet -p pershome --bins -p vm-tests --bins -p xtask"
     )
     .run()
     .context("cargo build of the binaries the guest runs")

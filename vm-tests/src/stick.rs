@@ -37,6 +37,11 @@ pub const LABEL: &str = "PERSHOME";
 /// Create `path` (replacing it): `size_mib` MiB, one partition of `fs` labelled [`LABEL`].
 /// A FAT32 stick gets an empty `pershome/` (mtools); an exFAT one gets it in the guest.
 pub fn create(sh: &Shell, path: &Path, fs: StickFs, size_mib: u64) -> Result<()> {
+    create_with(sh, path, fs, size_mib, true)
+}
+
+/// As [`create`]; `prepared: false` leaves out `pershome/` (a stick never prepared).
+pub fn create_with(sh: &Shell, path: &Path, fs: StickFs, size_mib: u64, prepared: bool) -> Result<()> {
     if path.exists() {
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
@@ -70,11 +75,13 @@ pub fn create(sh: &Shell, path: &Path, fs: StickFs, size_mib: u64) -> Result<()>
             .ignore_stdout()
             .run()
             .with_context(|| format!("formatting {} as FAT32", path.display()))?;
-            let image = format!("{}@@{PART_OFFSET}", path.display());
-            cmd!(sh, "mmd -i {image} ::/pershome")
-                .quiet()
-                .run()
-                .context("creating pershome/ with mtools")?;
+            if prepared {
+                let image = mtools_image(path);
+                cmd!(sh, "mmd -i {image} ::/pershome")
+                    .quiet()
+                    .run()
+                    .context("creating pershome/ with mtools")?;
+            }
         }
         StickFs::Exfat => {
             let part = PathBuf::from(format!("{}.part", path.display()));
@@ -97,6 +104,11 @@ pub fn create(sh: &Shell, path: &Path, fs: StickFs, size_mib: u64) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// The `-i` argument that makes mtools work on the partition inside a stick image.
+pub fn mtools_image(path: &Path) -> String {
+    format!("{}@@{PART_OFFSET}", path.display())
 }
 
 /// Copy all of `from` into `to` at byte `offset`, keeping holes sparse is not needed: the

@@ -6,6 +6,7 @@
 
 mod conformance;
 mod kernels;
+mod login;
 mod wear;
 mod yank;
 
@@ -45,5 +46,23 @@ pub const ALL: &[Scenario] = &[
         name: "wear",
         summary: "bytes the stick receives (QMP) for the wear workloads: pershome vs plain vfat",
         run: wear::run,
+    },
+    Scenario {
+        number: 1,
+        name: "day",
+        summary: "the student's day: real PAM login on machine A, host checks the stick, machine B (other uid) sees it all",
+        run: login::run_day,
+    },
+    Scenario {
+        number: 2,
+        name: "windows",
+        summary: "edited on Windows: mtools adds, renames and deletes between the machines; B sees it",
+        run: login::run_windows,
+    },
+    Scenario {
+        number: 4,
+        name: "fallback",
+        summary: "no stick, then an unprepared stick: normal home, the user is told why and how to prepare",
+        run: login::run_fallback,
     },
 ];
