@@ -208,7 +208,7 @@ fn build_binaries(sh: &Shell) -> Result<()> {
     util::banner("building pershome, the guest-side binaries and xtask");
     cmd!(
         sh,
-        "cargo build --quiet -p pershome --bins -p vm-tests --bins -p xtask"
+        "cargo build --quiet -p pershome -p vm-tests -p xtask --bins"
     )
     .run()
     .context("cargo build of the binaries the guest runs")
