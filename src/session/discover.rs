@@ -74,7 +74,7 @@ pub fn removable_partitions(sys_block: &Path) -> Result<Vec<String>> {
 /// The filesystem type `blkid -p` (low-level probing, no cache) reports for a device, `None`
 /// when it finds none (an empty or unknown partition).
 pub fn probe_fstype(devnode: &Path) -> Result<Option<String>> {
-    let output = Command::new("blkid")
+    let output = Command::new(blkid_program())
         .args(["-p", "-o", "export", "--"])
         .arg(devnode)
         .stdin(Stdio::null())
@@ -85,6 +85,17 @@ pub fn probe_fstype(devnode: &Path) -> Result<Option<String>> {
         return Ok(None);
     }
     Ok(parse_blkid_export(&String::from_utf8_lossy(&output.stdout)))
+}
+
+/// blkid by absolute path: pam_exec runs the hook with an environment without PATH, so a
+/// bare `blkid` would be looked up in the C library's default `/bin:/usr/bin` and miss
+/// `/usr/sbin/blkid` (found by the QEMU login tests, vm-tests `fallback`). A root hook should
+/// not search a PATH anyway.
+fn blkid_program() -> &'static str {
+    ["/usr/sbin/blkid", "/sbin/blkid"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .unwrap_or("blkid")
 }
 
 /// The `TYPE=` value of `blkid -o export` output.

@@ -107,10 +107,23 @@ fn pam_messages(out: &Output) -> String {
         .join("\n")
 }
 
-fn expect_message(out: &Output, needle: &str) -> Result<()> {
+/// The login hook's and the daemon's log lines of this boot, for failure reports.
+fn hook_log(vm: &mut Vm) -> String {
+    vm.run(
+        "journalctl -b --no-pager -o cat -t pershome-config -t pershomefs | tail -n 30",
+        guest::SHORT,
+    )
+    .map(|o| o.response.stdout)
+    .unwrap_or_default()
+}
+
+fn expect_message(vm: &mut Vm, out: &Output, needle: &str) -> Result<()> {
     let messages = pam_messages(out);
     if !messages.contains(needle) {
-        bail!("expected the login to tell the user {needle:?}; it said:\n{messages}");
+        bail!(
+            "expected the login to tell the user {needle:?}; it said:\n{messages}\n--- the hook's log (journalctl -t pershome-config -t pershomefs):\n{}",
+            hook_log(vm)
+        );
     }
     Ok(())
 }
@@ -166,11 +179,15 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     setup_machine(&mut vm, UID_A, &hash)?;
     let out = login(&mut vm, &format!("{DAY_A}\n{DESCRIBE}"))?;
     if !out.ok() {
-        bail!("joseph's session on machine A: {}", out.describe());
+        bail!(
+            "joseph's session on machine A: {}\n--- the hook's log:\n{}",
+            out.describe(),
+            hook_log(&mut vm)
+        );
     }
     let described_a = out.response.stdout.clone();
-    expect_message(&out, "your home folder is on your stick")?;
-    expect_message(&out, "you can remove your stick now")?;
+    expect_message(&mut vm, &out, "your home folder is on your stick")?;
+    expect_message(&mut vm, &out, "you can remove your stick now")?;
     expect_logged_out(&mut vm)?;
     vm.shutdown()?;
     ctx.note("machine A: logged in with the password, home on the stick, logged out".to_owned());
@@ -237,7 +254,7 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
             windows_seen.replace('\n', "; ")
         ));
     }
-    expect_message(&out, "you can remove your stick now")?;
+    expect_message(&mut vm, &out, "you can remove your stick now")?;
     expect_logged_out(&mut vm)?;
     vm.shutdown()?;
     ctx.note(format!(
@@ -282,11 +299,14 @@ pub fn run_fallback(ctx: &mut Ctx) -> Result<()> {
     if fstype != "ext4" {
         bail!("without a stick the home should be the machine's own (ext4), got {fstype:?}");
     }
-    expect_message(&out, "no USB stick with a pershome folder was found")?;
-    expect_message(&out, "normal home folder")?;
+    expect_message(&mut vm, &out, "no USB stick with a pershome folder was found")?;
+    expect_message(&mut vm, &out, "normal home folder")?;
     ctx.note(format!(
         "no stick: normal home (ext4), told: {:?}",
-        pam_messages(&out).lines().next().unwrap_or_default()
+        pam_messages(&out)
+            .lines()
+            .find(|l| l.contains("pershome:"))
+            .unwrap_or_default()
     ));
 
     // A stick that was never prepared.
@@ -300,8 +320,8 @@ pub fn run_fallback(ctx: &mut Ctx) -> Result<()> {
     if fstype != "ext4" {
         bail!("with an unprepared stick the home should be the machine's own (ext4), got {fstype:?}");
     }
-    expect_message(&out, "has no folder named \"pershome\"")?;
-    expect_message(&out, "pershome prepare")?;
+    expect_message(&mut vm, &out, "has no folder named \"pershome\"")?;
+    expect_message(&mut vm, &out, "pershome prepare")?;
     ctx.note("unprepared stick: normal home, told why and to run `pershome prepare`".to_owned());
     expect_logged_out(&mut vm)?;
     vm.shutdown()?;
