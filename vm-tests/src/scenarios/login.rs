@@ -221,8 +221,13 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     setup_machine(&mut vm, UID_B, &hash)?;
     let edit = format!("printf {} >> \"$HOME/report.txt\"", shq(REPORT_EDIT));
     let windows_check = if windows {
-        "set -e; cd \"$HOME\"; test \"$(cat renamed.txt)\" = notes; test ! -e notes.txt; test ! -e old.txt; \
-         printf 'written on Windows\\r\\n' | cmp - from-windows.txt; stat -c '%U %a' from-windows.txt renamed.txt"
+        "cd \"$HOME\"\n\
+         fail() { echo \"the Windows edits on B: $*\" >&2; ls -la >&2; exit 1; }\n\
+         [ \"$(cat renamed.txt 2>&1)\" = notes ] || fail \"renamed.txt: $(cat renamed.txt 2>&1)\"\n\
+         [ ! -e notes.txt ] || fail 'notes.txt is still there'\n\
+         [ ! -e old.txt ] || fail 'old.txt is still there'\n\
+         printf 'written on Windows\\r\\n' | cmp - from-windows.txt || fail \"from-windows.txt: $(od -c from-windows.txt 2>&1 | head -n 3)\"\n\
+         stat -c '%U %a' from-windows.txt renamed.txt"
     } else {
         "true"
     };
