@@ -207,7 +207,10 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
             .quiet()
             .run()
             .context("mcopy of a new file")?;
-        cmd!(sh, "mren -i {img} ::/pershome/notes.txt ::/pershome/renamed.txt")
+        // A long new name: mtools stores a name that fits 8.3 as an upper-case short name
+        // only (no case flags), which vfat then shows as RENAMED.TXT; Windows itself would
+        // keep the case. A long name gets a long-name entry, as on Windows.
+        cmd!(sh, "mren -i {img} ::/pershome/notes.txt ::/pershome/renamed-on-windows.txt")
             .quiet()
             .run()
             .context("mren")?;
@@ -223,11 +226,11 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     let windows_check = if windows {
         "cd \"$HOME\"\n\
          fail() { echo \"the Windows edits on B: $*\" >&2; ls -la >&2; exit 1; }\n\
-         [ \"$(cat renamed.txt 2>&1)\" = notes ] || fail \"renamed.txt: $(cat renamed.txt 2>&1)\"\n\
+         [ \"$(cat renamed-on-windows.txt 2>&1)\" = notes ] || fail \"renamed-on-windows.txt: $(cat renamed-on-windows.txt 2>&1)\"\n\
          [ ! -e notes.txt ] || fail 'notes.txt is still there'\n\
          [ ! -e old.txt ] || fail 'old.txt is still there'\n\
          printf 'written on Windows\\r\\n' | cmp - from-windows.txt || fail \"from-windows.txt: $(od -c from-windows.txt 2>&1 | head -n 3)\"\n\
-         stat -c '%U %a' from-windows.txt renamed.txt"
+         stat -c '%U %a' from-windows.txt renamed-on-windows.txt"
     } else {
         "true"
     };
