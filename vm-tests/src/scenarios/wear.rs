@@ -27,11 +27,12 @@ const DIRS: u32 = 50;
 const APPENDS: u32 = 200;
 const ROUNDS: u32 = 100;
 
-/// In run order. `idle` mounts and unmounts without touching a file: what a mount costs by
-/// itself, so that the read step can be judged on what the reads add.
+/// In run order. `idle` mounts and unmounts without touching a file: what a mount of the
+/// populated stick costs by itself, so that the read step right after it can be judged on
+/// what the reads add (a first mount of a fresh stick writes more: FSInfo and the like).
 const STEPS: [(&str, &str); 6] = [
-    ("idle", "(0) mount+unmount only"),
     ("create", "(b) create tree"),
+    ("idle", "(0) mount+unmount only"),
     ("read", "(a) remount, read x2"),
     ("appends", "(c) appends+fsync"),
     ("churn-setup", "(d) setup (not compared)"),
