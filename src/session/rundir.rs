@@ -104,8 +104,8 @@ fn ensure_stick_dir(parent: &OwnedFd, parent_path: &Path) -> Result<()> {
         "stick",
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     ) {
-        let parent_st =
-            fstat(parent.as_raw_fd()).with_context(|| format!("examining {}", parent_path.display()))?;
+        let parent_st = fstat(parent.as_raw_fd())
+            .with_context(|| format!("examining {}", parent_path.display()))?;
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
         if is_dir && st.st_dev != parent_st.st_dev {
             return Ok(());

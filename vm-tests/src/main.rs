@@ -244,7 +244,10 @@ fn stage_share(share: &Path) -> Result<()> {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for file in files {
             if !file.is_file() {
-                bail!("{} is missing (the build above should have made it)", file.display());
+                bail!(
+                    "{} is missing (the build above should have made it)",
+                    file.display()
+                );
             }
             let name = file.file_name().context("binary name")?;
             std::fs::copy(&file, dir.join(name))

@@ -41,7 +41,13 @@ pub fn create(sh: &Shell, path: &Path, fs: StickFs, size_mib: u64) -> Result<()>
 }
 
 /// As [`create`]; `prepared: false` leaves out `pershome/` (a stick never prepared).
-pub fn create_with(sh: &Shell, path: &Path, fs: StickFs, size_mib: u64, prepared: bool) -> Result<()> {
+pub fn create_with(
+    sh: &Shell,
+    path: &Path,
+    fs: StickFs,
+    size_mib: u64,
+    prepared: bool,
+) -> Result<()> {
     if path.exists() {
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }

@@ -61,13 +61,22 @@ fn run() -> Result<u8> {
         Conversation::with_credentials(user.as_str(), password),
     )
     .context("pam_start(login)")?;
-    context.authenticate(Flag::NONE).context("pam_authenticate")?;
+    context
+        .authenticate(Flag::NONE)
+        .context("pam_authenticate")?;
     context.acct_mgmt(Flag::NONE).context("pam_acct_mgmt")?;
-    let session = context.open_session(Flag::NONE).context("pam_open_session")?;
+    let session = context
+        .open_session(Flag::NONE)
+        .context("pam_open_session")?;
     let env: Vec<(String, String)> = session
         .envlist()
         .iter_tuples()
-        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
         .collect();
     let status = {
         let name = CString::new(user.as_str()).context("user name")?;
@@ -105,5 +114,7 @@ fn run() -> Result<u8> {
     if let Err(e) = closed {
         bail!("pam_close_session: {e}");
     }
-    Ok(status.code().map_or(101, |c| u8::try_from(c).unwrap_or(102)))
+    Ok(status
+        .code()
+        .map_or(101, |c| u8::try_from(c).unwrap_or(102)))
 }

@@ -71,7 +71,9 @@ fn setup_machine(vm: &mut Vm, uid: u32, hash: &str) -> Result<()> {
     let mut script = String::from("set -e\n");
     if uid != UID_A {
         // The same person, another machine's account database (usermod re-owns the home).
-        script.push_str(&format!("usermod -u {uid} joseph\ngroupmod -g {uid} joseph\n"));
+        script.push_str(&format!(
+            "usermod -u {uid} joseph\ngroupmod -g {uid} joseph\n"
+        ));
     }
     script.push_str(&format!(
         "usermod -p {} joseph\npershome-config add-user joseph\npershome-config pam --install\n",
@@ -81,7 +83,10 @@ fn setup_machine(vm: &mut Vm, uid: u32, hash: &str) -> Result<()> {
         .context("setting up the machine (user, pershome-config add-user, pam --install)")?;
     let doctor = vm.run("pershome-config doctor 2>&1", guest::SHORT)?;
     if !doctor.ok() {
-        bail!("pershome-config doctor is not happy after the set-up: {}", doctor.describe());
+        bail!(
+            "pershome-config doctor is not happy after the set-up: {}",
+            doctor.describe()
+        );
     }
     Ok(())
 }
@@ -210,12 +215,21 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
         // A long new name: mtools stores a name that fits 8.3 as an upper-case short name
         // only (no case flags), which vfat then shows as RENAMED.TXT; Windows itself would
         // keep the case. A long name gets a long-name entry, as on Windows.
-        cmd!(sh, "mren -i {img} ::/pershome/notes.txt ::/pershome/renamed-on-windows.txt")
+        cmd!(
+            sh,
+            "mren -i {img} ::/pershome/notes.txt ::/pershome/renamed-on-windows.txt"
+        )
+        .quiet()
+        .run()
+        .context("mren")?;
+        cmd!(sh, "mdel -i {img} ::/pershome/old.txt")
             .quiet()
             .run()
-            .context("mren")?;
-        cmd!(sh, "mdel -i {img} ::/pershome/old.txt").quiet().run().context("mdel")?;
-        ctx.note("host (as Windows): added from-windows.txt, renamed notes.txt, deleted old.txt".to_owned());
+            .context("mdel")?;
+        ctx.note(
+            "host (as Windows): added from-windows.txt, renamed notes.txt, deleted old.txt"
+                .to_owned(),
+        );
     }
 
     // Machine B: the town library, where joseph has another uid.
@@ -301,13 +315,26 @@ pub fn run_fallback(ctx: &mut Ctx) -> Result<()> {
     .context("waiting for the stick to vanish")?;
     let out = login(&mut vm, FALLBACK_SESSION)?;
     if !out.ok() {
-        bail!("the fallback session without a stick failed: {}", out.describe());
+        bail!(
+            "the fallback session without a stick failed: {}",
+            out.describe()
+        );
     }
-    let fstype = out.response.stdout.lines().next().unwrap_or_default().to_owned();
+    let fstype = out
+        .response
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     if fstype != "ext4" {
         bail!("without a stick the home should be the machine's own (ext4), got {fstype:?}");
     }
-    expect_message(&mut vm, &out, "no USB stick with a pershome folder was found")?;
+    expect_message(
+        &mut vm,
+        &out,
+        "no USB stick with a pershome folder was found",
+    )?;
     expect_message(&mut vm, &out, "normal home folder")?;
     ctx.note(format!(
         "no stick: normal home (ext4), told: {:?}",
@@ -322,11 +349,22 @@ pub fn run_fallback(ctx: &mut Ctx) -> Result<()> {
     guest::wait_for_stick(&mut vm)?;
     let out = login(&mut vm, FALLBACK_SESSION)?;
     if !out.ok() {
-        bail!("the fallback session with an unprepared stick failed: {}", out.describe());
+        bail!(
+            "the fallback session with an unprepared stick failed: {}",
+            out.describe()
+        );
     }
-    let fstype = out.response.stdout.lines().next().unwrap_or_default().to_owned();
+    let fstype = out
+        .response
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
     if fstype != "ext4" {
-        bail!("with an unprepared stick the home should be the machine's own (ext4), got {fstype:?}");
+        bail!(
+            "with an unprepared stick the home should be the machine's own (ext4), got {fstype:?}"
+        );
     }
     expect_message(&mut vm, &out, "has no folder named \"pershome\"")?;
     expect_message(&mut vm, &out, "pershome prepare")?;
@@ -337,7 +375,11 @@ pub fn run_fallback(ctx: &mut Ctx) -> Result<()> {
     // The hook looked at the stick but changed nothing on it.
     let sh = &ctx.sh;
     let img = stick::mtools_image(&image);
-    let listing = cmd!(sh, "mdir -b -i {img} ::/").quiet().ignore_status().read().unwrap_or_default();
+    let listing = cmd!(sh, "mdir -b -i {img} ::/")
+        .quiet()
+        .ignore_status()
+        .read()
+        .unwrap_or_default();
     if !listing.trim().is_empty() {
         bail!("the unprepared stick should still be empty, mdir shows:\n{listing}");
     }
