@@ -24,6 +24,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("mmd", "mtools"),
     ("mcopy", "mtools"),
     ("mkfs.ext4", "e2fsprogs"),
+    ("mtype", "mtools"),
+    ("openssl", "openssl"),
 ];
 
 /// Packages from bookworm itself.

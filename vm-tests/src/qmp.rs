@@ -100,13 +100,8 @@ impl Qmp {
             .as_array()
             .ok_or_else(|| anyhow!("query-blockstats returned no list: {ret}"))?;
         for entry in entries {
-            // The qdev field is the device's id, or a QOM path. usb-storage creates an inner
-            // SCSI disk that carries the statistics: `/machine/peripheral/ID/ID.0/legacy[0]`.
             let name = entry.get("qdev").and_then(Value::as_str).unwrap_or("");
-            if name == qdev
-                || name.ends_with(&format!("/{qdev}"))
-                || name.contains(&format!("/{qdev}/"))
-            {
+            if qdev_matches(name, qdev) {
                 let stats = &entry["stats"];
                 let get = |key: &str| {
                     stats
@@ -125,5 +120,31 @@ impl Qmp {
             .filter_map(|e| e.get("qdev").and_then(Value::as_str))
             .collect();
         bail!("query-blockstats has no device {qdev:?} (unplugged?); it has {names:?}")
+    }
+}
+
+/// Whether a `query-blockstats` entry's `qdev` belongs to the device with id `id`. The field
+/// is the device's id or a QOM path; usb-storage puts the statistics on an inner SCSI disk,
+/// `/machine/peripheral/ID/ID.0/legacy[0]`.
+pub fn qdev_matches(qdev: &str, id: &str) -> bool {
+    qdev == id || qdev.ends_with(&format!("/{id}")) || qdev.contains(&format!("/{id}/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qdev_matches;
+
+    #[test]
+    fn finds_the_usb_stick_by_its_inner_disk() {
+        for (qdev, want) in [
+            ("/machine/peripheral/stickdev/stickdev.0/legacy[0]", true),
+            ("stickdev", true),
+            ("/machine/peripheral/stickdev", true),
+            ("/machine/peripheral-anon/device[0]/virtio-backend", false),
+            ("/machine/peripheral/stickdev2/stickdev2.0/legacy[0]", false),
+        ] {
+            let got = qdev_matches(qdev, "stickdev");
+            assert_eq!(got, want, "qdev {qdev:?}: expected {want}, got {got}");
+        }
     }
 }
