@@ -93,6 +93,31 @@ fn ensure_root_dir(parent: &OwnedFd, parent_path: &Path, name: &str, mode: u32) 
     Ok(fd)
 }
 
+/// `stick/` under the user's run directory: made and checked like the others, except while a
+/// stick is mounted on it (a session is open). Then its owner and mode are the stick's root
+/// directory's (the user's uid, from the mount's `uid=`), not the directory's, and must be
+/// neither refused nor chmod'ed. Only root can mount there (the parent is root's and `stick/`
+/// was 0700 root when the hook mounted it), so a mount on it is pershome's own. Found by the
+/// QEMU login tests (vm-tests `day`: session close refused a real vfat stick's mount).
+fn ensure_stick_dir(parent: &OwnedFd, parent_path: &Path) -> Result<()> {
+    let shown = parent_path.join("stick");
+    if let Ok(st) = nix::sys::stat::fstatat(
+        Some(parent.as_raw_fd()),
+        "stick",
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        let parent_st = fstat(parent.as_raw_fd())
+            .with_context(|| format!("examining {}", parent_path.display()))?;
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir && st.st_dev != parent_st.st_dev {
+            return Ok(());
+        }
+    }
+    ensure_root_dir(parent, parent_path, "stick", 0o700)
+        .with_context(|| format!("preparing the stick mount point {}", shown.display()))
+        .map(drop)
+}
+
 fn open_dir_path(path: &Path) -> Result<OwnedFd> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     Ok(OwnedFd::from(f))
@@ -111,7 +136,7 @@ impl UserRunDir {
         let dir = ensure_root_dir(&base, &base_path, user, 0o711)?;
         let path = base_path.join(user);
         let raw = ensure_root_dir(&dir, &path, "raw", 0o700)?;
-        ensure_root_dir(&raw, &path.join("raw"), "stick", 0o700)?;
+        ensure_stick_dir(&raw, &path.join("raw"))?;
         Ok(UserRunDir { path, dir })
     }
 

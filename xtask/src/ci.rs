@@ -1,7 +1,8 @@
 //! `cargo xtask ci`: every check CI runs, in order, stopping at the first failure with the
 //! step's name in the error. `.ci/run` calls this on a clean Debian 12 machine as root. The
 //! packaging checks (the .nix syntax check, the .deb build with its lintian and install/purge
-//! checks) run right after the tests, before the long conformance runs.
+//! checks) run right after the tests, before the long conformance runs; the QEMU suite
+//! (`cargo vm-test`) after the host's own conformance runs.
 //!
 //! This module owns the order and the parameters of the CI steps. The short benchmark and the
 //! flash-wear table at the end are informational: their tables are printed, and neither their
@@ -87,6 +88,13 @@ pub fn run(sh: &Shell) -> Result<()> {
         part_size: Some(4096),
     })
     .context("CI step `fsx --part-size 4096` failed")?;
+
+    // The QEMU end-to-end suite (vm-tests/, docs/vm-tests.md): real vfat and exFAT, a stick
+    // that is pulled, both kernels. Budgeted at 35 minutes of CI's 90.
+    step("cargo vm-test (the QEMU suite)");
+    cmd!(sh, "cargo vm-test")
+        .run()
+        .context("CI step `cargo vm-test` failed (see its summary and target/vm/runs/)")?;
 
     step("fuzz --seconds 20");
     fuzz::run(sh, &fuzz::Options { seconds: 20 }).context("CI step `fuzz` failed")?;

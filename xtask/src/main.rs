@@ -107,6 +107,22 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// One flash-wear workload step on a mounted directory, with plain file calls (the VM
+    /// suite runs this inside its guest; see docs/vm-tests.md).
+    WearStep {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, value_enum)]
+        step: wear::Step,
+        #[arg(long, default_value_t = 1000)]
+        files: u32,
+        #[arg(long, default_value_t = 100)]
+        dirs: u32,
+        #[arg(long, default_value_t = 200)]
+        appends: u32,
+        #[arg(long, default_value_t = 200)]
+        rounds: u32,
+    },
     /// Run every fuzz target in `fuzz/` (libFuzzer through cargo-fuzz) for a fixed time.
     Fuzz {
         /// Seconds of fuzzing per target.
@@ -148,8 +164,8 @@ enum Cmd {
     },
     /// Check that every .nix file parses (nix-instantiate --parse).
     NixCheck,
-    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, fuzz, a short bench, wear,
-    /// the Nix parse check and the Debian package checks.
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, the QEMU suite, fuzz, a
+    /// short bench, wear, the Nix parse check and the Debian package checks.
     Ci,
 }
 
@@ -207,6 +223,23 @@ fn run() -> Result<()> {
             backing_fs,
         }),
         Cmd::Wear { files, dirs, quick } => wear::run(&wear::Options::new(files, dirs, quick)),
+        Cmd::WearStep {
+            dir,
+            step,
+            files,
+            dirs,
+            appends,
+            rounds,
+        } => wear::run_step(
+            &dir,
+            step,
+            &wear::Options {
+                files,
+                dirs: dirs.max(1),
+                appends,
+                rounds,
+            },
+        ),
         Cmd::Fuzz { seconds } => fuzz::run(&sh, &fuzz::Options { seconds }),
         Cmd::Man { out } => install::man(&util::project_root().join(out)),
         Cmd::Install {

@@ -878,6 +878,62 @@ fn run_target(target: &mut dyn Target, options: &Options) -> Result<([Wear; 4], 
     Ok((wear, unchanged, counts))
 }
 
+/// One workload step of `cargo xtask wear-step`, run with plain `std::fs` calls on a directory
+/// that is a real mount (the VM suite's flash-wear scenario runs these inside the guest, on
+/// the stick through pershomefs and on the plain vfat mount, and counts the bytes the stick
+/// receives between steps with QMP). The remounts between steps are the caller's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Step {
+    /// (b) create the tree.
+    Create,
+    /// (a) read the tree twice (run it after a remount).
+    Read,
+    /// (c) appends with fsync.
+    Appends,
+    /// (d)'s setup: 50 directories of 4 documents (not measured).
+    ChurnSetup,
+    /// (d) desktop churn.
+    Churn,
+}
+
+/// Run one step on `dir` (which must exist); prints what it did.
+pub fn run_step(dir: &Path, step: Step, options: &Options) -> Result<()> {
+    let mut raw = Raw {
+        root: dir.to_path_buf(),
+        files: HashMap::new(),
+        next_fh: 1,
+        wear: Wear::default(),
+    };
+    match step {
+        Step::Create => {
+            let bytes = create_tree(&mut raw, options)?;
+            println!("created {} files, {bytes} bytes", options.files);
+        }
+        Step::Read => {
+            let first = read_tree(&mut raw)?;
+            let second = read_tree(&mut raw)?;
+            if first != second {
+                bail!("the two read passes read {first} and {second} bytes");
+            }
+            println!("read {first} bytes twice");
+        }
+        Step::Appends => {
+            appends(&mut raw, options)?;
+            println!("{} appends with fsync", options.appends);
+        }
+        Step::ChurnSetup => churn_setup(&mut raw)?,
+        Step::Churn => {
+            let (ops, _) = churn(&mut raw, options)?;
+            println!("{} rounds, {ops} operations", options.rounds);
+        }
+    }
+    for (fh, file) in raw.files.drain() {
+        file.sync_all()
+            .with_context(|| format!("closing left-over handle {fh}"))?;
+    }
+    Ok(())
+}
+
 /// Runs every workload on the raw directory and on pershome, below `scratch`.
 pub fn measure_in(scratch: &Path, options: &Options) -> Result<Report> {
     let started = Instant::now();

@@ -1,0 +1,258 @@
+//! `cargo vm-test`: pershome end to end in QEMU: a Debian 12 thin client, a FAT32 or exFAT
+//! USB stick that can be pulled, the project's binaries, the real kernel drivers.
+//!
+//! This file owns the command line, the scenario list and the PASS/FAIL report. Every
+//! scenario gets a fresh run directory under `target/vm/runs/`; on failure the report shows
+//! the error and the tail of each guest console log the scenario produced. No QEMU process
+//! outlives its scenario (see `qemu::Vm`).
+
+mod deps;
+mod guest;
+mod image;
+mod protocol;
+mod qemu;
+mod qmp;
+mod scenarios;
+mod stick;
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use xshell::{cmd, Shell};
+
+use crate::image::{GuestImage, Kernel};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo vm-test",
+    about = "pershome end-to-end tests in QEMU (a thin client with a USB stick)"
+)]
+struct Cli {
+    /// List the scenarios and exit.
+    #[arg(long)]
+    list: bool,
+    /// Install the host packages the suite needs (apt, as root) and exit.
+    #[arg(long)]
+    install_deps: bool,
+    /// The guest kernel for scenarios that boot one kernel (the kernel matrix boots both).
+    #[arg(long, value_enum, default_value = "6.1")]
+    kernel: Kernel,
+    /// Scenarios to run (names or numbers, see --list); all when none is given.
+    scenarios: Vec<String>,
+}
+
+/// What a scenario gets to work with.
+pub struct Ctx {
+    pub sh: Shell,
+    pub image: GuestImage,
+    pub kernel: Kernel,
+    /// This scenario's run directory (sticks, sockets, logs).
+    pub run_dir: PathBuf,
+    /// The 9p share: `bin/` (installed in the guest at boot) and `results/`.
+    pub share: PathBuf,
+    /// Console logs of the guests this scenario booted, for the failure report.
+    pub consoles: Vec<PathBuf>,
+    /// Figures the scenario reports (printed after PASS or FAIL).
+    pub notes: Vec<String>,
+}
+
+impl Ctx {
+    /// Boot a guest with `stick` plugged in (or none), remembering its console log.
+    pub fn boot(&mut self, name: &str, kernel: Kernel, stick: Option<&Path>) -> Result<qemu::Vm> {
+        self.consoles
+            .push(self.run_dir.join(format!("console-{name}.log")));
+        qemu::Vm::boot(&qemu::VmConfig {
+            image: &self.image,
+            kernel,
+            stick,
+            share: &self.share,
+            run_dir: &self.run_dir,
+            name,
+        })
+    }
+
+    pub fn note(&mut self, text: String) {
+        eprintln!("  {text}");
+        self.notes.push(text);
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("\nvm-test: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<bool> {
+    let cli = Cli::parse();
+    let sh = Shell::new().context("creating the xshell")?;
+    sh.change_dir(util::project_root());
+    if cli.list {
+        for s in scenarios::ALL {
+            println!("{:>2}  {:<12} {}", s.number, s.name, s.summary);
+        }
+        return Ok(true);
+    }
+    if cli.install_deps {
+        deps::install(&sh)?;
+        return Ok(true);
+    }
+    let selected = select(&cli.scenarios)?;
+    deps::check()?;
+    let started = Instant::now();
+    build_binaries(&sh)?;
+    let image = image::ensure()?;
+    let share = util::vm_dir().join("share");
+    stage_share(&share)?;
+
+    let mut results = Vec::new();
+    for scenario in selected {
+        util::banner(&format!(
+            "scenario {} {}: {}",
+            scenario.number, scenario.name, scenario.summary
+        ));
+        let run_dir = util::vm_dir().join("runs").join(scenario.name);
+        if run_dir.exists() {
+            std::fs::remove_dir_all(&run_dir)
+                .with_context(|| format!("removing {}", run_dir.display()))?;
+        }
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating {}", run_dir.display()))?;
+        let results_dir = share.join("results");
+        if results_dir.exists() {
+            std::fs::remove_dir_all(&results_dir).context("clearing the results dir")?;
+        }
+        std::fs::create_dir_all(&results_dir).context("creating the results dir")?;
+        let mut ctx = Ctx {
+            sh: Shell::new().context("creating the xshell")?,
+            image: image.clone(),
+            kernel: cli.kernel,
+            run_dir,
+            share: share.clone(),
+            consoles: Vec::new(),
+            notes: Vec::new(),
+        };
+        let t = Instant::now();
+        let outcome = (scenario.run)(&mut ctx);
+        let secs = t.elapsed().as_secs_f64();
+        match &outcome {
+            Ok(()) => eprintln!(
+                "\nPASS  {} {} ({secs:.0} s)",
+                scenario.number, scenario.name
+            ),
+            Err(e) => {
+                eprintln!(
+                    "\nFAIL  {} {} ({secs:.0} s): {e:#}",
+                    scenario.number, scenario.name
+                );
+                for console in &ctx.consoles {
+                    eprintln!(
+                        "--- last lines of the guest console {}:\n{}",
+                        console.display(),
+                        util::tail_lines(console, 40)
+                    );
+                }
+            }
+        }
+        results.push((scenario, outcome.is_ok(), secs, ctx.notes));
+    }
+    util::banner("summary");
+    let mut all_ok = true;
+    for (scenario, ok, secs, notes) in &results {
+        all_ok &= ok;
+        println!(
+            "{}  {:>2} {:<12} {secs:>5.0} s",
+            if *ok { "PASS" } else { "FAIL" },
+            scenario.number,
+            scenario.name
+        );
+        for note in notes {
+            println!("        {note}");
+        }
+    }
+    println!(
+        "{} of {} scenarios passed in {:.0} s",
+        results.iter().filter(|r| r.1).count(),
+        results.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(all_ok)
+}
+
+fn select(names: &[String]) -> Result<Vec<&'static scenarios::Scenario>> {
+    if names.is_empty() {
+        return Ok(scenarios::ALL.iter().collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            scenarios::ALL
+                .iter()
+                .find(|s| s.name == name || s.number.to_string() == *name)
+                .with_context(|| format!("no scenario {name:?} (see `cargo vm-test --list`)"))
+        })
+        .collect()
+}
+
+/// Build what goes into the guest, in the harness's own profile.
+fn build_binaries(sh: &Shell) -> Result<()> {
+    util::banner("building pershome, the guest-side binaries and xtask");
+    cmd!(
+        sh,
+        "cargo build --quiet -p pershome -p vm-tests -p xtask --bins"
+    )
+    .run()
+    .context("cargo build of the binaries the guest runs")
+}
+
+/// The directory of the running harness binary: the same profile's other binaries are there.
+fn bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("finding the harness binary")?;
+    exe.parent()
+        .map(Path::to_path_buf)
+        .context("the harness binary has no directory")
+}
+
+/// Fill the share: `bin/` with the project's binaries (installed in /usr/bin at boot, where
+/// the package puts them) and `tools/` with the test tools (installed in /usr/local/bin).
+fn stage_share(share: &Path) -> Result<()> {
+    let built = bin_dir()?;
+    let project: Vec<PathBuf> = ["pershomefs", "pershome", "pershome-config"]
+        .iter()
+        .map(|name| built.join(name))
+        .collect();
+    let mut tools: Vec<PathBuf> = ["vm-guest-agent", "vm-pam-login", "xtask"]
+        .iter()
+        .map(|name| built.join(name))
+        .collect();
+    tools.push(deps::cargo_tool("pjdfstest"));
+    tools.push(deps::cargo_tool("fsx"));
+    for (dir, files) in [("bin", project), ("tools", tools)] {
+        let dir = share.join(dir);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for file in files {
+            if !file.is_file() {
+                bail!(
+                    "{} is missing (the build above should have made it)",
+                    file.display()
+                );
+            }
+            let name = file.file_name().context("binary name")?;
+            std::fs::copy(&file, dir.join(name))
+                .with_context(|| format!("copying {} into the share", file.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! The scenarios of issue 6, each a function that boots what it needs and returns an error
+//! that says what it expected and what it got. Numbers follow the issue.
+//!
+//! This module owns the list. A scenario never leaves a QEMU running (its `Vm`s are dropped,
+//! and so killed, on every path out of it).
+
+mod conformance;
+mod kernels;
+mod login;
+mod wear;
+mod yank;
+
+use anyhow::Result;
+
+use crate::Ctx;
+
+pub struct Scenario {
+    pub number: u8,
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub run: fn(&mut Ctx) -> Result<()>,
+}
+
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        number: 5,
+        name: "conformance",
+        summary: "pjdfstest and fsx on pershomefs over a real vfat stick and a real exFAT stick",
+        run: conformance::run,
+    },
+    Scenario {
+        number: 7,
+        name: "kernels",
+        summary: "Debian 12's 6.1 and backports' 6.12 (FUSE passthrough on): the same checks pass",
+        run: kernels::run,
+    },
+    Scenario {
+        number: 3,
+        name: "yank",
+        summary:
+            "the stick is pulled during writes: no hang, unmount completes, fsync'ed data survives",
+        run: yank::run,
+    },
+    Scenario {
+        number: 6,
+        name: "wear",
+        summary: "bytes the stick receives (QMP) for the wear workloads: pershome vs plain vfat",
+        run: wear::run,
+    },
+    Scenario {
+        number: 1,
+        name: "day",
+        summary: "the student's day: real PAM login on machine A, host checks the stick, machine B (other uid) sees it all",
+        run: login::run_day,
+    },
+    Scenario {
+        number: 2,
+        name: "windows",
+        summary: "edited on Windows: mtools adds, renames and deletes between the machines; B sees it",
+        run: login::run_windows,
+    },
+    Scenario {
+        number: 4,
+        name: "fallback",
+        summary: "no stick, then an unprepared stick: normal home, the user is told why and how to prepare",
+        run: login::run_fallback,
+    },
+];
