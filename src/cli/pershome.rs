@@ -48,7 +48,7 @@ enum Cmd {
     /// Show the message the login left for you (why your stick home is not open and how to
     /// fix it), with zenity on a desktop, else on the terminal. Started at desktop login by
     /// /etc/xdg/autostart/pershome-notice.desktop; shows nothing when there is no message.
-    Notice,
+    Notice(NoticeArgs),
 }
 
 const PREPARE_HELP: &str = "\
@@ -104,6 +104,13 @@ Exit codes:
   2   TARGET is not a pershome home, pershome/ directory or stick
   3   nothing in use, but some metadata needs a check (pershome fsck)
   16  usage error";
+
+#[derive(Debug, Args)]
+struct NoticeArgs {
+    /// Read the notice under DIR instead of / (DIR/run/pershome/USER/notice; tests use it).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+}
 
 #[derive(Debug, Args)]
 struct StatusArgs {
@@ -216,15 +223,12 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             &mut std::io::stdout().lock(),
             &mut std::io::stderr().lock(),
         ),
-        Cmd::Notice => run_notice(),
+        Cmd::Notice(a) => run_notice(&a.root),
     })
 }
 
-fn run_notice() -> u8 {
-    match crate::session::entry::show_notice(
-        std::path::Path::new("/"),
-        &mut std::io::stdout().lock(),
-    ) {
+fn run_notice(root: &std::path::Path) -> u8 {
+    match crate::session::entry::show_notice(root, &mut std::io::stdout().lock()) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("pershome notice: {e:#}");
@@ -236,8 +240,7 @@ fn run_notice() -> u8 {
 fn run_prepare(a: PrepareArgs) -> u8 {
     let opts = prepare::PrepareOptions { any_fs: a.any_fs };
     // Started from a desktop entry there is no terminal: the person gets dialogs.
-    let has_display =
-        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    let has_display = zenity::has_display();
     let no_terminal = !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal();
     if a.gui || (!a.no_gui && no_terminal && has_display) {
         return zenity::run(a.target, opts);

@@ -384,20 +384,38 @@ fn release(run: &UserRunDir, state: &State) -> Result<()> {
     run.clear_state()
 }
 
-/// `pershome notice`: shows the message the hook left for the user who runs it (from the
-/// XDG autostart entry at desktop start): with zenity when there is a display and zenity is
-/// installed, else on stdout. Exit 0 also when there is nothing to show.
+/// The title of the notice dialog (tests find the window by it).
+pub const NOTICE_TITLE: &str = "Your stick home is not open";
+
+/// `pershome notice`: shows the message the hook left under `root` (`/` on a real system) for
+/// the user who runs it (from the XDG autostart entry at desktop start): with zenity when there
+/// is a display and zenity is installed, else on stdout. Exit 0 also when there is nothing to
+/// show.
 pub fn show_notice(root: &Path, out: &mut dyn Write) -> Result<()> {
     let uid = nix::unistd::getuid();
     let user = nix::unistd::User::from_uid(uid)
         .context("looking up the current user")?
         .with_context(|| format!("there is no user with uid {uid}"))?;
-    let graphical =
-        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
-    show_notice_for(root, &user.name, graphical, out)
+    show_notice_for(root, &user.name, crate::tools::zenity::has_display(), out)
 }
 
-/// Shows `user`'s notice: with zenity when `graphical` and zenity runs, else on `out`.
+/// zenity's arguments for the notice `text`: a warning with the text as it is (`--no-markup`:
+/// a path may hold `<` or `&`), wrapped to a readable width.
+pub fn notice_args(text: &str) -> Vec<String> {
+    let mut a: Vec<String> = ["--warning", "--no-markup", "--title", NOTICE_TITLE, "--text"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(crate::tools::zenity::wrap(
+        text,
+        crate::tools::zenity::WRAP_COLUMNS,
+    ));
+    a
+}
+
+/// Shows `user`'s notice: with zenity when `graphical` and zenity runs, else on `out`. The
+/// notice stays (root owns its directory): it is shown at every desktop start until a login
+/// opens the stick home, and the hook replaces it.
 pub fn show_notice_for(
     root: &Path,
     user: &str,
@@ -408,19 +426,27 @@ pub fn show_notice_for(
         return Ok(());
     };
     if graphical {
-        // --no-markup: the text is shown as it is, whatever characters a path holds.
         let shown = std::process::Command::new("zenity")
-            .args([
-                "--warning",
-                "--no-markup",
-                "--title=Your stick home",
-                "--width=480",
-                "--text",
-            ])
-            .arg(&text)
-            .status();
-        if shown.is_ok() {
-            return Ok(());
+            .args(notice_args(&text))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .output();
+        match shown {
+            // 0: OK; 1: closed or Escape, unless GTK could not reach the display (zenity
+            // exits 1 for that too, and says so).
+            Ok(o) if o.status.success() => return Ok(()),
+            Ok(o)
+                if o.status.code() == Some(1)
+                    && !String::from_utf8_lossy(&o.stderr).contains("cannot open display") =>
+            {
+                return Ok(())
+            }
+            Ok(o) => tracing::warn!(
+                "zenity could not show the notice ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => tracing::warn!("running zenity for the notice: {e}"),
         }
     }
     out.write_all(text.as_bytes()).context("writing the notice")
@@ -429,6 +455,21 @@ pub fn show_notice_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notice_is_plain_text_wrapped() {
+        let text = "pershome: a <b> & c, in a long sentence that goes on and on past the width \
+                    of a readable dialog.\nSecond line.\n";
+        let a = notice_args(text);
+        assert!(a.iter().any(|x| x == "--no-markup"), "got {a:?}");
+        let shown = a.last().map(String::as_str).unwrap_or_default();
+        assert!(shown.starts_with("pershome: a <b> & c,"), "got {shown:?}");
+        assert!(shown.ends_with("\nSecond line."), "got {shown:?}");
+        assert!(
+            shown.lines().all(|l| l.chars().count() <= 72),
+            "a line is too long: {shown:?}"
+        );
+    }
 
     #[test]
     fn phase_from_pam() {
