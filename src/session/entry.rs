@@ -400,14 +400,22 @@ pub fn show_notice(root: &Path, out: &mut dyn Write) -> Result<()> {
 }
 
 /// zenity's arguments for the notice `text`: a warning with the text as it is (`--no-markup`:
-/// a path may hold `<` or `&`), wrapped to a readable width.
+/// a path may hold `<` or `&`), wrapped to a readable width, each line of the notice (why;
+/// what it means; how to fix it) a paragraph of its own.
 pub fn notice_args(text: &str) -> Vec<String> {
-    let mut a: Vec<String> = ["--warning", "--no-markup", "--title", NOTICE_TITLE, "--text"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut a: Vec<String> = [
+        "--warning",
+        "--no-markup",
+        "--title",
+        NOTICE_TITLE,
+        "--text",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let paragraphs: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     a.push(crate::tools::zenity::wrap(
-        text,
+        &paragraphs.join("\n\n"),
         crate::tools::zenity::WRAP_COLUMNS,
     ));
     a
@@ -464,9 +472,9 @@ mod tests {
         assert!(a.iter().any(|x| x == "--no-markup"), "got {a:?}");
         let shown = a.last().map(String::as_str).unwrap_or_default();
         assert!(shown.starts_with("pershome: a <b> & c,"), "got {shown:?}");
-        assert!(shown.ends_with("\nSecond line."), "got {shown:?}");
+        assert!(shown.ends_with(".\n\nSecond line."), "got {shown:?}");
         assert!(
-            shown.lines().all(|l| l.chars().count() <= 72),
+            shown.lines().all(|l| l.chars().count() <= 64),
             "a line is too long: {shown:?}"
         );
     }

@@ -29,8 +29,9 @@ pub const TITLE: &str = "Prepare a pershome stick";
 const ICON: &str = "drive-removable-media";
 
 /// Lines of dialog text are wrapped at this many characters, so a dialog stays a readable
-/// width instead of growing to the screen's.
-pub const WRAP_COLUMNS: usize = 72;
+/// width instead of growing to the screen's. GTK's label wraps again at about 70 characters
+/// of its own, which would leave a lone word on a line after a longer one: stay below it.
+pub const WRAP_COLUMNS: usize = 64;
 
 /// Whether a graphical session is reachable (zenity exits 1, as a cancel does, without one).
 pub fn has_display() -> bool {
@@ -102,7 +103,11 @@ pub fn chosen<'a>(sticks: &'a [Stick], stdout: &[u8]) -> Option<&'a Stick> {
 pub fn describe_target(stick: Option<&Stick>, resolved: &Resolved) -> String {
     match (stick, &resolved.device) {
         (Some(s), _) => s.describe(),
-        (None, Some(dev)) => format!("the stick {} (on {})", dev.display(), resolved.dir.display()),
+        (None, Some(dev)) => format!(
+            "the stick {} (on {})",
+            dev.display(),
+            resolved.dir.display()
+        ),
         (None, None) => format!("the folder {}", resolved.dir.display()),
     }
 }
@@ -372,7 +377,10 @@ mod tests {
 
     #[test]
     fn list_has_one_row_per_stick_device_hidden_and_printed() {
-        let sticks = [stick("/dev/sdb1", Some("/media/x")), stick("/dev/sdc1", None)];
+        let sticks = [
+            stick("/dev/sdb1", Some("/media/x")),
+            stick("/dev/sdc1", None),
+        ];
         let a = choose_args(&sticks);
         let rows = &a[a.len() - 4..];
         let expected = [

@@ -15,7 +15,7 @@ use crate::util;
 /// Debian packages: FUSE (runtime and headers for fuser), pkg-config, ACL headers (pjdfstest
 /// builds against libacl), attr/acl tools, exFAT (mkfs + FUSE driver), posixovl (the
 /// comparison filesystem), the FAT image tools, and pam_mount's DTD plus xmllint (the generated
-/// pam_mount.conf.xml is validated against it).
+/// pam_mount.conf.xml is validated against it), and the GUI test tools.
 pub const APT_PACKAGES: &[&str] = &[
     "fuse3",
     "libfuse3-dev",
@@ -34,6 +34,12 @@ pub const APT_PACKAGES: &[&str] = &[
     // pam-client crate: libpam's headers, and libclang for pam-sys's bindgen.
     "libpam0g-dev",
     "libclang-dev",
+    // The GUI tests (tests/gui.rs) run the zenity dialogs on an Xvfb display driven with
+    // xdotool, and check the .desktop files with desktop-file-validate.
+    "zenity",
+    "xvfb",
+    "xdotool",
+    "desktop-file-utils",
 ];
 
 /// crates.io tools: (crate, exact version, binary). Exact versions because the harness parses
