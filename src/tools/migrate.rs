@@ -367,12 +367,17 @@ fn resolve_dest(
         }
     };
     // Refuse at once rather than after the store's lock wait: a home mounted from this stick
-    // is where the copy should go instead.
-    if crate::tools::status::writer_active(&backing) {
+    // is where the copy should go instead. A daemon that is only finishing its last commit
+    // (its home just unmounted, or an interrupted migrate's) holds the store for a moment:
+    // the mount below waits for it, as every mount does.
+    let homes = crate::tools::status::homes_over(&backing)
+        .map_err(|e| MigrateError::Target(format!("{e:#}")))?;
+    if let Some(home) = homes.first() {
         return Err(MigrateError::Target(format!(
-            "{}: the stick is in use (mounted as a home, or still being written); migrate into \
-             the mounted home instead, or log out first",
-            backing.display()
+            "{}: the stick is in use, mounted as a home on {}; migrate into that home \
+             instead, or log out first",
+            backing.display(),
+            home.display()
         )));
     }
     // As root, the home is mounted for the owner of SRC_HOME, so that their files are stored

@@ -127,6 +127,17 @@ fn backing_of_mount(m: &MountEntry) -> Option<PathBuf> {
     None
 }
 
+/// The mount points of the pershomefs homes mounted over `backing` now.
+pub fn homes_over(backing: &Path) -> Result<Vec<PathBuf>> {
+    let backing = canon(backing);
+    Ok(mountinfo::mounts()?
+        .iter()
+        .filter(|m| m.fstype == PERSHOMEFS_TYPE)
+        .filter(|m| backing_of_mount(m).map(|b| canon(&b)).as_ref() == Some(&backing))
+        .map(|m| m.mountpoint.clone())
+        .collect())
+}
+
 fn canon(p: &Path) -> PathBuf {
     p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
 }
