@@ -69,8 +69,6 @@ const TRAILER_PAYLOAD_LEN: usize = 12;
 /// corrupt checkpoint still yields most of its records when salvaged.
 const CHUNK_TARGET: usize = 64 * 1024;
 
-const CHECKPOINT_PREFIX: &str = "checkpoint.";
-const JOURNAL_PREFIX: &str = "journal.";
 
 /// How the store is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,44 +174,32 @@ pub struct Journal {
     faults: Option<Arc<Faults>>,
     /// The format version in the current journal's header, once known (read lazily).
     live_version: Option<u32>,
+    /// Which names the store's files have (see `meta::layout`).
+    layout: StoreLayout,
+    /// The store's files as listed at recovery, where a listing shows a name in another case
+    /// than the one this module writes (a `msdos` mount lists 8.3 names in lower case): the
+    /// listed name is the one opened, renamed and removed.
+    listed: BTreeMap<(Kind, u64), String>,
 }
 
 // ---------------------------------------------------------------------------------------------
 // File names
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
-    Checkpoint,
-    Journal,
-}
+use super::layout::{StoreFile as Kind, StoreLayout};
 
+/// The long layout's name of a store file (the tests' and `parse_name`'s form).
+#[cfg(test)]
 fn file_name(kind: Kind, generation: u64) -> String {
-    match kind {
-        Kind::Checkpoint => format!("{CHECKPOINT_PREFIX}{generation:016x}"),
-        Kind::Journal => format!("{JOURNAL_PREFIX}{generation:016x}"),
-    }
+    StoreLayout::Long
+        .store_file(kind, generation)
+        .unwrap_or_default()
 }
 
-/// Recognises exactly the names this module writes: a prefix and 16 lowercase hex digits.
+/// The long layout's parse (the tests' form).
+#[cfg(test)]
 fn parse_name(name: &[u8]) -> Option<(Kind, u64)> {
-    let (kind, digits) = if let Some(d) = name.strip_prefix(CHECKPOINT_PREFIX.as_bytes()) {
-        (Kind::Checkpoint, d)
-    } else if let Some(d) = name.strip_prefix(JOURNAL_PREFIX.as_bytes()) {
-        (Kind::Journal, d)
-    } else {
-        return None;
-    };
-    if digits.len() != 16
-        || !digits
-            .iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-    {
-        return None;
-    }
-    let digits = std::str::from_utf8(digits).ok()?;
-    let generation = u64::from_str_radix(digits, 16).ok()?;
-    Some((kind, generation))
+    StoreLayout::Long.parse_store_file(name)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,7 +599,11 @@ struct GenFiles {
     journal: bool,
 }
 
-fn list_store(dir: &OwnedFd) -> Result<BTreeMap<u64, GenFiles>, StoreError> {
+#[allow(clippy::type_complexity)]
+fn list_store(
+    dir: &OwnedFd,
+    layout: StoreLayout,
+) -> Result<(BTreeMap<u64, GenFiles>, BTreeMap<(Kind, u64), String>), StoreError> {
     let mut d = Dir::openat(
         Some(raw(dir)),
         ".",
@@ -622,9 +612,18 @@ fn list_store(dir: &OwnedFd) -> Result<BTreeMap<u64, GenFiles>, StoreError> {
     )
     .map_err(io_err(format!("listing {STORE_DIR}")))?;
     let mut gens: BTreeMap<u64, GenFiles> = BTreeMap::new();
+    let mut listed = BTreeMap::new();
     for entry in d.iter() {
         let entry = entry.map_err(io_err(format!("listing {STORE_DIR}")))?;
-        if let Some((kind, generation)) = parse_name(entry.file_name().to_bytes()) {
+        let name = entry.file_name().to_bytes();
+        if let Some((kind, generation)) = layout.parse_store_file(name) {
+            if layout.store_file(kind, generation).ok().as_deref().map(str::as_bytes) != Some(name)
+            {
+                listed.insert(
+                    (kind, generation),
+                    String::from_utf8_lossy(name).into_owned(),
+                );
+            }
             let files = gens.entry(generation).or_default();
             match kind {
                 Kind::Checkpoint => files.checkpoint = true,
@@ -632,7 +631,7 @@ fn list_store(dir: &OwnedFd) -> Result<BTreeMap<u64, GenFiles>, StoreError> {
             }
         }
     }
-    Ok(gens)
+    Ok((gens, listed))
 }
 
 /// The error an injected fault gives: what a pulled stick gives.
@@ -644,6 +643,20 @@ fn injected(context: String) -> StoreError {
 }
 
 impl Journal {
+    /// The name of a store file of this layout, as listed when the listing showed it in
+    /// another case. Refused (not a panic) past the 8.3 layout's 32-bit generations.
+    fn name_of(&self, kind: Kind, generation: u64) -> Result<String, StoreError> {
+        if let Some(listed) = self.listed.get(&(kind, generation)) {
+            return Ok(listed.clone());
+        }
+        self.layout
+            .store_file(kind, generation)
+            .map_err(|e| StoreError::Io {
+                context: "naming the next store file".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+
     /// Test hook: fail the store's later writes as `faults` says (see `Faults`).
     pub fn set_faults(&mut self, faults: Arc<Faults>) {
         self.faults = Some(faults);
@@ -735,7 +748,11 @@ impl Journal {
     fn unlink(&mut self, name: &str) -> Result<(), StoreError> {
         let dir = self.dir()?.as_raw_fd();
         self.gate_op(|| format!("removing {STORE_DIR}/{name}"))?;
-        match unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir) {
+        let res = unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir);
+        if matches!(res, Ok(()) | Err(Errno::ENOENT)) {
+            self.listed.retain(|_, listed| listed != name);
+        }
+        match res {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),
             Err(e) => Err(io_err(format!("removing {STORE_DIR}/{name}"))(e)),
         }
@@ -772,12 +789,12 @@ impl Journal {
         let checkpoint = build_checkpoint(generation, records);
         if checkpoint.len() as u64 > MAX_FILE_LEN {
             return Err(StoreError::TooLarge {
-                name: format!("{STORE_DIR}/{}", file_name(Kind::Checkpoint, generation)),
+                name: format!("{STORE_DIR}/{}", self.name_of(Kind::Checkpoint, generation)?),
                 size: checkpoint.len() as u64,
             });
         }
-        let ck_name = file_name(Kind::Checkpoint, generation);
-        let j_name = file_name(Kind::Journal, generation);
+        let ck_name = self.name_of(Kind::Checkpoint, generation)?;
+        let j_name = self.name_of(Kind::Journal, generation)?;
         let result = self.create_durable(&ck_name, &checkpoint).and_then(|_| {
             self.create_durable(
                 &j_name,
@@ -816,7 +833,7 @@ impl Journal {
         }
         let mut frame = Vec::with_capacity(frame_len as usize);
         push_frame(&mut frame, BATCH_MAGIC, self.generation, &payload);
-        let name = file_name(Kind::Journal, self.generation);
+        let name = self.name_of(Kind::Journal, self.generation)?;
         let fd = self.file.take().ok_or(StoreError::ReadOnly)?;
         let result = self.append_frame(&fd, &name, &frame);
         self.file = Some(fd);
@@ -859,8 +876,8 @@ impl Journal {
         self.tail_dirty = false;
         // The new generation is durable: the old one is now garbage. A crash before these
         // removals leaves it for the next open to remove.
-        self.unlink(&file_name(Kind::Journal, old))?;
-        self.unlink(&file_name(Kind::Checkpoint, old))?;
+        self.unlink(&self.name_of(Kind::Journal, old)?)?;
+        self.unlink(&self.name_of(Kind::Checkpoint, old)?)?;
         Ok(())
     }
 
@@ -871,7 +888,7 @@ impl Journal {
             return Ok(v);
         }
         self.file.as_ref().ok_or(StoreError::ReadOnly)?;
-        let name = file_name(Kind::Journal, self.generation);
+        let name = self.name_of(Kind::Journal, self.generation)?;
         let context = || format!("reading the header of {STORE_DIR}/{name}");
         // The live journal is held write-only: read its header through a second descriptor.
         let fd = openat(
@@ -915,7 +932,32 @@ impl Journal {
         backing_root: BorrowedFd<'_>,
         mode: OpenMode,
     ) -> Result<(Journal, Recovered), StoreError> {
+        Journal::open_in(backing_root, mode, StoreLayout::Long)
+    }
+
+    /// `open` for a store of `layout`. The 8.3 store directory is found in any letter case.
+    pub fn open_in(
+        backing_root: BorrowedFd<'_>,
+        mode: OpenMode,
+        layout: StoreLayout,
+    ) -> Result<(Journal, Recovered), StoreError> {
+        let store_name: String = match layout {
+            StoreLayout::Long => layout.store_dir().to_owned(),
+            StoreLayout::Short83 => super::layout::detect(backing_root)
+                .map_err(|source| StoreError::Io {
+                    context: "listing the backing directory".into(),
+                    source,
+                })?
+                .short
+                .map_or_else(
+                    || layout.store_dir().to_owned(),
+                    |n| String::from_utf8_lossy(&n).into_owned(),
+                ),
+        };
+        let store_name = store_name.as_str();
         let mut journal = Journal {
+            layout,
+            listed: BTreeMap::new(),
             mode,
             dir: None,
             file: None,
@@ -928,7 +970,7 @@ impl Journal {
         };
         let root = backing_root.as_raw_fd();
         let mut created_dir = false;
-        match fstatat(Some(root), STORE_DIR, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        match fstatat(Some(root), store_name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => {
                 let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
                 if kind != SFlag::S_IFDIR {
@@ -952,7 +994,7 @@ impl Journal {
                 return Ok((journal, recovered));
             }
             Err(Errno::ENOENT) => {
-                mkdirat(Some(root), STORE_DIR, Mode::from_bits_truncate(0o700))
+                mkdirat(Some(root), store_name, Mode::from_bits_truncate(0o700))
                     .map_err(io_err(format!("creating {STORE_DIR}")))?;
                 created_dir = true;
             }
@@ -960,7 +1002,7 @@ impl Journal {
         }
         let dir = match openat(
             Some(root),
-            STORE_DIR,
+            store_name,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
@@ -1025,7 +1067,8 @@ impl Journal {
 
     fn recover(&mut self) -> Result<Recovered, StoreError> {
         let store = self.dir.as_ref().ok_or(StoreError::ReadOnly)?;
-        let gens = list_store(store)?;
+        let (gens, listed) = list_store(store, self.layout)?;
+        self.listed = listed;
 
         // Refuse a newer format before anything else is read or written.
         for (&generation, files) in &gens {
@@ -1036,7 +1079,7 @@ impl Journal {
                 if !present {
                     continue;
                 }
-                if let Some(header) = read_header(store, &file_name(kind, generation))? {
+                if let Some(header) = read_header(store, &self.name_of(kind, generation)?)? {
                     if let Err(HeaderProblem::Newer(found)) =
                         check_header(&header, kind, generation)
                     {
@@ -1088,7 +1131,7 @@ impl Journal {
                 }
                 continue;
             }
-            let name = file_name(Kind::Checkpoint, generation);
+            let name = self.name_of(Kind::Checkpoint, generation)?;
             let Some(bytes) = read_file(store, &name)? else {
                 warnings.push(format!("{STORE_DIR}/{name} is not a regular file; ignored"));
                 corrupt.insert(name);
@@ -1131,7 +1174,7 @@ impl Journal {
                 needs_repair = true;
                 match salvage {
                     Some((generation, records)) => {
-                        corrupt.insert(file_name(Kind::Checkpoint, generation));
+                        corrupt.insert(self.name_of(Kind::Checkpoint, generation)?);
                         warnings.push(format!(
                             "NO INTACT CHECKPOINT: recovered {} records from the damaged checkpoint \
                              of generation {generation}; metadata of some files may be lost \
@@ -1164,7 +1207,7 @@ impl Journal {
         let mut live_cut: Option<usize> = None;
         for (&generation, files) in gens.range(base_gen..) {
             let is_live = generation == base_gen;
-            let name = file_name(Kind::Journal, generation);
+            let name = self.name_of(Kind::Journal, generation)?;
             if !files.journal {
                 if is_live {
                     live_needs_header = true;
@@ -1266,7 +1309,7 @@ impl Journal {
             ));
         } else {
             self.generation = base_gen;
-            let name = file_name(Kind::Journal, base_gen);
+            let name = self.name_of(Kind::Journal, base_gen)?;
             if live_needs_header {
                 let fd = self.create_durable(&name, &encode_header(Kind::Journal, base_gen))?;
                 self.file = Some(fd);
@@ -1306,7 +1349,7 @@ impl Journal {
                 if !present {
                     continue;
                 }
-                let name = file_name(kind, generation);
+                let name = self.name_of(kind, generation)?;
                 if corrupt.contains(&name) {
                     if let Some(w) = self.keep_as_corrupt(&name)? {
                         warnings.push(w);
@@ -1326,7 +1369,7 @@ impl Journal {
 
     fn write_first_journal(&mut self) -> Result<OwnedFd, StoreError> {
         self.create_durable(
-            &file_name(Kind::Journal, 1),
+            &self.name_of(Kind::Journal, 1)?,
             &encode_header(Kind::Journal, 1),
         )
     }
@@ -1337,11 +1380,7 @@ impl Journal {
     fn keep_as_corrupt(&mut self, name: &str) -> Result<Option<String>, StoreError> {
         let dir = self.dir()?.as_raw_fd();
         for n in 0..100u32 {
-            let target = if n == 0 {
-                format!("{name}.corrupt")
-            } else {
-                format!("{name}.corrupt.{n}")
-            };
+            let target = self.layout.corrupt_name(name, n);
             match fstatat(Some(dir), target.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(_) => continue,
                 Err(Errno::ENOENT) => {}

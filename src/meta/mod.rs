@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod journal;
+pub mod layout;
 pub mod pending;
 
 pub use crate::faults::Faults;
