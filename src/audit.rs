@@ -41,6 +41,18 @@ pub fn audit_tree(root: &Path) -> io::Result<Vec<Problem>> {
 /// valid upper-case 8.3 name (`fatrules::check_short_name`), the metadata store and everything
 /// in it included: an 8.3 stick's store uses the 8.3 layout (docs/format.md § Naming modes).
 pub fn audit_tree_in(root: &Path, mode: NameMode) -> io::Result<Vec<Problem>> {
+    audit(root, mode == NameMode::Short83, false)
+}
+
+/// As `audit_tree_in`, for a tree as a mount of the stick lists it: in 8.3 mode a name passes
+/// when it is an 8.3 name in any letter case, because Linux's `msdos` driver lists the
+/// upper-case names it keeps on the disk in lower case (`pershome fsck` audits this way; the
+/// tests, which see the disk's own names, use `audit_tree_in`).
+pub fn audit_tree_as_listed(root: &Path, mode: NameMode) -> io::Result<Vec<Problem>> {
+    audit(root, mode == NameMode::Short83, true)
+}
+
+fn audit(root: &Path, short_names: bool, any_case: bool) -> io::Result<Vec<Problem>> {
     let root_meta = fs::symlink_metadata(root).map_err(|e| context(e, "inspecting", root))?;
     if !root_meta.is_dir() {
         return Err(io::Error::new(
@@ -51,9 +63,9 @@ pub fn audit_tree_in(root: &Path, mode: NameMode) -> io::Result<Vec<Problem>> {
     let mut problems = Vec::new();
     // An explicit stack rather than recursion: a deep tree must not overflow the stack. Each
     // directory carries whether its names must be 8.3 names.
-    let mut pending = vec![(root.to_path_buf(), mode == NameMode::Short83)];
+    let mut pending = vec![(root.to_path_buf(), short_names)];
     while let Some((dir, short_names)) = pending.pop() {
-        audit_dir(&dir, short_names, &mut problems, &mut pending)?;
+        audit_dir(&dir, short_names, any_case, &mut problems, &mut pending)?;
     }
     problems.sort();
     Ok(problems)
@@ -62,6 +74,7 @@ pub fn audit_tree_in(root: &Path, mode: NameMode) -> io::Result<Vec<Problem>> {
 fn audit_dir(
     dir: &Path,
     short_names: bool,
+    any_case: bool,
     problems: &mut Vec<Problem>,
     pending: &mut Vec<(PathBuf, bool)>,
 ) -> io::Result<()> {
@@ -86,7 +99,12 @@ fn audit_dir(
             })
         };
         if short_names {
-            if let Err(why) = fatrules::check_short_name(name_bytes) {
+            let shown = if any_case {
+                name_bytes.to_ascii_uppercase()
+            } else {
+                name_bytes.to_vec()
+            };
+            if let Err(why) = fatrules::check_short_name(&shown) {
                 report(format!("the name is not an upper-case 8.3 name: {why}"));
             }
         }
@@ -279,7 +297,10 @@ mod tests {
         let expected = [
             (".pershome", "base \"\" is not 1 to 8"),
             (".pershome/inodes", "'i' is not an upper-case"),
-            (".pershome/journal.0000000000000001", "extension \"0000000000000001\""),
+            (
+                ".pershome/journal.0000000000000001",
+                "extension \"0000000000000001\"",
+            ),
             ("DOCS/.pershome", "base \"\" is not 1 to 8"),
             ("DOCS/A B.TXT", "' ' is not an upper-case"),
             ("DOCS/A.TEXT", "extension \"TEXT\""),

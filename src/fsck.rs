@@ -18,8 +18,8 @@ use std::time::Duration;
 use crate::audit;
 use crate::backing::Backing;
 use crate::fs::{Fs, FsOptions, Kind, OpenError, ROOT};
-use crate::meta::layout::{self, StoreLayout};
 use crate::meta::journal::{Journal, OpenMode, StoreError};
+use crate::meta::layout::{self, StoreLayout};
 use crate::meta::pending::PendingTree;
 use crate::meta::{Meta, Parts, OWNER_ID};
 use crate::names::{self, Decoded};
@@ -294,7 +294,10 @@ impl StoreNames {
             let leaf = listed
                 .iter()
                 .find(|n| n.as_slice() != name.as_bytes() && layout.same_name(n, name.as_bytes()))
-                .map_or_else(|| name.to_owned(), |n| String::from_utf8_lossy(n).into_owned());
+                .map_or_else(
+                    || name.to_owned(),
+                    |n| String::from_utf8_lossy(n).into_owned(),
+                );
             format!("{store}/{leaf}")
         };
         StoreNames {
@@ -686,7 +689,7 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
     check_parts(&b, s, &parts_of, &mut report)?;
 
     let problems =
-        audit::audit_tree_in(backing, mode).map_err(io_err("auditing the backing tree"))?;
+        audit::audit_tree_as_listed(backing, mode).map_err(io_err("auditing the backing tree"))?;
     for problem in problems {
         let rel = problem.path.strip_prefix(backing).unwrap_or(&problem.path);
         add(
@@ -725,7 +728,11 @@ fn check_parts(
     let mut on_disk = BTreeSet::new();
     for d in dirs {
         let path = format!("{rel}/{}", String::from_utf8_lossy(&d.name));
-        let Some(id) = s.layout.parse_parts_id_dir(&d.name).filter(|_| d.stat.is_dir) else {
+        let Some(id) = s
+            .layout
+            .parse_parts_id_dir(&d.name)
+            .filter(|_| d.stat.is_dir)
+        else {
             add(
                 Class::Unrepairable,
                 path,
@@ -831,7 +838,9 @@ fn check_parts(
                 file.clone(),
                 format!(
                     "stored in parts, but {rel}/{} is missing: it holds only its first part",
-                    s.layout.parts_id_dir(*id).unwrap_or_else(|_| format!("{id:x}"))
+                    s.layout
+                        .parts_id_dir(*id)
+                        .unwrap_or_else(|_| format!("{id:x}"))
                 ),
             );
         }
@@ -951,7 +960,9 @@ fn repair(backing: &Path, s: &StoreNames, stale: u64) -> Result<Vec<String>, Fsc
         done.push(format!(
             "moved orphaned parts {}/{} to {to}",
             s.parts,
-            s.layout.parts_id_dir(id).unwrap_or_else(|_| format!("{id:x}"))
+            s.layout
+                .parts_id_dir(id)
+                .unwrap_or_else(|_| format!("{id:x}"))
         ));
     }
     fs.shutdown();

@@ -38,8 +38,8 @@ pub use nix::errno::Errno;
 
 use crate::backing::Backing;
 use crate::meta::journal::{Journal, OpenMode, StoreError};
-use crate::meta::pending::PendingTree;
 use crate::meta::layout::StoreLayout;
+use crate::meta::pending::PendingTree;
 use crate::meta::{Meta, Timespec};
 use crate::names::NameMode;
 
@@ -878,10 +878,13 @@ impl Fs {
     /// The content file name of hard-link inode `id` as this layout writes it. `ENOSPC`, with
     /// the reason logged, for an id past what the 8.3 layout's names hold.
     pub(crate) fn link_file_name(&self, id: u64) -> Result<Vec<u8>> {
-        self.layout.inode_file(id).map(String::into_bytes).map_err(|e| {
-            tracing::error!("{e}");
-            Errno::ENOSPC
-        })
+        self.layout
+            .inode_file(id)
+            .map(String::into_bytes)
+            .map_err(|e| {
+                tracing::error!("{e}");
+                Errno::ENOSPC
+            })
     }
 
     /// `link_file_name` as the backing lists it in `dir` (the inodes directory).

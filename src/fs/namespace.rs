@@ -566,7 +566,10 @@ impl Fs {
             .backing
             .open_dir(&self.paths.store)
             .map_err(|e| errno_of(&e))?;
-        match self.backing.mkdir_at(store.as_fd(), leaf(&self.paths.inodes)) {
+        match self
+            .backing
+            .mkdir_at(store.as_fd(), leaf(&self.paths.inodes))
+        {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
             _ => {}
         }
@@ -996,16 +999,16 @@ impl Fs {
             return self.backing.write_new_file(dirfd, name, content);
         }
         let store = self.backing.open_dir(&self.paths.store)?;
-        match self.backing.mkdir_at(store.as_fd(), leaf(&self.paths.staging)) {
+        match self
+            .backing
+            .mkdir_at(store.as_fd(), leaf(&self.paths.staging))
+        {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
             _ => {}
         }
         let staging = self.backing.open_dir(&self.paths.staging)?;
         let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self
-            .layout
-            .staged_file(std::process::id(), n)
-            .into_bytes();
+        let tmp = self.layout.staged_file(std::process::id(), n).into_bytes();
         let staged = self
             .backing
             .write_new_file(staging.as_fd(), &tmp, content)

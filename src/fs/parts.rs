@@ -469,7 +469,10 @@ impl Fs {
             .backing
             .open_dir(&self.paths.store)
             .map_err(|e| errno_of(&e))?;
-        match self.backing.mkdir_at(store.as_fd(), leaf(&self.paths.parts)) {
+        match self
+            .backing
+            .mkdir_at(store.as_fd(), leaf(&self.paths.parts))
+        {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
             _ => {}
         }

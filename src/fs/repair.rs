@@ -156,10 +156,7 @@ impl Fs {
             let present: std::collections::BTreeMap<u64, u64> =
                 listed.iter().map(|(k, s)| (*k, s.size)).collect();
             let dir_path = self.parts_dir_path(id)?;
-            let dir = self
-                .backing
-                .open_dir(&dir_path)
-                .map_err(|e| errno_of(&e))?;
+            let dir = self.backing.open_dir(&dir_path).map_err(|e| errno_of(&e))?;
             for k in 1..last {
                 if present.get(&k).is_some_and(|&n| n >= p.size) {
                     continue;

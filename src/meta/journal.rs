@@ -69,7 +69,6 @@ const TRAILER_PAYLOAD_LEN: usize = 12;
 /// corrupt checkpoint still yields most of its records when salvaged.
 const CHUNK_TARGET: usize = 64 * 1024;
 
-
 /// How the store is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenMode {
@@ -617,7 +616,12 @@ fn list_store(
         let entry = entry.map_err(io_err(format!("listing {STORE_DIR}")))?;
         let name = entry.file_name().to_bytes();
         if let Some((kind, generation)) = layout.parse_store_file(name) {
-            if layout.store_file(kind, generation).ok().as_deref().map(str::as_bytes) != Some(name)
+            if layout
+                .store_file(kind, generation)
+                .ok()
+                .as_deref()
+                .map(str::as_bytes)
+                != Some(name)
             {
                 listed.insert(
                     (kind, generation),
@@ -789,7 +793,10 @@ impl Journal {
         let checkpoint = build_checkpoint(generation, records);
         if checkpoint.len() as u64 > MAX_FILE_LEN {
             return Err(StoreError::TooLarge {
-                name: format!("{STORE_DIR}/{}", self.name_of(Kind::Checkpoint, generation)?),
+                name: format!(
+                    "{STORE_DIR}/{}",
+                    self.name_of(Kind::Checkpoint, generation)?
+                ),
                 size: checkpoint.len() as u64,
             });
         }
@@ -1510,6 +1517,74 @@ mod tests {
             fs::write(store(&root).join(name), bytes).expect("write store file");
         }
         root
+    }
+
+    fn open83(root: &TempDir) -> (Journal, Recovered) {
+        let dir = fs::File::open(root.path()).expect("open temp root");
+        match Journal::open_in(dir.as_fd(), OpenMode::ReadWrite, StoreLayout::Short83) {
+            Ok(x) => x,
+            Err(e) => panic!("expected the 8.3 store to open, got: {e}"),
+        }
+    }
+
+    fn names83(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .expect("read store")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The 8.3 layout: `PERSHOME.DB/<8 hex>.CKP|JNL`, damaged files kept as `.C00`/`.J00`, and
+    /// a store listed in lower case (as Linux's `msdos` driver shows it) still recovered.
+    #[test]
+    fn the_8_3_layout_writes_8_3_names_and_reads_them_in_any_case() {
+        let root = TempDir::new().expect("tempdir");
+        let (mut jn, rec) = open83(&root);
+        assert!(rec.created);
+        let a = batch(0, 5);
+        jn.append(&a).expect("append");
+        jn.checkpoint(&state(&[&a]).snapshot()).expect("checkpoint");
+        let b = batch(5, 3);
+        jn.append(&b).expect("append");
+        drop(jn);
+        let store = root.path().join("PERSHOME.DB");
+        assert!(!root.path().join(STORE_DIR).exists(), "no long store made");
+        assert_eq!(names83(&store), vec!["00000002.CKP", "00000002.JNL"]);
+
+        // As a `msdos` mount lists it: every name lower-cased.
+        for name in names83(&store) {
+            fs::rename(store.join(&name), store.join(name.to_ascii_lowercase())).expect("rename");
+        }
+        let lower = root.path().join("pershome.db");
+        fs::rename(&store, &lower).expect("rename store");
+        let (mut jn, rec) = open83(&root);
+        assert_eq!(
+            (rec.generation, rec.replayed.clone(), rec.warnings.clone()),
+            (2, state(&[&a, &b]), Vec::<String>::new()),
+            "expected generation 2 with every batch and no warning (expected vs got)"
+        );
+        // The next generation replaces the lower-cased files by 8.3 names of its own.
+        jn.checkpoint(&rec.replayed.snapshot()).expect("checkpoint");
+        drop(jn);
+        assert_eq!(names83(&lower), vec!["00000003.CKP", "00000003.JNL"]);
+
+        // A damaged checkpoint is kept under an 8.3 name, never a store file's.
+        let ck = lower.join("00000003.CKP");
+        let mut bytes = fs::read(&ck).expect("read");
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x55;
+        fs::write(&ck, bytes).expect("write");
+        drop(open83(&root));
+        let got = names83(&lower);
+        assert!(
+            got.contains(&"00000003.C00".to_string())
+                && got
+                    .iter()
+                    .all(|n| crate::fatrules::check_short_name(n.as_bytes()).is_ok()),
+            "expected the damaged checkpoint kept as 00000003.C00 and only 8.3 names, got {got:?}"
+        );
     }
 
     fn j(g: u64) -> String {

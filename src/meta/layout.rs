@@ -65,7 +65,9 @@ fn hex8(value: u64, what: &'static str) -> Result<String, TooLarge> {
 fn parse_hex(digits: &[u8], len: usize, any_case: bool) -> Option<u64> {
     let ok = digits.len() == len
         && digits.iter().all(|c| {
-            c.is_ascii_digit() || (b'a'..=b'f').contains(c) || (any_case && (b'A'..=b'F').contains(c))
+            c.is_ascii_digit()
+                || (b'a'..=b'f').contains(c)
+                || (any_case && (b'A'..=b'F').contains(c))
         });
     if !ok {
         return None;
@@ -168,7 +170,9 @@ impl StoreLayout {
     /// The name of a checkpoint or journal file of `generation`.
     pub fn store_file(self, kind: StoreFile, generation: u64) -> Result<String, TooLarge> {
         match (self, kind) {
-            (StoreLayout::Long, StoreFile::Checkpoint) => Ok(format!("checkpoint.{generation:016x}")),
+            (StoreLayout::Long, StoreFile::Checkpoint) => {
+                Ok(format!("checkpoint.{generation:016x}"))
+            }
             (StoreLayout::Long, StoreFile::Journal) => Ok(format!("journal.{generation:016x}")),
             (StoreLayout::Short83, StoreFile::Checkpoint) => {
                 Ok(format!("{}.CKP", hex8(generation, "the store generation")?))
@@ -409,9 +413,17 @@ mod tests {
         for g in [1u64, 0xff, u64::from(u32::MAX)] {
             for kind in [StoreFile::Checkpoint, StoreFile::Journal] {
                 let name = l.store_file(kind, g).expect("fits");
-                assert_eq!(l.parse_store_file(name.as_bytes()), Some((kind, g)), "{name}");
+                assert_eq!(
+                    l.parse_store_file(name.as_bytes()),
+                    Some((kind, g)),
+                    "{name}"
+                );
                 let lower = name.to_ascii_lowercase();
-                assert_eq!(l.parse_store_file(lower.as_bytes()), Some((kind, g)), "{lower}");
+                assert_eq!(
+                    l.parse_store_file(lower.as_bytes()),
+                    Some((kind, g)),
+                    "{lower}"
+                );
                 for n in [0, 1, 99] {
                     let bad = l.corrupt_name(&name, n);
                     assert_eq!(l.parse_store_file(bad.as_bytes()), None, "{bad}");
@@ -420,9 +432,15 @@ mod tests {
                 names.push(name);
             }
             let inode = l.inode_file(g).expect("fits");
-            assert_eq!(l.parse_inode_file(inode.to_ascii_lowercase().as_bytes()), Some(g));
+            assert_eq!(
+                l.parse_inode_file(inode.to_ascii_lowercase().as_bytes()),
+                Some(g)
+            );
             let parts = l.parts_id_dir(g).expect("fits");
-            assert_eq!(l.parse_parts_id_dir(parts.to_ascii_lowercase().as_bytes()), Some(g));
+            assert_eq!(
+                l.parse_parts_id_dir(parts.to_ascii_lowercase().as_bytes()),
+                Some(g)
+            );
             names.extend([inode, parts]);
         }
         for name in &names {
@@ -442,7 +460,10 @@ mod tests {
         assert!(err.to_string().contains("names=long"), "got {err}");
         assert!(l.store_file(StoreFile::Journal, big).is_err());
         assert!(l.parts_id_dir(big).is_err());
-        assert_eq!(StoreLayout::Long.inode_file(big).unwrap(), "0000000100000000");
+        assert_eq!(
+            StoreLayout::Long.inode_file(big).unwrap(),
+            "0000000100000000"
+        );
     }
 
     #[test]
@@ -457,8 +478,14 @@ mod tests {
             l.store_file(StoreFile::Checkpoint, 255).unwrap(),
             "checkpoint.00000000000000ff"
         );
-        assert_eq!(l.corrupt_name("journal.0000000000000001", 0), "journal.0000000000000001.corrupt");
-        assert_eq!(l.corrupt_name("journal.0000000000000001", 2), "journal.0000000000000001.corrupt.2");
+        assert_eq!(
+            l.corrupt_name("journal.0000000000000001", 0),
+            "journal.0000000000000001.corrupt"
+        );
+        assert_eq!(
+            l.corrupt_name("journal.0000000000000001", 2),
+            "journal.0000000000000001.corrupt.2"
+        );
         assert_eq!(l.inode_file(1).unwrap(), "0000000000000001");
         assert_eq!(l.parts_id_dir(0xab).unwrap(), "00000000000000ab");
         assert_eq!(l.part_file(2), "00000002");

@@ -18,8 +18,8 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 
 use super::mounts;
-use crate::stick::discover::{self, Candidate};
 use crate::meta::layout::StoreLayout;
+use crate::stick::discover::{self, Candidate};
 use crate::stick::layout::find_pershome_dir;
 use crate::stick::mount::{mount_stick, unmount_within};
 use crate::sysconfig::SystemConfig;

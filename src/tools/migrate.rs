@@ -350,9 +350,8 @@ fn resolve_dest(
             t.display()
         )));
     }
-    let has_store = |dir: &Path| {
-        crate::meta::layout::find_store(dir).is_some_and(|(store, _)| store.is_dir())
-    };
+    let has_store =
+        |dir: &Path| crate::meta::layout::find_store(dir).is_some_and(|(store, _)| store.is_dir());
     let backing = if has_store(&t) {
         t
     } else {

@@ -316,9 +316,8 @@ pub fn prepare_dir(dir: &Path, opts: PrepareOptions) -> Result<Prepared, Prepare
 
     // Look before writing: an existing store (even one a mount holds right now) means the
     // stick is prepared, and prepare writes nothing.
-    let found = layout::detect(backing_fd.as_fd()).map_err(|e| {
-        PrepareError::Failed(anyhow::anyhow!("listing {}: {e}", backing.display()))
-    })?;
+    let found = layout::detect(backing_fd.as_fd())
+        .map_err(|e| PrepareError::Failed(anyhow::anyhow!("listing {}: {e}", backing.display())))?;
     let existing_layout = found.layout();
     let seen_layout = existing_layout.unwrap_or(StoreLayout::Long);
     let store_err = |e: StoreError| match e {
@@ -369,8 +368,8 @@ pub fn prepare_dir(dir: &Path, opts: PrepareOptions) -> Result<Prepared, Prepare
             ))
         })?;
     }
-    let (journal, rec) = Journal::open_in(backing_fd.as_fd(), OpenMode::ReadWrite, new_layout)
-        .map_err(store_err)?;
+    let (journal, rec) =
+        Journal::open_in(backing_fd.as_fd(), OpenMode::ReadWrite, new_layout).map_err(store_err)?;
     drop(journal);
     if !rec.created {
         // Another prepare (or a mount) won the race; the stick is prepared all the same.

@@ -146,8 +146,12 @@ pub fn store_state(backing: &Path) -> std::result::Result<StoreState, String> {
     .map_err(|e| format!("opening {}: {e}", backing.display()))?;
     // SAFETY: open just returned this descriptor; nobody else owns it.
     let dir = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dir) };
-    let (store, layout) = find_store(backing)
-        .unwrap_or_else(|| (backing.join(StoreLayout::Long.store_dir()), StoreLayout::Long));
+    let (store, layout) = find_store(backing).unwrap_or_else(|| {
+        (
+            backing.join(StoreLayout::Long.store_dir()),
+            StoreLayout::Long,
+        )
+    });
     let (_, rec) = Journal::open_in(
         std::os::fd::AsFd::as_fd(&dir),
         OpenMode::ReadOnlyUnlocked,
