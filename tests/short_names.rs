@@ -630,8 +630,8 @@ fn a_root_name_like_the_store_gets_another_short_name() {
 
 #[test]
 fn an_empty_long_store_becomes_an_8_3_store_at_the_first_8_3_mount() {
-    // `pershome prepare` without --names leaves an empty `.pershome/`: nothing is recorded
-    // yet, so the first mount still chooses.
+    // An interrupted first open can leave an empty `.pershome/`: nothing is recorded in it,
+    // so the first mount still chooses.
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path();
     std::fs::create_dir(backing.join(".pershome")).unwrap();

@@ -71,11 +71,15 @@ impl StorePaths {
                 StoreLayout::Short83 => f.short,
             })
             .unwrap_or_else(|| layout.store_dir().as_bytes().to_vec());
-        let listed: Vec<Vec<u8>> = backing
-            .open_dir(&store)
-            .and_then(|d| backing.list(d.as_fd()))
-            .map(|l| l.into_iter().map(|e| e.name).collect())
-            .unwrap_or_default();
+        // Long names are exact: only an 8.3 store is listed for the case of its entries.
+        let listed: Vec<Vec<u8>> = match layout {
+            StoreLayout::Long => Vec::new(),
+            StoreLayout::Short83 => backing
+                .open_dir(&store)
+                .and_then(|d| backing.list(d.as_fd()))
+                .map(|l| l.into_iter().map(|e| e.name).collect())
+                .unwrap_or_default(),
+        };
         let sub = |name: &str| {
             let leaf = listed
                 .iter()

@@ -7,7 +7,8 @@
 //! disagrees with the stick is refused, because reading 8.3 names as long names (or the
 //! reverse) would show `REPORT.TXT` where the user wrote `report.txt`, and new names would mix
 //! both styles. It never writes, except to remove a long store that holds nothing at all (as
-//! `pershome prepare` leaves one) when a first mount asks for 8.3 names.
+//! an interrupted first open can leave one) when a first mount asks for 8.3 names. A stick
+//! prepared by `pershome prepare` without `--names 8.3` holds a long store, so it stays long.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -37,27 +38,27 @@ pub(crate) fn resolve(
         }),
         (Some(StoreLayout::Short83), _) => Ok(StoreLayout::Short83),
         (Some(StoreLayout::Long), asked) => {
-            let entries = match backing.open_dir(LONG_STORE_DIR.as_bytes()) {
-                Ok(dir) => backing.list(dir.as_fd()).map_err(io_error)?,
+            let dir = match backing.open_dir(LONG_STORE_DIR.as_bytes()) {
+                Ok(dir) => dir,
                 // Not a directory: the store refuses it with its own message.
                 Err(_) => return Ok(StoreLayout::Long),
             };
-            if entries
-                .iter()
-                .any(|e| e.name == OLD_SHORT_NAMES_MARKER.as_bytes())
-            {
-                return Err(OpenError::OldShortStore);
+            // A stat rather than a listing: a long-name mount lists nothing at open.
+            match backing.stat_at(dir.as_fd(), OLD_SHORT_NAMES_MARKER.as_bytes()) {
+                Ok(_) => return Err(OpenError::OldShortStore),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(io_error(e)),
             }
             if asked != Some(NameMode::Short83) {
                 return Ok(StoreLayout::Long);
             }
-            if !entries.is_empty() {
+            if !backing.list(dir.as_fd()).map_err(io_error)?.is_empty() {
                 return Err(OpenError::NameMode {
                     stick: NameMode::Long,
                     asked: NameMode::Short83,
                 });
             }
-            // An empty long store (made by `pershome prepare`, never mounted): nothing is
+            // An empty long store directory (an interrupted first open): nothing is
             // recorded in it, so the first mount still chooses. A read-only mount only reads.
             if !read_only {
                 backing

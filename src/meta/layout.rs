@@ -344,9 +344,33 @@ impl Found {
     }
 }
 
-/// Lists `root` (a directory fd of the backing root) for store directories.
+/// Looks in `root` (a directory fd of the backing root) for store directories. The exact names
+/// are tried first, so a stick with a store is never listed (a mount lists only what is used);
+/// only without either is the root listed, for an 8.3 store in another case.
 pub fn detect(root: BorrowedFd<'_>) -> std::io::Result<Found> {
     use std::os::fd::AsRawFd;
+    // Any failure counts as "not there": the `msdos` driver refuses a name with a leading dot
+    // (EINVAL) rather than saying ENOENT, and a real I/O error shows in the listing below.
+    let exists = |name: &str| {
+        nix::sys::stat::fstatat(
+            Some(root.as_raw_fd()),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .is_ok()
+    };
+    if exists(LONG_STORE_DIR) {
+        return Ok(Found {
+            long: true,
+            short: None,
+        });
+    }
+    if exists(SHORT_STORE_DIR) {
+        return Ok(Found {
+            long: false,
+            short: Some(SHORT_STORE_DIR.as_bytes().to_vec()),
+        });
+    }
     let mut dir = nix::dir::Dir::openat(
         Some(root.as_raw_fd()),
         ".",

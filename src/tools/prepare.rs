@@ -354,7 +354,8 @@ pub fn prepare_dir(dir: &Path, opts: PrepareOptions) -> Result<Prepared, Prepare
         .unwrap_or(0);
     let new_layout = StoreLayout::for_names(opts.names);
     if existing_layout == Some(StoreLayout::Long) && new_layout == StoreLayout::Short83 {
-        // An empty long store (an earlier prepare): nothing is recorded in it yet.
+        // An empty long store directory (an interrupted first open): nothing is recorded
+        // in it, so the mode asked for now is still free; rmdir refuses anything non-empty.
         nix::unistd::unlinkat(
             Some(fd_raw(&backing_fd)),
             StoreLayout::Long.store_dir(),
