@@ -187,7 +187,12 @@ fn prepare_with_names_8_3_makes_an_8_3_store_that_mounts_keep() {
         text(&o)
     );
     let o = pershome(&[os("prepare"), os("--names"), os("9.3"), stick.as_os_str()]);
-    assert_eq!(code(&o), Some(16), "a bad --names is a usage error: {}", text(&o));
+    assert_eq!(
+        code(&o),
+        Some(16),
+        "a bad --names is a usage error: {}",
+        text(&o)
+    );
 }
 
 #[test]
