@@ -28,7 +28,7 @@ use nix::unistd::{fdatasync, fsync, ftruncate, unlinkat, UnlinkatFlags};
 
 use super::codec::{decode_all, encode_record};
 use super::pending::Replayed;
-use super::{Record, STORE_DIR};
+use super::Record;
 use crate::faults::{torn_len, Faults, Gate};
 
 /// The newest on-stick format this code reads and writes. Format 2 adds files stored in parts
@@ -533,7 +533,7 @@ fn is_regular(fd: &OwnedFd) -> Result<bool, Errno> {
 
 /// Opens a store file for reading: no symlink is followed, and O_NONBLOCK keeps a fifo that a
 /// stick planted under a store name from hanging the open. None if it is not a regular file.
-fn open_for_read(dir: &OwnedFd, name: &str) -> Result<Option<OwnedFd>, StoreError> {
+fn open_for_read(dir: &OwnedFd, sd: &str, name: &str) -> Result<Option<OwnedFd>, StoreError> {
     let fd = open_at(
         dir,
         name,
@@ -544,15 +544,15 @@ fn open_for_read(dir: &OwnedFd, name: &str) -> Result<Option<OwnedFd>, StoreErro
         Ok(fd) => fd,
         // A symlink under a store name: not ours, and never followed.
         Err(Errno::ELOOP) => return Ok(None),
-        Err(e) => return Err(io_err(format!("opening {STORE_DIR}/{name}"))(e)),
+        Err(e) => return Err(io_err(format!("opening {sd}/{name}"))(e)),
     };
-    if !is_regular(&fd).map_err(io_err(format!("examining {STORE_DIR}/{name}")))? {
+    if !is_regular(&fd).map_err(io_err(format!("examining {sd}/{name}")))? {
         return Ok(None);
     }
     Ok(Some(fd))
 }
 
-fn read_at_most(fd: &OwnedFd, name: &str, want: usize) -> Result<Vec<u8>, StoreError> {
+fn read_at_most(fd: &OwnedFd, sd: &str, name: &str, want: usize) -> Result<Vec<u8>, StoreError> {
     let mut buf = vec![0u8; want];
     let mut got = 0;
     while got < want {
@@ -560,7 +560,7 @@ fn read_at_most(fd: &OwnedFd, name: &str, want: usize) -> Result<Vec<u8>, StoreE
             Ok(0) => break,
             Ok(n) => got += n,
             Err(Errno::EINTR) => continue,
-            Err(e) => return Err(io_err(format!("reading {STORE_DIR}/{name}"))(e)),
+            Err(e) => return Err(io_err(format!("reading {sd}/{name}"))(e)),
         }
     }
     buf.truncate(got);
@@ -568,27 +568,27 @@ fn read_at_most(fd: &OwnedFd, name: &str, want: usize) -> Result<Vec<u8>, StoreE
 }
 
 /// Reads a whole store file; None if it is not a regular file.
-fn read_file(dir: &OwnedFd, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(fd) = open_for_read(dir, name)? else {
+fn read_file(dir: &OwnedFd, sd: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(fd) = open_for_read(dir, sd, name)? else {
         return Ok(None);
     };
-    let st = fstat(raw(&fd)).map_err(io_err(format!("examining {STORE_DIR}/{name}")))?;
+    let st = fstat(raw(&fd)).map_err(io_err(format!("examining {sd}/{name}")))?;
     let size = u64::try_from(st.st_size).unwrap_or(0);
     if size > MAX_FILE_LEN {
         return Err(StoreError::TooLarge {
-            name: format!("{STORE_DIR}/{name}"),
+            name: format!("{sd}/{name}"),
             size,
         });
     }
     // Cannot truncate: size <= MAX_FILE_LEN.
-    read_at_most(&fd, name, size as usize).map(Some)
+    read_at_most(&fd, sd, name, size as usize).map(Some)
 }
 
-fn read_header(dir: &OwnedFd, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(fd) = open_for_read(dir, name)? else {
+fn read_header(dir: &OwnedFd, sd: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(fd) = open_for_read(dir, sd, name)? else {
         return Ok(None);
     };
-    read_at_most(&fd, name, HEADER_LEN).map(Some)
+    read_at_most(&fd, sd, name, HEADER_LEN).map(Some)
 }
 
 /// The recognised files of the store, by generation.
@@ -603,17 +603,18 @@ fn list_store(
     dir: &OwnedFd,
     layout: StoreLayout,
 ) -> Result<(BTreeMap<u64, GenFiles>, BTreeMap<(Kind, u64), String>), StoreError> {
+    let sd = layout.store_dir();
     let mut d = Dir::openat(
         Some(raw(dir)),
         ".",
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(io_err(format!("listing {STORE_DIR}")))?;
+    .map_err(io_err(format!("listing {sd}")))?;
     let mut gens: BTreeMap<u64, GenFiles> = BTreeMap::new();
     let mut listed = BTreeMap::new();
     for entry in d.iter() {
-        let entry = entry.map_err(io_err(format!("listing {STORE_DIR}")))?;
+        let entry = entry.map_err(io_err(format!("listing {sd}")))?;
         let name = entry.file_name().to_bytes();
         if let Some((kind, generation)) = layout.parse_store_file(name) {
             if layout
@@ -696,6 +697,7 @@ impl Journal {
         buf: &[u8],
         offset: u64,
     ) -> Result<(), StoreError> {
+        let sd = self.layout.store_dir();
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -709,14 +711,14 @@ impl Journal {
                         let _ = pwrite(fd.as_fd(), part, at as i64);
                     }
                 }
-                return Err(injected(format!("writing {STORE_DIR}/{name}")));
+                return Err(injected(format!("writing {sd}/{name}")));
             }
             let res = pwrite(fd.as_fd(), &buf[done..], at as i64);
             self.stats.writes += 1;
             match res {
                 Ok(0) => {
                     return Err(StoreError::Io {
-                        context: format!("writing {STORE_DIR}/{name}"),
+                        context: format!("writing {sd}/{name}"),
                         source: std::io::Error::from(std::io::ErrorKind::WriteZero),
                     })
                 }
@@ -725,40 +727,43 @@ impl Journal {
                     self.stats.bytes += n as u64;
                 }
                 Err(Errno::EINTR) => continue,
-                Err(e) => return Err(io_err(format!("writing {STORE_DIR}/{name}"))(e)),
+                Err(e) => return Err(io_err(format!("writing {sd}/{name}"))(e)),
             }
         }
         Ok(())
     }
 
     fn sync_file(&mut self, fd: &OwnedFd, name: &str, data_only: bool) -> Result<(), StoreError> {
-        self.gate_op(|| format!("syncing {STORE_DIR}/{name}"))?;
+        let sd = self.layout.store_dir();
+        self.gate_op(|| format!("syncing {sd}/{name}"))?;
         self.stats.syncs += 1;
         let res = if data_only {
             fdatasync(raw(fd))
         } else {
             fsync(raw(fd))
         };
-        res.map_err(io_err(format!("syncing {STORE_DIR}/{name}")))
+        res.map_err(io_err(format!("syncing {sd}/{name}")))
     }
 
     fn sync_dir(&mut self) -> Result<(), StoreError> {
+        let sd = self.layout.store_dir();
         let dir = self.dir()?.as_raw_fd();
-        self.gate_op(|| format!("syncing the directory {STORE_DIR}"))?;
+        self.gate_op(|| format!("syncing the directory {sd}"))?;
         self.stats.syncs += 1;
-        fsync(dir).map_err(io_err(format!("syncing the directory {STORE_DIR}")))
+        fsync(dir).map_err(io_err(format!("syncing the directory {sd}")))
     }
 
     fn unlink(&mut self, name: &str) -> Result<(), StoreError> {
+        let sd = self.layout.store_dir();
         let dir = self.dir()?.as_raw_fd();
-        self.gate_op(|| format!("removing {STORE_DIR}/{name}"))?;
+        self.gate_op(|| format!("removing {sd}/{name}"))?;
         let res = unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir);
         if matches!(res, Ok(()) | Err(Errno::ENOENT)) {
             self.listed.retain(|_, listed| listed != name);
         }
         match res {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),
-            Err(e) => Err(io_err(format!("removing {STORE_DIR}/{name}"))(e)),
+            Err(e) => Err(io_err(format!("removing {sd}/{name}"))(e)),
         }
     }
 
@@ -766,15 +771,16 @@ impl Journal {
     /// first: no file of a generation not yet in use holds anything committed), writes
     /// `contents`, and makes it and its directory entry durable. Returns the open file.
     fn create_durable(&mut self, name: &str, contents: &[u8]) -> Result<OwnedFd, StoreError> {
+        let sd = self.layout.store_dir();
         self.unlink(name)?;
-        self.gate_op(|| format!("creating {STORE_DIR}/{name}"))?;
+        self.gate_op(|| format!("creating {sd}/{name}"))?;
         let fd = open_at(
             self.dir()?,
             name,
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
             Mode::from_bits_truncate(0o600),
         )
-        .map_err(io_err(format!("creating {STORE_DIR}/{name}")))?;
+        .map_err(io_err(format!("creating {sd}/{name}")))?;
         self.write_all_at(&fd, name, contents, 0)?;
         // A full fsync: the file's size is metadata the data cannot be found without.
         self.sync_file(&fd, name, false)?;
@@ -790,13 +796,11 @@ impl Journal {
         generation: u64,
         records: &[Record],
     ) -> Result<OwnedFd, StoreError> {
+        let sd = self.layout.store_dir();
         let checkpoint = build_checkpoint(generation, records);
         if checkpoint.len() as u64 > MAX_FILE_LEN {
             return Err(StoreError::TooLarge {
-                name: format!(
-                    "{STORE_DIR}/{}",
-                    self.name_of(Kind::Checkpoint, generation)?
-                ),
+                name: format!("{sd}/{}", self.name_of(Kind::Checkpoint, generation)?),
                 size: checkpoint.len() as u64,
             });
         }
@@ -857,12 +861,12 @@ impl Journal {
     }
 
     fn append_frame(&mut self, fd: &OwnedFd, name: &str, frame: &[u8]) -> Result<(), StoreError> {
+        let sd = self.layout.store_dir();
         if self.tail_dirty {
-            self.gate_op(|| format!("cutting a failed batch off {STORE_DIR}/{name}"))?;
+            self.gate_op(|| format!("cutting a failed batch off {sd}/{name}"))?;
             self.stats.writes += 1;
-            ftruncate(fd.as_fd(), self.len as i64).map_err(io_err(format!(
-                "cutting a failed batch off {STORE_DIR}/{name}"
-            )))?;
+            ftruncate(fd.as_fd(), self.len as i64)
+                .map_err(io_err(format!("cutting a failed batch off {sd}/{name}")))?;
             self.tail_dirty = false;
         }
         self.write_all_at(fd, name, frame, self.len)?;
@@ -891,12 +895,13 @@ impl Journal {
     /// The format version the current journal declares: a batch of format-2 records may only
     /// be appended to a format-2 journal (a format-1 reader would drop it as damage).
     pub fn live_version(&mut self) -> Result<u32, StoreError> {
+        let sd = self.layout.store_dir();
         if let Some(v) = self.live_version {
             return Ok(v);
         }
         self.file.as_ref().ok_or(StoreError::ReadOnly)?;
         let name = self.name_of(Kind::Journal, self.generation)?;
-        let context = || format!("reading the header of {STORE_DIR}/{name}");
+        let context = || format!("reading the header of {sd}/{name}");
         // The live journal is held write-only: read its header through a second descriptor.
         let fd = openat(
             Some(self.dir()?.as_raw_fd()),
@@ -948,6 +953,7 @@ impl Journal {
         mode: OpenMode,
         layout: StoreLayout,
     ) -> Result<(Journal, Recovered), StoreError> {
+        let sd = layout.store_dir();
         let store_name: String = match layout {
             StoreLayout::Long => layout.store_dir().to_owned(),
             StoreLayout::Short83 => super::layout::detect(backing_root)
@@ -982,7 +988,7 @@ impl Journal {
                 let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
                 if kind != SFlag::S_IFDIR {
                     return Err(StoreError::NotADirectory(format!(
-                        "{STORE_DIR} in the backing directory is not a directory{}",
+                        "{sd} in the backing directory is not a directory{}",
                         if kind == SFlag::S_IFLNK {
                             " but a symlink"
                         } else {
@@ -1002,10 +1008,10 @@ impl Journal {
             }
             Err(Errno::ENOENT) => {
                 mkdirat(Some(root), store_name, Mode::from_bits_truncate(0o700))
-                    .map_err(io_err(format!("creating {STORE_DIR}")))?;
+                    .map_err(io_err(format!("creating {sd}")))?;
                 created_dir = true;
             }
-            Err(e) => return Err(io_err(format!("examining {STORE_DIR}"))(e)),
+            Err(e) => return Err(io_err(format!("examining {sd}"))(e)),
         }
         let dir = match openat(
             Some(root),
@@ -1017,10 +1023,10 @@ impl Journal {
             Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
             Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
                 return Err(StoreError::NotADirectory(format!(
-                    "{STORE_DIR} in the backing directory is not a directory"
+                    "{sd} in the backing directory is not a directory"
                 )))
             }
-            Err(e) => return Err(io_err(format!("opening {STORE_DIR}"))(e)),
+            Err(e) => return Err(io_err(format!("opening {sd}"))(e)),
         };
         // One writer per stick: a second pershomefs (or an fsck) on the same store would
         // interleave batches. A shared lock lets read-only users coexist with each other only.
@@ -1042,7 +1048,7 @@ impl Journal {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                     return Err(StoreError::Io {
-                        context: format!("locking {STORE_DIR}"),
+                        context: format!("locking {sd}"),
                         source: e,
                     });
                 }
@@ -1073,6 +1079,7 @@ impl Journal {
     }
 
     fn recover(&mut self) -> Result<Recovered, StoreError> {
+        let sd = self.layout.store_dir();
         let store = self.dir.as_ref().ok_or(StoreError::ReadOnly)?;
         let (gens, listed) = list_store(store, self.layout)?;
         self.listed = listed;
@@ -1086,7 +1093,11 @@ impl Journal {
                 if !present {
                     continue;
                 }
-                if let Some(header) = read_header(store, &self.name_of(kind, generation)?)? {
+                if let Some(header) = read_header(
+                    store,
+                    self.layout.store_dir(),
+                    &self.name_of(kind, generation)?,
+                )? {
                     if let Err(HeaderProblem::Newer(found)) =
                         check_header(&header, kind, generation)
                     {
@@ -1139,13 +1150,13 @@ impl Journal {
                 continue;
             }
             let name = self.name_of(Kind::Checkpoint, generation)?;
-            let Some(bytes) = read_file(store, &name)? else {
-                warnings.push(format!("{STORE_DIR}/{name} is not a regular file; ignored"));
+            let Some(bytes) = read_file(store, self.layout.store_dir(), &name)? else {
+                warnings.push(format!("{sd}/{name} is not a regular file; ignored"));
                 corrupt.insert(name);
                 continue;
             };
             if let Err(p) = check_header(&bytes, Kind::Checkpoint, generation) {
-                warnings.push(format!("{STORE_DIR}/{name} is unusable: {}", p.describe()));
+                warnings.push(format!("{sd}/{name} is unusable: {}", p.describe()));
                 if bytes.len() >= HEADER_LEN {
                     corrupt.insert(name);
                 }
@@ -1154,13 +1165,13 @@ impl Journal {
             let scan = scan_checkpoint(&bytes, generation);
             if scan.complete {
                 if let Some(why) = scan.problem {
-                    warnings.push(format!("{STORE_DIR}/{name}: {why}"));
+                    warnings.push(format!("{sd}/{name}: {why}"));
                 }
                 base = Some((generation, scan.records));
                 break;
             }
             warnings.push(format!(
-                "{STORE_DIR}/{name} is incomplete or damaged ({}); {} records readable",
+                "{sd}/{name} is incomplete or damaged ({}); {} records readable",
                 scan.problem.unwrap_or_default(),
                 scan.records.len()
             ));
@@ -1224,12 +1235,12 @@ impl Journal {
             if !is_live {
                 needs_repair = true;
                 warnings.push(format!(
-                    "replaying {STORE_DIR}/{name}, whose checkpoint is damaged, on top of \
+                    "replaying {sd}/{name}, whose checkpoint is damaged, on top of \
                      generation {base_gen}"
                 ));
             }
-            let Some(bytes) = read_file(store, &name)? else {
-                warnings.push(format!("{STORE_DIR}/{name} is not a regular file; ignored"));
+            let Some(bytes) = read_file(store, self.layout.store_dir(), &name)? else {
+                warnings.push(format!("{sd}/{name} is not a regular file; ignored"));
                 corrupt.insert(name);
                 needs_repair = true;
                 continue;
@@ -1241,12 +1252,12 @@ impl Journal {
                         live_needs_header = true;
                     }
                     warnings.push(format!(
-                        "{STORE_DIR}/{name} was being created when the stick was last \
+                        "{sd}/{name} was being created when the stick was last \
                          removed; it held no changes"
                     ));
                 } else {
                     warnings.push(format!(
-                        "{STORE_DIR}/{name} is unusable ({}); its changes are lost",
+                        "{sd}/{name} is unusable ({}); its changes are lost",
                         p.describe()
                     ));
                     corrupt.insert(name);
@@ -1258,7 +1269,7 @@ impl Journal {
             if let Some(why) = &scan.problem {
                 if scan.intact_after_problem {
                     warnings.push(format!(
-                        "{STORE_DIR}/{name} is damaged ({why}); kept {} batches, dropped the \
+                        "{sd}/{name} is damaged ({why}); kept {} batches, dropped the \
                          rest including later intact ones (run `pershome fsck`)",
                         scan.batches
                     ));
@@ -1266,7 +1277,7 @@ impl Journal {
                     needs_repair = true;
                 } else {
                     warnings.push(format!(
-                        "{STORE_DIR}/{name} ends in a torn batch ({why}); kept {} batches \
+                        "{sd}/{name} ends in a torn batch ({why}); kept {} batches \
                          (the last one was not committed)",
                         scan.batches
                     ));
@@ -1328,14 +1339,13 @@ impl Journal {
                     OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
                     Mode::empty(),
                 )
-                .map_err(io_err(format!("opening {STORE_DIR}/{name}")))?;
+                .map_err(io_err(format!("opening {sd}/{name}")))?;
                 let len = live_len.unwrap_or(HEADER_LEN);
                 if let Some(cut) = live_cut {
-                    self.gate_op(|| format!("cutting the torn batch off {STORE_DIR}/{name}"))?;
+                    self.gate_op(|| format!("cutting the torn batch off {sd}/{name}"))?;
                     self.stats.writes += 1;
-                    ftruncate(fd.as_fd(), cut as i64).map_err(io_err(format!(
-                        "cutting the torn batch off {STORE_DIR}/{name}"
-                    )))?;
+                    ftruncate(fd.as_fd(), cut as i64)
+                        .map_err(io_err(format!("cutting the torn batch off {sd}/{name}")))?;
                     self.sync_file(&fd, &name, false)?;
                 }
                 self.file = Some(fd);
@@ -1385,23 +1395,22 @@ impl Journal {
     /// fsck can look at it and it is no longer a store file. Returns a warning if it had to
     /// stay.
     fn keep_as_corrupt(&mut self, name: &str) -> Result<Option<String>, StoreError> {
+        let sd = self.layout.store_dir();
         let dir = self.dir()?.as_raw_fd();
         for n in 0..100u32 {
             let target = self.layout.corrupt_name(name, n);
             match fstatat(Some(dir), target.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(_) => continue,
                 Err(Errno::ENOENT) => {}
-                Err(e) => return Err(io_err(format!("examining {STORE_DIR}/{target}"))(e)),
+                Err(e) => return Err(io_err(format!("examining {sd}/{target}"))(e)),
             }
-            self.gate_op(|| format!("renaming {STORE_DIR}/{name} to {target}"))?;
+            self.gate_op(|| format!("renaming {sd}/{name} to {target}"))?;
             renameat(Some(dir), name, Some(dir), target.as_str())
-                .map_err(io_err(format!("renaming {STORE_DIR}/{name} to {target}")))?;
-            return Ok(Some(format!(
-                "kept the damaged {STORE_DIR}/{name} as {target}"
-            )));
+                .map_err(io_err(format!("renaming {sd}/{name} to {target}")))?;
+            return Ok(Some(format!("kept the damaged {sd}/{name} as {target}")));
         }
         Ok(Some(format!(
-            "could not find a free *.corrupt name for {STORE_DIR}/{name}; left in place"
+            "could not find a free *.corrupt name for {sd}/{name}; left in place"
         )))
     }
 }
@@ -1410,6 +1419,7 @@ impl Journal {
 mod tests {
     use super::*;
     use crate::meta::Meta;
+    use crate::meta::STORE_DIR;
     use std::fs;
     use std::path::{Path, PathBuf};
     use tempfile::TempDir;
