@@ -11,16 +11,17 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
 
 use crate::audit;
 use crate::backing::Backing;
-use crate::fs::parts::PARTS_DIR;
-use crate::fs::{Fs, FsOptions, Kind, OpenError, RECOVERED_DIR, ROOT};
+use crate::fs::{Fs, FsOptions, Kind, OpenError, ROOT};
 use crate::meta::journal::{Journal, OpenMode, StoreError};
+use crate::meta::layout::{self, StoreLayout};
 use crate::meta::pending::PendingTree;
-use crate::meta::{Meta, Parts, OWNER_ID, STORE_DIR};
+use crate::meta::{Meta, Parts, OWNER_ID};
 use crate::names::{self, Decoded};
 
 /// Exit codes, as e2fsck's.
@@ -121,7 +122,7 @@ pub enum FsckError {
          store read-only"
     )]
     Busy(String),
-    #[error("the metadata store in {path}/{STORE_DIR}: {source}")]
+    #[error("the metadata store in {path}: {source}")]
     Store { path: String, source: StoreError },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
@@ -139,17 +140,17 @@ pub fn fsck(backing: &Path, opts: &FsckOptions) -> Result<Report, FsckError> {
     if !meta.is_dir() {
         return Err(FsckError::NotADirectory(shown));
     }
-    match std::fs::symlink_metadata(backing.join(STORE_DIR)) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(FsckError::NoStore(shown)),
-        Err(e) => return Err(io_err(format!("examining {shown}/{STORE_DIR}"))(e)),
-        Ok(_) => {}
-    }
-    let mut report = match examine(backing, OpenMode::ReadOnly) {
+    let found = layout::detect_path(backing).map_err(io_err(format!("listing {shown}")))?;
+    let Some(store_layout) = found.layout() else {
+        return Err(FsckError::NoStore(shown));
+    };
+    let names = StoreNames::resolve(backing, store_layout, &found);
+    let mut report = match examine(backing, &names, OpenMode::ReadOnly) {
         Err(FsckError::Store {
             source: StoreError::Busy,
             ..
         }) if opts.force => {
-            let mut r = examine(backing, OpenMode::ReadOnlyUnlocked)?;
+            let mut r = examine(backing, &names, OpenMode::ReadOnlyUnlocked)?;
             r.live = true;
             r
         }
@@ -173,8 +174,8 @@ pub fn fsck(backing: &Path, opts: &FsckOptions) -> Result<Report, FsckError> {
         });
         return Ok(report);
     }
-    report.repairs = repair(backing, report.stale_records)?;
-    report.remaining = examine(backing, OpenMode::ReadOnly)?.findings;
+    report.repairs = repair(backing, &names, report.stale_records)?;
+    report.remaining = examine(backing, &names, OpenMode::ReadOnly)?.findings;
     Ok(report)
 }
 
@@ -255,12 +256,78 @@ fn shown(parts: &[Vec<u8>]) -> String {
         .join("/")
 }
 
-/// The id in a name pershome gives a hard-link content file: exactly 16 lowercase hex digits.
-fn link_id_of(name: &[u8]) -> Option<u64> {
-    if name.len() != 16 || !name.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
+/// Whether `name` is a backing name pershome itself would write in `mode` (in 8.3 mode: a
+/// short name, in the case the stick lists it; `msdos` lists them in lower case).
+fn is_canonical(mode: names::NameMode, name: &[u8], at_root: bool) -> bool {
+    match mode {
+        names::NameMode::Long => names::is_canonical(name, at_root),
+        names::NameMode::Short83 => {
+            crate::fatrules::check_short_name(&name.to_ascii_uppercase()).is_ok()
+        }
     }
-    u64::from_str_radix(std::str::from_utf8(name).ok()?, 16).ok()
+}
+
+/// The names of the store's files on the stick being checked: the layout (`meta::layout`)
+/// and the store's directories as the backing lists them (lower case on a `msdos` mount),
+/// which is how findings show them.
+struct StoreNames {
+    layout: StoreLayout,
+    store: String,
+    inodes: String,
+    parts: String,
+}
+
+impl StoreNames {
+    fn resolve(backing: &Path, layout: StoreLayout, found: &layout::Found) -> StoreNames {
+        let store = match (layout, &found.short) {
+            (StoreLayout::Short83, Some(listed)) => String::from_utf8_lossy(listed).into_owned(),
+            _ => layout.store_dir().to_owned(),
+        };
+        let listed: Vec<Vec<u8>> = std::fs::read_dir(backing.join(&store))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().as_bytes().to_vec())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let sub = |name: &str| {
+            let leaf = listed
+                .iter()
+                .find(|n| n.as_slice() != name.as_bytes() && layout.same_name(n, name.as_bytes()))
+                .map_or_else(
+                    || name.to_owned(),
+                    |n| String::from_utf8_lossy(n).into_owned(),
+                );
+            format!("{store}/{leaf}")
+        };
+        StoreNames {
+            inodes: sub(layout.inodes_dir()),
+            parts: sub(layout.parts_dir()),
+            layout,
+            store,
+        }
+    }
+
+    /// The content file of hard-link inode `id`, as a backing path for display.
+    fn inode_path(&self, id: u64) -> String {
+        let file = self
+            .layout
+            .inode_file(id)
+            .unwrap_or_else(|_| format!("{id:x}"));
+        format!("{}/{file}", self.inodes)
+    }
+
+    fn recovered(&self) -> String {
+        self.layout.recovered_dir(1)
+    }
+
+    fn recovered_inode(&self, id: u64) -> String {
+        format!("{}/{}", self.recovered(), self.layout.recovered_inode(id))
+    }
+
+    fn recovered_parts(&self, id: u64) -> String {
+        format!("{}/{}", self.recovered(), self.layout.recovered_parts(id))
+    }
 }
 
 /// A file in `.pershome/inodes/`.
@@ -273,9 +340,9 @@ struct ContentFile {
     is_file: bool,
 }
 
-/// The files in `.pershome/inodes/`, sorted; none when the directory does not exist.
-fn content_files(b: &Backing) -> Result<Vec<ContentFile>, FsckError> {
-    let rel = format!("{STORE_DIR}/inodes");
+/// The files in the store's `inodes` directory, sorted; none when it does not exist.
+fn content_files(b: &Backing, s: &StoreNames) -> Result<Vec<ContentFile>, FsckError> {
+    let rel = s.inodes.clone();
     let dir = match b.open_dir(rel.as_bytes()) {
         Ok(d) => d,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
@@ -285,7 +352,7 @@ fn content_files(b: &Backing) -> Result<Vec<ContentFile>, FsckError> {
         .list(dir.as_fd())
         .map_err(io_err(format!("listing {rel}")))?
         .into_iter()
-        .map(|e| (link_id_of(&e.name), e))
+        .map(|e| (s.layout.parse_inode_file(&e.name), e))
         .map(|(id, e)| ContentFile {
             name: e.name,
             id,
@@ -318,13 +385,13 @@ fn link_of(meta: &Meta) -> Option<u64> {
 }
 
 /// The read-only check.
-fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
+fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, FsckError> {
     let path = backing.display().to_string();
     let b = Backing::open(backing).map_err(io_err(format!("opening {path}")))?;
     // The journal is kept open (with its shared lock, in ReadOnly mode) for the whole walk,
     // so no mount starts writing while the tree is compared with the store.
     let (_journal, recovered) =
-        Journal::open(b.root(), mode).map_err(|source| FsckError::Store {
+        Journal::open_in(b.root(), mode, s.layout).map_err(|source| FsckError::Store {
             path: path.clone(),
             source,
         })?;
@@ -336,7 +403,7 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
         add(
             &mut report,
             Class::Repairable,
-            STORE_DIR.into(),
+            s.store.clone(),
             format!("store recovery: {w}"),
         );
     }
@@ -345,7 +412,7 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
         add(
             &mut report,
             Class::Repairable,
-            STORE_DIR.into(),
+            s.store.clone(),
             format!(
                 "the store holds more entries than pershome accepts ({} records ignored); it \
                  may have been tampered with; a repair keeps what was accepted",
@@ -354,7 +421,8 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
         );
     }
 
-    let contents = content_files(&b)?;
+    let contents = content_files(&b, s)?;
+    let mode = s.layout.names();
     let content_ids: BTreeSet<u64> = contents
         .iter()
         .filter(|c| c.is_file)
@@ -366,7 +434,7 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
     let mut parts_of: BTreeMap<u64, (Parts, String, Option<u64>)> = BTreeMap::new();
     for (id, meta) in &replayed.inodes {
         if let Some(p) = meta.parts {
-            let content = format!("{STORE_DIR}/inodes/{id:016x}");
+            let content = s.inode_path(*id);
             let len = contents
                 .iter()
                 .find(|c| c.id == Some(*id) && c.is_file)
@@ -397,8 +465,16 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
                 // Not shown by pershome; the FAT audit reports it. A record for it is stale.
                 continue;
             }
-            let record = records.remove(&entry.name);
-            let decoded = names::decode(&entry.name, at_root);
+            let mut record = records.remove(&entry.name);
+            if record.is_none() && s.layout == StoreLayout::Short83 {
+                // A `msdos` mount lists in lower case the names the records hold in upper.
+                let key = records
+                    .keys()
+                    .find(|k| k.eq_ignore_ascii_case(&entry.name))
+                    .cloned();
+                record = key.and_then(|k| records.remove(&k));
+            }
+            let decoded = names::decode_in(mode, &entry.name, at_root);
             if matches!(decoded, Decoded::Reserved) {
                 continue;
             }
@@ -428,7 +504,7 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
                          pershome shows the backing name itself"
                             .into(),
                     ),
-                    _ if !names::is_canonical(&entry.name, at_root) => add(
+                    _ if !is_canonical(mode, &entry.name, at_root) => add(
                         &mut report,
                         Class::Note,
                         shown(&child_path),
@@ -480,12 +556,15 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
                         (false, true) => Some(format!(
                             "a hard-link name of inode {id}, which has no inode record; \
                              pershome shows it as an empty file, and a repair moves the \
-                             content .pershome/inodes/{id:016x} to {RECOVERED_DIR}/"
+                             content {} to {}/",
+                            s.inode_path(id),
+                            s.recovered()
                         )),
                         (_, false) => Some(format!(
-                            "a hard-link name of inode {id}, whose content file \
-                             .pershome/inodes/{id:016x} is missing: its data is lost; \
-                             pershome shows an empty file, which a repair makes ordinary"
+                            "a hard-link name of inode {id}, whose content file {} is \
+                             missing: its data is lost; pershome shows an empty file, which \
+                             a repair makes ordinary",
+                            s.inode_path(id)
                         )),
                     };
                     if let Some(what) = what {
@@ -514,7 +593,7 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
         stale.sort();
         for (name, n) in stale {
             report.stale_records += n;
-            let posix = match names::decode(&name, at_root) {
+            let posix = match names::decode_in(mode, &name, at_root) {
                 Decoded::Name(p) => p,
                 _ => name,
             };
@@ -535,7 +614,7 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
     let mut inode_ids: Vec<(&u64, &Meta)> = replayed.inodes.iter().collect();
     inode_ids.sort_by_key(|(id, _)| **id);
     for (&id, meta) in inode_ids {
-        let content = format!("{STORE_DIR}/inodes/{id:016x}");
+        let content = s.inode_path(id);
         match names_of.get(&id) {
             None => add(
                 &mut report,
@@ -544,8 +623,9 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
                 if content_ids.contains(&id) {
                     format!(
                         "inode {id} (link count {}) has no name; a repair moves its content to \
-                         {RECOVERED_DIR}/ and drops its record",
-                        meta.nlink
+                         {}/ and drops its record",
+                        meta.nlink,
+                        s.recovered()
                     )
                 } else {
                     format!(
@@ -580,7 +660,7 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
         is_file,
     } in &contents
     {
-        let p = format!("{STORE_DIR}/inodes/{}", String::from_utf8_lossy(name));
+        let p = format!("{}/{}", s.inodes, String::from_utf8_lossy(name));
         match id {
             Some(id) if *is_file && !replayed.inodes.contains_key(id) => add(
                 &mut report,
@@ -588,7 +668,8 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
                 p,
                 format!(
                     "orphaned hard-link content ({size} bytes) with no inode record; a repair \
-                     moves it to {RECOVERED_DIR}/inode-{id:016x}"
+                     moves it to {}",
+                    s.recovered_inode(*id)
                 ),
             ),
             Some(_) if *is_file => {}
@@ -596,16 +677,19 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
                 &mut report,
                 Class::Unrepairable,
                 p,
-                "not something pershome puts in .pershome/inodes/; left alone (look at it, \
-                 then move or delete it)"
-                    .into(),
+                format!(
+                    "not something pershome puts in {}/; left alone (look at it, then move \
+                     or delete it)",
+                    s.inodes
+                ),
             ),
         }
     }
 
-    check_parts(&b, &parts_of, &mut report)?;
+    check_parts(&b, s, &parts_of, &mut report)?;
 
-    let problems = audit::audit_tree(backing).map_err(io_err("auditing the backing tree"))?;
+    let problems =
+        audit::audit_tree_as_listed(backing, mode).map_err(io_err("auditing the backing tree"))?;
     for problem in problems {
         let rel = problem.path.strip_prefix(backing).unwrap_or(&problem.path);
         add(
@@ -627,12 +711,13 @@ fn examine(backing: &Path, mode: OpenMode) -> Result<Report, FsckError> {
 /// file with further parts must be one part long too (else it was rewritten elsewhere).
 fn check_parts(
     b: &Backing,
+    s: &StoreNames,
     parts_of: &BTreeMap<u64, (Parts, String, Option<u64>)>,
     report: &mut Report,
 ) -> Result<(), FsckError> {
     let mut add =
         |class, path: String, what: String| report.findings.push(Finding { class, path, what });
-    let rel = format!("{STORE_DIR}/{PARTS_DIR}");
+    let rel = s.parts.clone();
     let dirs = match b.open_dir(rel.as_bytes()) {
         Ok(d) => b
             .list(d.as_fd())
@@ -643,14 +728,18 @@ fn check_parts(
     let mut on_disk = BTreeSet::new();
     for d in dirs {
         let path = format!("{rel}/{}", String::from_utf8_lossy(&d.name));
-        let Some(id) = crate::fs::parts::parse_parts_dir_name(&d.name).filter(|_| d.stat.is_dir)
+        let Some(id) = s
+            .layout
+            .parse_parts_id_dir(&d.name)
+            .filter(|_| d.stat.is_dir)
         else {
             add(
                 Class::Unrepairable,
                 path,
-                "not something pershome puts in .pershome/parts/; left alone (look at it, \
-                 then move or delete it)"
-                    .into(),
+                format!(
+                    "not something pershome puts in {rel}/; left alone (look at it, then move \
+                     or delete it)"
+                ),
             );
             continue;
         };
@@ -663,7 +752,7 @@ fn check_parts(
             .map_err(io_err(format!("listing {path}")))?;
         let mut parts: Vec<(u64, u64)> = Vec::new();
         for e in &listed {
-            match crate::fs::parts::parse_part_name(&e.name).filter(|_| e.stat.is_file) {
+            match s.layout.parse_part_file(&e.name).filter(|_| e.stat.is_file) {
                 Some(k) => parts.push((k, e.stat.size)),
                 None => add(
                     Class::Unrepairable,
@@ -681,9 +770,9 @@ fn check_parts(
                 format!(
                     "orphaned parts ({} part(s), {bytes} bytes) of a file that no longer \
                      has them (a crash while a file was split or deleted, or its first part \
-                     rewritten on another computer); a repair moves them to \
-                     {RECOVERED_DIR}/parts-{id:016x}/",
-                    parts.len()
+                     rewritten on another computer); a repair moves them to {}/",
+                    parts.len(),
+                    s.recovered_parts(id)
                 ),
             );
             continue;
@@ -698,9 +787,10 @@ fn check_parts(
                 format!(
                     "its first part is {} bytes, not one part ({}): it was rewritten on \
                      another computer; pershome shows only the first part, and a repair \
-                     moves the later parts to {RECOVERED_DIR}/parts-{id:016x}/",
+                     moves the later parts to {}/",
                     first_len.unwrap_or_default(),
-                    p.size
+                    p.size,
+                    s.recovered_parts(id)
                 ),
             );
             continue;
@@ -747,7 +837,10 @@ fn check_parts(
                 Class::Note,
                 file.clone(),
                 format!(
-                    "stored in parts, but {rel}/{id:016x} is missing: it holds only its first part"
+                    "stored in parts, but {rel}/{} is missing: it holds only its first part",
+                    s.layout
+                        .parts_id_dir(*id)
+                        .unwrap_or_else(|_| format!("{id:x}"))
                 ),
             );
         }
@@ -758,8 +851,9 @@ fn check_parts(
 /// Repairs through the filesystem's own logic: open read-write (which cuts a torn journal
 /// tail and takes the exclusive lock), load every directory (reconciling every record), fix
 /// link counts and unreferenced inodes, write a checkpoint of the live state (stale records
-/// vanish), then move orphaned content to `pershome-recovered/`. Returns what was done.
-fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
+/// vanish), then move orphaned content to the recovery directory (`pershome-recovered/`, or
+/// `PHRECOV/` on an 8.3 stick). Returns what was done.
+fn repair(backing: &Path, s: &StoreNames, stale: u64) -> Result<Vec<String>, FsckError> {
     let path = backing.display().to_string();
     let opts = FsOptions {
         // The store's owner id itself: ids then pass through unchanged, so no file owned by
@@ -782,10 +876,12 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
             source,
         },
         // Cannot happen with `names: None`, which adopts the stick's mode.
-        e @ (OpenError::NameMode { .. } | OpenError::PartSize(_)) => FsckError::Io {
-            context: format!("opening {path}"),
-            source: io::Error::other(e.to_string()),
-        },
+        e @ (OpenError::NameMode { .. } | OpenError::OldShortStore | OpenError::PartSize(_)) => {
+            FsckError::Io {
+                context: format!("opening {path}"),
+                source: io::Error::other(e.to_string()),
+            }
+        }
     })?;
     let fs_err = |what: &str| {
         let what = what.to_string();
@@ -839,15 +935,16 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
     // Content no name refers to any more: the store no longer mentions it, so moving it is
     // safe whenever it happens; it is done last so a failure leaves a consistent store.
     let b = Backing::open(backing).map_err(io_err(format!("opening {path}")))?;
-    for c in content_files(&b)? {
+    for c in content_files(&b, s)? {
         let Some(id) = c.id.filter(|id| c.is_file && !live.contains(id)) else {
             continue;
         };
         let to = fs
             .recover_link_content(id)
-            .map_err(fs_err("moving orphaned content to pershome-recovered"))?;
+            .map_err(fs_err("moving orphaned content to the recovery directory"))?;
         done.push(format!(
-            "moved orphaned content {STORE_DIR}/inodes/{id:016x} to {to}"
+            "moved orphaned content {} to {to}",
+            s.inode_path(id)
         ));
     }
     // Parts: holes for missing or short parts of live files, then parts directories no file
@@ -859,9 +956,13 @@ fn repair(backing: &Path, stale: u64) -> Result<Vec<String>, FsckError> {
     for id in fs.orphan_parts() {
         let to = fs
             .recover_parts(id)
-            .map_err(fs_err("moving orphaned parts to pershome-recovered"))?;
+            .map_err(fs_err("moving orphaned parts to the recovery directory"))?;
         done.push(format!(
-            "moved orphaned parts {STORE_DIR}/{PARTS_DIR}/{id:016x} to {to}"
+            "moved orphaned parts {}/{} to {to}",
+            s.parts,
+            s.layout
+                .parts_id_dir(id)
+                .unwrap_or_else(|_| format!("{id:x}"))
         ));
     }
     fs.shutdown();

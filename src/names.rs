@@ -413,7 +413,11 @@ pub fn decode_in(mode: NameMode, backing: &[u8], at_root: bool) -> Decoded {
     match mode {
         NameMode::Long => decode(backing, at_root),
         NameMode::Short83 => {
-            if at_root && fatrules::fold_key(backing) == fatrules::fold_key(STORE_DIR.as_bytes()) {
+            // The 8.3 store directory, in the case the stick lists it, is pershome's own.
+            if at_root
+                && (fatrules::fold_key(backing) == fatrules::fold_key(STORE_DIR.as_bytes())
+                    || crate::meta::layout::StoreLayout::Short83.is_store_dir(backing))
+            {
                 Decoded::Reserved
             } else if fatrules::check_short_name(backing).is_ok() {
                 Decoded::Name(backing.to_ascii_lowercase())
@@ -851,7 +855,10 @@ mod tests {
     fn assign_short(names: &[Vec<u8>], at_root: bool) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let mut folds = std::collections::HashSet::new();
         if at_root {
-            folds.insert(fatrules::fold_key(STORE_DIR.as_bytes()));
+            // The store of an 8.3 stick is there before any name is chosen.
+            folds.insert(fatrules::fold_key(
+                crate::meta::layout::SHORT_STORE_DIR.as_bytes(),
+            ));
         }
         let mut out = Vec::new();
         for name in names {
@@ -924,6 +931,8 @@ mod tests {
             (b"Notes.txt", Decoded::Name(b"Notes.txt".to_vec())),
             (b"PERSHO~1", Decoded::Name(b"persho~1".to_vec())),
             (b".pershome", Decoded::Reserved),
+            (b"PERSHOME.DB", Decoded::Reserved),
+            (b"pershome.db", Decoded::Reserved),
         ];
         for (backing, want) in cases {
             let got = decode_in(NameMode::Short83, backing, true);

@@ -1,7 +1,8 @@
 //! The `names=8.3` mode: a stick that only holds upper-case MS-DOS `NAME.EXT` names. In-process
 //! tests of the filesystem over a temporary backing directory (as `fs_ops.rs`), then real
 //! mounts of the binary (as `mount.rs`). Every test that writes ends with the 8.3 audit of the
-//! backing tree.
+//! whole backing tree, pershome's own store (`PERSHOME.DB/`, docs/format.md § Naming modes)
+//! included.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use pershome::audit::{assert_fat_clean_in, audit_tree_in};
-use pershome::fs::{Attr, Ctx, Errno, Fs, FsOptions, Ino, OpenError, ROOT};
+use pershome::fs::{Attr, Ctx, Errno, Fs, FsOptions, Ino, OpenError, PartsMode, ROOT};
 use pershome::names::NameMode;
 
 mod common;
@@ -245,6 +246,16 @@ fn the_naming_mode_is_recorded_on_the_stick() {
     );
     let fs = open_with(long.path(), Some(NameMode::Long)).unwrap();
     assert_eq!(list(&fs, ROOT), vec![b"Notes.txt".to_vec()]);
+    drop(fs);
+    assert_eq!(
+        (backing_names(short.path()), backing_names(long.path())),
+        (
+            vec!["NOTES.TXT".to_string(), "PERSHOME.DB".to_string()],
+            vec![".pershome".to_string(), "Notes.txt".to_string()]
+        ),
+        "expected the 8.3 store on the 8.3 stick and the long one on the other"
+    );
+    assert_fat_clean_in(short.path(), NameMode::Short83);
 }
 
 #[test]
@@ -346,6 +357,308 @@ fn a_stick_listed_in_lower_case_keeps_its_records() {
     assert_eq!(d.perm, 0o700, "the directory's recorded mode");
     let r = fs.lookup(d.ino, b"Report.txt").expect("the recorded name");
     assert_eq!((r.perm, read_all(&fs, r.ino)), (0o640, b"r".to_vec()));
+    drop(fs);
+    assert_msdos_stick_clean(backing);
+}
+
+fn open83_parts(backing: &Path) -> Fs {
+    Fs::open_backing(
+        backing,
+        FsOptions {
+            names: Some(NameMode::Short83),
+            parts: PartsMode::Always,
+            part_size: 4096,
+            ..opts()
+        },
+    )
+    .expect("open with names=8.3,parts=always,part_size=4096")
+}
+
+/// Every path under `root`, relative, sorted (directories end in `/`).
+fn backing_tree(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                out.push(format!("{rel}/"));
+                stack.push(p);
+            } else {
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Renames every entry under `root` to `f(name)`, deepest first so that each parent path is
+/// still the old one: `to_ascii_lowercase` shows a stick as Linux's `msdos` driver lists it;
+/// `to_ascii_uppercase` gives back the names that driver keeps on the disk.
+fn recase_tree(root: &Path, f: impl Fn(&str) -> String) {
+    let mut paths: Vec<String> = backing_tree(root)
+        .into_iter()
+        .map(|p| p.trim_end_matches('/').to_string())
+        .collect();
+    paths.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    for rel in paths {
+        let (parent, name) = rel.rsplit_once('/').unwrap_or(("", &rel));
+        let from = root.join(parent).join(name);
+        let to = root.join(parent).join(f(name));
+        if from != to {
+            std::fs::rename(&from, &to)
+                .unwrap_or_else(|e| panic!("renaming {} to {}: {e}", from.display(), to.display()));
+        }
+    }
+}
+
+/// The 8.3 audit of a stick simulated as a `msdos` mount lists it: what that driver keeps on
+/// the disk is the upper-case names, so the audit sees those.
+fn assert_msdos_stick_clean(root: &Path) {
+    recase_tree(root, |n| n.to_ascii_uppercase());
+    assert_fat_clean_in(root, NameMode::Short83);
+}
+
+/// What a hard link, a symlink and a file in parts put in the store: all of it 8.3 names.
+fn populate_store(fs: &Fs) {
+    let docs = fs.mkdir(USER, ROOT, b"Documents", 0o755).unwrap();
+    let a = create_file(fs, docs.ino, b"original.txt", 0o644, b"linked content");
+    fs.link(a.ino, ROOT, b"a second name.txt").unwrap();
+    fs.symlink(USER, ROOT, b"latest", b"Documents/original.txt")
+        .unwrap();
+    let big: Vec<u8> = (0..3 * 4096 + 17).map(|i| (i % 251) as u8).collect();
+    create_file(fs, docs.ino, b"Big Data.bin", 0o600, &big);
+}
+
+#[test]
+fn hard_links_symlinks_and_parts_keep_the_whole_backing_8_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83_parts(backing);
+    populate_store(&fs);
+    let before = snapshot(&fs);
+    fs.shutdown();
+    drop(fs);
+    let tree = backing_tree(backing);
+    for want in [
+        "PERSHOME.DB/",
+        "PERSHOME.DB/INODES/",
+        "PERSHOME.DB/INODES/00000001.LNK",
+        "PERSHOME.DB/PARTS/",
+    ] {
+        assert!(
+            tree.contains(&want.to_string()),
+            "expected {want} in the backing, got {tree:#?}"
+        );
+    }
+    let parts: Vec<&String> = tree
+        .iter()
+        .filter(|p| p.starts_with("PERSHOME.DB/PARTS/") && p.ends_with("/00000003"))
+        .collect();
+    assert_eq!(
+        parts.len(),
+        1,
+        "expected part 3 of the big file, got {tree:#?}"
+    );
+    assert_fat_clean_in(backing, NameMode::Short83);
+    let fs = open83_parts(backing);
+    assert_same(&before, &snapshot(&fs));
+    // Undo the link and remove the parted file: the store stays 8.3 (and tidy).
+    fs.unlink(ROOT, b"a second name.txt").unwrap();
+    let docs = fs.lookup(ROOT, b"Documents").unwrap();
+    fs.unlink(docs.ino, b"Big Data.bin").unwrap();
+    let fs = remount(fs, backing);
+    let docs = fs.lookup(ROOT, b"Documents").unwrap();
+    let a = fs.lookup(docs.ino, b"original.txt").unwrap();
+    assert_eq!(
+        (read_all(&fs, a.ino), a.nlink),
+        (b"linked content".to_vec(), 1)
+    );
+    drop(fs);
+    assert_fat_clean_in(backing, NameMode::Short83);
+}
+
+#[test]
+fn a_whole_stick_listed_in_lower_case_is_still_found_and_read() {
+    // Linux's `msdos` driver shows every short name in lower case, pershome's own included:
+    // simulated by renaming everything, store and all, between mounts.
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83_parts(backing);
+    populate_store(&fs);
+    let before = snapshot(&fs);
+    fs.shutdown();
+    drop(fs);
+    recase_tree(backing, |n| n.to_ascii_lowercase());
+    assert!(backing.join("pershome.db/inodes/00000001.lnk").is_file());
+    let fs = open_with(backing, None).expect("reopen a lower-cased 8.3 stick");
+    assert_eq!(
+        fs.name_mode(),
+        NameMode::Short83,
+        "expected pershome.db to be recognised as the 8.3 store"
+    );
+    assert_same(&before, &snapshot(&fs));
+    assert!(
+        fs.recovery_warnings().is_empty(),
+        "expected a clean recovery, got {:?}",
+        fs.recovery_warnings()
+    );
+    // The store goes on in the names the stick already has: no second store, no second
+    // inodes directory beside the lower-case ones.
+    create_file(&fs, ROOT, b"after.txt", 0o644, b"new");
+    let a = fs.lookup(ROOT, b"latest").unwrap();
+    assert_eq!(fs.readlink(a.ino).unwrap(), b"Documents/original.txt");
+    fs.shutdown();
+    drop(fs);
+    let root = backing_names(backing);
+    assert!(
+        root.contains(&"pershome.db".to_string()) && !root.contains(&"PERSHOME.DB".to_string()),
+        "expected only the lower-case store, got {root:?}"
+    );
+    let store = backing_names(&backing.join("pershome.db"));
+    assert!(
+        !store.iter().any(|n| n == "INODES" || n == "PARTS"),
+        "expected no second store directory, got {store:?}"
+    );
+    let fs = open_with(backing, None).expect("reopen");
+    let got = fs
+        .lookup(ROOT, b"after.txt")
+        .expect("the file made after the rename");
+    assert_eq!(read_all(&fs, got.ino), b"new");
+    // And fsck reads it as the fs shows it.
+    drop(fs);
+    let report = pershome::fsck::fsck(backing, &pershome::fsck::FsckOptions::default())
+        .expect("fsck of a lower-cased stick");
+    let left: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|f| f.class != pershome::fsck::Class::Note)
+        .collect();
+    assert!(left.is_empty(), "expected no problems, got {left:#?}");
+    assert_msdos_stick_clean(backing);
+}
+
+#[test]
+fn fsck_repair_recovers_into_8_3_names() {
+    use pershome::fsck::{fsck, FsckOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83_parts(backing);
+    populate_store(&fs);
+    fs.shutdown();
+    drop(fs);
+    // A crash left content no record names, and parts no file has.
+    let store = backing.join("PERSHOME.DB");
+    std::fs::write(store.join("INODES/000000AA.LNK"), b"orphan").unwrap();
+    std::fs::create_dir(store.join("PARTS/000000AB")).unwrap();
+    std::fs::write(store.join("PARTS/000000AB/00000001"), b"lost part").unwrap();
+    let report = fsck(backing, &FsckOptions::default()).unwrap();
+    let shown: Vec<&str> = report.findings.iter().map(|f| f.path.as_str()).collect();
+    for want in [
+        "PERSHOME.DB/INODES/000000AA.LNK",
+        "PERSHOME.DB/PARTS/000000AB",
+    ] {
+        assert!(
+            shown.contains(&want),
+            "expected a finding at {want}, got {:#?}",
+            report.findings
+        );
+    }
+    let repaired = fsck(
+        backing,
+        &FsckOptions {
+            repair: true,
+            force: false,
+        },
+    )
+    .unwrap();
+    let left: Vec<_> = repaired.problems_left().collect();
+    assert!(
+        left.is_empty(),
+        "problems left after a repair: {left:#?}; did {:#?}",
+        repaired.repairs
+    );
+    assert_eq!(
+        std::fs::read(backing.join("PHRECOV/000000AA.LNK")).ok(),
+        Some(b"orphan".to_vec()),
+        "the orphaned content moved; did {:#?}",
+        repaired.repairs
+    );
+    assert_eq!(
+        std::fs::read(backing.join("PHRECOV/000000AB.PRT/00000001")).ok(),
+        Some(b"lost part".to_vec()),
+        "the orphaned parts moved; did {:#?}",
+        repaired.repairs
+    );
+    assert_fat_clean_in(backing, NameMode::Short83);
+    // The home shows them as the stick does.
+    let fs = open_with(backing, None).unwrap();
+    let rec = fs.lookup(ROOT, b"phrecov").expect("the recovery directory");
+    assert_eq!(
+        list(&fs, rec.ino),
+        vec![b"000000aa.lnk".to_vec(), b"000000ab.prt".to_vec()]
+    );
+}
+
+#[test]
+fn a_root_name_like_the_store_gets_another_short_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    let fs = open83(backing);
+    create_file(&fs, ROOT, b"pershome.db", 0o644, b"mine");
+    let fs = remount(fs, backing);
+    let mine = fs.lookup(ROOT, b"pershome.db").expect("the user's file");
+    assert_eq!(read_all(&fs, mine.ino), b"mine");
+    drop(fs);
+    let root = backing_names(backing);
+    assert_eq!(
+        root.len(),
+        2,
+        "expected the store and the file, got {root:?}"
+    );
+    assert!(root.contains(&"PERSHOME.DB".to_string()), "got {root:?}");
+    assert!(
+        std::fs::symlink_metadata(backing.join("PERSHOME.DB"))
+            .unwrap()
+            .is_dir(),
+        "the store stays the store"
+    );
+    assert_fat_clean_in(backing, NameMode::Short83);
+}
+
+#[test]
+fn an_empty_long_store_becomes_an_8_3_store_at_the_first_8_3_mount() {
+    // An interrupted first open can leave an empty `.pershome/`: nothing is recorded in it,
+    // so the first mount still chooses.
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    std::fs::create_dir(backing.join(".pershome")).unwrap();
+    let fs = open83(backing);
+    create_file(&fs, ROOT, b"a.txt", 0o644, b"a");
+    drop(fs);
+    assert_eq!(backing_names(backing), vec!["A.TXT", "PERSHOME.DB"]);
+    assert_fat_clean_in(backing, NameMode::Short83);
+}
+
+#[test]
+fn a_store_of_the_pre_release_8_3_mode_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path();
+    std::fs::create_dir(backing.join(".pershome")).unwrap();
+    std::fs::write(backing.join(".pershome/NAMES.83"), b"").unwrap();
+    match open_with(backing, None) {
+        Err(e @ OpenError::OldShortStore) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("NAMES.83"),
+                "expected the marker named, got {msg:?}"
+            );
+        }
+        Err(e) => panic!("expected OldShortStore, got {e}"),
+        Ok(_) => panic!("expected a refusal, got a mount"),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -466,7 +779,7 @@ fn a_case_only_rename_keeps_the_short_name_and_records_the_new_name() {
     assert_same(&before, &snapshot(&fs));
     assert_eq!(
         backing_names(backing),
-        vec![".pershome", "DOCS", "REPORT.TXT"]
+        vec!["DOCS", "PERSHOME.DB", "REPORT.TXT"]
     );
     // And back: the name that needs no record any more.
     fs.rename(ROOT, b"Report.TXT", ROOT, b"report.txt", 0)

@@ -151,6 +151,51 @@ fn prepare_a_directory_is_idempotent_and_touches_nothing_else() {
 }
 
 #[test]
+fn prepare_with_names_8_3_makes_an_8_3_store_that_mounts_keep() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stick = dir.path();
+    let o = pershome(&[
+        os("prepare"),
+        os("--no-gui"),
+        os("--any-fs"),
+        os("--names"),
+        os("8.3"),
+        stick.as_os_str(),
+    ]);
+    assert_eq!(code(&o), Some(0), "{}", text(&o));
+    let backing = stick.join("pershome");
+    let names: Vec<String> = std::fs::read_dir(&backing)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["PERSHOME.DB"], "expected only the 8.3 store");
+    assert!(backing.join("PERSHOME.DB/00000001.JNL").is_file());
+    pershome::audit::assert_fat_clean_in(&backing, pershome::names::NameMode::Short83);
+    // A mount without the option adopts it; prepare again finds it prepared.
+    let fs = pershome::fs::Fs::open_backing(&backing, common::opts()).expect("open");
+    assert_eq!(fs.name_mode(), pershome::names::NameMode::Short83);
+    drop(fs);
+    let o = pershome(&[
+        os("prepare"),
+        os("--no-gui"),
+        os("--any-fs"),
+        stick.as_os_str(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("already prepared"),
+        "expected 'already prepared', got {}",
+        text(&o)
+    );
+    let o = pershome(&[os("prepare"), os("--names"), os("9.3"), stick.as_os_str()]);
+    assert_eq!(
+        code(&o),
+        Some(16),
+        "a bad --names is a usage error: {}",
+        text(&o)
+    );
+}
+
+#[test]
 fn prepare_keeps_an_existing_pershome_folder_in_any_case() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("PersHome")).expect("mkdir");

@@ -23,10 +23,12 @@ fn main() -> ExitCode {
                 "{e}: this stick was written by a newer pershome; update pershome on this \
                  computer, or mount it read-only with a newer version"
             )),
-            FsOpenError::NameMode { .. } => OpenError::Refused(e.to_string()),
+            FsOpenError::NameMode { .. } | FsOpenError::OldShortStore => {
+                OpenError::Refused(e.to_string())
+            }
             FsOpenError::PartSize(_) => OpenError::Refused(e.to_string()),
             FsOpenError::Store(s) => OpenError::Refused(format!(
-                "the metadata store in {}/.pershome cannot be used: {s}; run `pershome fsck` on it",
+                "the metadata store in {} cannot be used: {s}; run `pershome fsck` on it",
                 backing.display()
             )),
         })

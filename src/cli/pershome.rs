@@ -75,6 +75,11 @@ struct PrepareArgs {
     /// Allow a directory on any filesystem (a thin client's stick via sshfs, a test directory).
     #[arg(long)]
     any_fs: bool,
+    /// The naming mode of the new store: long (the default) or 8.3, for a stick that only
+    /// takes upper-case MS-DOS NAME.EXT names (mounted with Linux's msdos driver, or read by
+    /// an old device). A stick already prepared keeps its mode.
+    #[arg(long, default_value = "long", value_parser = parse_names)]
+    names: crate::names::NameMode,
     /// Use zenity dialogs (the default when there is no terminal but a display).
     #[arg(long, conflicts_with = "no_gui")]
     gui: bool,
@@ -237,8 +242,15 @@ fn run_notice(root: &std::path::Path) -> u8 {
     }
 }
 
+fn parse_names(s: &str) -> Result<crate::names::NameMode, String> {
+    crate::names::NameMode::parse(s).ok_or_else(|| format!("{s:?} is not long or 8.3"))
+}
+
 fn run_prepare(a: PrepareArgs) -> u8 {
-    let opts = prepare::PrepareOptions { any_fs: a.any_fs };
+    let opts = prepare::PrepareOptions {
+        any_fs: a.any_fs,
+        names: a.names,
+    };
     // Started from a desktop entry there is no terminal: the person gets dialogs.
     let has_display = zenity::has_display();
     let no_terminal = !std::io::stdin().is_terminal() && !std::io::stderr().is_terminal();

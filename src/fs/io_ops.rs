@@ -91,7 +91,7 @@ impl Fs {
             // The kernel opens fifos, sockets and devices itself; pershome never serves them.
             _ => return Err(Errno::ENXIO),
         }
-        let (dir, name) = st.content_location(ino)?;
+        let (dir, name) = st.content_location(self, ino)?;
         let dirfd = self.backing.open_dir(&dir).map_err(|e| errno_of(&e))?;
         let bflags = if self.opts.read_only {
             libc::O_RDONLY
@@ -217,7 +217,7 @@ impl Fs {
         {
             return Err(Errno::EOPNOTSUPP);
         }
-        let (dir, name) = st.content_location(ino)?;
+        let (dir, name) = st.content_location(self, ino)?;
         let dirfd = self.backing.open_dir(&dir).map_err(|e| errno_of(&e))?;
         let flags = if self.opts.read_only {
             libc::O_RDONLY
@@ -588,7 +588,7 @@ impl Fs {
                         Kind::Dir => return Err(Errno::EISDIR),
                         _ => return Err(Errno::EINVAL),
                     }
-                    let (dir, name) = st.content_location(ino)?;
+                    let (dir, name) = st.content_location(self, ino)?;
                     let dirfd = self.backing.open_dir(&dir).map_err(|e| errno_of(&e))?;
                     Arc::new(
                         self.backing

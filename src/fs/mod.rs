@@ -29,7 +29,7 @@ pub use repair::{LinkInode, RECOVERED_DIR};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,19 +38,69 @@ pub use nix::errno::Errno;
 
 use crate::backing::Backing;
 use crate::meta::journal::{Journal, OpenMode, StoreError};
+use crate::meta::layout::StoreLayout;
 use crate::meta::pending::PendingTree;
-use crate::meta::{Meta, Timespec, STORE_DIR};
+use crate::meta::{Meta, Timespec};
 use crate::names::NameMode;
 
 pub type Result<T> = std::result::Result<T, Errno>;
 pub type Ino = u64;
 pub const ROOT: Ino = 1;
 
-/// Where the content of hard-linked files lives, below the store directory.
-pub(crate) const INODES_DIR: &str = "inodes";
-/// Below the store directory: new files with content are written here first and renamed into
-/// place (`Fs::write_whole_new_file`); anything found here at mount is a crash's leftover.
-pub(crate) const STAGING_DIR: &str = "staging";
+/// The backing paths of the store and its directories (names from `meta::layout`), in the
+/// case the backing lists them: on a `msdos` stick that is lower case, and a copy of the stick
+/// on a case-sensitive file system keeps that case. Directories made later get the layout's own
+/// names. The store's directories: `inodes` holds the content of hard-linked files; `staging`
+/// new files with content, written there first and renamed into place
+/// (`Fs::write_whole_new_file`; anything found there at mount is a crash's leftover); `parts`
+/// the further parts of files stored in parts.
+#[derive(Debug, Clone)]
+pub(crate) struct StorePaths {
+    pub store: Vec<u8>,
+    pub inodes: Vec<u8>,
+    pub staging: Vec<u8>,
+    pub parts: Vec<u8>,
+}
+
+impl StorePaths {
+    fn resolve(backing: &Backing, layout: StoreLayout) -> StorePaths {
+        let store = crate::meta::layout::detect(backing.root())
+            .ok()
+            .and_then(|f| match layout {
+                StoreLayout::Long => None,
+                StoreLayout::Short83 => f.short,
+            })
+            .unwrap_or_else(|| layout.store_dir().as_bytes().to_vec());
+        // Long names are exact: only an 8.3 store is listed for the case of its entries.
+        let listed: Vec<Vec<u8>> = match layout {
+            StoreLayout::Long => Vec::new(),
+            StoreLayout::Short83 => backing
+                .open_dir(&store)
+                .and_then(|d| backing.list(d.as_fd()))
+                .map(|l| l.into_iter().map(|e| e.name).collect())
+                .unwrap_or_default(),
+        };
+        let sub = |name: &str| {
+            let leaf = listed
+                .iter()
+                .find(|n| n.as_slice() != name.as_bytes() && layout.same_name(n, name.as_bytes()))
+                .cloned()
+                .unwrap_or_else(|| name.as_bytes().to_vec());
+            crate::backing::join(&[&store, &leaf])
+        };
+        StorePaths {
+            inodes: sub(layout.inodes_dir()),
+            staging: sub(layout.staging_dir()),
+            parts: sub(layout.parts_dir()),
+            store,
+        }
+    }
+}
+
+/// The last component of a backing path.
+pub(crate) fn leaf(path: &[u8]) -> &[u8] {
+    path.rsplit(|&c| c == b'/').next().unwrap_or(path)
+}
 
 /// Options of one mount, as the command line gives them.
 #[derive(Debug, Clone)]
@@ -376,6 +426,9 @@ pub struct Fs {
     pub(crate) opts: FsOptions,
     /// The naming mode in force: the option, or the stick's recorded mode.
     pub(crate) names: NameMode,
+    /// The names of pershome's own files on this stick (follows `names`).
+    pub(crate) layout: StoreLayout,
+    pub(crate) paths: StorePaths,
     pub(crate) state: Mutex<State>,
     pub(crate) dir_cache: Mutex<HashMap<Ino, Arc<OwnedFd>>>,
     /// The store's journal; `None` on a read-only mount. Locked after `state` when both are.
@@ -402,13 +455,20 @@ pub enum OpenError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(
-        "this stick's names are in `names={}` mode (recorded in {STORE_DIR}/), but \
+        "this stick's names are in `names={}` mode (its store is {}), but \
          `names={}` was asked: mount it without the names= option to use its own mode; a \
          stick's naming mode cannot be changed in place",
         stick.as_str(),
+        crate::meta::layout::StoreLayout::for_names(*stick).store_dir(),
         asked.as_str()
     )]
     NameMode { stick: NameMode, asked: NameMode },
+    #[error(
+        "this stick was written by a pre-release `names=8.3` mode, whose store .pershome/ \
+         (with NAMES.83 in it) holds long names: copy the home off it with that release, or \
+         mount the backing with names=long to read the files under their 8.3 names"
+    )]
+    OldShortStore,
     #[error(
         "part size {0} is not a multiple of 4096 from 4096 to {max}",
         max = crate::meta::MAX_PART_SIZE
@@ -457,14 +517,15 @@ impl Fs {
         } else {
             OpenMode::ReadWrite
         };
-        let (journal, recovered) = Journal::open(backing.root(), mode)?;
-        let names = name_mode::resolve(
+        let layout = name_mode::resolve(
             &backing,
             &backing_path.display().to_string(),
             opts.names,
-            recovered.created,
             opts.read_only,
         )?;
+        let names = layout.names();
+        let (journal, recovered) = Journal::open_in(backing.root(), mode, layout)?;
+        let paths = StorePaths::resolve(&backing, layout);
         let journal = (!opts.read_only).then_some(journal);
         for w in &recovered.warnings {
             tracing::warn!("metadata store: {w}");
@@ -544,6 +605,8 @@ impl Fs {
             backing,
             opts,
             names,
+            layout,
+            paths,
             state: Mutex::new(state),
             dir_cache: Mutex::new(HashMap::new()),
             journal: Mutex::new(journal),
@@ -704,13 +767,16 @@ impl State {
     }
 
     /// Where an inode's content lives on the backing: (directory path, backing name).
-    pub fn content_location(&self, ino: Ino) -> Result<(Vec<u8>, Vec<u8>)> {
+    /// `fs` names the store's files (a hard-linked file's content is there).
+    pub fn content_location(&self, fs: &Fs, ino: Ino) -> Result<(Vec<u8>, Vec<u8>)> {
         let inode = self.inode(ino)?;
         if let Some(id) = inode.link_id {
-            return Ok((
-                format!("{STORE_DIR}/{INODES_DIR}").into_bytes(),
-                link_file_name(id),
-            ));
+            let dir = fs.paths.inodes.clone();
+            let name = match fs.backing.open_dir(&dir) {
+                Ok(fd) => fs.link_file_in(fd.as_fd(), id)?,
+                Err(_) => fs.link_file_name(id)?,
+            };
+            return Ok((dir, name));
         }
         let mut path = self.backing_path(ino)?;
         let name = path.pop().ok_or(Errno::EISDIR)?;
@@ -812,8 +878,47 @@ impl State {
     }
 }
 
-pub(crate) fn link_file_name(id: u64) -> Vec<u8> {
-    format!("{id:016x}").into_bytes()
+impl Fs {
+    /// The content file name of hard-link inode `id` as this layout writes it. `ENOSPC`, with
+    /// the reason logged, for an id past what the 8.3 layout's names hold.
+    pub(crate) fn link_file_name(&self, id: u64) -> Result<Vec<u8>> {
+        self.layout
+            .inode_file(id)
+            .map(String::into_bytes)
+            .map_err(|e| {
+                tracing::error!("{e}");
+                Errno::ENOSPC
+            })
+    }
+
+    /// `link_file_name` as the backing lists it in `dir` (the inodes directory).
+    pub(crate) fn link_file_in(&self, dir: BorrowedFd<'_>, id: u64) -> Result<Vec<u8>> {
+        let name = self.link_file_name(id)?;
+        Ok(self.store_entry(dir, name))
+    }
+
+    /// A store entry `name` (as this layout writes it) of the directory `dir`, as the backing
+    /// lists it: on an 8.3 stick whose listing shows another case (a copy of a `msdos` stick
+    /// on a case-sensitive file system), that case. The name itself when it is there or
+    /// missing altogether, and always in the long layout.
+    pub(crate) fn store_entry(&self, dir: BorrowedFd<'_>, name: Vec<u8>) -> Vec<u8> {
+        if self.layout == StoreLayout::Long {
+            return name;
+        }
+        match self.backing.stat_at(dir, &name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            _ => return name,
+        }
+        self.backing
+            .list(dir)
+            .ok()
+            .and_then(|l| {
+                l.into_iter()
+                    .map(|e| e.name)
+                    .find(|n| self.layout.same_name(n, &name))
+            })
+            .unwrap_or(name)
+    }
 }
 
 pub(crate) fn join_path(parts: &[Vec<u8>]) -> Vec<u8> {

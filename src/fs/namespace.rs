@@ -7,11 +7,11 @@ use std::os::fd::AsFd;
 
 use super::acl;
 use super::{
-    errno_of, link_file_name, now, Attr, Ctx, Dentry, DirEntry, DirHandle, DirState, Errno, Fs,
-    Ino, Inode, Kind, Result, State, INODES_DIR, ROOT, STAGING_DIR,
+    errno_of, leaf, now, Attr, Ctx, Dentry, DirEntry, DirHandle, DirState, Errno, Fs, Ino, Inode,
+    Kind, Result, State, ROOT,
 };
 use crate::fatrules::fold_key;
-use crate::meta::{Meta, Record, STORE_DIR};
+use crate::meta::{Meta, Record};
 use crate::names::{self, Form, NameMode};
 
 fn check_name(name: &[u8]) -> Result<()> {
@@ -390,12 +390,11 @@ impl Fs {
     }
 
     pub(crate) fn remove_link_content(&self, id: u64) {
-        let dir = format!("{STORE_DIR}/{INODES_DIR}");
-        if let Ok(fd) = self.backing.open_dir(dir.as_bytes()) {
-            if let Err(e) = self
-                .backing
-                .unlink_at(fd.as_fd(), &link_file_name(id), false)
-            {
+        if let Ok(fd) = self.backing.open_dir(&self.paths.inodes) {
+            let Ok(name) = self.link_file_in(fd.as_fd(), id) else {
+                return;
+            };
+            if let Err(e) = self.backing.unlink_at(fd.as_fd(), &name, false) {
                 tracing::warn!("removing the content of hard link {id}: {e}");
             }
         }
@@ -417,16 +416,15 @@ impl Fs {
         else {
             return Ok(());
         };
-        let store_dir = self
-            .backing
-            .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes());
+        let store_dir = self.backing.open_dir(&self.paths.inodes);
         let dirfd = self.open_dir_of(st, parent);
         let (Ok(store_dir), Ok(dirfd)) = (store_dir, dirfd) else {
             return Ok(());
         };
+        let content = self.link_file_in(store_dir.as_fd(), id)?;
         if let Err(e) = self.backing.rename_at(
             store_dir.as_fd(),
-            &link_file_name(id),
+            &content,
             dirfd.as_fd(),
             &dentry.backing,
             0,
@@ -534,6 +532,8 @@ impl Fs {
         newdir: std::os::fd::BorrowedFd<'_>,
     ) -> Result<u64> {
         let id = st.next_link_id;
+        // Refused before anything is recorded when the id has no name in this layout.
+        let content = self.link_file_name(id)?;
         st.next_link_id += 1;
         let old_path = st.backing_path(ino)?;
         let (old_parent, old_name) = {
@@ -564,15 +564,18 @@ impl Fs {
         self.commit_locked(st)?;
         let store = self
             .backing
-            .open_dir(STORE_DIR.as_bytes())
+            .open_dir(&self.paths.store)
             .map_err(|e| errno_of(&e))?;
-        match self.backing.mkdir_at(store.as_fd(), INODES_DIR.as_bytes()) {
+        match self
+            .backing
+            .mkdir_at(store.as_fd(), leaf(&self.paths.inodes))
+        {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
             _ => {}
         }
         let inodes_dir = self
             .backing
-            .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
+            .open_dir(&self.paths.inodes)
             .map_err(|e| errno_of(&e))?;
         let old_dir = self.open_dir_of(st, old_parent)?;
         self.backing
@@ -580,7 +583,7 @@ impl Fs {
                 old_dir.as_fd(),
                 &old_backing,
                 inodes_dir.as_fd(),
-                &link_file_name(id),
+                &content,
                 0,
             )
             .map_err(|e| errno_of(&e))?;
@@ -838,9 +841,9 @@ impl Fs {
     ) -> Result<()> {
         let store = self
             .backing
-            .open_dir(STORE_DIR.as_bytes())
+            .open_dir(&self.paths.store)
             .map_err(|e| errno_of(&e))?;
-        let tmp = b"exchange.tmp";
+        let tmp = self.layout.exchange_tmp().as_bytes();
         let err = |e: std::io::Error| errno_of(&e);
         self.backing
             .rename_at(a_dir, a, store.as_fd(), tmp, 0)
@@ -995,16 +998,17 @@ impl Fs {
         if content.is_empty() {
             return self.backing.write_new_file(dirfd, name, content);
         }
-        let store = self.backing.open_dir(STORE_DIR.as_bytes())?;
-        match self.backing.mkdir_at(store.as_fd(), STAGING_DIR.as_bytes()) {
+        let store = self.backing.open_dir(&self.paths.store)?;
+        match self
+            .backing
+            .mkdir_at(store.as_fd(), leaf(&self.paths.staging))
+        {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
             _ => {}
         }
-        let staging = self
-            .backing
-            .open_dir(format!("{STORE_DIR}/{STAGING_DIR}").as_bytes())?;
+        let staging = self.backing.open_dir(&self.paths.staging)?;
         let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = format!("{:x}-{n:x}", std::process::id()).into_bytes();
+        let tmp = self.layout.staged_file(std::process::id(), n).into_bytes();
         let staged = self
             .backing
             .write_new_file(staging.as_fd(), &tmp, content)
@@ -1022,10 +1026,7 @@ impl Fs {
     /// Removes what a crash left in `.pershome/staging/`: files whose rename into place never
     /// happened, so nothing refers to them. Called at a read-write mount, before any staging.
     pub(crate) fn clear_staging(&self) {
-        let Ok(staging) = self
-            .backing
-            .open_dir(format!("{STORE_DIR}/{STAGING_DIR}").as_bytes())
-        else {
+        let Ok(staging) = self.backing.open_dir(&self.paths.staging) else {
             return;
         };
         let Ok(entries) = self.backing.list(staging.as_fd()) else {
@@ -1034,13 +1035,13 @@ impl Fs {
         for e in entries {
             match self.backing.unlink_at(staging.as_fd(), &e.name, false) {
                 Ok(()) => tracing::info!(
-                    "removed {}/{STAGING_DIR}/{}, left by an interrupted write",
-                    STORE_DIR,
+                    "removed {}/{}, left by an interrupted write",
+                    String::from_utf8_lossy(&self.paths.staging),
                     crate::backing::display(&e.name).to_string_lossy()
                 ),
                 Err(err) => tracing::warn!(
-                    "cannot remove {}/{STAGING_DIR}/{}: {err}",
-                    STORE_DIR,
+                    "cannot remove {}/{}: {err}",
+                    String::from_utf8_lossy(&self.paths.staging),
                     crate::backing::display(&e.name).to_string_lossy()
                 ),
             }

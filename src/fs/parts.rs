@@ -21,11 +21,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use super::{errno_of, Errno, Fs, Ino, Result};
-use crate::meta::{Parts, STORE_DIR};
-
-/// Below the store directory: one directory of parts per parted file.
-pub(crate) const PARTS_DIR: &str = "parts";
+use super::{errno_of, leaf, Errno, Fs, Ino, Result};
+use crate::meta::layout::StoreLayout;
+use crate::meta::Parts;
 
 /// The part size of new parted files unless the mount says otherwise: the largest multiple of
 /// 4 KiB a FAT32 file can hold, so a file is split only when it must be.
@@ -42,34 +40,6 @@ pub(crate) fn max_size(p: Parts) -> u64 {
     p.size.saturating_mul(MAX_PARTS).min(i64::MAX as u64)
 }
 
-/// `.pershome/parts/<id>` as a backing path.
-pub(crate) fn parts_dir_path(id: u64) -> Vec<u8> {
-    format!("{STORE_DIR}/{PARTS_DIR}/{id:016x}").into_bytes()
-}
-
-pub(crate) fn part_name(k: u64) -> Vec<u8> {
-    format!("{k:08x}").into_bytes()
-}
-
-/// A part file name back to its index; `None` for anything not of that exact form (or 0:
-/// part 0 is the file itself).
-pub(crate) fn parse_part_name(name: &[u8]) -> Option<u64> {
-    if name.len() != 8 || !name.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    let k = u64::from_str_radix(std::str::from_utf8(name).ok()?, 16).ok()?;
-    (k > 0).then_some(k)
-}
-
-/// A parts directory name back to its id.
-pub(crate) fn parse_parts_dir_name(name: &[u8]) -> Option<u64> {
-    if name.len() != 16 || !name.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    let id = u64::from_str_radix(std::str::from_utf8(name).ok()?, 16).ok()?;
-    (id != 0).then_some(id)
-}
-
 /// The length part `k` has in a file of `size` bytes (0 if the file ends before it).
 fn part_len(p: Parts, size: u64, k: u64) -> u64 {
     size.saturating_sub(k * p.size).min(p.size)
@@ -81,14 +51,40 @@ fn index_of(p: Parts, offset: u64) -> u64 {
 }
 
 /// A fresh random parts id (never 0), from the kernel's generator.
-fn random_id() -> Result<u64> {
+fn random_id(layout: StoreLayout) -> Result<u64> {
     let mut buf = [0u8; 8];
     // SAFETY: buf is valid for 8 bytes; the result is checked.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n != 8 {
         return Err(Errno::EIO);
     }
-    Ok(u64::from_le_bytes(buf).max(1))
+    let id = u64::from_le_bytes(buf);
+    // The 8.3 layout names a parts directory with 8 hex digits.
+    let id = match layout {
+        StoreLayout::Long => id,
+        StoreLayout::Short83 => id & u64::from(u32::MAX),
+    };
+    Ok(id.max(1))
+}
+
+impl Fs {
+    /// The backing path of the directory of parts-id `id` (in the case the backing lists it).
+    pub(crate) fn parts_dir_path(&self, id: u64) -> Result<Vec<u8>> {
+        let name = self.layout.parts_id_dir(id).map_err(|e| {
+            tracing::error!("{e}");
+            Errno::EIO
+        })?;
+        let name = match self.backing.open_dir(&self.paths.parts) {
+            Ok(dir) => self.store_entry(dir.as_fd(), name.into_bytes()),
+            Err(_) => name.into_bytes(),
+        };
+        Ok(crate::backing::join(&[&self.paths.parts, &name]))
+    }
+
+    /// The name of part `k` in its directory `dir` (in the case the backing lists it).
+    pub(crate) fn part_name_in(&self, dir: std::os::fd::BorrowedFd<'_>, k: u64) -> Vec<u8> {
+        self.store_entry(dir, self.layout.part_file(k).into_bytes())
+    }
 }
 
 /// What a parted file is made of right now: its first part (an open file) and its layout.
@@ -105,7 +101,7 @@ impl Fs {
         if let Some(f) = cache.get(&(p.id, k)) {
             return Ok(Some(f.clone()));
         }
-        let dir = match self.backing.open_dir(&parts_dir_path(p.id)) {
+        let dir = match self.backing.open_dir(&self.parts_dir_path(p.id)?) {
             Ok(d) => d,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !create => return Ok(None),
             Err(e) => return Err(errno_of(&e)),
@@ -115,10 +111,12 @@ impl Fs {
             (false, false) => libc::O_RDWR,
             (false, true) => libc::O_RDWR | libc::O_CREAT,
         };
-        let file = match self
-            .backing
-            .open_at(dir.as_fd(), &part_name(k), flags, 0o600)
-        {
+        let file = match self.backing.open_at(
+            dir.as_fd(),
+            &self.part_name_in(dir.as_fd(), k),
+            flags,
+            0o600,
+        ) {
             Ok(f) => Arc::new(f),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !create => return Ok(None),
             Err(e) => return Err(errno_of(&e)),
@@ -139,7 +137,10 @@ impl Fs {
 
     /// The indexes of the parts present on the backing (sorted), `[]` without a directory.
     pub(crate) fn list_parts(&self, id: u64) -> Vec<(u64, crate::backing::BackingStat)> {
-        let Ok(dir) = self.backing.open_dir(&parts_dir_path(id)) else {
+        let Ok(path) = self.parts_dir_path(id) else {
+            return Vec::new();
+        };
+        let Ok(dir) = self.backing.open_dir(&path) else {
             return Vec::new();
         };
         let mut out: Vec<_> = self
@@ -148,7 +149,7 @@ impl Fs {
             .unwrap_or_default()
             .into_iter()
             .filter(|e| e.stat.is_file)
-            .filter_map(|e| parse_part_name(&e.name).map(|k| (k, e.stat)))
+            .filter_map(|e| self.layout.parse_part_file(&e.name).map(|k| (k, e.stat)))
             .collect();
         out.sort_by_key(|(k, _)| *k);
         out
@@ -204,7 +205,7 @@ impl Fs {
             }
         }
         // New part files are entries of the parts directory: make them durable too.
-        if let Ok(dir) = self.backing.open_dir(&parts_dir_path(p.id)) {
+        if let Ok(dir) = self.backing.open_dir(&self.parts_dir_path(p.id)?) {
             self.backing
                 .fsync_dir(dir.as_fd())
                 .map_err(|e| errno_of(&e))?;
@@ -301,13 +302,13 @@ impl Fs {
     pub(crate) fn remove_parts_from(&self, p: Parts, from: u64) -> Result<()> {
         let from = from.max(1);
         self.forget_part_files(p.id);
-        let Ok(dir) = self.backing.open_dir(&parts_dir_path(p.id)) else {
+        let Ok(dir) = self.backing.open_dir(&self.parts_dir_path(p.id)?) else {
             return Ok(());
         };
         for (k, _) in self.list_parts(p.id) {
             if k >= from {
                 self.backing
-                    .unlink_at(dir.as_fd(), &part_name(k), false)
+                    .unlink_at(dir.as_fd(), &self.part_name_in(dir.as_fd(), k), false)
                     .map_err(|e| errno_of(&e))?;
             }
         }
@@ -321,9 +322,11 @@ impl Fs {
             tracing::warn!("removing the parts of a deleted file ({:016x}): {e}", p.id);
             return;
         }
-        let parent = format!("{STORE_DIR}/{PARTS_DIR}");
-        if let Ok(dir) = self.backing.open_dir(parent.as_bytes()) {
-            let name = format!("{:016x}", p.id).into_bytes();
+        let Ok(path) = self.parts_dir_path(p.id) else {
+            return;
+        };
+        if let Ok(dir) = self.backing.open_dir(&self.paths.parts) {
+            let name = leaf(&path).to_vec();
             if let Err(e) = self.backing.unlink_at(dir.as_fd(), &name, true) {
                 tracing::warn!("removing the parts directory of a deleted file: {e}");
             }
@@ -436,7 +439,7 @@ impl Fs {
 
     /// Opens an inode's first part read-write for a structural change.
     pub(crate) fn open_first(&self, ino: Ino) -> Result<File> {
-        let (dir, name) = self.lock().content_location(ino)?;
+        let (dir, name) = self.lock().content_location(self, ino)?;
         let dirfd = self.backing.open_dir(&dir).map_err(|e| errno_of(&e))?;
         self.backing
             .open_at(dirfd.as_fd(), &name, libc::O_RDWR, 0)
@@ -464,27 +467,28 @@ impl Fs {
         }
         let store = self
             .backing
-            .open_dir(STORE_DIR.as_bytes())
+            .open_dir(&self.paths.store)
             .map_err(|e| errno_of(&e))?;
-        match self.backing.mkdir_at(store.as_fd(), PARTS_DIR.as_bytes()) {
+        match self
+            .backing
+            .mkdir_at(store.as_fd(), leaf(&self.paths.parts))
+        {
             Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
             _ => {}
         }
         let parent = self
             .backing
-            .open_dir(format!("{STORE_DIR}/{PARTS_DIR}").as_bytes())
+            .open_dir(&self.paths.parts)
             .map_err(|e| errno_of(&e))?;
-        let mut id = random_id()?;
+        let mut id = random_id(self.layout)?;
         let mut tries = 0;
         loop {
-            match self
-                .backing
-                .mkdir_at(parent.as_fd(), format!("{id:016x}").as_bytes())
-            {
+            let name = self.layout.parts_id_dir(id).map_err(|_| Errno::EIO)?;
+            match self.backing.mkdir_at(parent.as_fd(), name.as_bytes()) {
                 Ok(()) => break,
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries < 8 => {
                     tries += 1;
-                    id = random_id()?;
+                    id = random_id(self.layout)?;
                 }
                 Err(e) => return Err(errno_of(&e)),
             }

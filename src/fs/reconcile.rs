@@ -7,13 +7,13 @@
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::{
-    errno_of, join_path, link_file_name, now, Children, Dentry, DirState, Errno, Fs, Ino, Inode,
-    Kind, Result, State, INODES_DIR,
+    errno_of, join_path, now, Children, Dentry, DirState, Errno, Fs, Ino, Inode, Kind, Result,
+    State,
 };
 use crate::backing::{BackingEntry, BackingStat};
 use crate::fatrules::fold_key;
 use crate::meta::pending::PendingTree;
-use crate::meta::{Meta, Record, Timespec, OWNER_ID, STORE_DIR};
+use crate::meta::{Meta, Record, Timespec, OWNER_ID};
 use crate::names::{self, Decoded, NameMode};
 
 /// The largest symlink body pershome reads: `!<symlink>`, a BOM, 4096 UTF-16 units and a NUL.
@@ -302,11 +302,11 @@ impl Fs {
                             let w = format!(
                                 "{} was changed on another computer: it now holds only what \
                                  that computer saw ({} bytes); its later parts are kept in \
-                                 {STORE_DIR}/parts/{:016x} for `pershome fsck --repair` to \
-                                 recover",
+                                 {}/{} for `pershome fsck --repair` to recover",
                                 String::from_utf8_lossy(name),
                                 stat.size,
-                                p.id
+                                String::from_utf8_lossy(&self.paths.parts),
+                                self.layout.parts_id_dir(p.id).unwrap_or_default()
                             );
                             tracing::warn!("{w}");
                             st.warnings.push(w);
@@ -419,14 +419,9 @@ impl Fs {
     }
 
     fn link_content_stat(&self, id: u64) -> Option<BackingStat> {
-        let dir = self
-            .backing
-            .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
-            .ok()?;
-        let stat = self
-            .backing
-            .stat_at(dir.as_fd(), &link_file_name(id))
-            .ok()?;
+        let dir = self.backing.open_dir(&self.paths.inodes).ok()?;
+        let name = self.link_file_in(dir.as_fd(), id).ok()?;
+        let stat = self.backing.stat_at(dir.as_fd(), &name).ok()?;
         stat.is_file.then_some(stat)
     }
 
@@ -439,12 +434,10 @@ impl Fs {
     ) -> Option<Vec<u8>> {
         match link_id {
             Some(id) => {
-                let dir = self
-                    .backing
-                    .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
-                    .ok()?;
+                let dir = self.backing.open_dir(&self.paths.inodes).ok()?;
+                let name = self.link_file_in(dir.as_fd(), id).ok()?;
                 self.backing
-                    .read_small(dir.as_fd(), &link_file_name(id), SYMLINK_FILE_MAX)
+                    .read_small(dir.as_fd(), &name, SYMLINK_FILE_MAX)
                     .ok()
             }
             None => self

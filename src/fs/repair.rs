@@ -5,17 +5,19 @@
 //!
 //! These run on an `Fs` opened read-write after every directory has been loaded (so that the
 //! state is the whole home). Nothing here deletes or truncates file data: content only moves,
-//! from `.pershome/inodes/` to a directory in the home.
+//! from the store's `inodes` directory to a directory in the home. The names of the recovery
+//! directory and of what lands in it come from `meta::layout` (8.3 names on an 8.3 stick).
 
 use std::os::fd::AsFd;
 
-use super::parts::{parse_parts_dir_name, PARTS_DIR};
-use super::{errno_of, link_file_name, Errno, Fs, Result, INODES_DIR, ROOT};
+use super::{errno_of, leaf, Errno, Fs, Result, ROOT};
 use crate::fatrules::fold_key;
-use crate::meta::{Parts, Record, STORE_DIR};
+use crate::meta::layout::StoreLayout;
+use crate::meta::{Parts, Record};
 
-/// Where orphaned hard-link content is put, at the root of the backing (a FAT-legal, canonical
-/// name, so the home shows it under this name and Windows does too).
+/// Where orphaned hard-link content is put on a long-name stick, at the root of the backing (a
+/// FAT-legal, canonical name, so the home shows it under this name and Windows does too). An
+/// 8.3 stick uses `StoreLayout::recovered_dir`.
 pub const RECOVERED_DIR: &str = "pershome-recovered";
 
 /// A hard-link inode as the loaded state knows it.
@@ -99,12 +101,13 @@ impl Fs {
     pub fn recover_link_content(&self, id: u64) -> Result<String> {
         let inodes_dir = self
             .backing
-            .open_dir(format!("{STORE_DIR}/{INODES_DIR}").as_bytes())
+            .open_dir(&self.paths.inodes)
             .map_err(|e| errno_of(&e))?;
+        let content = self.link_file_in(inodes_dir.as_fd(), id)?;
         self.move_to_recovered(
             inodes_dir.as_fd(),
-            &link_file_name(id),
-            &format!("inode-{id:016x}"),
+            &content,
+            &self.layout.recovered_inode(id),
         )
     }
 
@@ -124,8 +127,7 @@ impl Fs {
     /// after every directory has been loaded.
     pub fn orphan_parts(&self) -> Vec<u64> {
         let live = self.parts_in_use();
-        let rel = format!("{STORE_DIR}/{PARTS_DIR}");
-        let Ok(dir) = self.backing.open_dir(rel.as_bytes()) else {
+        let Ok(dir) = self.backing.open_dir(&self.paths.parts) else {
             return Vec::new();
         };
         let mut out: Vec<u64> = self
@@ -134,7 +136,7 @@ impl Fs {
             .unwrap_or_default()
             .into_iter()
             .filter(|e| e.stat.is_dir)
-            .filter_map(|e| parse_parts_dir_name(&e.name))
+            .filter_map(|e| self.layout.parse_parts_id_dir(&e.name))
             .filter(|id| !live.contains_key(id))
             .collect();
         out.sort_unstable();
@@ -153,10 +155,8 @@ impl Fs {
             };
             let present: std::collections::BTreeMap<u64, u64> =
                 listed.iter().map(|(k, s)| (*k, s.size)).collect();
-            let dir = self
-                .backing
-                .open_dir(&super::parts::parts_dir_path(id))
-                .map_err(|e| errno_of(&e))?;
+            let dir_path = self.parts_dir_path(id)?;
+            let dir = self.backing.open_dir(&dir_path).map_err(|e| errno_of(&e))?;
             for k in 1..last {
                 if present.get(&k).is_some_and(|&n| n >= p.size) {
                     continue;
@@ -165,14 +165,15 @@ impl Fs {
                     .backing
                     .open_at(
                         dir.as_fd(),
-                        &super::parts::part_name(k),
+                        &self.part_name_in(dir.as_fd(), k),
                         libc::O_WRONLY | libc::O_CREAT,
                         0o600,
                     )
                     .map_err(|e| errno_of(&e))?;
                 f.set_len(p.size).map_err(|e| errno_of(&e))?;
                 done.push(format!(
-                    "made part {k} of {STORE_DIR}/{PARTS_DIR}/{id:016x} a hole of {} bytes",
+                    "made part {k} of {} a hole of {} bytes",
+                    String::from_utf8_lossy(&dir_path),
                     p.size
                 ));
             }
@@ -185,12 +186,13 @@ impl Fs {
     pub fn recover_parts(&self, id: u64) -> Result<String> {
         let parent = self
             .backing
-            .open_dir(format!("{STORE_DIR}/{PARTS_DIR}").as_bytes())
+            .open_dir(&self.paths.parts)
             .map_err(|e| errno_of(&e))?;
+        let path = self.parts_dir_path(id)?;
         self.move_to_recovered(
             parent.as_fd(),
-            format!("{id:016x}").as_bytes(),
-            &format!("parts-{id:016x}"),
+            leaf(&path),
+            &self.layout.recovered_parts(id),
         )
     }
 
@@ -210,11 +212,7 @@ impl Fs {
         // created without clashing (in Windows case) with a name already in the root.
         let mut dir_name = None;
         for n in 1..100 {
-            let candidate = if n == 1 {
-                RECOVERED_DIR.to_string()
-            } else {
-                format!("{RECOVERED_DIR}-{n}")
-            };
+            let candidate = self.layout.recovered_dir(n);
             match self.backing.stat_at(root, candidate.as_bytes()) {
                 Ok(s) if s.is_dir => {
                     dir_name = Some(candidate);
@@ -249,11 +247,16 @@ impl Fs {
             .backing
             .open_dir(dir_name.as_bytes())
             .map_err(|e| errno_of(&e))?;
-        for n in 1..10_000 {
+        // 8.3 names have room for two digits of suffix.
+        let last = match self.layout {
+            StoreLayout::Long => 10_000,
+            StoreLayout::Short83 => 100,
+        };
+        for n in 1..last {
             let name = if n == 1 {
                 base.to_string()
             } else {
-                format!("{base}-{n}")
+                self.layout.recovered_suffixed(base, n)
             };
             match self.backing.stat_at(target_dir.as_fd(), name.as_bytes()) {
                 Ok(_) => continue,

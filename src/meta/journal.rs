@@ -28,7 +28,7 @@ use nix::unistd::{fdatasync, fsync, ftruncate, unlinkat, UnlinkatFlags};
 
 use super::codec::{decode_all, encode_record};
 use super::pending::Replayed;
-use super::{Record, STORE_DIR};
+use super::Record;
 use crate::faults::{torn_len, Faults, Gate};
 
 /// The newest on-stick format this code reads and writes. Format 2 adds files stored in parts
@@ -68,9 +68,6 @@ const TRAILER_PAYLOAD_LEN: usize = 12;
 /// A checkpoint chunk frame is closed once its payload reaches this size, so that a torn or
 /// corrupt checkpoint still yields most of its records when salvaged.
 const CHUNK_TARGET: usize = 64 * 1024;
-
-const CHECKPOINT_PREFIX: &str = "checkpoint.";
-const JOURNAL_PREFIX: &str = "journal.";
 
 /// How the store is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,44 +173,32 @@ pub struct Journal {
     faults: Option<Arc<Faults>>,
     /// The format version in the current journal's header, once known (read lazily).
     live_version: Option<u32>,
+    /// Which names the store's files have (see `meta::layout`).
+    layout: StoreLayout,
+    /// The store's files as listed at recovery, where a listing shows a name in another case
+    /// than the one this module writes (a `msdos` mount lists 8.3 names in lower case): the
+    /// listed name is the one opened, renamed and removed.
+    listed: BTreeMap<(Kind, u64), String>,
 }
 
 // ---------------------------------------------------------------------------------------------
 // File names
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
-    Checkpoint,
-    Journal,
-}
+use super::layout::{StoreFile as Kind, StoreLayout};
 
+/// The long layout's name of a store file (the tests' and `parse_name`'s form).
+#[cfg(test)]
 fn file_name(kind: Kind, generation: u64) -> String {
-    match kind {
-        Kind::Checkpoint => format!("{CHECKPOINT_PREFIX}{generation:016x}"),
-        Kind::Journal => format!("{JOURNAL_PREFIX}{generation:016x}"),
-    }
+    StoreLayout::Long
+        .store_file(kind, generation)
+        .unwrap_or_default()
 }
 
-/// Recognises exactly the names this module writes: a prefix and 16 lowercase hex digits.
+/// The long layout's parse (the tests' form).
+#[cfg(test)]
 fn parse_name(name: &[u8]) -> Option<(Kind, u64)> {
-    let (kind, digits) = if let Some(d) = name.strip_prefix(CHECKPOINT_PREFIX.as_bytes()) {
-        (Kind::Checkpoint, d)
-    } else if let Some(d) = name.strip_prefix(JOURNAL_PREFIX.as_bytes()) {
-        (Kind::Journal, d)
-    } else {
-        return None;
-    };
-    if digits.len() != 16
-        || !digits
-            .iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-    {
-        return None;
-    }
-    let digits = std::str::from_utf8(digits).ok()?;
-    let generation = u64::from_str_radix(digits, 16).ok()?;
-    Some((kind, generation))
+    StoreLayout::Long.parse_store_file(name)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -548,7 +533,7 @@ fn is_regular(fd: &OwnedFd) -> Result<bool, Errno> {
 
 /// Opens a store file for reading: no symlink is followed, and O_NONBLOCK keeps a fifo that a
 /// stick planted under a store name from hanging the open. None if it is not a regular file.
-fn open_for_read(dir: &OwnedFd, name: &str) -> Result<Option<OwnedFd>, StoreError> {
+fn open_for_read(dir: &OwnedFd, sd: &str, name: &str) -> Result<Option<OwnedFd>, StoreError> {
     let fd = open_at(
         dir,
         name,
@@ -559,15 +544,15 @@ fn open_for_read(dir: &OwnedFd, name: &str) -> Result<Option<OwnedFd>, StoreErro
         Ok(fd) => fd,
         // A symlink under a store name: not ours, and never followed.
         Err(Errno::ELOOP) => return Ok(None),
-        Err(e) => return Err(io_err(format!("opening {STORE_DIR}/{name}"))(e)),
+        Err(e) => return Err(io_err(format!("opening {sd}/{name}"))(e)),
     };
-    if !is_regular(&fd).map_err(io_err(format!("examining {STORE_DIR}/{name}")))? {
+    if !is_regular(&fd).map_err(io_err(format!("examining {sd}/{name}")))? {
         return Ok(None);
     }
     Ok(Some(fd))
 }
 
-fn read_at_most(fd: &OwnedFd, name: &str, want: usize) -> Result<Vec<u8>, StoreError> {
+fn read_at_most(fd: &OwnedFd, sd: &str, name: &str, want: usize) -> Result<Vec<u8>, StoreError> {
     let mut buf = vec![0u8; want];
     let mut got = 0;
     while got < want {
@@ -575,7 +560,7 @@ fn read_at_most(fd: &OwnedFd, name: &str, want: usize) -> Result<Vec<u8>, StoreE
             Ok(0) => break,
             Ok(n) => got += n,
             Err(Errno::EINTR) => continue,
-            Err(e) => return Err(io_err(format!("reading {STORE_DIR}/{name}"))(e)),
+            Err(e) => return Err(io_err(format!("reading {sd}/{name}"))(e)),
         }
     }
     buf.truncate(got);
@@ -583,27 +568,27 @@ fn read_at_most(fd: &OwnedFd, name: &str, want: usize) -> Result<Vec<u8>, StoreE
 }
 
 /// Reads a whole store file; None if it is not a regular file.
-fn read_file(dir: &OwnedFd, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(fd) = open_for_read(dir, name)? else {
+fn read_file(dir: &OwnedFd, sd: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(fd) = open_for_read(dir, sd, name)? else {
         return Ok(None);
     };
-    let st = fstat(raw(&fd)).map_err(io_err(format!("examining {STORE_DIR}/{name}")))?;
+    let st = fstat(raw(&fd)).map_err(io_err(format!("examining {sd}/{name}")))?;
     let size = u64::try_from(st.st_size).unwrap_or(0);
     if size > MAX_FILE_LEN {
         return Err(StoreError::TooLarge {
-            name: format!("{STORE_DIR}/{name}"),
+            name: format!("{sd}/{name}"),
             size,
         });
     }
     // Cannot truncate: size <= MAX_FILE_LEN.
-    read_at_most(&fd, name, size as usize).map(Some)
+    read_at_most(&fd, sd, name, size as usize).map(Some)
 }
 
-fn read_header(dir: &OwnedFd, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(fd) = open_for_read(dir, name)? else {
+fn read_header(dir: &OwnedFd, sd: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(fd) = open_for_read(dir, sd, name)? else {
         return Ok(None);
     };
-    read_at_most(&fd, name, HEADER_LEN).map(Some)
+    read_at_most(&fd, sd, name, HEADER_LEN).map(Some)
 }
 
 /// The recognised files of the store, by generation.
@@ -613,18 +598,37 @@ struct GenFiles {
     journal: bool,
 }
 
-fn list_store(dir: &OwnedFd) -> Result<BTreeMap<u64, GenFiles>, StoreError> {
+#[allow(clippy::type_complexity)]
+fn list_store(
+    dir: &OwnedFd,
+    layout: StoreLayout,
+) -> Result<(BTreeMap<u64, GenFiles>, BTreeMap<(Kind, u64), String>), StoreError> {
+    let sd = layout.store_dir();
     let mut d = Dir::openat(
         Some(raw(dir)),
         ".",
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(io_err(format!("listing {STORE_DIR}")))?;
+    .map_err(io_err(format!("listing {sd}")))?;
     let mut gens: BTreeMap<u64, GenFiles> = BTreeMap::new();
+    let mut listed = BTreeMap::new();
     for entry in d.iter() {
-        let entry = entry.map_err(io_err(format!("listing {STORE_DIR}")))?;
-        if let Some((kind, generation)) = parse_name(entry.file_name().to_bytes()) {
+        let entry = entry.map_err(io_err(format!("listing {sd}")))?;
+        let name = entry.file_name().to_bytes();
+        if let Some((kind, generation)) = layout.parse_store_file(name) {
+            if layout
+                .store_file(kind, generation)
+                .ok()
+                .as_deref()
+                .map(str::as_bytes)
+                != Some(name)
+            {
+                listed.insert(
+                    (kind, generation),
+                    String::from_utf8_lossy(name).into_owned(),
+                );
+            }
             let files = gens.entry(generation).or_default();
             match kind {
                 Kind::Checkpoint => files.checkpoint = true,
@@ -632,7 +636,7 @@ fn list_store(dir: &OwnedFd) -> Result<BTreeMap<u64, GenFiles>, StoreError> {
             }
         }
     }
-    Ok(gens)
+    Ok((gens, listed))
 }
 
 /// The error an injected fault gives: what a pulled stick gives.
@@ -644,6 +648,20 @@ fn injected(context: String) -> StoreError {
 }
 
 impl Journal {
+    /// The name of a store file of this layout, as listed when the listing showed it in
+    /// another case. Refused (not a panic) past the 8.3 layout's 32-bit generations.
+    fn name_of(&self, kind: Kind, generation: u64) -> Result<String, StoreError> {
+        if let Some(listed) = self.listed.get(&(kind, generation)) {
+            return Ok(listed.clone());
+        }
+        self.layout
+            .store_file(kind, generation)
+            .map_err(|e| StoreError::Io {
+                context: "naming the next store file".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+
     /// Test hook: fail the store's later writes as `faults` says (see `Faults`).
     pub fn set_faults(&mut self, faults: Arc<Faults>) {
         self.faults = Some(faults);
@@ -679,6 +697,7 @@ impl Journal {
         buf: &[u8],
         offset: u64,
     ) -> Result<(), StoreError> {
+        let sd = self.layout.store_dir();
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -692,14 +711,14 @@ impl Journal {
                         let _ = pwrite(fd.as_fd(), part, at as i64);
                     }
                 }
-                return Err(injected(format!("writing {STORE_DIR}/{name}")));
+                return Err(injected(format!("writing {sd}/{name}")));
             }
             let res = pwrite(fd.as_fd(), &buf[done..], at as i64);
             self.stats.writes += 1;
             match res {
                 Ok(0) => {
                     return Err(StoreError::Io {
-                        context: format!("writing {STORE_DIR}/{name}"),
+                        context: format!("writing {sd}/{name}"),
                         source: std::io::Error::from(std::io::ErrorKind::WriteZero),
                     })
                 }
@@ -708,36 +727,43 @@ impl Journal {
                     self.stats.bytes += n as u64;
                 }
                 Err(Errno::EINTR) => continue,
-                Err(e) => return Err(io_err(format!("writing {STORE_DIR}/{name}"))(e)),
+                Err(e) => return Err(io_err(format!("writing {sd}/{name}"))(e)),
             }
         }
         Ok(())
     }
 
     fn sync_file(&mut self, fd: &OwnedFd, name: &str, data_only: bool) -> Result<(), StoreError> {
-        self.gate_op(|| format!("syncing {STORE_DIR}/{name}"))?;
+        let sd = self.layout.store_dir();
+        self.gate_op(|| format!("syncing {sd}/{name}"))?;
         self.stats.syncs += 1;
         let res = if data_only {
             fdatasync(raw(fd))
         } else {
             fsync(raw(fd))
         };
-        res.map_err(io_err(format!("syncing {STORE_DIR}/{name}")))
+        res.map_err(io_err(format!("syncing {sd}/{name}")))
     }
 
     fn sync_dir(&mut self) -> Result<(), StoreError> {
+        let sd = self.layout.store_dir();
         let dir = self.dir()?.as_raw_fd();
-        self.gate_op(|| format!("syncing the directory {STORE_DIR}"))?;
+        self.gate_op(|| format!("syncing the directory {sd}"))?;
         self.stats.syncs += 1;
-        fsync(dir).map_err(io_err(format!("syncing the directory {STORE_DIR}")))
+        fsync(dir).map_err(io_err(format!("syncing the directory {sd}")))
     }
 
     fn unlink(&mut self, name: &str) -> Result<(), StoreError> {
+        let sd = self.layout.store_dir();
         let dir = self.dir()?.as_raw_fd();
-        self.gate_op(|| format!("removing {STORE_DIR}/{name}"))?;
-        match unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir) {
+        self.gate_op(|| format!("removing {sd}/{name}"))?;
+        let res = unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir);
+        if matches!(res, Ok(()) | Err(Errno::ENOENT)) {
+            self.listed.retain(|_, listed| listed != name);
+        }
+        match res {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),
-            Err(e) => Err(io_err(format!("removing {STORE_DIR}/{name}"))(e)),
+            Err(e) => Err(io_err(format!("removing {sd}/{name}"))(e)),
         }
     }
 
@@ -745,15 +771,16 @@ impl Journal {
     /// first: no file of a generation not yet in use holds anything committed), writes
     /// `contents`, and makes it and its directory entry durable. Returns the open file.
     fn create_durable(&mut self, name: &str, contents: &[u8]) -> Result<OwnedFd, StoreError> {
+        let sd = self.layout.store_dir();
         self.unlink(name)?;
-        self.gate_op(|| format!("creating {STORE_DIR}/{name}"))?;
+        self.gate_op(|| format!("creating {sd}/{name}"))?;
         let fd = open_at(
             self.dir()?,
             name,
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
             Mode::from_bits_truncate(0o600),
         )
-        .map_err(io_err(format!("creating {STORE_DIR}/{name}")))?;
+        .map_err(io_err(format!("creating {sd}/{name}")))?;
         self.write_all_at(&fd, name, contents, 0)?;
         // A full fsync: the file's size is metadata the data cannot be found without.
         self.sync_file(&fd, name, false)?;
@@ -769,15 +796,16 @@ impl Journal {
         generation: u64,
         records: &[Record],
     ) -> Result<OwnedFd, StoreError> {
+        let sd = self.layout.store_dir();
         let checkpoint = build_checkpoint(generation, records);
         if checkpoint.len() as u64 > MAX_FILE_LEN {
             return Err(StoreError::TooLarge {
-                name: format!("{STORE_DIR}/{}", file_name(Kind::Checkpoint, generation)),
+                name: format!("{sd}/{}", self.name_of(Kind::Checkpoint, generation)?),
                 size: checkpoint.len() as u64,
             });
         }
-        let ck_name = file_name(Kind::Checkpoint, generation);
-        let j_name = file_name(Kind::Journal, generation);
+        let ck_name = self.name_of(Kind::Checkpoint, generation)?;
+        let j_name = self.name_of(Kind::Journal, generation)?;
         let result = self.create_durable(&ck_name, &checkpoint).and_then(|_| {
             self.create_durable(
                 &j_name,
@@ -816,7 +844,7 @@ impl Journal {
         }
         let mut frame = Vec::with_capacity(frame_len as usize);
         push_frame(&mut frame, BATCH_MAGIC, self.generation, &payload);
-        let name = file_name(Kind::Journal, self.generation);
+        let name = self.name_of(Kind::Journal, self.generation)?;
         let fd = self.file.take().ok_or(StoreError::ReadOnly)?;
         let result = self.append_frame(&fd, &name, &frame);
         self.file = Some(fd);
@@ -833,12 +861,12 @@ impl Journal {
     }
 
     fn append_frame(&mut self, fd: &OwnedFd, name: &str, frame: &[u8]) -> Result<(), StoreError> {
+        let sd = self.layout.store_dir();
         if self.tail_dirty {
-            self.gate_op(|| format!("cutting a failed batch off {STORE_DIR}/{name}"))?;
+            self.gate_op(|| format!("cutting a failed batch off {sd}/{name}"))?;
             self.stats.writes += 1;
-            ftruncate(fd.as_fd(), self.len as i64).map_err(io_err(format!(
-                "cutting a failed batch off {STORE_DIR}/{name}"
-            )))?;
+            ftruncate(fd.as_fd(), self.len as i64)
+                .map_err(io_err(format!("cutting a failed batch off {sd}/{name}")))?;
             self.tail_dirty = false;
         }
         self.write_all_at(fd, name, frame, self.len)?;
@@ -859,20 +887,21 @@ impl Journal {
         self.tail_dirty = false;
         // The new generation is durable: the old one is now garbage. A crash before these
         // removals leaves it for the next open to remove.
-        self.unlink(&file_name(Kind::Journal, old))?;
-        self.unlink(&file_name(Kind::Checkpoint, old))?;
+        self.unlink(&self.name_of(Kind::Journal, old)?)?;
+        self.unlink(&self.name_of(Kind::Checkpoint, old)?)?;
         Ok(())
     }
 
     /// The format version the current journal declares: a batch of format-2 records may only
     /// be appended to a format-2 journal (a format-1 reader would drop it as damage).
     pub fn live_version(&mut self) -> Result<u32, StoreError> {
+        let sd = self.layout.store_dir();
         if let Some(v) = self.live_version {
             return Ok(v);
         }
         self.file.as_ref().ok_or(StoreError::ReadOnly)?;
-        let name = file_name(Kind::Journal, self.generation);
-        let context = || format!("reading the header of {STORE_DIR}/{name}");
+        let name = self.name_of(Kind::Journal, self.generation)?;
+        let context = || format!("reading the header of {sd}/{name}");
         // The live journal is held write-only: read its header through a second descriptor.
         let fd = openat(
             Some(self.dir()?.as_raw_fd()),
@@ -915,7 +944,33 @@ impl Journal {
         backing_root: BorrowedFd<'_>,
         mode: OpenMode,
     ) -> Result<(Journal, Recovered), StoreError> {
+        Journal::open_in(backing_root, mode, StoreLayout::Long)
+    }
+
+    /// `open` for a store of `layout`. The 8.3 store directory is found in any letter case.
+    pub fn open_in(
+        backing_root: BorrowedFd<'_>,
+        mode: OpenMode,
+        layout: StoreLayout,
+    ) -> Result<(Journal, Recovered), StoreError> {
+        let sd = layout.store_dir();
+        let store_name: String = match layout {
+            StoreLayout::Long => layout.store_dir().to_owned(),
+            StoreLayout::Short83 => super::layout::detect(backing_root)
+                .map_err(|source| StoreError::Io {
+                    context: "listing the backing directory".into(),
+                    source,
+                })?
+                .short
+                .map_or_else(
+                    || layout.store_dir().to_owned(),
+                    |n| String::from_utf8_lossy(&n).into_owned(),
+                ),
+        };
+        let store_name = store_name.as_str();
         let mut journal = Journal {
+            layout,
+            listed: BTreeMap::new(),
             mode,
             dir: None,
             file: None,
@@ -928,12 +983,12 @@ impl Journal {
         };
         let root = backing_root.as_raw_fd();
         let mut created_dir = false;
-        match fstatat(Some(root), STORE_DIR, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        match fstatat(Some(root), store_name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => {
                 let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
                 if kind != SFlag::S_IFDIR {
                     return Err(StoreError::NotADirectory(format!(
-                        "{STORE_DIR} in the backing directory is not a directory{}",
+                        "{sd} in the backing directory is not a directory{}",
                         if kind == SFlag::S_IFLNK {
                             " but a symlink"
                         } else {
@@ -952,15 +1007,15 @@ impl Journal {
                 return Ok((journal, recovered));
             }
             Err(Errno::ENOENT) => {
-                mkdirat(Some(root), STORE_DIR, Mode::from_bits_truncate(0o700))
-                    .map_err(io_err(format!("creating {STORE_DIR}")))?;
+                mkdirat(Some(root), store_name, Mode::from_bits_truncate(0o700))
+                    .map_err(io_err(format!("creating {sd}")))?;
                 created_dir = true;
             }
-            Err(e) => return Err(io_err(format!("examining {STORE_DIR}"))(e)),
+            Err(e) => return Err(io_err(format!("examining {sd}"))(e)),
         }
         let dir = match openat(
             Some(root),
-            STORE_DIR,
+            store_name,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         ) {
@@ -968,10 +1023,10 @@ impl Journal {
             Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
             Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
                 return Err(StoreError::NotADirectory(format!(
-                    "{STORE_DIR} in the backing directory is not a directory"
+                    "{sd} in the backing directory is not a directory"
                 )))
             }
-            Err(e) => return Err(io_err(format!("opening {STORE_DIR}"))(e)),
+            Err(e) => return Err(io_err(format!("opening {sd}"))(e)),
         };
         // One writer per stick: a second pershomefs (or an fsck) on the same store would
         // interleave batches. A shared lock lets read-only users coexist with each other only.
@@ -993,7 +1048,7 @@ impl Journal {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
                     return Err(StoreError::Io {
-                        context: format!("locking {STORE_DIR}"),
+                        context: format!("locking {sd}"),
                         source: e,
                     });
                 }
@@ -1024,8 +1079,10 @@ impl Journal {
     }
 
     fn recover(&mut self) -> Result<Recovered, StoreError> {
+        let sd = self.layout.store_dir();
         let store = self.dir.as_ref().ok_or(StoreError::ReadOnly)?;
-        let gens = list_store(store)?;
+        let (gens, listed) = list_store(store, self.layout)?;
+        self.listed = listed;
 
         // Refuse a newer format before anything else is read or written.
         for (&generation, files) in &gens {
@@ -1036,7 +1093,11 @@ impl Journal {
                 if !present {
                     continue;
                 }
-                if let Some(header) = read_header(store, &file_name(kind, generation))? {
+                if let Some(header) = read_header(
+                    store,
+                    self.layout.store_dir(),
+                    &self.name_of(kind, generation)?,
+                )? {
                     if let Err(HeaderProblem::Newer(found)) =
                         check_header(&header, kind, generation)
                     {
@@ -1088,14 +1149,14 @@ impl Journal {
                 }
                 continue;
             }
-            let name = file_name(Kind::Checkpoint, generation);
-            let Some(bytes) = read_file(store, &name)? else {
-                warnings.push(format!("{STORE_DIR}/{name} is not a regular file; ignored"));
+            let name = self.name_of(Kind::Checkpoint, generation)?;
+            let Some(bytes) = read_file(store, self.layout.store_dir(), &name)? else {
+                warnings.push(format!("{sd}/{name} is not a regular file; ignored"));
                 corrupt.insert(name);
                 continue;
             };
             if let Err(p) = check_header(&bytes, Kind::Checkpoint, generation) {
-                warnings.push(format!("{STORE_DIR}/{name} is unusable: {}", p.describe()));
+                warnings.push(format!("{sd}/{name} is unusable: {}", p.describe()));
                 if bytes.len() >= HEADER_LEN {
                     corrupt.insert(name);
                 }
@@ -1104,13 +1165,13 @@ impl Journal {
             let scan = scan_checkpoint(&bytes, generation);
             if scan.complete {
                 if let Some(why) = scan.problem {
-                    warnings.push(format!("{STORE_DIR}/{name}: {why}"));
+                    warnings.push(format!("{sd}/{name}: {why}"));
                 }
                 base = Some((generation, scan.records));
                 break;
             }
             warnings.push(format!(
-                "{STORE_DIR}/{name} is incomplete or damaged ({}); {} records readable",
+                "{sd}/{name} is incomplete or damaged ({}); {} records readable",
                 scan.problem.unwrap_or_default(),
                 scan.records.len()
             ));
@@ -1131,7 +1192,7 @@ impl Journal {
                 needs_repair = true;
                 match salvage {
                     Some((generation, records)) => {
-                        corrupt.insert(file_name(Kind::Checkpoint, generation));
+                        corrupt.insert(self.name_of(Kind::Checkpoint, generation)?);
                         warnings.push(format!(
                             "NO INTACT CHECKPOINT: recovered {} records from the damaged checkpoint \
                              of generation {generation}; metadata of some files may be lost \
@@ -1164,7 +1225,7 @@ impl Journal {
         let mut live_cut: Option<usize> = None;
         for (&generation, files) in gens.range(base_gen..) {
             let is_live = generation == base_gen;
-            let name = file_name(Kind::Journal, generation);
+            let name = self.name_of(Kind::Journal, generation)?;
             if !files.journal {
                 if is_live {
                     live_needs_header = true;
@@ -1174,12 +1235,12 @@ impl Journal {
             if !is_live {
                 needs_repair = true;
                 warnings.push(format!(
-                    "replaying {STORE_DIR}/{name}, whose checkpoint is damaged, on top of \
+                    "replaying {sd}/{name}, whose checkpoint is damaged, on top of \
                      generation {base_gen}"
                 ));
             }
-            let Some(bytes) = read_file(store, &name)? else {
-                warnings.push(format!("{STORE_DIR}/{name} is not a regular file; ignored"));
+            let Some(bytes) = read_file(store, self.layout.store_dir(), &name)? else {
+                warnings.push(format!("{sd}/{name} is not a regular file; ignored"));
                 corrupt.insert(name);
                 needs_repair = true;
                 continue;
@@ -1191,12 +1252,12 @@ impl Journal {
                         live_needs_header = true;
                     }
                     warnings.push(format!(
-                        "{STORE_DIR}/{name} was being created when the stick was last \
+                        "{sd}/{name} was being created when the stick was last \
                          removed; it held no changes"
                     ));
                 } else {
                     warnings.push(format!(
-                        "{STORE_DIR}/{name} is unusable ({}); its changes are lost",
+                        "{sd}/{name} is unusable ({}); its changes are lost",
                         p.describe()
                     ));
                     corrupt.insert(name);
@@ -1208,7 +1269,7 @@ impl Journal {
             if let Some(why) = &scan.problem {
                 if scan.intact_after_problem {
                     warnings.push(format!(
-                        "{STORE_DIR}/{name} is damaged ({why}); kept {} batches, dropped the \
+                        "{sd}/{name} is damaged ({why}); kept {} batches, dropped the \
                          rest including later intact ones (run `pershome fsck`)",
                         scan.batches
                     ));
@@ -1216,7 +1277,7 @@ impl Journal {
                     needs_repair = true;
                 } else {
                     warnings.push(format!(
-                        "{STORE_DIR}/{name} ends in a torn batch ({why}); kept {} batches \
+                        "{sd}/{name} ends in a torn batch ({why}); kept {} batches \
                          (the last one was not committed)",
                         scan.batches
                     ));
@@ -1266,7 +1327,7 @@ impl Journal {
             ));
         } else {
             self.generation = base_gen;
-            let name = file_name(Kind::Journal, base_gen);
+            let name = self.name_of(Kind::Journal, base_gen)?;
             if live_needs_header {
                 let fd = self.create_durable(&name, &encode_header(Kind::Journal, base_gen))?;
                 self.file = Some(fd);
@@ -1278,14 +1339,13 @@ impl Journal {
                     OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
                     Mode::empty(),
                 )
-                .map_err(io_err(format!("opening {STORE_DIR}/{name}")))?;
+                .map_err(io_err(format!("opening {sd}/{name}")))?;
                 let len = live_len.unwrap_or(HEADER_LEN);
                 if let Some(cut) = live_cut {
-                    self.gate_op(|| format!("cutting the torn batch off {STORE_DIR}/{name}"))?;
+                    self.gate_op(|| format!("cutting the torn batch off {sd}/{name}"))?;
                     self.stats.writes += 1;
-                    ftruncate(fd.as_fd(), cut as i64).map_err(io_err(format!(
-                        "cutting the torn batch off {STORE_DIR}/{name}"
-                    )))?;
+                    ftruncate(fd.as_fd(), cut as i64)
+                        .map_err(io_err(format!("cutting the torn batch off {sd}/{name}")))?;
                     self.sync_file(&fd, &name, false)?;
                 }
                 self.file = Some(fd);
@@ -1306,7 +1366,7 @@ impl Journal {
                 if !present {
                     continue;
                 }
-                let name = file_name(kind, generation);
+                let name = self.name_of(kind, generation)?;
                 if corrupt.contains(&name) {
                     if let Some(w) = self.keep_as_corrupt(&name)? {
                         warnings.push(w);
@@ -1326,7 +1386,7 @@ impl Journal {
 
     fn write_first_journal(&mut self) -> Result<OwnedFd, StoreError> {
         self.create_durable(
-            &file_name(Kind::Journal, 1),
+            &self.name_of(Kind::Journal, 1)?,
             &encode_header(Kind::Journal, 1),
         )
     }
@@ -1335,27 +1395,22 @@ impl Journal {
     /// fsck can look at it and it is no longer a store file. Returns a warning if it had to
     /// stay.
     fn keep_as_corrupt(&mut self, name: &str) -> Result<Option<String>, StoreError> {
+        let sd = self.layout.store_dir();
         let dir = self.dir()?.as_raw_fd();
         for n in 0..100u32 {
-            let target = if n == 0 {
-                format!("{name}.corrupt")
-            } else {
-                format!("{name}.corrupt.{n}")
-            };
+            let target = self.layout.corrupt_name(name, n);
             match fstatat(Some(dir), target.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
                 Ok(_) => continue,
                 Err(Errno::ENOENT) => {}
-                Err(e) => return Err(io_err(format!("examining {STORE_DIR}/{target}"))(e)),
+                Err(e) => return Err(io_err(format!("examining {sd}/{target}"))(e)),
             }
-            self.gate_op(|| format!("renaming {STORE_DIR}/{name} to {target}"))?;
+            self.gate_op(|| format!("renaming {sd}/{name} to {target}"))?;
             renameat(Some(dir), name, Some(dir), target.as_str())
-                .map_err(io_err(format!("renaming {STORE_DIR}/{name} to {target}")))?;
-            return Ok(Some(format!(
-                "kept the damaged {STORE_DIR}/{name} as {target}"
-            )));
+                .map_err(io_err(format!("renaming {sd}/{name} to {target}")))?;
+            return Ok(Some(format!("kept the damaged {sd}/{name} as {target}")));
         }
         Ok(Some(format!(
-            "could not find a free *.corrupt name for {STORE_DIR}/{name}; left in place"
+            "could not find a free *.corrupt name for {sd}/{name}; left in place"
         )))
     }
 }
@@ -1364,6 +1419,7 @@ impl Journal {
 mod tests {
     use super::*;
     use crate::meta::Meta;
+    use crate::meta::STORE_DIR;
     use std::fs;
     use std::path::{Path, PathBuf};
     use tempfile::TempDir;
@@ -1471,6 +1527,74 @@ mod tests {
             fs::write(store(&root).join(name), bytes).expect("write store file");
         }
         root
+    }
+
+    fn open83(root: &TempDir) -> (Journal, Recovered) {
+        let dir = fs::File::open(root.path()).expect("open temp root");
+        match Journal::open_in(dir.as_fd(), OpenMode::ReadWrite, StoreLayout::Short83) {
+            Ok(x) => x,
+            Err(e) => panic!("expected the 8.3 store to open, got: {e}"),
+        }
+    }
+
+    fn names83(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .expect("read store")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The 8.3 layout: `PERSHOME.DB/<8 hex>.CKP|JNL`, damaged files kept as `.C00`/`.J00`, and
+    /// a store listed in lower case (as Linux's `msdos` driver shows it) still recovered.
+    #[test]
+    fn the_8_3_layout_writes_8_3_names_and_reads_them_in_any_case() {
+        let root = TempDir::new().expect("tempdir");
+        let (mut jn, rec) = open83(&root);
+        assert!(rec.created);
+        let a = batch(0, 5);
+        jn.append(&a).expect("append");
+        jn.checkpoint(&state(&[&a]).snapshot()).expect("checkpoint");
+        let b = batch(5, 3);
+        jn.append(&b).expect("append");
+        drop(jn);
+        let store = root.path().join("PERSHOME.DB");
+        assert!(!root.path().join(STORE_DIR).exists(), "no long store made");
+        assert_eq!(names83(&store), vec!["00000002.CKP", "00000002.JNL"]);
+
+        // As a `msdos` mount lists it: every name lower-cased.
+        for name in names83(&store) {
+            fs::rename(store.join(&name), store.join(name.to_ascii_lowercase())).expect("rename");
+        }
+        let lower = root.path().join("pershome.db");
+        fs::rename(&store, &lower).expect("rename store");
+        let (mut jn, rec) = open83(&root);
+        assert_eq!(
+            (rec.generation, rec.replayed.clone(), rec.warnings.clone()),
+            (2, state(&[&a, &b]), Vec::<String>::new()),
+            "expected generation 2 with every batch and no warning (expected vs got)"
+        );
+        // The next generation replaces the lower-cased files by 8.3 names of its own.
+        jn.checkpoint(&rec.replayed.snapshot()).expect("checkpoint");
+        drop(jn);
+        assert_eq!(names83(&lower), vec!["00000003.CKP", "00000003.JNL"]);
+
+        // A damaged checkpoint is kept under an 8.3 name, never a store file's.
+        let ck = lower.join("00000003.CKP");
+        let mut bytes = fs::read(&ck).expect("read");
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x55;
+        fs::write(&ck, bytes).expect("write");
+        drop(open83(&root));
+        let got = names83(&lower);
+        assert!(
+            got.contains(&"00000003.C00".to_string())
+                && got
+                    .iter()
+                    .all(|n| crate::fatrules::check_short_name(n.as_bytes()).is_ok()),
+            "expected the damaged checkpoint kept as 00000003.C00 and only 8.3 names, got {got:?}"
+        );
     }
 
     fn j(g: u64) -> String {

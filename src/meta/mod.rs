@@ -1,6 +1,6 @@
 //! The metadata store: everything FAT cannot hold (modes, owners, nanosecond times, xattrs,
 //! symlink and hard-link bookkeeping), kept on the stick under `.pershome/` at the root of the
-//! backing directory.
+//! backing directory (`PERSHOME.DB/` on an 8.3 stick: `layout` names every file of both).
 //!
 //! This module owns the on-stick format (see `docs/format.md`): the record types, their binary
 //! encoding (`codec`), and the checkpoint + journal files with their recovery rules (`journal`).
@@ -10,14 +10,16 @@
 
 pub mod codec;
 pub mod journal;
+pub mod layout;
 pub mod pending;
 
 pub use crate::faults::Faults;
 pub use journal::{Journal, OpenMode, Recovered, StoreError, WriteStats, FORMAT_VERSION};
 pub use pending::PendingTree;
 
-/// The name of the store directory at the root of the backing directory. It is FAT-legal, and
-/// the name mapping escapes a user's own file of that name at the root so the two never meet.
+/// The name of the store directory at the root of the backing directory of a long-name stick
+/// (`layout::StoreLayout::store_dir` gives either layout's). It is FAT-legal, and the name
+/// mapping escapes a user's own file of that name at the root so the two never meet.
 pub const STORE_DIR: &str = ".pershome";
 
 /// The stored uid or gid that stands for "whoever mounts the stick" (design property 8: uid

@@ -198,7 +198,9 @@ pub fn commit(home: &Path) {
 /// pershomefs daemon for its whole life), i.e. until the daemon has written its last commit
 /// and exited. `Ok(false)` when `within` passed first. A missing store counts as free.
 pub fn wait_store_free(backing: &Path, within: Duration) -> Result<bool> {
-    let store = backing.join(crate::meta::STORE_DIR);
+    let Some((store, _)) = crate::meta::layout::find_store(backing) else {
+        return Ok(true);
+    };
     let dir = match nix::fcntl::open(
         &store,
         nix::fcntl::OFlag::O_RDONLY

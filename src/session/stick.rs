@@ -18,12 +18,14 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 
 use super::mounts;
+use crate::meta::layout::StoreLayout;
 use crate::stick::discover::{self, Candidate};
 use crate::stick::layout::find_pershome_dir;
 use crate::stick::mount::{mount_stick, unmount_within};
 use crate::sysconfig::SystemConfig;
 
-/// The file in the store that names the stick's owner, written by the hook at first use.
+/// The file in the store that names the stick's owner, written by the hook at first use (on
+/// a long-name stick; an 8.3 stick's is `StoreLayout::owner_mark`, `OWNER.TXT`).
 pub const OWNER_MARK: &str = "owner-name";
 
 /// Where to look for the stick.
@@ -67,14 +69,24 @@ pub enum Missing {
 /// Opens `backing`'s store directory without following a symlink: `Ok(None)` when there is
 /// none, `Err` when it is anything but a real directory (a symlink planted on an sshfs or ext4
 /// "stick" would otherwise make root read or write wherever it points).
-fn open_store_dir(backing: &Path) -> std::io::Result<Option<std::fs::File>> {
+/// The store is that of either layout (`meta::layout`); the mark's name follows it.
+fn open_store_dir(backing: &Path) -> std::io::Result<Option<(std::fs::File, StoreLayout)>> {
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::OpenOptionsExt;
+    let found = crate::meta::layout::detect_path(backing)?;
+    let Some(layout) = found.layout() else {
+        return Ok(None);
+    };
+    let name = match (layout, found.short) {
+        (StoreLayout::Short83, Some(listed)) => std::ffi::OsStr::from_bytes(&listed).to_owned(),
+        _ => layout.store_dir().into(),
+    };
     match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-        .open(backing.join(crate::meta::STORE_DIR))
+        .open(backing.join(name))
     {
-        Ok(dir) => Ok(Some(dir)),
+        Ok(dir) => Ok(Some((dir, layout))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -85,17 +97,28 @@ fn open_store_dir(backing: &Path) -> std::io::Result<Option<std::fs::File>> {
 /// unreadable counts as "marked for somebody else" (`Some("")`), which refuses rather than
 /// guesses.
 pub fn read_owner_mark(backing: &Path) -> Option<String> {
-    let dir = match open_store_dir(backing) {
-        Ok(Some(dir)) => dir,
+    let (dir, layout) = match open_store_dir(backing) {
+        Ok(Some(found)) => found,
         Ok(None) => return None,
         Err(_) => return Some(String::new()),
     };
-    let fd = match openat(
-        Some(dir.as_raw_fd()),
-        OWNER_MARK,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-        Mode::empty(),
-    ) {
+    let open = |name: &str| {
+        openat(
+            Some(dir.as_raw_fd()),
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+            Mode::empty(),
+        )
+    };
+    let mark = layout.owner_mark();
+    let opened = match open(mark) {
+        // A `msdos` stick copied to a case-sensitive file system keeps its listing's case.
+        Err(nix::errno::Errno::ENOENT) if layout == StoreLayout::Short83 => {
+            open(&mark.to_ascii_lowercase())
+        }
+        other => other,
+    };
+    let fd = match opened {
         Ok(fd) => fd,
         Err(nix::errno::Errno::ENOENT) => return None,
         Err(_) => return Some(String::new()),
@@ -119,11 +142,11 @@ pub fn read_owner_mark(backing: &Path) -> Option<String> {
 /// with several sticks plugged in the hook picks this one. Failures are only logged.
 pub fn write_owner_mark(backing: &Path, user: &str) {
     let result = (|| -> std::io::Result<()> {
-        let dir = open_store_dir(backing)?
+        let (dir, layout) = open_store_dir(backing)?
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
         let fd = openat(
             Some(dir.as_raw_fd()),
-            OWNER_MARK,
+            layout.owner_mark(),
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         )?;

@@ -28,7 +28,6 @@ use nix::errno::Errno;
 use nix::sys::stat::{Mode, SFlag};
 use sha2::{Digest, Sha256};
 
-use crate::meta::STORE_DIR;
 use crate::stick::layout::find_pershome_dir;
 use crate::stick::mountinfo::{self, PERSHOMEFS_TYPE};
 
@@ -351,11 +350,13 @@ fn resolve_dest(
             t.display()
         )));
     }
-    let backing = if t.join(STORE_DIR).is_dir() {
+    let has_store =
+        |dir: &Path| crate::meta::layout::find_store(dir).is_some_and(|(store, _)| store.is_dir());
+    let backing = if has_store(&t) {
         t
     } else {
         match find_pershome_dir(&t).map_err(|e| MigrateError::Target(format!("{e:#}")))? {
-            Some(b) if b.join(STORE_DIR).is_dir() => b,
+            Some(b) if has_store(&b) => b,
             _ => {
                 return Err(MigrateError::Target(format!(
                     "{} is not a prepared stick or a mounted pershome home; prepare the stick \

@@ -15,7 +15,7 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::Mode;
 
 use crate::meta::journal::{Journal, OpenMode, StoreError};
-use crate::meta::STORE_DIR;
+use crate::meta::layout::{self, StoreLayout};
 use crate::stick::discover::{self, Stick};
 use crate::stick::layout::{find_pershome_dir, is_pershome_name, PERSHOME_DIR};
 use crate::stick::mount::TempMount;
@@ -132,6 +132,9 @@ pub struct PrepareOptions {
     /// Allow a directory on any filesystem (a plain directory, an sshfs mount of the thin
     /// client's stick, tests), not only FAT/exFAT.
     pub any_fs: bool,
+    /// The naming mode of a new store (`--names 8.3`: the 8.3 layout, `meta::layout`). A stick
+    /// already prepared keeps its own.
+    pub names: crate::names::NameMode,
 }
 
 fn target_err(msg: impl Into<String>) -> PrepareError {
@@ -313,19 +316,23 @@ pub fn prepare_dir(dir: &Path, opts: PrepareOptions) -> Result<Prepared, Prepare
 
     // Look before writing: an existing store (even one a mount holds right now) means the
     // stick is prepared, and prepare writes nothing.
+    let found = layout::detect(backing_fd.as_fd())
+        .map_err(|e| PrepareError::Failed(anyhow::anyhow!("listing {}: {e}", backing.display())))?;
+    let existing_layout = found.layout();
+    let seen_layout = existing_layout.unwrap_or(StoreLayout::Long);
     let store_err = |e: StoreError| match e {
         StoreError::Io { .. } => PrepareError::Failed(anyhow::anyhow!(
-            "the metadata store in {}/{STORE_DIR}: {e}",
+            "the metadata store in {}: {e}",
             backing.display()
         )),
         e => PrepareError::Store(format!(
-            "the metadata store in {}/{STORE_DIR} cannot be used: {e}; run: pershome fsck {}",
+            "the metadata store in {} cannot be used: {e}; run: pershome fsck {}",
             backing.display(),
             backing.display()
         )),
     };
-    let (_, seen) =
-        Journal::open(backing_fd.as_fd(), OpenMode::ReadOnlyUnlocked).map_err(store_err)?;
+    let (_, seen) = Journal::open_in(backing_fd.as_fd(), OpenMode::ReadOnlyUnlocked, seen_layout)
+        .map_err(store_err)?;
     if seen.generation > 0 {
         return Ok(Prepared::Already {
             backing,
@@ -336,12 +343,34 @@ pub fn prepare_dir(dir: &Path, opts: PrepareOptions) -> Result<Prepared, Prepare
     let entries = std::fs::read_dir(&backing)
         .map(|rd| {
             rd.filter_map(Result::ok)
-                .filter(|e| e.file_name() != STORE_DIR)
+                .filter(|e| {
+                    use std::os::unix::ffi::OsStrExt;
+                    let name = e.file_name();
+                    !StoreLayout::Long.is_store_dir(name.as_bytes())
+                        && !StoreLayout::Short83.is_store_dir(name.as_bytes())
+                })
                 .count()
         })
         .unwrap_or(0);
+    let new_layout = StoreLayout::for_names(opts.names);
+    if existing_layout == Some(StoreLayout::Long) && new_layout == StoreLayout::Short83 {
+        // An empty long store directory (an interrupted first open): nothing is recorded
+        // in it, so the mode asked for now is still free; rmdir refuses anything non-empty.
+        nix::unistd::unlinkat(
+            Some(fd_raw(&backing_fd)),
+            StoreLayout::Long.store_dir(),
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        )
+        .map_err(|e| {
+            PrepareError::Failed(anyhow::anyhow!(
+                "removing the empty {}/{}: {e}",
+                backing.display(),
+                StoreLayout::Long.store_dir()
+            ))
+        })?;
+    }
     let (journal, rec) =
-        Journal::open(backing_fd.as_fd(), OpenMode::ReadWrite).map_err(store_err)?;
+        Journal::open_in(backing_fd.as_fd(), OpenMode::ReadWrite, new_layout).map_err(store_err)?;
     drop(journal);
     if !rec.created {
         // Another prepare (or a mount) won the race; the stick is prepared all the same.

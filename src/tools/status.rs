@@ -16,7 +16,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 
 use crate::meta::journal::{Journal, OpenMode};
-use crate::meta::STORE_DIR;
+use crate::meta::layout::{find_store, StoreFile, StoreLayout};
+
+/// Whether `dir` holds a store directory of either layout.
+fn has_store(dir: &Path) -> bool {
+    find_store(dir).is_some_and(|(store, _)| store.is_dir())
+}
 use crate::stick::discover;
 use crate::stick::layout::{find_pershome_dir, is_pershome_name};
 use crate::stick::mountinfo::{self, MountEntry, PERSHOMEFS_TYPE};
@@ -97,7 +102,7 @@ impl BackingStatus {
 /// (the default `fsname`), else the daemon's command line (`pershomefs BACKING MOUNTPOINT`).
 fn backing_of_mount(m: &MountEntry) -> Option<PathBuf> {
     let src = Path::new(&m.source);
-    if src.is_absolute() && src.join(STORE_DIR).is_dir() {
+    if src.is_absolute() && has_store(src) {
         return Some(src.to_path_buf());
     }
     let want = m.mountpoint.as_os_str().as_bytes();
@@ -152,13 +157,26 @@ pub fn store_state(backing: &Path) -> std::result::Result<StoreState, String> {
     .map_err(|e| format!("opening {}: {e}", backing.display()))?;
     // SAFETY: open just returned this descriptor; nobody else owns it.
     let dir = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dir) };
-    let (_, rec) = Journal::open(std::os::fd::AsFd::as_fd(&dir), OpenMode::ReadOnlyUnlocked)
-        .map_err(|e| e.to_string())?;
-    let journal = backing
-        .join(STORE_DIR)
-        .join(format!("journal.{:016x}", rec.generation));
-    let last_commit = std::fs::symlink_metadata(journal)
+    let (store, layout) = find_store(backing).unwrap_or_else(|| {
+        (
+            backing.join(StoreLayout::Long.store_dir()),
+            StoreLayout::Long,
+        )
+    });
+    let (_, rec) = Journal::open_in(
+        std::os::fd::AsFd::as_fd(&dir),
+        OpenMode::ReadOnlyUnlocked,
+        layout,
+    )
+    .map_err(|e| e.to_string())?;
+    let journal = layout
+        .store_file(StoreFile::Journal, rec.generation)
+        .map(|name| store.join(name));
+    // On a `msdos` mount the name is found in any case; elsewhere a lower-cased copy of an
+    // 8.3 stick shows no commit time, which is all that is lost.
+    let last_commit = journal
         .ok()
+        .and_then(|j| std::fs::symlink_metadata(j).ok())
         .filter(|m| m.is_file())
         .and_then(|m| m.modified().ok());
     Ok(StoreState {
@@ -170,7 +188,10 @@ pub fn store_state(backing: &Path) -> std::result::Result<StoreState, String> {
 
 /// Whether some process holds the store's exclusive lock (a mount, or its daemon finishing).
 pub fn writer_active(backing: &Path) -> bool {
-    let Ok(dir) = std::fs::File::open(backing.join(STORE_DIR)) else {
+    let Some((store, _)) = find_store(backing) else {
+        return false;
+    };
+    let Ok(dir) = std::fs::File::open(store) else {
         return false;
     };
     // SAFETY: flock on a descriptor we own; a lock taken is dropped with the file at once.
@@ -211,7 +232,7 @@ fn backing_of_target(mounts: &[MountEntry], target: &Path) -> Result<PathBuf> {
             )
         });
     }
-    if t.join(STORE_DIR).is_dir() || t.file_name().is_some_and(is_pershome_name) {
+    if has_store(&t) || t.file_name().is_some_and(is_pershome_name) {
         return Ok(t);
     }
     match find_pershome_dir(&t)? {
