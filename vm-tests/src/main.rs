@@ -259,7 +259,7 @@ fn stage_share(share: &Path) -> Result<()> {
     if stale.exists() {
         std::fs::remove_dir_all(&stale).with_context(|| format!("removing {}", stale.display()))?;
     }
-    let mut tools: Vec<PathBuf> = ["vm-guest-agent", "vm-pam-login", "xtask"]
+    let mut tools: Vec<PathBuf> = ["vm-guest-agent", "vm-pam-login", "vm-tty-login", "xtask"]
         .iter()
         .map(|name| built.join(name))
         .collect();

@@ -2,11 +2,13 @@
 //! pam_unix with joseph's password, then the session stack with pam_exec running
 //! `pershome-config session`). The image has the project's package installed and configured
 //! as the admin guide says (`pershome-config add-user joseph`, `pershome-config pam --install`,
-//! see `image.rs`); each machine only sets joseph's uid and password. Two login programs:
+//! see `image.rs`); each machine only sets joseph's uid and password. Three login programs:
 //! Debian's `pamtester` (password on stdin, authenticate, open and close the session: a whole
-//! login and logout with the hook's messages) and `vm-pam-login`, which does the same and in
-//! between runs the scenario's commands as joseph in his home, reporting every message PAM
-//! sent to the person.
+//! login and logout with the hook's messages), Debian's own `login(1)` on a pseudo-terminal
+//! driven by `vm-tty-login` (the password typed at its prompt, a command in the login shell,
+//! `exit`: what a person at a text console sees), and `vm-pam-login`, which runs the
+//! scenario's commands as joseph in his session, reporting every message PAM sent to the
+//! person.
 //!
 //! 1. The student's day: machine A (joseph is uid 1000) writes a report and a project with
 //!    names FAT forbids, `Makefile` beside `makefile`, a symlink, a hard link, a fifo, an
@@ -117,11 +119,32 @@ fn pamtester_login(vm: &mut Vm) -> Result<String> {
     Ok(out.response.stdout)
 }
 
-/// `shown` (a login program's output) must contain `needle`.
-fn expect_shown(vm: &mut Vm, shown: &str, needle: &str) -> Result<()> {
+/// joseph at a text console: Debian's login(1) on a pty (`vm-tty-login`), `script` run in his
+/// login shell, then `exit`. Returns what the terminal showed.
+fn tty_login(vm: &mut Vm, script: &str) -> Result<String> {
+    let out = vm.run(
+        &format!(
+            "VM_PAM_PASSWORD={} vm-tty-login joseph -- {} 2>&1",
+            shq(PASSWORD),
+            shq(script)
+        ),
+        Duration::from_secs(300),
+    )?;
+    if !out.ok() {
+        bail!(
+            "login(1) on a pty as joseph: {}\n--- the hook's log:\n{}",
+            out.describe(),
+            hook_log(vm)
+        );
+    }
+    Ok(out.response.stdout)
+}
+
+/// `shown` (what `program` showed the person) must contain `needle`.
+fn expect_shown(vm: &mut Vm, program: &str, shown: &str, needle: &str) -> Result<()> {
     if !shown.contains(needle) {
         bail!(
-            "expected pamtester's login to show the user {needle:?}; it showed:\n{shown}\n--- the hook's log:\n{}",
+            "expected {program} to show the user {needle:?}; it showed:\n{shown}\n--- the hook's log:\n{}",
             hook_log(vm)
         );
     }
@@ -220,8 +243,12 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     guest::wait_for_stick(&mut vm)?;
     setup_machine(&mut vm, UID_A, &hash)?;
     let shown = pamtester_login(&mut vm)?;
-    expect_shown(&mut vm, &shown, "your home folder is on your stick")?;
-    expect_shown(&mut vm, &shown, "you can remove your stick now")?;
+    for needle in [
+        "your home folder is on your stick",
+        "you can remove your stick now",
+    ] {
+        expect_shown(&mut vm, "pamtester", &shown, needle)?;
+    }
     expect_logged_out(&mut vm)?;
     ctx.note(
         "machine A: pamtester login + logout (login service): the hook mounted and unmounted"
@@ -281,6 +308,24 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     let mut vm = ctx.boot("machine-b", ctx.kernel, Some(&image))?;
     guest::wait_for_stick(&mut vm)?;
     setup_machine(&mut vm, UID_B, &hash)?;
+    // At a text console first: login(1) itself, the messages on the terminal.
+    let shown = tty_login(
+        &mut vm,
+        "findmnt -n -o FSTYPE --target \"$HOME\"; head -n 1 \"$HOME/report.txt\"",
+    )?;
+    for needle in [
+        "your home folder is on your stick",
+        "fuse.pershomefs",
+        REPORT_A.trim_end(),
+        "you can remove your stick now",
+    ] {
+        expect_shown(&mut vm, "login(1) on a pty", &shown, needle)?;
+    }
+    expect_logged_out(&mut vm)?;
+    ctx.note(
+        "machine B: login(1) on a pty, password typed: the hook's messages on the terminal, home is pershomefs with the report"
+            .to_owned(),
+    );
     let edit = format!("printf {} >> \"$HOME/report.txt\"", shq(REPORT_EDIT));
     let windows_check = if windows {
         "cd \"$HOME\"\n\
@@ -361,6 +406,7 @@ pub fn run_fallback(ctx: &mut Ctx) -> Result<()> {
     let shown = pamtester_login(&mut vm)?;
     expect_shown(
         &mut vm,
+        "pamtester",
         &shown,
         "no USB stick with a pershome folder was found",
     )?;
