@@ -1,12 +1,15 @@
 //! The guest image: a Debian 12 thin client built with mmdebstrap (no loop devices, no host
 //! mounts), with Debian 12's 6.1 kernel and bookworm-backports' 6.12 kernel side by side, so
 //! one root filesystem serves the kernel matrix. Cached under `target/vm/image-HASH/`, where
-//! HASH covers every input of the build (package list, hooks, apt sources, and the project's
-//! .deb when there is one): a changed input builds a new image, an unchanged one is reused.
+//! HASH covers every input of the build (package list, hooks, apt sources, and the SHA-256 of
+//! the project's `.deb`): a changed input builds a new image, an unchanged one is reused.
 //!
-//! This module owns the recipe and the cache. The project's binaries are not in the image:
-//! the guest agent installs them from the 9p share at boot, so a rebuild of pershome does not
-//! rebuild the image. It never writes outside `target/vm/`.
+//! The project is in the image the way an LTSP administrator puts it into a thin-client image:
+//! `apt-get install ./pershome_*.deb` (so its Depends resolve from the mirror), then
+//! `pershome-config add-user joseph` and `pershome-config pam --install` in the chroot. Only
+//! test tools (the agent, the login driver, pjdfstest, fsx, xtask) come over 9p at boot.
+//!
+//! This module owns the recipe and the cache. It never writes outside `target/vm/`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -18,7 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::util;
 
 /// Bump to force a rebuild when something the hash cannot see changes.
-const RECIPE_VERSION: &str = "2";
+const RECIPE_VERSION: &str = "3";
 
 /// The kernels in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,7 +54,8 @@ impl Kernel {
 }
 
 /// Packages beyond minbase: systemd and udev (stick discovery, logind), the PAM pieces the
-/// login scenarios use, FUSE, and the FAT/exFAT tools (pam_mount and our checks run fsck).
+/// login scenarios use, and the FAT/exFAT tools (pam_mount and our checks run fsck). fuse3 is
+/// not listed: it comes in as a dependency of the project's package.
 const PACKAGES: &[&str] = &[
     "systemd-sysv",
     "udev",
@@ -62,7 +66,6 @@ const PACKAGES: &[&str] = &[
     "linux-image-amd64",
     "libpam-mount",
     "libpam-mount-bin",
-    "fuse3",
     "pamtester",
     "dosfstools",
     "exfatprogs",
@@ -100,10 +103,9 @@ const MODULE_EXCLUDES: &[&str] = &[
     "net/mac80211",
 ];
 
-/// The systemd unit that starts the agent: it installs the project's binaries from the share
-/// where the Debian package puts them (`/usr/bin`: the PAM profile names
-/// `/usr/bin/pershome-config`), the test tools in `/usr/local/bin`, and serves the results
-/// channel on ttyS1.
+/// The systemd unit that starts the agent: it installs the test tools from the share into
+/// `/usr/local/bin` (never the project's binaries: those are the package's, in `/usr/bin`)
+/// and serves the results channel on ttyS1.
 const AGENT_UNIT: &str = "\
 [Unit]
 Description=pershome VM test agent (results channel on ttyS1)
@@ -112,7 +114,7 @@ After=systemd-udevd.service
 
 [Service]
 Type=simple
-ExecStartPre=/bin/sh -c 'install -m 0755 /host/bin/* /usr/bin/ && install -m 0755 /host/tools/* /usr/local/bin/'
+ExecStartPre=/bin/sh -c 'install -m 0755 /host/tools/* /usr/local/bin/'
 ExecStart=/usr/local/bin/vm-guest-agent /dev/ttyS1
 StandardOutput=journal+console
 StandardError=journal+console
@@ -122,7 +124,8 @@ WantedBy=multi-user.target
 ";
 
 /// Runs on the host as root after the packages are in (`mmdebstrap --customize-hook`), with
-/// the root directory as $1. Nothing here comes from a user.
+/// the root directory as $1, the agent unit as $2 and the project's `.deb` as $3. Nothing here
+/// comes from a user.
 const CUSTOMIZE: &str = r#"set -eu
 R="$1"
 # The second kernel, for the matrix; the first (6.1) stays installed beside it.
@@ -131,6 +134,16 @@ chroot "$R" apt-get install -y --no-install-recommends -t bookworm-backports lin
 chroot "$R" useradd --create-home --uid 1000 --user-group --shell /bin/bash joseph
 chroot "$R" groupadd tests
 chroot "$R" useradd --gid tests --no-create-home --shell /usr/sbin/nologin tests
+# The project, as an administrator installs it (docs/install.md): apt resolves its Depends
+# (fuse3, libpam-modules) from the mirror; recommends (zenity, hence GTK) stay out of a VM
+# without a desktop. Then the admin guide's steps: choose the user, enable the PAM hook.
+deb="$(basename "$3")"
+cp "$3" "$R/tmp/$deb"
+chroot "$R" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "/tmp/$deb"
+rm "$R/tmp/$deb"
+chroot "$R" pershome-config add-user joseph
+chroot "$R" pershome-config pam --install
+grep -q 'pam_exec.so.*pershome-config session' "$R/etc/pam.d/common-session"
 echo user_allow_other >> "$R/etc/fuse.conf"
 echo pershome-vm > "$R/etc/hostname"
 mkdir -p "$R/host" "$R/media/stick"
@@ -210,6 +223,7 @@ fn mmdebstrap_args(
     sources_file: &Path,
     customize: &Path,
     unit_file: &Path,
+    deb: &Path,
     root: &Path,
 ) -> Vec<String> {
     let mut args = vec![
@@ -227,9 +241,10 @@ fn mmdebstrap_args(
     }
     args.push(format!("--setup-hook={SETUP}"));
     args.push(format!(
-        "--customize-hook=sh {} \"$1\" {}",
+        "--customize-hook=sh {} \"$1\" {} {}",
         customize.display(),
-        unit_file.display()
+        unit_file.display(),
+        deb.display()
     ));
     args.push("bookworm".to_owned());
     args.push(root.display().to_string());
@@ -237,12 +252,13 @@ fn mmdebstrap_args(
     args
 }
 
-/// The hash of everything the build reads.
-fn recipe_hash(sources: &str) -> String {
+/// The hash of everything the build reads; `deb_digest` is the package's own SHA-256 (cargo-deb
+/// builds it reproducibly, so an unchanged project keeps its image).
+fn recipe_hash(sources: &str, deb_digest: &str) -> String {
     let mut text = String::new();
     let _ = write!(
         text,
-        "{RECIPE_VERSION}\n{PACKAGES:?}\n{EXCLUDES:?}\n{MODULE_EXCLUDES:?}\n{AGENT_UNIT}\n{CUSTOMIZE}\n{SETUP}\n{sources}"
+        "{RECIPE_VERSION}\n{PACKAGES:?}\n{EXCLUDES:?}\n{MODULE_EXCLUDES:?}\n{AGENT_UNIT}\n{CUSTOMIZE}\n{SETUP}\n{sources}\n{deb_digest}"
     );
     let digest = Sha256::digest(text.as_bytes());
     digest.iter().take(8).fold(String::new(), |mut s, b| {
@@ -251,11 +267,24 @@ fn recipe_hash(sources: &str) -> String {
     })
 }
 
-/// The cached image for the current recipe, built first if needed (about 2 minutes).
-pub fn ensure() -> Result<GuestImage> {
+/// SHA-256 of a file, in hex.
+fn file_digest(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .fold(String::new(), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        }))
+}
+
+/// The cached image for the current recipe and package `deb`, built first if needed (about
+/// 2 minutes).
+pub fn ensure(deb: &Path) -> Result<GuestImage> {
     let vm_dir = util::vm_dir();
     let sources = apt_sources();
-    let hash = recipe_hash(&sources);
+    let deb_digest = file_digest(deb)?;
+    let hash = recipe_hash(&sources, &deb_digest);
     let dir = vm_dir.join(format!("image-{hash}"));
     let image = GuestImage { dir: dir.clone() };
     if dir.join("complete").exists() {
@@ -273,6 +302,10 @@ pub fn ensure() -> Result<GuestImage> {
     std::fs::write(&sources_file, &sources).context("writing the apt sources")?;
     let unit_file = work.join("pershome-vm-agent.service");
     std::fs::write(&unit_file, AGENT_UNIT).context("writing the agent unit")?;
+    let deb_name = deb.file_name().context("the .deb path has no file name")?;
+    let deb_copy = work.join(deb_name);
+    std::fs::copy(deb, &deb_copy)
+        .with_context(|| format!("copying {} to {}", deb.display(), deb_copy.display()))?;
     let customize = work.join("customize.sh");
     std::fs::write(&customize, CUSTOMIZE).context("writing the customize hook")?;
     let root = work.join("root");
@@ -282,6 +315,7 @@ pub fn ensure() -> Result<GuestImage> {
         &sources_file,
         &customize,
         &unit_file,
+        &deb_copy,
         &root,
     ));
     util::run_logged(command, "mmdebstrap", &log)?;
@@ -304,6 +338,7 @@ pub fn ensure() -> Result<GuestImage> {
         .arg("2G");
     util::run_logged(mkfs, "mkfs.ext4 -d", &work.join("mkfs.log"))?;
     std::fs::remove_dir_all(&root).with_context(|| format!("removing {}", root.display()))?;
+    std::fs::remove_file(&deb_copy).with_context(|| format!("removing {}", deb_copy.display()))?;
     // Older images are dead weight (about 1 GB each).
     if let Ok(entries) = std::fs::read_dir(&vm_dir) {
         for entry in entries.flatten() {

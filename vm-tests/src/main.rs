@@ -1,5 +1,5 @@
 //! `cargo vm-test`: pershome end to end in QEMU: a Debian 12 thin client, a FAT32 or exFAT
-//! USB stick that can be pulled, the project's binaries, the real kernel drivers.
+//! USB stick that can be pulled, the project's Debian package, the real kernel drivers.
 //!
 //! This file owns the command line, the scenario list and the PASS/FAIL report. Every
 //! scenario gets a fresh run directory under `target/vm/runs/`; on failure the report shows
@@ -52,7 +52,7 @@ pub struct Ctx {
     pub kernel: Kernel,
     /// This scenario's run directory (sticks, sockets, logs).
     pub run_dir: PathBuf,
-    /// The 9p share: `bin/` (installed in the guest at boot) and `results/`.
+    /// The 9p share: `tools/` (test tools, installed in the guest at boot) and `results/`.
     pub share: PathBuf,
     /// Console logs of the guests this scenario booted, for the failure report.
     pub consoles: Vec<PathBuf>,
@@ -110,7 +110,8 @@ fn run() -> Result<bool> {
     deps::check()?;
     let started = Instant::now();
     build_binaries(&sh)?;
-    let image = image::ensure()?;
+    let deb = build_deb(&sh)?;
+    let image = image::ensure(&deb)?;
     let share = util::vm_dir().join("share");
     stage_share(&share)?;
 
@@ -203,15 +204,42 @@ fn select(names: &[String]) -> Result<Vec<&'static scenarios::Scenario>> {
         .collect()
 }
 
-/// Build what goes into the guest, in the harness's own profile.
+/// Build the test tools that go into the guest, in the harness's own profile.
 fn build_binaries(sh: &Shell) -> Result<()> {
-    util::banner("building pershome, the guest-side binaries and xtask");
-    cmd!(
-        sh,
-        "cargo build --quiet -p pershome -p vm-tests -p xtask --bins"
-    )
-    .run()
-    .context("cargo build of the binaries the guest runs")
+    util::banner("building the guest-side test tools and xtask");
+    cmd!(sh, "cargo build --quiet -p vm-tests -p xtask --bins")
+        .run()
+        .context("cargo build of the test tools the guest runs")
+}
+
+/// The project's Debian package, as `cargo xtask deb` builds it (release build, cargo-deb).
+/// Cargo and cargo-deb do the freshness check: an unchanged tree rebuilds nothing and gives a
+/// byte-identical package (about 15 s), so the image cache keyed on its hash stays valid.
+fn build_deb(sh: &Shell) -> Result<PathBuf> {
+    util::banner("building the Debian package (cargo xtask deb)");
+    cmd!(sh, "cargo xtask deb")
+        .run()
+        .context("cargo xtask deb (the package the guest image installs)")?;
+    let dir = util::target_dir().join("debian");
+    let mut debs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("pershome_") && name.ends_with(".deb")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    // A version bump leaves the old package beside the new one: take the newest.
+    debs.sort();
+    let (_, deb) = debs.pop().with_context(|| {
+        format!(
+            "cargo xtask deb left no pershome_*.deb in {}",
+            dir.display()
+        )
+    })?;
+    eprintln!("the guest image installs {}", deb.display());
+    Ok(deb)
 }
 
 /// The directory of the running harness binary: the same profile's other binaries are there.
@@ -222,37 +250,36 @@ fn bin_dir() -> Result<PathBuf> {
         .context("the harness binary has no directory")
 }
 
-/// Fill the share: `bin/` with the project's binaries (installed in /usr/bin at boot, where
-/// the package puts them) and `tools/` with the test tools (installed in /usr/local/bin).
+/// Fill the share's `tools/` with the test tools (installed in /usr/local/bin at boot). The
+/// project's own binaries are not shared: the guest runs the ones its package installed.
 fn stage_share(share: &Path) -> Result<()> {
     let built = bin_dir()?;
-    let project: Vec<PathBuf> = ["pershomefs", "pershome", "pershome-config"]
-        .iter()
-        .map(|name| built.join(name))
-        .collect();
-    let mut tools: Vec<PathBuf> = ["vm-guest-agent", "vm-pam-login", "xtask"]
+    // Left by older versions of the suite, which shared the project's binaries.
+    let stale = share.join("bin");
+    if stale.exists() {
+        std::fs::remove_dir_all(&stale).with_context(|| format!("removing {}", stale.display()))?;
+    }
+    let mut tools: Vec<PathBuf> = ["vm-guest-agent", "vm-pam-login", "vm-tty-login", "xtask"]
         .iter()
         .map(|name| built.join(name))
         .collect();
     tools.push(deps::cargo_tool("pjdfstest"));
     tools.push(deps::cargo_tool("fsx"));
-    for (dir, files) in [("bin", project), ("tools", tools)] {
-        let dir = share.join(dir);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    let dir = share.join("tools");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for file in tools {
+        if !file.is_file() {
+            bail!(
+                "{} is missing (the build above should have made it)",
+                file.display()
+            );
         }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        for file in files {
-            if !file.is_file() {
-                bail!(
-                    "{} is missing (the build above should have made it)",
-                    file.display()
-                );
-            }
-            let name = file.file_name().context("binary name")?;
-            std::fs::copy(&file, dir.join(name))
-                .with_context(|| format!("copying {} into the share", file.display()))?;
-        }
+        let name = file.file_name().context("binary name")?;
+        std::fs::copy(&file, dir.join(name))
+            .with_context(|| format!("copying {} into the share", file.display()))?;
     }
     Ok(())
 }

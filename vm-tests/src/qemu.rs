@@ -1,5 +1,5 @@
 //! One QEMU guest: a Debian thin client booted from the cached image with the USB stick on an
-//! xHCI controller, a 9p share for binaries and results, the console on ttyS0 (to a log file),
+//! xHCI controller, a 9p share for test tools and results, the console on ttyS0 (to a log file),
 //! the results channel on ttyS1 and QMP, following `/work/shared/testing.md`.
 //!
 //! This module owns the QEMU process and its sockets. Architecture Invariant: no QEMU process
@@ -34,8 +34,8 @@ pub struct VmConfig<'a> {
     pub kernel: Kernel,
     /// The stick image (raw), plugged at boot when present.
     pub stick: Option<&'a Path>,
-    /// The directory shared read-write as 9p tag `host` (`/host` in the guest): `bin/` holds
-    /// the binaries the agent installs at boot, `results/` what the guest leaves for the host.
+    /// The directory shared read-write as 9p tag `host` (`/host` in the guest): `tools/` holds
+    /// the test tools the agent installs at boot (never the project's own binaries), `results/` what the guest leaves for the host.
     pub share: &'a Path,
     /// Where the sockets and logs go.
     pub run_dir: &'a Path,

@@ -25,7 +25,7 @@ const HOST_PASSED: u32 = 375;
 const STICK_MIB: u64 = 4096;
 
 /// fsx operations in the guest: TCG runs it about 20 times slower than the host.
-const FSX_OPS: u64 = 5_000;
+const FSX_OPS: u64 = 50_000;
 const FSX_SEED: u64 = 6_006;
 
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -1,9 +1,14 @@
 //! Scenarios 1, 2 and 4: logins through the guest's real PAM stack (`login` service:
 //! pam_unix with joseph's password, then the session stack with pam_exec running
-//! `pershome-config session`, set up by `pershome-config pam --install` as an administrator
-//! would). `vm-pam-login` plays the login program: it authenticates, opens the session, runs
-//! the scenario's commands as joseph in his home, closes the session, and reports every
-//! message PAM sent to the person.
+//! `pershome-config session`). The image has the project's package installed and configured
+//! as the admin guide says (`pershome-config add-user joseph`, `pershome-config pam --install`,
+//! see `image.rs`); each machine only sets joseph's uid and password. Three login programs:
+//! Debian's `pamtester` (password on stdin, authenticate, open and close the session: a whole
+//! login and logout with the hook's messages), Debian's own `login(1)` on a pseudo-terminal
+//! driven by `vm-tty-login` (the password typed at its prompt, a command in the login shell,
+//! `exit`: what a person at a text console sees), and `vm-pam-login`, which runs the
+//! scenario's commands as joseph in his session, reporting every message PAM sent to the
+//! person.
 //!
 //! 1. The student's day: machine A (joseph is uid 1000) writes a report and a project with
 //!    names FAT forbids, `Makefile` beside `makefile`, a symlink, a hard link, a fifo, an
@@ -66,7 +71,9 @@ getfattr --only-values -n user.colour report.txt; echo
 project/run.sh
 "#;
 
-/// Boot-time set-up of a machine, as its administrator does it.
+/// Boot-time set-up of a machine: joseph's uid (machine B's account database differs) and
+/// password. The pershome set-up itself is the image's (the package, `add-user`,
+/// `pam --install`); it is checked here as an administrator would, with `list` and `doctor`.
 fn setup_machine(vm: &mut Vm, uid: u32, hash: &str) -> Result<()> {
     let mut script = String::from("set -e\n");
     if uid != UID_A {
@@ -75,17 +82,70 @@ fn setup_machine(vm: &mut Vm, uid: u32, hash: &str) -> Result<()> {
             "usermod -u {uid} joseph\ngroupmod -g {uid} joseph\n"
         ));
     }
-    script.push_str(&format!(
-        "usermod -p {} joseph\npershome-config add-user joseph\npershome-config pam --install\n",
-        shq(hash)
-    ));
+    script.push_str(&format!("usermod -p {} joseph\n", shq(hash)));
     vm.ok(&script, Duration::from_secs(120))
-        .context("setting up the machine (user, pershome-config add-user, pam --install)")?;
+        .context("setting up the machine (joseph's uid and password)")?;
+    let listed = vm.ok("pershome-config list", guest::SHORT)?;
+    if !listed.lines().any(|l| l.trim() == "joseph") {
+        bail!("expected `pershome-config list` in the image to list joseph, got:\n{listed}");
+    }
     let doctor = vm.run("pershome-config doctor 2>&1", guest::SHORT)?;
     if !doctor.ok() {
         bail!(
-            "pershome-config doctor is not happy after the set-up: {}",
+            "pershome-config doctor is not happy with the image's set-up: {}",
             doctor.describe()
+        );
+    }
+    Ok(())
+}
+
+/// A whole login and logout with Debian's pamtester (the password on its stdin: printf is a
+/// shell builtin, so it never shows in `ps`). Returns what the person was shown.
+fn pamtester_login(vm: &mut Vm) -> Result<String> {
+    let out = vm.run(
+        &format!(
+            "printf '%s\\n' {} | pamtester -v login joseph authenticate acct_mgmt open_session close_session 2>&1",
+            shq(PASSWORD)
+        ),
+        Duration::from_secs(300),
+    )?;
+    if !out.ok() {
+        bail!(
+            "pamtester login joseph (authenticate, open and close the session): {}\n--- the hook's log:\n{}",
+            out.describe(),
+            hook_log(vm)
+        );
+    }
+    Ok(out.response.stdout)
+}
+
+/// joseph at a text console: Debian's login(1) on a pty (`vm-tty-login`), `script` run in his
+/// login shell, then `exit`. Returns what the terminal showed.
+fn tty_login(vm: &mut Vm, script: &str) -> Result<String> {
+    let out = vm.run(
+        &format!(
+            "VM_PAM_PASSWORD={} vm-tty-login joseph -- {} 2>&1",
+            shq(PASSWORD),
+            shq(script)
+        ),
+        Duration::from_secs(300),
+    )?;
+    if !out.ok() {
+        bail!(
+            "login(1) on a pty as joseph: {}\n--- the hook's log:\n{}",
+            out.describe(),
+            hook_log(vm)
+        );
+    }
+    Ok(out.response.stdout)
+}
+
+/// `shown` (what `program` showed the person) must contain `needle`.
+fn expect_shown(vm: &mut Vm, program: &str, shown: &str, needle: &str) -> Result<()> {
+    if !shown.contains(needle) {
+        bail!(
+            "expected {program} to show the user {needle:?}; it showed:\n{shown}\n--- the hook's log:\n{}",
+            hook_log(vm)
         );
     }
     Ok(())
@@ -182,6 +242,18 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     let mut vm = ctx.boot("machine-a", ctx.kernel, Some(&image))?;
     guest::wait_for_stick(&mut vm)?;
     setup_machine(&mut vm, UID_A, &hash)?;
+    let shown = pamtester_login(&mut vm)?;
+    for needle in [
+        "your home folder is on your stick",
+        "you can remove your stick now",
+    ] {
+        expect_shown(&mut vm, "pamtester", &shown, needle)?;
+    }
+    expect_logged_out(&mut vm)?;
+    ctx.note(
+        "machine A: pamtester login + logout (login service): the hook mounted and unmounted"
+            .to_owned(),
+    );
     let out = login(&mut vm, &format!("{DAY_A}\n{DESCRIBE}"))?;
     if !out.ok() {
         bail!(
@@ -236,6 +308,24 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     let mut vm = ctx.boot("machine-b", ctx.kernel, Some(&image))?;
     guest::wait_for_stick(&mut vm)?;
     setup_machine(&mut vm, UID_B, &hash)?;
+    // At a text console first: login(1) itself, the messages on the terminal.
+    let shown = tty_login(
+        &mut vm,
+        "findmnt -n -o FSTYPE --target \"$HOME\"; head -n 1 \"$HOME/report.txt\"",
+    )?;
+    for needle in [
+        "your home folder is on your stick",
+        "fuse.pershomefs",
+        REPORT_A.trim_end(),
+        "you can remove your stick now",
+    ] {
+        expect_shown(&mut vm, "login(1) on a pty", &shown, needle)?;
+    }
+    expect_logged_out(&mut vm)?;
+    ctx.note(
+        "machine B: login(1) on a pty, password typed: the hook's messages on the terminal, home is pershomefs with the report"
+            .to_owned(),
+    );
     let edit = format!("printf {} >> \"$HOME/report.txt\"", shq(REPORT_EDIT));
     let windows_check = if windows {
         "cd \"$HOME\"\n\
@@ -313,6 +403,14 @@ pub fn run_fallback(ctx: &mut Ctx) -> Result<()> {
         guest::SHORT,
     )
     .context("waiting for the stick to vanish")?;
+    let shown = pamtester_login(&mut vm)?;
+    expect_shown(
+        &mut vm,
+        "pamtester",
+        &shown,
+        "no USB stick with a pershome folder was found",
+    )?;
+    ctx.note("no stick: pamtester login + logout told why".to_owned());
     let out = login(&mut vm, FALLBACK_SESSION)?;
     if !out.ok() {
         bail!(
