@@ -5,35 +5,17 @@
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use pershome::audit::assert_fat_clean;
 
 mod common;
-use common::{can_mount, daemons_serving, mounted, wait_until, Mount};
-
-struct Scratch {
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-}
+use common::{can_mount, daemons_serving, mounted, wait_until, Mount, Scratch};
 
 fn scratch() -> Scratch {
-    let dir = tempfile::Builder::new()
-        .prefix("pershome-mount")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let backing = dir.path().join("stick/pershome");
-    let mnt = dir.path().join("home");
-    std::fs::create_dir_all(&backing).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
-    Scratch {
-        _dir: dir,
-        backing,
-        mnt,
-    }
+    common::scratch("pershome-mount")
 }
 
 fn c(p: &Path) -> CString {

@@ -74,14 +74,7 @@ fn random_operations_on_a_parted_file_through_the_kernel_match_a_model() {
     if !can_mount() {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("pershome-parts-mount")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let backing = dir.path().join("stick/pershome");
-    let mnt = dir.path().join("home");
-    std::fs::create_dir_all(&backing).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
+    let common::Scratch { _dir, backing, mnt } = common::scratch("pershome-parts-mount");
     let path = mnt.join("data.bin");
     let ops = if long() { 3000 } else { 400 };
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);

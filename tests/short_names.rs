@@ -16,7 +16,7 @@ use pershome::fs::{Attr, Ctx, Errno, Fs, FsOptions, Ino, OpenError, PartsMode, R
 use pershome::names::NameMode;
 
 mod common;
-use common::{can_mount, opts, Mount};
+use common::{can_mount, opts, Mount, Scratch};
 
 const USER: Ctx = Ctx {
     uid: 1000,
@@ -665,26 +665,8 @@ fn a_store_of_the_pre_release_8_3_mode_is_refused_with_a_clear_message() {
 // Real mounts
 // ---------------------------------------------------------------------------------------------
 
-struct Scratch {
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-}
-
 fn scratch() -> Scratch {
-    let dir = tempfile::Builder::new()
-        .prefix("pershome-names83")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let backing = dir.path().join("stick/pershome");
-    let mnt = dir.path().join("home");
-    std::fs::create_dir_all(&backing).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
-    Scratch {
-        _dir: dir,
-        backing,
-        mnt,
-    }
+    common::scratch("pershome-names83")
 }
 
 /// Every path under `root` with its mode, size and content.

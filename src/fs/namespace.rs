@@ -562,20 +562,8 @@ impl Fs {
         st.dirty.remove(&ino);
         st.lazy_dirty.remove(&ino);
         self.commit_locked(st)?;
-        let store = self
-            .backing
-            .open_dir(&self.paths.store)
-            .map_err(|e| errno_of(&e))?;
-        match self
-            .backing
-            .mkdir_at(store.as_fd(), leaf(&self.paths.inodes))
-        {
-            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
-            _ => {}
-        }
         let inodes_dir = self
-            .backing
-            .open_dir(&self.paths.inodes)
+            .store_subdir(&self.paths.inodes)
             .map_err(|e| errno_of(&e))?;
         let old_dir = self.open_dir_of(st, old_parent)?;
         self.backing
@@ -998,15 +986,7 @@ impl Fs {
         if content.is_empty() {
             return self.backing.write_new_file(dirfd, name, content);
         }
-        let store = self.backing.open_dir(&self.paths.store)?;
-        match self
-            .backing
-            .mkdir_at(store.as_fd(), leaf(&self.paths.staging))
-        {
-            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
-            _ => {}
-        }
-        let staging = self.backing.open_dir(&self.paths.staging)?;
+        let staging = self.store_subdir(&self.paths.staging)?;
         let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self.layout.staged_file(std::process::id(), n).into_bytes();
         let staged = self
@@ -1021,6 +1001,17 @@ impl Fs {
             let _ = self.backing.unlink_at(staging.as_fd(), &tmp, false);
         }
         staged
+    }
+
+    /// Opens a directory of the store (`inodes/`, `staging/`, `parts/`: `path` is one of
+    /// `self.paths`), creating it first if it is not there yet.
+    pub(crate) fn store_subdir(&self, path: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+        let store = self.backing.open_dir(&self.paths.store)?;
+        match self.backing.mkdir_at(store.as_fd(), leaf(path)) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+            _ => {}
+        }
+        self.backing.open_dir(path)
     }
 
     /// Removes what a crash left in `.pershome/staging/`: files whose rename into place never

@@ -465,20 +465,8 @@ impl Fs {
                 return Err(Errno::EFBIG);
             }
         }
-        let store = self
-            .backing
-            .open_dir(&self.paths.store)
-            .map_err(|e| errno_of(&e))?;
-        match self
-            .backing
-            .mkdir_at(store.as_fd(), leaf(&self.paths.parts))
-        {
-            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(&e)),
-            _ => {}
-        }
         let parent = self
-            .backing
-            .open_dir(&self.paths.parts)
+            .store_subdir(&self.paths.parts)
             .map_err(|e| errno_of(&e))?;
         let mut id = random_id(self.layout)?;
         let mut tries = 0;

@@ -135,3 +135,30 @@ pub fn can_mount() -> bool {
     }
     ok
 }
+
+/// A stick directory (`stick/pershome`, the backing) and an empty mount point, in a temporary
+/// directory under /var/tmp (a real disk: /tmp may be a tmpfs without user xattrs), removed
+/// when dropped.
+#[allow(dead_code)] // not every test binary mounts
+pub struct Scratch {
+    pub _dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+}
+
+#[allow(dead_code)]
+pub fn scratch(prefix: &str) -> Scratch {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .expect("temporary directory in /var/tmp");
+    let backing = dir.path().join("stick/pershome");
+    let mnt = dir.path().join("home");
+    std::fs::create_dir_all(&backing).expect("mkdir backing");
+    std::fs::create_dir(&mnt).expect("mkdir mount point");
+    Scratch {
+        _dir: dir,
+        backing,
+        mnt,
+    }
+}
