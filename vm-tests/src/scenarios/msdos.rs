@@ -5,12 +5,12 @@
 //! every hostile name of `names::hostile_examples()`, `:` and `?`, `Makefile` beside
 //! `makefile`, long and unicode names, a symlink, a hard link, a fifo, an executable, xattrs,
 //! nanosecond times and a file stored in 4 KiB parts are written, and after unmounting the
-//! tree reads back byte for byte: on `msdos` without the `names=` option
-//! (the stick's recorded mode), and on the same stick mounted `-t vfat` (what a long-name
-//! system shows is logged); fsx runs on the remounted home. `pershome fsck` is clean throughout, `fsck.vfat -n` in the guest
-//! and `fsck.fat -n` on the host too. On the host, mtools lists every entry of the stick, the
-//! store included: each must be an upper-case 8.3 name without a VFAT long-name entry; the
-//! tree copied out with mtools passes the strict 8.3 FAT audit.
+//! tree reads back byte for byte: on `msdos` without the `names=` option (the stick's
+//! recorded mode), and on the same stick mounted `-t vfat` (what a long-name system shows is
+//! logged); fsx runs on the remounted home. `pershome fsck` is clean throughout,
+//! `fsck.vfat -n` in the guest and `fsck.fat -n` on the host too. On the host, mtools lists
+//! every entry of the stick, the store included: each must be an upper-case 8.3 name without
+//! a VFAT long-name entry; the tree copied out with mtools passes the strict 8.3 FAT audit.
 //!
 //! This module owns that scenario. The names reach the guest shell only as octal escapes
 //! made here (`printf`), never as raw bytes.
@@ -193,7 +193,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     guest::fsx(&mut vm, &format!("{HOME}/fsx/fsx.bin"), FSX_OPS, FSX_SEED)?;
     vm.ok(&format!("rm -r {HOME}/fsx"), guest::SHORT)?;
     ctx.note(format!(
-        "fsx -N {FSX_OPS} -S {FSX_SEED} (parts of 4 KiB) on msdos: A-OK in {:.0} s",
+        "fsx -N {FSX_OPS} -S {FSX_SEED} on msdos: A-OK in {:.0} s",
         started.elapsed().as_secs_f64()
     ));
     guest::unmount_home(&mut vm, HOME)?;
