@@ -13,11 +13,11 @@ use crate::stick::{self, StickFs};
 use crate::Ctx;
 
 /// pjdfstest's configuration, as `xtask/src/pjdfstest.rs` writes it for the host run.
-const PJDFSTEST_CONFIG: &str = "[features]\nposix_fallocate = {}\nutime_now = {}\nutimensat = {}\n\n[settings]\nnaptime = 0.01\n\n[dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"tests\", \"tests\"]]\n";
+pub(super) const PJDFSTEST_CONFIG: &str = "[features]\nposix_fallocate = {}\nutime_now = {}\nutimensat = {}\n\n[settings]\nnaptime = 0.01\n\n[dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"tests\", \"tests\"]]\n";
 
 /// The host's figures over a directory backing (docs/testing.md), to compare with.
-const HOST_SKIPPED: u32 = 23;
-const HOST_PASSED: u32 = 375;
+pub(super) const HOST_SKIPPED: u32 = 23;
+pub(super) const HOST_PASSED: u32 = 375;
 
 /// A 4 GiB stick: FAT has no sparse files, so pjdfstest's `open::interact_2gb` (a write at
 /// offset 2 GiB) needs 2 GiB of free space; on a 256 MiB stick it fails with ENOSPC, as it

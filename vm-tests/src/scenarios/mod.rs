@@ -7,6 +7,7 @@
 mod conformance;
 mod kernels;
 mod login;
+mod msdos;
 mod wear;
 mod yank;
 
@@ -64,5 +65,11 @@ pub const ALL: &[Scenario] = &[
         name: "fallback",
         summary: "no stick, then an unprepared stick: normal home, the user is told why and how to prepare",
         run: login::run_fallback,
+    },
+    Scenario {
+        number: 8,
+        name: "msdos",
+        summary: "an 8.3 stick on the real msdos driver: prepare --names 8.3, hostile names, pjdfstest, fsx; vfat remount; only 8.3 names on the disk",
+        run: msdos::run,
     },
 ];
