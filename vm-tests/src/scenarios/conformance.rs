@@ -9,15 +9,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::guest;
+use crate::qemu::Vm;
 use crate::stick::{self, StickFs};
 use crate::Ctx;
 
 /// pjdfstest's configuration, as `xtask/src/pjdfstest.rs` writes it for the host run.
-pub(super) const PJDFSTEST_CONFIG: &str = "[features]\nposix_fallocate = {}\nutime_now = {}\nutimensat = {}\n\n[settings]\nnaptime = 0.01\n\n[dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"tests\", \"tests\"]]\n";
+const PJDFSTEST_CONFIG: &str = "[features]\nposix_fallocate = {}\nutime_now = {}\nutimensat = {}\n\n[settings]\nnaptime = 0.01\n\n[dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"tests\", \"tests\"]]\n";
 
 /// The host's figures over a directory backing (docs/testing.md), to compare with.
-pub(super) const HOST_SKIPPED: u32 = 23;
-pub(super) const HOST_PASSED: u32 = 375;
+const HOST_SKIPPED: u32 = 23;
+const HOST_PASSED: u32 = 375;
 
 /// A 4 GiB stick: FAT has no sparse files, so pjdfstest's `open::interact_2gb` (a write at
 /// offset 2 GiB) needs 2 GiB of free space; on a 256 MiB stick it fails with ENOSPC, as it
@@ -73,9 +74,40 @@ fn one(ctx: &mut Ctx, fs: StickFs) -> Result<()> {
     guest::mount_stick(&mut vm, &device, fs)?;
 
     // pjdfstest, as root, on a pershomefs mount every user can enter (as on the host).
-    let mp = "/mnt/pjdfstest";
+    pjdfstest(ctx, &mut vm, "allow_other", fs.name())?;
+    guest::pershome_fsck_clean(&mut vm).context("after pjdfstest")?;
+
+    // fsx, then fsck of the store and of the stick itself.
+    let mp = "/mnt/fsx";
     guest::mount_home(&mut vm, mp, "allow_other")?;
-    let log = format!("pjdfstest-{}.log", fs.name());
+    let started = std::time::Instant::now();
+    guest::fsx(&mut vm, &format!("{mp}/fsx.bin"), FSX_OPS, FSX_SEED)?;
+    ctx.note(format!(
+        "fsx -N {FSX_OPS} -S {FSX_SEED} on {}: A-OK in {:.0} s",
+        fs.name(),
+        started.elapsed().as_secs_f64()
+    ));
+    guest::unmount_home(&mut vm, mp)?;
+    guest::pershome_fsck_clean(&mut vm).context("after fsx")?;
+    guest::unmount_and_check_stick(&mut vm, &device, fs)?;
+    vm.shutdown()?;
+    if fs == StickFs::Fat32 {
+        // And from the host, as a Windows machine would see it.
+        stick::fsck_fat_host(&ctx.sh, &image).context("the stick, checked on the host")?;
+        ctx.note("fsck.fat -n on the host: clean".to_owned());
+    }
+    Ok(())
+}
+
+/// pjdfstest as root on a fresh pershomefs mount at /mnt/pjdfstest with `options` (over the
+/// stick mounted at the guest's backing), judged against the host's figures: no failure, and
+/// the same skipped and passed counts (a test skipped here but not there would be a
+/// conformance check the real drivers never ran). `name` names the run in the log file and
+/// the messages. Unmounts the home again.
+pub(super) fn pjdfstest(ctx: &mut Ctx, vm: &mut Vm, options: &str, name: &str) -> Result<()> {
+    let mp = "/mnt/pjdfstest";
+    guest::mount_home(vm, mp, options)?;
+    let log = format!("pjdfstest-{name}.log");
     let started = std::time::Instant::now();
     let script = format!(
         "set -e; chmod 755 {mp}; printf '%s' {config} > /tmp/pjdfstest.toml; \
@@ -99,8 +131,7 @@ fn one(ctx: &mut Ctx, fs: StickFs) -> Result<()> {
         );
     };
     ctx.note(format!(
-        "pjdfstest on {}: {} failed, {} skipped, {} passed of {} in {secs:.0} s (host over a directory: 0 failed, {HOST_SKIPPED} skipped, {HOST_PASSED} passed); log {}",
-        fs.name(),
+        "pjdfstest on {name} ({options}): {} failed, {} skipped, {} passed of {} in {secs:.0} s (host: 0 failed, {HOST_SKIPPED} skipped, {HOST_PASSED} passed); log {}",
         summary.failed,
         summary.skipped,
         summary.passed,
@@ -114,45 +145,19 @@ fn one(ctx: &mut Ctx, fs: StickFs) -> Result<()> {
             .filter_map(|l| l.split_whitespace().next())
             .collect();
         bail!(
-            "pjdfstest on {}: expected 0 failed (as on the host), got {}: {}",
-            fs.name(),
+            "pjdfstest on {name}: expected 0 failed (as on the host), got {}: {}",
             summary.failed,
             failed.join(", ")
         );
     }
-    // The same results as the host, not just no failure: a test that is skipped here but not
-    // there would be a conformance check the real drivers never ran.
     if (summary.skipped, summary.passed) != (HOST_SKIPPED, HOST_PASSED) {
         bail!(
-            "pjdfstest on {}: expected {HOST_SKIPPED} skipped and {HOST_PASSED} passed as on the host, got {} and {}",
-            fs.name(),
+            "pjdfstest on {name}: expected {HOST_SKIPPED} skipped and {HOST_PASSED} passed as on the host, got {} and {}",
             summary.skipped,
             summary.passed
         );
     }
-    guest::unmount_home(&mut vm, mp)?;
-    guest::pershome_fsck_clean(&mut vm).context("after pjdfstest")?;
-
-    // fsx, then fsck of the store and of the stick itself.
-    let mp = "/mnt/fsx";
-    guest::mount_home(&mut vm, mp, "allow_other")?;
-    let started = std::time::Instant::now();
-    guest::fsx(&mut vm, &format!("{mp}/fsx.bin"), FSX_OPS, FSX_SEED)?;
-    ctx.note(format!(
-        "fsx -N {FSX_OPS} -S {FSX_SEED} on {}: A-OK in {:.0} s",
-        fs.name(),
-        started.elapsed().as_secs_f64()
-    ));
-    guest::unmount_home(&mut vm, mp)?;
-    guest::pershome_fsck_clean(&mut vm).context("after fsx")?;
-    guest::unmount_and_check_stick(&mut vm, &device, fs)?;
-    vm.shutdown()?;
-    if fs == StickFs::Fat32 {
-        // And from the host, as a Windows machine would see it.
-        stick::fsck_fat_host(&ctx.sh, &image).context("the stick, checked on the host")?;
-        ctx.note("fsck.fat -n on the host: clean".to_owned());
-    }
-    Ok(())
+    guest::unmount_home(vm, mp)
 }
 
 #[cfg(test)]

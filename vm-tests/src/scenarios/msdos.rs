@@ -24,7 +24,7 @@ use xshell::cmd;
 use pershome::fatrules;
 use pershome::names::{self, NameMode};
 
-use super::conformance::{self, HOST_PASSED, HOST_SKIPPED, PJDFSTEST_CONFIG};
+use super::conformance;
 use crate::guest::{self, BACKING, STICK_MNT};
 use crate::qemu::Vm;
 use crate::stick::{self, StickFs};
@@ -137,7 +137,8 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         started.elapsed().as_secs_f64()
     ));
 
-    pjdfstest(ctx, &mut vm)?;
+    // As `conformance` runs it (and `cargo xtask pjdfstest --names 8.3` on the host).
+    conformance::pjdfstest(ctx, &mut vm, "allow_other,names=8.3", "msdos")?;
     guest::pershome_fsck_clean(&mut vm).context("after pjdfstest")?;
 
     // The home: hostile names and every kind of object, a file in parts.
@@ -272,65 +273,6 @@ fn mount_stick_as(vm: &mut Vm, device: &str, fstype: &str, options: &str) -> Res
     vm.ok(&script, guest::SHORT)
         .with_context(|| format!("mounting the stick -t {fstype} -o {options}"))
         .map(drop)
-}
-
-/// pjdfstest as `conformance` runs it (and `cargo xtask pjdfstest --names 8.3` on the host),
-/// on a fresh `names=8.3` mount: the host's counts, no failure.
-fn pjdfstest(ctx: &mut Ctx, vm: &mut Vm) -> Result<()> {
-    let mp = "/mnt/pjdfstest";
-    guest::mount_home(vm, mp, "allow_other,names=8.3")?;
-    let log = "pjdfstest-msdos.log";
-    let started = Instant::now();
-    let script = format!(
-        "set -e; chmod 755 {mp}; printf '%s' {config} > /tmp/pjdfstest.toml; \
-         cd /tmp; umask 022; pjdfstest -c /tmp/pjdfstest.toml -p {mp} > /host/results/{log} 2>&1 || true",
-        config = shq(PJDFSTEST_CONFIG)
-    );
-    vm.ok(&script, Duration::from_secs(1800))
-        .context("running pjdfstest in the guest")?;
-    let secs = started.elapsed().as_secs_f64();
-    let results = ctx.share.join("results").join(log);
-    let saved = ctx.run_dir.join(log);
-    std::fs::copy(&results, &saved)
-        .with_context(|| format!("copying {} out of the share", results.display()))?;
-    let output =
-        std::fs::read_to_string(&saved).with_context(|| format!("reading {}", saved.display()))?;
-    let Some(summary) = conformance::parse_summary(&output) else {
-        bail!(
-            "pjdfstest printed no summary (crashed?); log {}:\n{}",
-            saved.display(),
-            crate::util::tail_lines(&saved, 30)
-        );
-    };
-    ctx.note(format!(
-        "pjdfstest on msdos, names=8.3: {} failed, {} skipped, {} passed of {} in {secs:.0} s \
-         (host, --names 8.3: 0 failed, {HOST_SKIPPED} skipped, {HOST_PASSED} passed); log {}",
-        summary.failed,
-        summary.skipped,
-        summary.passed,
-        summary.total,
-        saved.display()
-    ));
-    if summary.failed > 0 {
-        let failed: Vec<&str> = output
-            .lines()
-            .filter_map(|l| l.strip_suffix("FAILED"))
-            .filter_map(|l| l.split_whitespace().next())
-            .collect();
-        bail!(
-            "pjdfstest on msdos: expected 0 failed (as on the host), got {}: {}",
-            summary.failed,
-            failed.join(", ")
-        );
-    }
-    if (summary.skipped, summary.passed) != (HOST_SKIPPED, HOST_PASSED) {
-        bail!(
-            "pjdfstest on msdos: expected {HOST_SKIPPED} skipped and {HOST_PASSED} passed as on the host, got {} and {}",
-            summary.skipped,
-            summary.passed
-        );
-    }
-    guest::unmount_home(vm, mp)
 }
 
 /// The script that writes `hostile/` (each name a file holding its index) and the rest of
