@@ -284,19 +284,13 @@ impl Fs {
         }
     }
 
-    /// Test hook: injected failures of the store's writes from now on (see
-    /// `crate::faults`). Does nothing on a read-only mount, which writes nothing.
-    pub fn set_store_faults(&self, faults: std::sync::Arc<crate::faults::Faults>) {
-        if let Some(journal) = self.journal().as_mut() {
-            journal.set_faults(faults);
-        }
-    }
-
     /// Test hook: injected failures of every write to the stick from now on, file data and
     /// directory operations as well as the store, counted in the order they happen (see
-    /// `crate::faults`).
+    /// `crate::faults`). A read-only mount has no store to fail.
     pub fn set_faults(&self, faults: std::sync::Arc<crate::faults::Faults>) {
-        self.set_store_faults(faults.clone());
+        if let Some(journal) = self.journal().as_mut() {
+            journal.set_faults(faults.clone());
+        }
         self.backing.set_faults(faults);
     }
 

@@ -134,13 +134,20 @@ fn backing_of_mount(m: &MountEntry) -> Option<PathBuf> {
 
 /// The mount points of the pershomefs homes mounted over `backing` now.
 pub fn homes_over(backing: &Path) -> Result<Vec<PathBuf>> {
-    let backing = canon(backing);
-    Ok(mountinfo::mounts()?
-        .iter()
-        .filter(|m| m.fstype == PERSHOMEFS_TYPE)
-        .filter(|m| backing_of_mount(m).map(|b| canon(&b)).as_ref() == Some(&backing))
+    Ok(home_mounts(&mountinfo::mounts()?, &canon(backing))
         .map(|m| m.mountpoint.clone())
         .collect())
+}
+
+/// The pershomefs mounts among `mounts` whose backing is `backing` (canonical).
+fn home_mounts<'a>(
+    mounts: &'a [MountEntry],
+    backing: &'a Path,
+) -> impl Iterator<Item = &'a MountEntry> + 'a {
+    mounts
+        .iter()
+        .filter(|m| m.fstype == PERSHOMEFS_TYPE)
+        .filter(move |m| backing_of_mount(m).map(|b| canon(&b)).as_deref() == Some(backing))
 }
 
 fn canon(p: &Path) -> PathBuf {
@@ -187,7 +194,7 @@ pub fn store_state(backing: &Path) -> std::result::Result<StoreState, String> {
 }
 
 /// Whether some process holds the store's exclusive lock (a mount, or its daemon finishing).
-pub fn writer_active(backing: &Path) -> bool {
+fn writer_active(backing: &Path) -> bool {
     let Some((store, _)) = find_store(backing) else {
         return false;
     };
@@ -274,12 +281,7 @@ pub fn status(target: Option<&Path>) -> Result<Vec<BackingStatus>> {
 }
 
 fn one(mounts: &[MountEntry], backing: PathBuf) -> BackingStatus {
-    let homes: Vec<HomeMount> = mounts
-        .iter()
-        .filter(|m| m.fstype == PERSHOMEFS_TYPE)
-        .filter(|m| backing_of_mount(m).map(|b| canon(&b)).as_ref() == Some(&backing))
-        .map(home_of)
-        .collect();
+    let homes: Vec<HomeMount> = home_mounts(mounts, &backing).map(home_of).collect();
     let store = store_state(&backing);
     let writer = writer_active(&backing);
     let under = mountinfo::underlying_mount_of(mounts, &backing);
