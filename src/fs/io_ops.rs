@@ -238,7 +238,7 @@ impl Fs {
                 return self.parted_read(&l, offset, size as usize);
             }
         }
-        let file = io.file;
+        let (file, known_size) = (io.file, io.size);
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
@@ -250,7 +250,9 @@ impl Fs {
             }
         }
         buf.truncate(done);
-        if done < size as usize && self.split {
+        // Only a read that stops short of the size the file had when it began can have met a
+        // split; an ordinary read to the end of the file takes no lock here.
+        if done < size as usize && self.split && offset + (done as u64) < known_size {
             // A short read of a whole file may be a split that cut this file to its first
             // part while we read: the rest is in parts now. Read it again from the parts,
             // else a reader would take the cut for the end of the file.
