@@ -116,3 +116,127 @@ fn a_backing_file_swapped_for_a_fifo_never_hangs_open() {
         assert!(fs.getattr(ROOT).is_ok());
     }
 }
+
+/// Options of a mount that stores files in parts of 4 KiB (as `tests/parts.rs`), so that
+/// part indexes run high with few bytes.
+fn parted_opts() -> pershome::fs::FsOptions {
+    pershome::fs::FsOptions {
+        part_size: 4096,
+        parts: pershome::fs::PartsMode::Always,
+        ..common::opts()
+    }
+}
+
+/// The one parts directory of the store (`.pershome/parts/<id>/`).
+fn parts_dir(backing: &Path) -> PathBuf {
+    let parts = backing.join(".pershome/parts");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&parts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        dirs.len(),
+        1,
+        "one parted file, one parts directory: {dirs:?}"
+    );
+    dirs.pop().unwrap()
+}
+
+fn part_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Hole 4, the parts loops: a stick plants part `ffffffff` in a parted file's parts directory.
+/// The file's length, read from the parts, becomes 2^32 · 4 KiB = 16 TiB; SEEK_DATA from a
+/// hole, fsync and punching a hole used to walk every one of the four billion missing part
+/// indexes, opening each, under `parts_lock` (the mount hung for hours). They must visit
+/// only the parts the listing shows.
+#[test]
+fn a_planted_part_at_a_huge_index_is_walked_only_as_far_as_the_listing_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let fs = Fs::open_backing(dir.path(), parted_opts()).unwrap();
+        create_file(&fs, b"big", &[7u8; 5000]);
+        fs.shutdown();
+    }
+    let planted = parts_dir(dir.path()).join("ffffffff");
+    std::fs::write(&planted, b"x").unwrap();
+    let fs = Arc::new(Fs::open_backing(dir.path(), parted_opts()).unwrap());
+    let attr = fs.lookup(ROOT, b"big").unwrap();
+    let far = 0xffff_ffffu64 * 4096;
+    assert_eq!(attr.size, far + 1, "the length the planted part implies");
+    let fh = fs.open(attr.ino, libc::O_RDWR).unwrap();
+
+    let f = fs.clone();
+    let data = guarded(
+        "SEEK_DATA across four billion missing parts",
+        move || f.lseek(fh, 8192, libc::SEEK_DATA),
+        || {},
+    );
+    assert_eq!(data, Ok(far as i64), "the next data is the planted part's");
+    let f = fs.clone();
+    let hole = guarded(
+        "SEEK_HOLE in a missing part",
+        move || f.lseek(fh, 8192, libc::SEEK_HOLE),
+        || {},
+    );
+    assert_eq!(hole, Ok(8192), "a missing part is a hole");
+    let f = fs.clone();
+    let synced = guarded(
+        "fsync of a file of four billion parts",
+        move || f.fsync(fh, false),
+        || {},
+    );
+    assert_eq!(synced, Ok(()));
+    let f = fs.clone();
+    let punched = guarded(
+        "punching a hole over four billion parts",
+        move || {
+            f.fallocate(
+                fh,
+                4096,
+                far,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            )
+        },
+        || {},
+    );
+    assert_eq!(punched, Ok(()));
+    fs.release(fh).unwrap();
+    fs.shutdown();
+    drop(fs);
+    assert_eq!(
+        part_names(&parts_dir(dir.path())),
+        ["00000001", "ffffffff"],
+        "no part was created by walking the missing ones"
+    );
+    // `pershome fsck` looks at the same layout: it reports the file from the listing, and
+    // its repair does not make four billion hole files.
+    let backing = dir.path().to_path_buf();
+    let report = guarded(
+        "fsck --repair of a file of four billion parts",
+        move || {
+            let opts = pershome::fsck::FsckOptions {
+                repair: true,
+                force: false,
+            };
+            pershome::fsck::fsck(&backing, &opts).map(|r| format!("{r:?}"))
+        },
+        || {},
+    )
+    .expect("fsck runs");
+    assert!(
+        report.contains("names part 4294967295"),
+        "fsck reports the planted part: {report}"
+    );
+    assert_eq!(
+        part_names(&parts_dir(dir.path())),
+        ["00000001", "ffffffff"],
+        "fsck made no hole files"
+    );
+}
