@@ -23,10 +23,6 @@ mod common;
 
 const HOOK: &str = env!("CARGO_BIN_EXE_pershome-config");
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this test run: `phtPPPPPN` (short: user names stay under 32 bytes).
@@ -243,8 +239,9 @@ const CONFIG: &str = "commit_interval = 1\nlogout_timeout = 3\n";
 
 macro_rules! needs_root {
     () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (PAM service files, useradd, mounts)");
+        if pershome::testing::skip_without_root(
+            "a PAM session test (service files, useradd, mounts)",
+        ) {
             return;
         }
     };
@@ -686,27 +683,42 @@ fn mount_home_through_mount_fuse3() {
     common::wait_until("the watcher forgets the state", || !state.exists());
 }
 
-/// Security: no user-controlled string reaches a shell. The login hook's code runs programs
-/// only with argument vectors; this pins that no shell is ever started from it.
-#[test]
-fn the_login_hook_never_runs_a_shell() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = Vec::new();
-    // The hook's own code, and the stick code it shares with the tools.
-    for dir in ["src/session", "src/stick"] {
-        for entry in std::fs::read_dir(root.join(dir)).expect("listing the hook's sources") {
-            files.push(entry.expect("listing the hook's sources").path());
+/// Every Rust source file under `dir`, recursively.
+fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("listing the sources") {
+        let path = entry.expect("listing the sources").path();
+        if path.is_dir() {
+            rust_sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
         }
     }
+}
+
+/// Security (docs/security.md, "What root runs"): across every module of the crate (the hook,
+/// the stick code, the tools, the daemon, the command-line front ends), no shell is ever
+/// started, and no program is started except through `pershome::exec`, which names it by
+/// absolute path and clears the environment. `Command::new` appears nowhere else, and the
+/// variant that passes display variables on (`user_command`) only where a person runs a
+/// dialog with their own rights.
+#[test]
+fn every_program_is_run_by_absolute_path_with_a_cleared_environment() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_sources(&root.join("src"), &mut files);
     assert!(
-        files.len() >= 10,
-        "expected the hook's source files, got {files:?}"
+        files.len() >= 40,
+        "expected every source file of the crate, got {files:?}"
     );
+    let rel = |p: &Path| p.strip_prefix(root).unwrap_or(p).display().to_string();
+    let user_command_allowed = ["src/tools/zenity.rs", "src/session/entry.rs", "src/exec.rs"];
     let mut offenders = Vec::new();
-    for path in files {
-        let text = std::fs::read_to_string(&path).expect("reading a source file");
+    for path in &files {
+        let name = rel(path);
+        let text = std::fs::read_to_string(path).expect("reading a source file");
         for (i, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap_or("");
+            let at = format!("{name}:{}: {}", i + 1, line.trim());
             for needle in [
                 "\"sh\"",
                 "\"/bin/sh\"",
@@ -714,17 +726,183 @@ fn the_login_hook_never_runs_a_shell() {
                 "\"-c\"",
                 "libc::system",
                 "popen",
+                "execvp",
+                "execlp",
             ] {
                 if code.contains(needle) {
-                    offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                    offenders.push(format!("a shell or PATH search: {at}"));
                 }
             }
+            if code.contains("Command::new") && name != "src/exec.rs" {
+                offenders.push(format!("Command::new outside src/exec.rs: {at}"));
+            }
+            if code.contains("user_command(") && !user_command_allowed.contains(&name.as_str()) {
+                offenders.push(format!("user_command outside a user's dialog: {at}"));
+            }
+        }
+    }
+    // The one place that builds commands clears the environment and refuses relative names.
+    let exec = std::fs::read_to_string(root.join("src/exec.rs")).expect("reading src/exec.rs");
+    for want in ["env_clear()", "is_absolute()", "/nonexistent"] {
+        if !exec.contains(want) {
+            offenders.push(format!("src/exec.rs lacks {want}"));
         }
     }
     assert!(
         offenders.is_empty(),
-        "expected no shell in the login hook, got:\n{}",
+        "expected every program run through pershome::exec, got:\n{}",
         offenders.join("\n")
+    );
+}
+
+/// A shared library for `LD_PRELOAD` that appends `EXE PID PPID` of every process it is
+/// loaded into to `log`; built with the C compiler every Rust build has.
+fn preload_library(dir: &Path, log: &Path) -> PathBuf {
+    let src = dir.join("spy.c");
+    std::fs::write(
+        &src,
+        format!(
+            "#include <fcntl.h>\n#include <stdio.h>\n#include <unistd.h>\n\
+             __attribute__((constructor)) static void spy(void) {{\n\
+             char exe[4096]; char line[4200];\n\
+             ssize_t n = readlink(\"/proc/self/exe\", exe, sizeof exe - 1);\n\
+             if (n < 0) n = 0; exe[n] = 0;\n\
+             int len = snprintf(line, sizeof line, \"%s %d %d\\n\", exe, (int)getpid(), (int)getppid());\n\
+             int fd = open(\"{}\", O_WRONLY | O_APPEND | O_CREAT, 0666);\n\
+             if (fd >= 0) {{ write(fd, line, len); close(fd); }}\n}}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let lib = dir.join("libspy.so");
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("running cc");
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lib
+}
+
+/// Security hole 1 of issue 10: the PAM environment (which `pam_env.so user_readenv=1` fills
+/// from a user's `~/.pam_environment`) reaches nothing the root hook runs. The session's
+/// environment has `PATH` naming a directory the user owns, holding a fake `systemd-run`,
+/// `pershomefs`, `blkid`, `udisksctl` and `fusermount3`, and `LD_PRELOAD` naming a library
+/// there that logs every process it is loaded into. Through a busy logout (the background
+/// finisher runs), no fake program runs and the library is loaded into nothing but the hook
+/// processes pam_exec itself starts (the dynamic loader maps it before the hook's first
+/// instruction: only the PAM stack can prevent that, which `pershome-config doctor` checks).
+#[test]
+fn the_users_path_and_preload_never_reach_what_root_runs() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let kim = TestUser::new();
+    let home = root.add_account(&kim);
+    root.list(&kim);
+    let stick = root.stick("s11", true);
+    let service = PamService::new(root.path(), &stick);
+    // The user's own directory, as a user could make one anywhere they may write.
+    let evil = tempfile::Builder::new()
+        .prefix("pershome-evil")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let log = evil.path().join("spy.log");
+    let ran = evil.path().join("ran.log");
+    let lib = preload_library(evil.path(), &log);
+    for fake in [
+        "systemd-run",
+        "pershomefs",
+        "blkid",
+        "udisksctl",
+        "fusermount3",
+        "zenity",
+    ] {
+        let path = evil.path().join(fake);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho {fake} >> {}\n", ran.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for entry in std::fs::read_dir(evil.path()).unwrap() {
+        let p = entry.unwrap().path();
+        std::os::unix::fs::chown(&p, Some(kim.uid), Some(kim.gid)).unwrap();
+    }
+    std::os::unix::fs::chown(evil.path(), Some(kim.uid), Some(kim.gid)).unwrap();
+
+    let mut ctx = pam(&service, &kim);
+    ctx.putenv(format!("PATH={}", evil.path().display()))
+        .expect("putenv PATH");
+    ctx.putenv(format!("LD_PRELOAD={}", lib.display()))
+        .expect("putenv LD_PRELOAD");
+    let token = ctx.open_session(Flag::NONE).expect("open_session").leak();
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected the stick home mounted; said {:?}",
+        infos(&ctx)
+    );
+    // A program left in the home makes the logout busy: the finisher is started (through
+    // systemd-run where systemd runs).
+    let mut lingering = Command::new("/usr/bin/sleep")
+        .arg("300")
+        .current_dir(&home)
+        .uid(kim.uid)
+        .gid(kim.gid)
+        .env_clear()
+        .spawn()
+        .expect("starting a lingering program");
+    struct Reap<'a>(&'a mut std::process::Child);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let reap = Reap(&mut lingering);
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close_session");
+    drop(reap);
+    common::wait_until("the finisher unmounts the home", || {
+        fstype_at(&home).is_none()
+    });
+    common::wait_until("the daemon exits", || {
+        common::daemons_serving(&home).is_empty()
+    });
+    let ran = std::fs::read_to_string(&ran).unwrap_or_default();
+    assert!(
+        ran.is_empty(),
+        "expected no program from the user's PATH to run, got:\n{ran}"
+    );
+    let hook = std::fs::canonicalize(HOOK).unwrap();
+    let me = std::process::id();
+    let spied = std::fs::read_to_string(&log).unwrap_or_default();
+    // The spy works: pam_exec started the hook with it (else this test proves nothing).
+    assert!(
+        !spied.is_empty(),
+        "expected the preload library in the hook that pam_exec started, got nothing"
+    );
+    let foreign: Vec<&str> = spied
+        .lines()
+        .filter(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            // The hook processes pam_exec starts (children of this test process) are the only
+            // ones the loader may have mapped it into.
+            !(w.len() == 3 && Path::new(w[0]) == hook && w[2] == me.to_string())
+        })
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "expected LD_PRELOAD in nothing the hook started, got:\n{}",
+        foreign.join("\n")
     );
 }
 

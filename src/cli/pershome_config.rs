@@ -416,9 +416,10 @@ fn pam(root: &Path, args: &PamArgs) -> u8 {
     match args.mode {
         PamMode::Exec if root == Path::new("/") => {
             // Fixed arguments, no shell: pam-auth-update regenerates /etc/pam.d/common-*.
-            let status = std::process::Command::new("pam-auth-update")
-                .args(["--package", "--enable", pam_setup::PROFILE_NAME])
-                .status();
+            let status =
+                crate::exec::command(crate::exec::system_program_or_missing("pam-auth-update"))
+                    .args(["--package", "--enable", pam_setup::PROFILE_NAME])
+                    .status();
             match status {
                 Ok(s) if s.success() => {
                     println!("enabled the {} profile", pam_setup::PROFILE_NAME);

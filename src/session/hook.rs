@@ -488,7 +488,9 @@ fn spawn_finisher(cfg: &HookConfig, account: &Account) -> Result<()> {
     let mut cmd = mounts::own_scope(&exe, &format!("pershome logout of {}", account.name));
     cmd.arg("--root")
         .arg(&cfg.root)
-        .args(["session", "finish", "--user", &account.name])
+        .args(["session", "finish"])
+        // One argument: a name can never be read as an option of its own.
+        .arg(format!("--user={}", account.name))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

@@ -161,26 +161,32 @@ pub fn mount_pershomefs(backing: &Path, home: &Path, options: &[String]) -> Resu
     Ok(())
 }
 
-/// Whether systemd runs this machine and `systemd-run` is there.
-fn systemd_runs() -> bool {
-    Path::new("/run/systemd/system").is_dir()
-        && ["/usr/bin/systemd-run", "/bin/systemd-run"]
-            .iter()
-            .any(|p| Path::new(p).is_file())
+/// `systemd-run` by absolute path, when systemd runs this machine and it is installed.
+fn systemd_run() -> Option<PathBuf> {
+    if !Path::new("/run/systemd/system").is_dir() {
+        return None;
+    }
+    ["/usr/bin/systemd-run", "/bin/systemd-run"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
 }
 
-/// A command running `program` in a transient systemd scope of its own (described by
-/// `description`) when systemd runs, else directly. The caller adds the arguments.
+/// A command running `program` (an absolute path) in a transient systemd scope of its own
+/// (described by `description`) when systemd runs, else directly; either way by absolute
+/// path with a cleared environment (`crate::exec::command`): this runs as root at logout,
+/// with the environment PAM handed the hook. The caller adds the arguments.
 pub fn own_scope(program: &Path, description: &str) -> Command {
-    if systemd_runs() {
-        let mut c = Command::new("systemd-run");
-        c.args(["--scope", "--quiet", "--collect", "--description"])
-            .arg(description)
-            .arg("--")
-            .arg(program);
-        c
-    } else {
-        Command::new(program)
+    match systemd_run() {
+        Some(systemd_run) => {
+            let mut c = crate::exec::command(systemd_run);
+            c.args(["--scope", "--quiet", "--collect", "--description"])
+                .arg(description)
+                .arg("--")
+                .arg(program);
+            c
+        }
+        None => crate::exec::command(program),
     }
 }
 
@@ -237,8 +243,7 @@ mod tests {
 
     #[test]
     fn home_checks() -> Result<()> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+        if crate::testing::skip_without_root("home_checks") {
             return Ok(());
         }
         // /tmp is world-writable (sticky): a home under it is refused.
