@@ -262,6 +262,11 @@ fn open_mounts_the_stick_home_and_close_unmounts_it() {
     // An attacker's stick: a symlink to a file only root may read. The daemon runs as root; it
     // must neither follow nor show it.
     std::os::unix::fs::symlink("/etc/shadow", stick.join("pershome/shadow")).unwrap();
+    // The stick has content, so it must be claimed for alice first (by the administrator).
+    config_ok(
+        &root,
+        &["claim".as_ref(), alice.name.as_ref(), stick.as_os_str()],
+    );
     let service = PamService::new(root.path(), &stick);
 
     let mut ctx = pam(&service, &alice);
@@ -346,10 +351,19 @@ fn open_mounts_the_stick_home_and_close_unmounts_it() {
         said.contains("you can remove your stick"),
         "expected the removal message, got {said:?}"
     );
-    // The stick now names its owner, and the metadata was committed.
+    // The stick is claimed for alice with this site's key.
     let mark =
         std::fs::read_to_string(stick.join("pershome/.pershome/owner-name")).unwrap_or_default();
-    assert_eq!(mark.trim(), alice.name, "owner mark");
+    let mut lines = mark.lines();
+    assert_eq!(
+        lines.next(),
+        Some(alice.name.as_str()),
+        "owner mark: {mark:?}"
+    );
+    assert!(
+        lines.next().is_some_and(|l| l.starts_with("claim1 ")),
+        "expected a claim line in {mark:?}"
+    );
 }
 
 /// `wants` is honoured: a user who is not listed (and has no ~/.persistent_home) gets nothing
@@ -535,21 +549,37 @@ fn a_busy_home_is_unmounted_in_the_background() {
     });
 }
 
-/// Security: a stick marked as another user's home is not mounted as this user's home.
+/// Runs `pershome-config --root ROOT ARGS` and asserts success.
+fn config_ok(root: &TestRoot, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(HOOK)
+        .arg("--root")
+        .arg(root.path())
+        .args(args)
+        .output()
+        .expect("running pershome-config");
+    assert!(
+        out.status.success(),
+        "pershome-config {args:?}: expected success, got {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Security: a stick claimed as another user's home is not mounted as this user's home.
 #[test]
 fn a_stick_of_another_user_is_refused() {
     needs_root!();
     let root = TestRoot::new(CONFIG);
-    let gina = TestUser::new();
+    let (gina, owner) = (TestUser::new(), TestUser::new());
     let home = root.add_account(&gina);
+    root.add_account(&owner);
     root.list(&gina);
     let stick = root.stick("s6", true);
-    std::fs::create_dir(stick.join("pershome/.pershome")).unwrap();
-    std::fs::write(
-        stick.join("pershome/.pershome/owner-name"),
-        "somebody-else\n",
-    )
-    .unwrap();
+    std::fs::write(stick.join("pershome/report.txt"), "the owner's work\n").unwrap();
+    config_ok(
+        &root,
+        &["claim".as_ref(), owner.name.as_ref(), stick.as_os_str()],
+    );
     let service = PamService::new(root.path(), &stick);
     let mut ctx = pam(&service, &gina);
     let token = ctx.open_session(Flag::NONE).expect("open").leak();
@@ -560,8 +590,92 @@ fn a_stick_of_another_user_is_refused() {
     );
     let said = infos(&ctx);
     assert!(
-        said.contains("somebody-else"),
+        said.contains(&owner.name),
         "expected the refusal to name the owner, got {said:?}"
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+}
+
+/// Security (issue 10, hole 2): a stick nobody claimed, whose `pershome/` holds a planted
+/// `.bashrc`, never becomes the home of the listed user who logs in with it (nor is it
+/// claimed for them); the person is told how to claim a stick. Once the administrator claims
+/// it for them, it is their home.
+#[test]
+fn a_planted_stick_never_becomes_the_next_users_home() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let lena = TestUser::new();
+    let home = root.add_account(&lena);
+    root.list(&lena);
+    let stick = root.stick("s12", true);
+    std::fs::write(stick.join("pershome/.bashrc"), "echo planted\n").unwrap();
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &lena);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected the planted stick not to be mounted as the home"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("not claimed as your home") && said.contains("pershome-config claim"),
+        "expected the message to say how to claim, got {said:?}"
+    );
+    assert!(
+        !stick.join("pershome/.pershome/owner-name").exists(),
+        "expected nothing written on the planted stick"
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+    config_ok(
+        &root,
+        &["claim".as_ref(), lena.name.as_ref(), stick.as_os_str()],
+    );
+    let mut ctx = pam(&service, &lena);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected the claimed stick mounted; said {:?}",
+        infos(&ctx)
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+}
+
+/// Security (issue 10, hole 6): a `--stick-dir` reached through a symlinked component (which
+/// whoever controls that link could point anywhere) is refused: nothing is bound or mounted,
+/// and the person is told why.
+#[test]
+fn a_stick_dir_through_a_symlink_is_refused() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let mia = TestUser::new();
+    let home = root.add_account(&mia);
+    root.list(&mia);
+    let real = root.path().join("real");
+    std::fs::create_dir_all(real.join("s13/pershome")).unwrap();
+    std::os::unix::fs::symlink(&real, root.path().join("sticklink")).unwrap();
+    let service = PamService::new(root.path(), &root.path().join("sticklink/s13"));
+    let mut ctx = pam(&service, &mia);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected nothing mounted from a stick directory behind a symlink"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("symlink"),
+        "expected the message to name the symlink, got {said:?}"
     );
     ctx.unleak_session(token)
         .close(Flag::NONE)

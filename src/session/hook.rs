@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use nix::unistd::{Gid, Uid};
 
+use super::claim::SiteKey;
 use super::mounts;
 use super::rundir::{self, State, UserRunDir};
 use super::stick::{self, Missing, Source};
@@ -124,8 +125,16 @@ pub fn missing_message(missing: &Missing, account: &Account) -> String {
             names.join(", ")
         ),
         Missing::Ambiguous(n) => format!(
-            "{n} prepared sticks are plugged in and none is marked as yours yet, so pershome \
-             cannot tell which one to use"
+            "{n} new prepared sticks are plugged in and none is claimed as yours yet, so \
+             pershome cannot tell which one to use"
+        ),
+        Missing::Unclaimed(what) => format!(
+            "the stick ({what}) already holds files but is not claimed as your home on this \
+             computer, so pershome does not open it: a stick is only opened as the home of the \
+             person it was claimed for. If it is yours, ask the administrator to claim it for \
+             you (`pershome-config claim {name} ...`), or log in once with a stick whose \
+             pershome folder is still empty",
+            name = account.name
         ),
     };
     format!(
@@ -219,6 +228,20 @@ pub fn open(
         );
     }
 
+    // The site key says whose home a stick is (session::claim); made at first use.
+    let key = match SiteKey::load(&cfg.root, true) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!("{}: not mounting a stick home: {e:#}", account.name);
+            return fallback(
+                format!(
+                    "pershome: your stick home cannot be opened on this computer ({e:#}). You \
+                     are working in the normal home folder; please tell the administrator.\n"
+                ),
+                out,
+            );
+        }
+    };
     let stick_mp = run.stick_mountpoint();
     let found = match stick::find(
         &cfg.source,
@@ -226,6 +249,7 @@ pub fn open(
         account.uid,
         account.gid,
         &stick_mp,
+        Some(&key),
     )? {
         Ok(found) => found,
         Err(missing) => {
@@ -273,9 +297,6 @@ pub fn open(
         );
     }
     keep_home_private(&account.home);
-    if stick::read_owner_mark(&found.backing).is_none() {
-        stick::write_owner_mark(&found.backing, &account.name);
-    }
     run.write_state(&State {
         home: account.home.clone(),
         backing: found.backing.clone(),
@@ -529,7 +550,11 @@ mod tests {
             (Missing::NoStick, "no USB stick"),
             (Missing::NoPershomeDir("/dev/sdb1".into()), "/dev/sdb1"),
             (Missing::OtherUsers(vec!["bob".into()]), "bob"),
-            (Missing::Ambiguous(2), "2 prepared sticks"),
+            (Missing::Ambiguous(2), "2 new prepared sticks"),
+            (
+                Missing::Unclaimed("/dev/sdb1".into()),
+                "pershome-config claim alice",
+            ),
         ] {
             let text = missing_message(&m, &a);
             for want in [needle, "/home/alice", "pershome prepare", "log in again"] {

@@ -8,7 +8,7 @@
 //! its harmless flags and the bounded unmount are `crate::stick::mount`'s. It never decides
 //! *whether* to mount (that is `session::hook`).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,18 +20,105 @@ use nix::mount::{MntFlags, MsFlags};
 
 use crate::stick::mount::STICK_FLAGS;
 
-/// Binds the stick directory `dir` (its `pershome/`, already checked not to be a symlink) on
-/// `target`, `nosuid,nodev,noexec,noatime`. The directory is opened with `O_NOFOLLOW` and the
-/// bind is made from that descriptor (`/proc/self/fd/N`), so a directory swapped for a
-/// symlink after the check (on an sshfs mount the far side can do that) is never what gets
-/// bound; pershomefs then only ever sees `target`, a path only root controls.
-pub fn bind_stick_dir(dir: &Path, target: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let fd = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-        .open(dir)
-        .with_context(|| format!("opening {} (it must be a real directory)", dir.display()))?;
+/// Opens the `pershome/` directory (any letter case) of the stick directory `dir` for the root
+/// hook, resolving `dir` one component at a time from `/` with `O_NOFOLLOW`: no component
+/// may be a symlink, and every directory above `dir` must be root's and writable by nobody
+/// else (a user who could write one could swap `dir` for another between this check and the
+/// bind). `dir` itself and its `pershome/` are the stick's own (an sshfs mount shows the far
+/// side's owner); they only must not be symlinks. `Ok(None)`: `dir` has no `pershome/`.
+pub fn open_stick_dir(dir: &Path) -> Result<Option<OwnedFd>> {
+    use std::os::unix::ffi::OsStrExt;
+    if !dir.is_absolute() {
+        bail!(
+            "the stick directory {} is not an absolute path",
+            dir.display()
+        );
+    }
+    let open_at = |at: Option<&OwnedFd>, name: &[u8]| -> nix::Result<OwnedFd> {
+        let fd = nix::fcntl::openat(
+            at.map(|f| f.as_raw_fd()),
+            name,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    };
+    let mut cur = open_at(None, b"/").context("opening /")?;
+    let mut shown = PathBuf::from("/");
+    for comp in dir.components().skip(1) {
+        let std::path::Component::Normal(name) = comp else {
+            bail!(
+                "the stick directory {} has a `.` or `..` component",
+                dir.display()
+            );
+        };
+        let st = nix::sys::stat::fstat(cur.as_raw_fd())?;
+        if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+            bail!(
+                "{} (above the stick directory {}) is not a directory only root can change \
+                 (owner uid {}, mode {:o}): refusing a stick directory whose path a user could \
+                 redirect",
+                shown.display(),
+                dir.display(),
+                st.st_uid,
+                st.st_mode & 0o7777
+            );
+        }
+        shown.push(name);
+        cur = match open_at(Some(&cur), name.as_bytes()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => bail!(
+                "{} is a symlink or not a directory: the stick directory {} must be reached \
+                 through real directories only",
+                shown.display(),
+                dir.display()
+            ),
+            Err(e) => bail!("opening {}: {e}", shown.display()),
+        };
+    }
+    // `pershome` in any letter case, a real directory, exactly one.
+    let mut listing = nix::dir::Dir::openat(
+        Some(cur.as_raw_fd()),
+        ".",
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .with_context(|| format!("listing {}", dir.display()))?;
+    let mut found: Vec<Vec<u8>> = Vec::new();
+    for entry in listing.iter() {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let name = entry.file_name().to_bytes();
+        if crate::stick::layout::is_pershome_name(std::ffi::OsStr::from_bytes(name)) {
+            found.push(name.to_vec());
+        }
+    }
+    let name = match found.as_slice() {
+        [] => return Ok(None),
+        [one] => one.clone(),
+        _ => bail!(
+            "{} holds several directories named pershome in different case; keep one",
+            dir.display()
+        ),
+    };
+    match open_at(Some(&cur), &name) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => Ok(None),
+        Err(e) => bail!("opening {}/pershome: {e}", dir.display()),
+    }
+}
+
+/// Binds the stick's `pershome/` directory, opened as `fd` by [`open_stick_dir`] (`shown` is
+/// its path, for messages), on `target`, `nosuid,nodev,noexec,noatime`. The bind is made from
+/// the descriptor (`/proc/self/fd/N`), so a directory swapped for a symlink after the check
+/// (on an sshfs mount the far side can do that) is never what gets bound; pershomefs and the
+/// claim check then only ever see `target`, a path only root controls.
+pub fn bind_stick_dir(fd: &OwnedFd, shown: &Path, target: &Path) -> Result<()> {
+    let dir = shown;
     let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
     nix::mount::mount(
         Some(source.as_str()),
