@@ -651,6 +651,159 @@ fn a_planted_stick_never_becomes_the_next_users_home() {
         .expect("close");
 }
 
+/// Writes a store on `backing` that claims other owners, as any computer can: the root owned
+/// by root with mode 0777 and an access ACL, `secret.txt` root's with mode 0600, `shared.txt`
+/// owned by `other` with mode 0666.
+fn plant_foreign_owners(backing: &Path, other: u32) {
+    use pershome::fs::{Ctx, Fs, FsOptions, SetAttr, ROOT};
+    let who = Ctx {
+        uid: 0,
+        gid: 0,
+        pid: 1,
+        umask: 0,
+    };
+    let fs = Fs::open_backing(backing, FsOptions::new(4242, 4242)).expect("opening the store");
+    for (name, uid, mode) in [("secret.txt", 0, 0o600), ("shared.txt", other, 0o666)] {
+        let (attr, fh) = fs
+            .create(who, ROOT, name.as_bytes(), mode, libc::O_RDWR)
+            .expect("create");
+        fs.write(fh, 0, b"data\n").expect("write");
+        fs.release(fh).expect("release");
+        fs.setattr(
+            attr.ino,
+            SetAttr {
+                uid: Some(uid),
+                gid: Some(uid),
+                mode: Some(mode),
+                ..SetAttr::default()
+            },
+        )
+        .expect("chown");
+    }
+    fs.setattr(
+        ROOT,
+        SetAttr {
+            uid: Some(0),
+            gid: Some(0),
+            mode: Some(0o777),
+            ..SetAttr::default()
+        },
+    )
+    .expect("chmod the root");
+    // user:OTHER:rwx, with a mask that lets it through.
+    let mut acl = vec![2u8, 0, 0, 0];
+    for (tag, perm, id) in [
+        (1u16, 7u16, u32::MAX),
+        (2, 7, other),
+        (4, 7, u32::MAX),
+        (0x10, 7, u32::MAX),
+        (0x20, 7, u32::MAX),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    fs.setxattr(ROOT, b"system.posix_acl_access", &acl, 0)
+        .expect("an access ACL on the root");
+    fs.shutdown();
+}
+
+/// Security (issue 10, hole 3), in process: with `private_home` the store's owners do not
+/// count from the first request on: the root is the mounting user's with mode 0700 and no
+/// access ACL, and every file shows as theirs. Without it (a plain mount, pjdfstest), the
+/// stored owners stay.
+#[test]
+fn private_home_ignores_the_owners_the_stick_claims() {
+    use pershome::fs::{Fs, FsOptions, ROOT};
+    let dir = tempfile::tempdir().unwrap();
+    plant_foreign_owners(dir.path(), 4343);
+    let private = FsOptions {
+        private_home: true,
+        ..FsOptions::new(1500, 1600)
+    };
+    let fs = Fs::open_backing(dir.path(), private).expect("opening privately");
+    let root = fs.getattr(ROOT).unwrap();
+    assert_eq!(
+        (root.uid, root.gid, root.perm),
+        (1500, 1600, 0o700),
+        "expected the root the user's, 0700, at the first request"
+    );
+    let acl = fs.getxattr(ROOT, b"system.posix_acl_access", 0);
+    assert!(
+        acl.is_err(),
+        "expected no access ACL on the root, got {acl:?}"
+    );
+    for name in ["secret.txt", "shared.txt"] {
+        let a = fs.lookup(ROOT, name.as_bytes()).unwrap();
+        assert_eq!((a.uid, a.gid), (1500, 1600), "{name}: expected the user's");
+    }
+    fs.shutdown();
+    drop(fs);
+    let plain = Fs::open_backing(dir.path(), FsOptions::new(1500, 1600)).unwrap();
+    let root = plain.getattr(ROOT).unwrap();
+    assert!(
+        plain.getxattr(ROOT, b"system.posix_acl_access", 0).is_ok(),
+        "expected the planted ACL in a plain mount"
+    );
+    assert_eq!(
+        (root.uid, root.perm),
+        (0, 0o777),
+        "a plain mount keeps the stored owner"
+    );
+    let a = plain.lookup(ROOT, b"shared.txt").unwrap();
+    assert_eq!(a.uid, 4343, "a plain mount keeps the stored owner");
+    plain.shutdown();
+}
+
+/// Security (issue 10, hole 3), through the hook: a stick whose store says the home's root is
+/// root's with mode 0777 (and an ACL for another user), that a file is root's 0600 and another
+/// is a second user's: in the mounted home the root is the user's, 0700, the second user is
+/// kept out, and the user reads every file.
+#[test]
+fn the_stick_never_decides_who_owns_the_home() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let (nora, otto) = (TestUser::new(), TestUser::new());
+    let home = root.add_account(&nora);
+    root.add_account(&otto);
+    root.list(&nora);
+    let stick = root.stick("s14", true);
+    plant_foreign_owners(&stick.join("pershome"), otto.uid);
+    config_ok(
+        &root,
+        &["claim".as_ref(), nora.name.as_ref(), stick.as_os_str()],
+    );
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &nora);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected the stick home mounted; said {:?}",
+        infos(&ctx)
+    );
+    let meta = std::fs::metadata(&home).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (nora.uid, 0o700),
+        "expected the home nora's, mode 700"
+    );
+    for name in ["secret.txt", "shared.txt"] {
+        let file = home.join(name);
+        let (ok, err) = run_as(nora.uid, nora.gid, "/usr/bin/cat", &[file.as_os_str()]);
+        assert!(ok, "nora reading {name}: expected success, got {err}");
+        let (ok, err) = run_as(otto.uid, otto.gid, "/usr/bin/cat", &[file.as_os_str()]);
+        assert!(
+            !ok && err.contains("Permission denied"),
+            "otto reading {name}: expected EACCES, got ok={ok} {err}"
+        );
+    }
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+}
+
 /// Security (issue 10, hole 6): a `--stick-dir` reached through a symlinked component (which
 /// whoever controls that link could point anywhere) is refused: nothing is bound or mounted,
 /// and the person is told why.

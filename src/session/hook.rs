@@ -266,9 +266,12 @@ pub fn open(
         format!("uid={}", account.uid),
         format!("gid={}", account.gid),
         // The daemon runs as root, so the kernel must let the user in (allow_other);
-        // default_permissions (always on) then applies the modes, and the top directory is
-        // kept 0700 below, so other users get EACCES as with a normal home.
+        // default_permissions (always on) then applies the modes. private_home makes the
+        // daemon show every stored owner as the user and the top directory as theirs, 0700,
+        // from the mount on (no chmod afterwards), so other users get EACCES as with a
+        // normal home whatever the stick says.
         "allow_other".to_owned(),
+        "private_home".to_owned(),
         format!("commit={}", cfg.commit_secs()),
         format!(
             "fsname=pershome:{}",
@@ -296,7 +299,6 @@ pub fn open(
             out,
         );
     }
-    keep_home_private(&account.home);
     run.write_state(&State {
         home: account.home.clone(),
         backing: found.backing.clone(),
@@ -483,22 +485,6 @@ fn release_stick(run: &UserRunDir, state: &State, linger: Duration) -> Result<()
 /// Whether `path` is a pershomefs mount.
 fn is_pershomefs(path: &Path) -> Result<bool> {
     Ok(mount_at(path)?.is_some_and(|m| m.fstype == PERSHOMEFS_TYPE))
-}
-
-/// Takes group and other permissions off the home's top directory, as Debian creates homes
-/// (0700): the mount has `allow_other`, so this mode is what keeps other users out.
-fn keep_home_private(home: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(home) {
-        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
-            let mode = m.permissions().mode() & 0o7700;
-            if let Err(e) = std::fs::set_permissions(home, std::fs::Permissions::from_mode(mode)) {
-                tracing::warn!("making {} private: {e}", home.display());
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("examining {}: {e}", home.display()),
-    }
 }
 
 /// Starts `finish` in the background, outside the session being closed: in its own systemd
