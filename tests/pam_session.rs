@@ -804,6 +804,120 @@ fn the_stick_never_decides_who_owns_the_home() {
         .expect("close");
 }
 
+/// Security (issue 10, hole 7): a mount over the stick home that the hook did not make (a
+/// user's own FUSE mount) cannot keep the stick mounted after logout:
+/// the close detaches their mount and unmounts the hook's, and the stick is released.
+#[test]
+fn a_users_mount_over_the_home_does_not_keep_the_stick() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let pia = TestUser::new();
+    let home = root.add_account(&pia);
+    root.list(&pia);
+    let stick = root.stick("s15", true);
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &pia);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(fstype_at(&home).as_deref(), Some("fuse.pershomefs"));
+    // A mount over the home that the hook did not make. A user does that with a FUSE mount
+    // of their own (fusermount3 is setuid); this host's /dev/fuse is root's only, so the test
+    // makes the covering mount itself (a tmpfs): to the hook both are "not its pershomefs".
+    nix::mount::mount(
+        Some("cover"),
+        &home,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mounting a tmpfs over the home");
+    let top = pershome::stick::mountinfo::mount_at(&home)
+        .unwrap()
+        .unwrap();
+    assert_eq!(top.fstype, "tmpfs", "expected the cover on top: {top:?}");
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected nothing left on the home after the close"
+    );
+    let stick_mp = root
+        .path()
+        .join("run/pershome")
+        .join(&pia.name)
+        .join("raw/stick");
+    assert_eq!(
+        fstype_at(&stick_mp),
+        None,
+        "expected the stick released after the close"
+    );
+    common::wait_until("the daemons exit", || {
+        common::daemons_serving(&home).is_empty()
+    });
+}
+
+/// Security (issue 10, hole 7): a logout never waits without a bound on the daemon. With the
+/// home's pershomefs daemon stopped (SIGSTOP: it answers nothing, as a daemon stuck on a dead
+/// stick), the close still returns; only then is the daemon let go on. A watchdog continues
+/// the daemon after two minutes so that a regression fails instead of hanging the suite; the
+/// test checks which came first, not how long anything took.
+#[test]
+fn a_stopped_daemon_does_not_hold_the_logout() {
+    needs_root!();
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let root = TestRoot::new(CONFIG);
+    let quin = TestUser::new();
+    let home = root.add_account(&quin);
+    root.list(&quin);
+    let stick = root.stick("s16", true);
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &quin);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    let pids = common::daemons_serving(&home);
+    assert_eq!(pids.len(), 1, "expected one daemon, got {pids:?}");
+    let pid = nix::unistd::Pid::from_raw(pids[0]);
+    // Something for the commit to do.
+    let file = home.join("late.txt");
+    let (ok, err) = run_as(quin.uid, quin.gid, "/usr/bin/touch", &[file.as_os_str()]);
+    assert!(ok, "touch: {err}");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let continued = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let continued = continued.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(120));
+            continued.store(true, Ordering::SeqCst);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        })
+    };
+    struct Continue(nix::unistd::Pid);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let cont = Continue(pid);
+    let closed = ctx
+        .unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string());
+    let returned_while_stopped = !continued.load(Ordering::SeqCst);
+    drop(cont);
+    drop(watchdog);
+    closed.expect("close");
+    assert!(
+        returned_while_stopped,
+        "expected the close to return while the daemon was stopped; it returned only after \
+         the watchdog continued the daemon"
+    );
+    common::wait_until("the daemon exits", || {
+        common::daemons_serving(&home).is_empty()
+    });
+}
+
 /// Security (issue 10, hole 6): a `--stick-dir` reached through a symlinked component (which
 /// whoever controls that link could point anywhere) is refused: nothing is bound or mounted,
 /// and the person is told why.

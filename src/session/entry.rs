@@ -379,9 +379,9 @@ pub fn release_stick_when_free(root: &Path, name: &str) -> Result<()> {
 
 fn release(run: &UserRunDir, state: &State) -> Result<()> {
     if state.stick_mounted.is_some() {
+        super::mounts::sync_stick(&run.stick_mountpoint(), Duration::from_secs(10));
         crate::stick::mount::unmount_within(&run.stick_mountpoint(), Duration::from_secs(10))?;
     }
-    nix::unistd::sync();
     run.clear_state()
 }
 

@@ -346,7 +346,16 @@ pub fn close(cfg: &HookConfig, account: &Account, out: &mut dyn Write) -> Result
         return Ok(Closed::StillInUse(n - 1));
     }
     count.set(0)?;
-    mounts::commit(&state.home);
+    // Only our own mount is unmounted: one a user put over it is detached first, or the
+    // unmount would take theirs and leave the stick mounted.
+    if !mounts::uncover_home(&state.home)? {
+        tracing::warn!(
+            "{}: the stick home on {} was already gone",
+            account.name,
+            state.home.display()
+        );
+    }
+    mounts::commit(&state.home, cfg.linger());
     match nix::mount::umount2(&state.home, nix::mount::MntFlags::empty()) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
             teardown(&run, &state, cfg.linger(), account, out)?;
@@ -393,6 +402,7 @@ pub fn finish(cfg: &HookConfig, account: &Account) -> Result<Closed> {
             return Ok(Closed::StillInUse(count.get()?));
         }
         let last_try = std::time::Instant::now() >= deadline;
+        mounts::uncover_home(&state.home)?;
         let unmounted = if last_try {
             unmount_within(&state.home, Duration::ZERO)?
         } else {
@@ -463,11 +473,12 @@ fn teardown(
     Ok(())
 }
 
-/// Unmounts the stick the hook mounted (if it did) and syncs.
+/// Flushes (`syncfs`, bounded) and unmounts the stick the hook mounted (if it did).
 fn release_stick(run: &UserRunDir, state: &State, linger: Duration) -> Result<()> {
     if state.stick_mounted.is_some() {
         let mp = run.stick_mountpoint();
         if mount_at(&mp)?.is_some() {
+            mounts::sync_stick(&mp, linger.max(Duration::from_secs(10)));
             let how = unmount_within(&mp, linger)?;
             if how == Unmounted::Lazily {
                 tracing::warn!(
@@ -478,13 +489,12 @@ fn release_stick(run: &UserRunDir, state: &State, linger: Duration) -> Result<()
             }
         }
     }
-    nix::unistd::sync();
     Ok(())
 }
 
 /// Whether `path` is a pershomefs mount.
 fn is_pershomefs(path: &Path) -> Result<bool> {
-    Ok(mount_at(path)?.is_some_and(|m| m.fstype == PERSHOMEFS_TYPE))
+    Ok(mount_at(path)?.is_some_and(|m| mounts::is_hook_mount(&m)))
 }
 
 /// Starts `finish` in the background, outside the session being closed: in its own systemd

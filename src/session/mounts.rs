@@ -277,14 +277,85 @@ pub fn own_scope(program: &Path, description: &str) -> Command {
     }
 }
 
+/// Runs `work` on a thread of its own and waits for it at most `within`: `None` when the
+/// time ran out (the thread is left to finish or to die with the process). For calls into a
+/// filesystem whose server may hang (a stopped daemon, a stick that stopped answering).
+fn within<T: Send + 'static>(
+    within: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.recv_timeout(within).ok()
+}
+
 /// Asks pershomefs to commit the metadata now: `fsync` on the home's top directory is a
-/// `fsyncdir`, which commits the gathered changes. A failure is only logged: the unmount
-/// commits anyway.
-pub fn commit(home: &Path) {
-    match std::fs::File::open(home).and_then(|d| d.sync_all()) {
-        Ok(()) => tracing::debug!("committed metadata of {}", home.display()),
-        Err(e) => tracing::warn!("committing metadata of {}: {e}", home.display()),
+/// `fsyncdir`, which commits the gathered changes. Waits at most `bound`; a failure or a
+/// timeout is only logged: the unmount commits anyway.
+pub fn commit(home: &Path, bound: Duration) {
+    let path = home.to_path_buf();
+    match within(bound, move || {
+        std::fs::File::open(&path).and_then(|d| d.sync_all())
+    }) {
+        Some(Ok(())) => tracing::debug!("committed metadata of {}", home.display()),
+        Some(Err(e)) => tracing::warn!("committing metadata of {}: {e}", home.display()),
+        None => tracing::warn!(
+            "committing metadata of {}: no answer within {}s; unmounting anyway",
+            home.display(),
+            bound.as_secs()
+        ),
     }
+}
+
+/// Flushes the filesystem holding `path` (the stick) with `syncfs`, waiting at most `bound`:
+/// a global `sync()` would wait for every other disk of the machine too.
+pub fn sync_stick(path: &Path, bound: Duration) {
+    let p = path.to_path_buf();
+    let done = within(bound, move || {
+        let dir = std::fs::File::open(&p)?;
+        nix::unistd::syncfs(dir.as_raw_fd()).map_err(std::io::Error::from)
+    });
+    match done {
+        Some(Ok(())) => {}
+        Some(Err(e)) => tracing::warn!("syncing {}: {e}", path.display()),
+        None => tracing::warn!(
+            "syncing {}: no answer within {}s",
+            path.display(),
+            bound.as_secs()
+        ),
+    }
+}
+
+/// Whether `m` is the hook's own pershomefs mount: a `fuse.pershomefs` mount made by root
+/// (`user_id=0`; a user's own FUSE mount carries their uid, and no user can make one with 0).
+pub fn is_hook_mount(m: &crate::stick::mountinfo::MountEntry) -> bool {
+    m.fstype == crate::stick::mountinfo::PERSHOMEFS_TYPE && m.super_option("user_id") == Some("0")
+}
+
+/// Makes the hook's pershomefs the top mount on `home` again: whatever a user mounted over
+/// it (a FUSE mount of their own, which would take the unmount meant for ours and keep the
+/// stick mounted) is detached. At most 16 layers; `Ok(false)` when nothing of ours is there.
+pub fn uncover_home(home: &Path) -> Result<bool> {
+    for _ in 0..16 {
+        match crate::stick::mountinfo::mount_at(home)? {
+            None => return Ok(false),
+            Some(m) if is_hook_mount(&m) => return Ok(true),
+            Some(m) => {
+                tracing::warn!(
+                    "{} is covered by a {} mount from {} that the login hook did not make: \
+                     detaching it",
+                    home.display(),
+                    m.fstype,
+                    m.source
+                );
+                nix::mount::umount2(home, MntFlags::MNT_DETACH)
+                    .map_err(|e| anyhow!("detaching a mount over {}: {e}", home.display()))?;
+            }
+        }
+    }
+    bail!("{} has too many mounts over it", home.display())
 }
 
 /// Waits until nothing holds the store lock of `backing` (`.pershome/`, locked by the
