@@ -46,12 +46,14 @@ pub(crate) fn default_meta(kind: Kind, stat: &BackingStat, opts: &super::FsOptio
     }
 }
 
-/// Stored ids → ids on this machine: the stick's owner becomes whoever mounts it.
+/// Stored ids → ids on this machine: the stick's owner becomes whoever mounts it; in a
+/// `private_home` mount every stored id does (docs/security.md: no uid on the stick grants
+/// another local user access or takes it from the user).
 pub(crate) fn map_ids_in(meta: &mut Meta, opts: &super::FsOptions) {
-    if meta.uid == OWNER_ID {
+    if meta.uid == OWNER_ID || opts.private_home {
         meta.uid = opts.uid;
     }
-    if meta.gid == OWNER_ID {
+    if meta.gid == OWNER_ID || opts.private_home {
         meta.gid = opts.gid;
     }
 }
