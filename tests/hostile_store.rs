@@ -240,3 +240,68 @@ fn a_planted_part_at_a_huge_index_is_walked_only_as_far_as_the_listing_shows() {
         "fsck made no hole files"
     );
 }
+
+/// Hole 4, the tree walks: renames nest the store's path tree one level per record of a few
+/// bytes (`a` → `b/a`, `b` → `a/b`, …). A stick with 100,000 of them (2 MB) used to overflow
+/// the stack of the thread that dropped or snapshotted the tree (recursive drop), killing the
+/// root daemon at its first readdir. Now the walks are iterative and recovery cuts the tree
+/// at the deepest path a record may hold, with a warning.
+#[test]
+fn a_store_nested_deep_by_renames_does_not_overflow_the_stack() {
+    use pershome::meta::{Journal, Meta, OpenMode, Record};
+    use std::os::fd::AsFd;
+    const DEPTH: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let root = std::fs::File::open(dir.path()).unwrap();
+        let (mut journal, _) = Journal::open(root.as_fd(), OpenMode::ReadWrite).unwrap();
+        let names: [&[u8]; 2] = [b"a", b"b"];
+        let mut batch = vec![Record::Put {
+            path: vec![b"a".to_vec()],
+            meta: Meta {
+                mode: libc::S_IFDIR | 0o755,
+                ..Meta::default()
+            },
+        }];
+        for i in 0..DEPTH {
+            let (moved, parent) = (names[i % 2], names[(i + 1) % 2]);
+            batch.push(Record::Rename {
+                from: vec![moved.to_vec()],
+                to: vec![parent.to_vec(), moved.to_vec()],
+            });
+            if batch.len() == 10_000 {
+                journal.append(&batch).unwrap();
+                batch.clear();
+            }
+        }
+        journal.append(&batch).unwrap();
+    }
+    // A FUSE worker thread's stack, not the test harness's.
+    let backing = dir.path().to_path_buf();
+    let worker = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            let fs = open(&backing);
+            let fh = fs.opendir(ROOT).unwrap();
+            let listed = fs.readdir(fh, 0).unwrap().len();
+            fs.releasedir(fh);
+            let warnings = fs.recovery_warnings();
+            fs.compact().unwrap();
+            fs.shutdown();
+            drop(fs);
+            // The checkpoint written over the cut tree opens again.
+            let again = open(&backing);
+            drop(again);
+            (listed, warnings)
+        })
+        .unwrap();
+    let (listed, warnings) = worker.join().expect("the worker thread survives");
+    assert_eq!(
+        listed, 2,
+        "only . and .. (the records name no backing entry)"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("1 records ignored")),
+        "the record below the cut is reported: {warnings:?}"
+    );
+}
