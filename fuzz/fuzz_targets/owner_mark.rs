@@ -1,14 +1,16 @@
-//! Fuzz target: the login hook's owner-mark reader (`session::stick::read_owner_mark`), run as
-//! root on a stick anyone can write.
+//! Fuzz target: the login hook's owner-mark and claim reader (`session::claim::look`,
+//! `Mark::parse`, `Mark::claimed_for`), run as root on a stick anyone can write.
 //!
 //! The input chooses the store directory (long `.pershome`, 8.3 `PERSHOME.DB` in either
 //! case, or a file or symlink in its place), what stands at the mark's name (a regular file
 //! with the fuzzer's bytes, a directory, a symlink, a fifo, nothing) and the bytes.
 //!
 //! Asserts no panic and no hang (a fifo must not block the reader), and the reader's promises:
-//! no store or no mark is `None`; anything but a regular file is `Some("")` (refuse, never
-//! guess); a mark's answer is one line without control characters, from at most 256 bytes;
-//! and a plain `name\n` mark reads as `name`.
+//! no store or no mark is no mark; anything but a regular file is a mark naming nobody
+//! (refuse, never guess); a mark's name is one line without control characters; a plain
+//! `name\n` mark reads as `name`; no mark the fuzzer wrote is a claim under the site key
+//! (it does not know the key); and a claim written with `write_claim` is one, for that user
+//! only.
 #![no_main]
 
 use std::os::unix::fs::symlink;
@@ -16,7 +18,10 @@ use std::path::Path;
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use pershome::session::stick::read_owner_mark;
+use pershome::session::claim::{look, write_claim, Mark, SiteKey};
+
+/// The site secret of this fuzzing "site": the fuzzer's bytes never hold it.
+const KEY: &[u8] = b"fuzzing site key, 32 bytes long!";
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum At {
@@ -91,6 +96,10 @@ fn run(u: &mut Unstructured<'_>, backing: &Path) -> Result<()> {
         let mark_path = store_path.join(mark);
         match mark_kind {
             At::File => std::fs::write(&mark_path, &body).expect("mark"),
+            At::Dir if u.arbitrary()? => {
+                std::fs::create_dir(&mark_path).expect("mark dir");
+                std::fs::write(mark_path.join("x"), b"x").expect("in the mark dir");
+            }
             At::Dir => std::fs::create_dir(&mark_path).expect("mark dir"),
             At::Symlink => {
                 std::fs::write(backing.join("target"), b"victim\n").expect("target");
@@ -100,36 +109,53 @@ fn run(u: &mut Unstructured<'_>, backing: &Path) -> Result<()> {
             At::Nothing => {}
         }
     }
-    let got = read_owner_mark(backing);
+    let key = SiteKey::from_bytes(KEY);
+    let got = look(backing).mark;
     let store_seen = store_kind != At::Nothing;
     match (store_kind, mark_kind) {
         (At::Nothing, _) => assert_eq!(got, None, "no store, yet a mark {got:?}"),
         (At::Dir, At::Nothing) => assert_eq!(got, None, "no mark, yet {got:?}"),
         (At::Dir, At::File) => {
-            let text = got.clone().expect("a regular mark is read");
+            let mark = got.clone().expect("a regular mark is read");
             assert!(
-                !text.chars().any(char::is_control),
-                "control characters in {text:?}"
-            );
-            assert!(
-                text.len() <= 3 * 256,
-                "{} bytes from a 256-byte read",
-                text.len()
+                !mark.name.chars().any(char::is_control) && !mark.name.contains('\n'),
+                "control characters in {:?}",
+                mark.name
             );
             if plain {
                 let name = String::from_utf8(body[..body.len() - 1].to_vec()).expect("ascii");
-                assert_eq!(text, name, "a plain mark reads back");
+                assert_eq!(mark.name, name, "a plain mark reads back");
             }
+            assert!(
+                !mark.claimed_for(&key, &mark.name),
+                "a mark written without the key passes as a claim: {mark:?}"
+            );
         }
         // A store or mark that is not what it must be: refused, never followed.
         _ if store_seen => {
             assert_eq!(
-                got.as_deref(),
-                Some(""),
+                got,
+                Some(Mark::default()),
                 "{store_kind:?}/{mark_kind:?}: {got:?}"
             );
         }
         _ => {}
+    }
+    // Claiming a stick with a real store directory and a regular (or no) mark works, for
+    // that user only, over whatever mark was there.
+    if store_kind == At::Dir && matches!(mark_kind, At::File | At::Nothing) {
+        write_claim(backing, "alice", &key).expect("claiming a plain store");
+        let mark = look(backing).mark.expect("the claim's mark");
+        assert!(mark.claimed_for(&key, "alice"), "the claim holds: {mark:?}");
+        assert!(
+            !mark.claimed_for(&key, "bob"),
+            "a claim for alice is not bob's"
+        );
+        let other = SiteKey::from_bytes(b"another site's key, 32 bytes!!!");
+        assert!(
+            !mark.claimed_for(&other, "alice"),
+            "a claim holds at its own site only"
+        );
     }
     Ok(())
 }

@@ -85,15 +85,21 @@ impl Fs {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The first record of a file stored in parts cannot go into a format-1 journal (an
-    /// older pershome would read it as damage and cut it off): the whole state, which already
-    /// holds the batch's changes, is written as a new format-2 generation instead.
+    /// The whole state, when the batch cannot go into the journal: the first record of a file
+    /// stored in parts cannot go into a format-1 journal (an older pershome would read it as
+    /// damage and cut it off), and no batch may be larger than a reader accepts. The state
+    /// already holds the batch's changes and is written as a new generation instead.
     fn upgrade_snapshot(
         &self,
         st: &State,
         journal: &mut Option<crate::meta::Journal>,
         records: &[Record],
     ) -> Option<Vec<Record>> {
+        // A batch larger than a reader accepts in one frame (`MAX_FRAME_LEN`, the bound on
+        // what recovery holds in memory) goes as a new generation too, in small chunks.
+        if !crate::meta::journal::fits_in_one_batch(records) {
+            return Some(self.snapshot(st));
+        }
         if !records.iter().any(Record::needs_format_2) {
             return None;
         }

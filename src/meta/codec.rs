@@ -34,6 +34,11 @@ pub const MAX_XATTR_NAME_LEN: usize = 255;
 pub const MAX_XATTR_VALUE_LEN: usize = 65536;
 /// Most xattrs on one inode.
 pub const MAX_XATTRS: usize = 4096;
+/// Most bytes of xattr names and values on one inode. The filesystem keeps at most 256 KiB
+/// (`fs::xattr`); this bound keeps every record a few MiB at most (with the longest path), so
+/// that any record fits a checkpoint chunk far below the reader's frame limit
+/// (`journal::MAX_FRAME_LEN`).
+pub const MAX_XATTRS_TOTAL: usize = 1 << 20;
 /// A LEB128 varint of a u64 never needs more than this many bytes.
 const MAX_VARINT_LEN: usize = 10;
 
@@ -484,6 +489,7 @@ impl<'a> Reader<'a> {
             ));
         }
         let mut xattrs: Vec<Xattr> = Vec::with_capacity(count);
+        let mut total = 0;
         for _ in 0..count {
             let at = self.pos;
             let name = self.bytes("xattr name", 1, MAX_XATTR_NAME_LEN)?;
@@ -496,6 +502,13 @@ impl<'a> Reader<'a> {
                 }
             }
             let value = self.bytes("xattr value", 0, MAX_XATTR_VALUE_LEN)?;
+            total += name.len() + value.len();
+            if total > MAX_XATTRS_TOTAL {
+                return Err(self.err(
+                    at,
+                    format!("the xattrs hold more than the {MAX_XATTRS_TOTAL} bytes allowed"),
+                ));
+            }
             xattrs.push((name, value));
         }
         Ok(xattrs)

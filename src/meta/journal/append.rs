@@ -10,9 +10,26 @@ use nix::sys::stat::Mode;
 use nix::sys::uio::pread;
 use nix::unistd::ftruncate;
 
-use super::format::{push_frame, u32_at, BATCH_MAGIC, FRAME_HEADER_LEN, HEADER_LEN};
+use super::format::{push_frame, u32_at, BATCH_MAGIC, FRAME_HEADER_LEN, HEADER_LEN, MAX_FRAME_LEN};
 use super::{io_err, Journal, Kind, Record, StoreError, BASE_FORMAT_VERSION, MAX_FILE_LEN};
 use crate::meta::codec::encode_record;
+
+/// Whether `records` fit in one journal batch, which a reader accepts only up to
+/// `MAX_FRAME_LEN` bytes. A larger batch (a commit of some hundred thousand changes) must be
+/// written as a new generation: `Journal::checkpoint` of the whole state, in small chunks.
+pub fn fits_in_one_batch(records: &[Record]) -> bool {
+    let mut scratch = Vec::new();
+    let mut total = 0;
+    for r in records {
+        scratch.clear();
+        encode_record(r, &mut scratch);
+        total += scratch.len();
+        if total > MAX_FRAME_LEN {
+            return false;
+        }
+    }
+    true
+}
 
 impl Journal {
     /// Commits one batch: it is entirely on the stick (or, after a crash, entirely absent at
@@ -33,7 +50,9 @@ impl Journal {
             encode_record(r, &mut payload);
         }
         let frame_len = (FRAME_HEADER_LEN + payload.len()) as u64;
-        if self.len + frame_len > MAX_FILE_LEN {
+        // A reader refuses a frame larger than MAX_FRAME_LEN (its memory bound): the caller
+        // writes such a batch as a new generation instead (`fits_in_one_batch`).
+        if payload.len() > MAX_FRAME_LEN || self.len + frame_len > MAX_FILE_LEN {
             return Err(StoreError::BatchTooLarge { bytes: frame_len });
         }
         let mut frame = Vec::with_capacity(frame_len as usize);

@@ -2,7 +2,8 @@
 //! writing, syncing, creating durably and removing them.
 //!
 //! Each write-like call passes the injected-fault gate and is counted in `WriteStats`. It
-//! never follows a symlink and never reads more than `MAX_FILE_LEN` bytes of a file.
+//! never follows a symlink, never opens a file larger than `MAX_FILE_LEN` bytes, and never
+//! reads a store file whole: `StoreReader` serves the scans one frame at a time.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -14,7 +15,7 @@ use nix::sys::stat::{fstat, Mode, SFlag};
 use nix::sys::uio::{pread, pwrite};
 use nix::unistd::{fdatasync, fsync, unlinkat, UnlinkatFlags};
 
-use super::format::HEADER_LEN;
+use super::format::{Source, HEADER_LEN};
 use super::{io_err, Journal, Kind, OpenMode, StoreError, StoreLayout, MAX_FILE_LEN};
 use crate::faults::{torn_len, Gate};
 
@@ -83,25 +84,65 @@ pub(super) fn read_at_most(
     Ok(buf)
 }
 
-/// Reads a whole store file; None if it is not a regular file.
-pub(super) fn read_file(
-    dir: &OwnedFd,
-    sd: &str,
-    name: &str,
-) -> Result<Option<Vec<u8>>, StoreError> {
-    let Some(fd) = open_for_read(dir, sd, name)? else {
-        return Ok(None);
-    };
-    let st = fstat(raw(&fd)).map_err(io_err(format!("examining {sd}/{name}")))?;
-    let size = u64::try_from(st.st_size).unwrap_or(0);
-    if size > MAX_FILE_LEN {
-        return Err(StoreError::TooLarge {
-            name: format!("{sd}/{name}"),
-            size,
-        });
+/// A store file open for reading, read in pieces by the scans of `format` (never whole: a
+/// stick decides how large its store files are).
+pub(super) struct StoreReader {
+    fd: OwnedFd,
+    len: usize,
+    what: String,
+}
+
+impl StoreReader {
+    /// Opens a store file for reading; None if it is not a regular file.
+    pub(super) fn open(
+        dir: &OwnedFd,
+        sd: &str,
+        name: &str,
+    ) -> Result<Option<StoreReader>, StoreError> {
+        let Some(fd) = open_for_read(dir, sd, name)? else {
+            return Ok(None);
+        };
+        let st = fstat(raw(&fd)).map_err(io_err(format!("examining {sd}/{name}")))?;
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        if size > MAX_FILE_LEN {
+            return Err(StoreError::TooLarge {
+                name: format!("{sd}/{name}"),
+                size,
+            });
+        }
+        Ok(Some(StoreReader {
+            fd,
+            // Cannot truncate: size <= MAX_FILE_LEN.
+            len: size as usize,
+            what: format!("{sd}/{name}"),
+        }))
     }
-    // Cannot truncate: size <= MAX_FILE_LEN.
-    read_at_most(&fd, sd, name, size as usize).map(Some)
+}
+
+impl Source for StoreReader {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn read_at(&self, at: usize, buf: &mut [u8]) -> Result<(), StoreError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match pread(self.fd.as_fd(), &mut buf[got..], (at + got) as i64) {
+                // The file shrank since it was opened (a live journal only grows): what was
+                // read no longer describes one file.
+                Ok(0) => {
+                    return Err(StoreError::Io {
+                        context: format!("reading {}: it shrank while being read", self.what),
+                        source: std::io::Error::from_raw_os_error(libc::EIO),
+                    })
+                }
+                Ok(n) => got += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(io_err(format!("reading {}", self.what))(e)),
+            }
+        }
+        Ok(())
+    }
 }
 
 pub(super) fn read_header(

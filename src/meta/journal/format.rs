@@ -1,13 +1,16 @@
 //! The bytes of a store file: file names, headers, frames, building and scanning a
 //! checkpoint, replaying a journal (format: `docs/format.md`).
 //!
-//! Pure: it never does I/O, so every rule of the format is tested directly on byte slices. It
-//! must never trust a length or count it reads: every byte comes from an untrusted stick.
+//! Pure: it never does I/O itself. Scans read through a `Source`: a byte slice in tests, an
+//! open store file (`file_io::StoreReader`) in recovery, which is read one frame at a time so
+//! that memory never depends on a file's size (at most `MAX_FRAME_LEN` of it is held). It must
+//! never trust a length or count it reads: every byte comes from an untrusted stick.
 
+use super::StoreError;
 #[cfg(test)]
 use super::StoreLayout;
 use super::{version_for, Kind, Record, Replayed, BASE_FORMAT_VERSION, FORMAT_VERSION};
-use crate::meta::codec::{decode_all, encode_record};
+use crate::meta::codec::{decode_record, encode_record, DecodeError};
 
 /// Header of both file kinds: magic (8), version u32 LE, generation u64 LE, crc32c of the 20
 /// bytes before it, u32 LE.
@@ -20,6 +23,11 @@ pub(super) const FRAME_HEADER_LEN: usize = 12;
 pub(super) const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"PSHB");
 pub(super) const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"PSHC");
 pub(super) const TRAILER_MAGIC: u32 = u32::from_le_bytes(*b"PSHT");
+/// The largest frame payload a reader accepts, and so the most of a store file held in memory
+/// at once while it is read. A writer never makes a larger frame: a batch that would be
+/// larger is written as a new generation (checkpoint) instead, whose chunks are small. A real
+/// batch is a few seconds of changes (kilobytes); 16 MiB is some 300,000 records.
+pub const MAX_FRAME_LEN: usize = 16 << 20;
 /// Trailer payload: record count u64 LE, crc32c of every file byte before the trailer frame.
 pub(super) const TRAILER_PAYLOAD_LEN: usize = 12;
 /// A checkpoint chunk frame is closed once its payload reaches this size, so that a torn or
@@ -148,67 +156,157 @@ pub(super) fn push_frame(out: &mut Vec<u8>, magic: u32, generation: u64, payload
     out.extend_from_slice(payload);
 }
 
+/// Where a scan reads a store file from: a byte slice (tests) or an open file (recovery).
+pub(super) trait Source {
+    /// The file's length when it was opened.
+    fn len(&self) -> usize;
+    /// Fills `buf` from offset `at`; the caller never reads past `len()`.
+    fn read_at(&self, at: usize, buf: &mut [u8]) -> Result<(), StoreError>;
+}
+
+impl Source for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn read_at(&self, at: usize, buf: &mut [u8]) -> Result<(), StoreError> {
+        buf.copy_from_slice(&self[at..at + buf.len()]);
+        Ok(())
+    }
+}
+
+impl Source for Vec<u8> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn read_at(&self, at: usize, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.as_slice().read_at(at, buf)
+    }
+}
+
 /// A frame read from a file.
-pub(super) enum Frame<'a> {
-    /// A frame whose length fits the file and whose checksum matches.
-    Good { magic: u32, payload: &'a [u8] },
+pub(super) enum Frame {
+    /// A frame whose length fits the file and whose checksum matches; `header` is its 12
+    /// header bytes (for the checkpoint's whole-file checksum).
+    Good {
+        magic: u32,
+        header: [u8; FRAME_HEADER_LEN],
+        payload: Vec<u8>,
+    },
     /// The file ends inside the frame.
     Torn(String),
-    /// The checksum does not match.
+    /// The checksum does not match, or the frame claims more than a frame may hold.
     Bad(String),
 }
 
-pub(super) fn read_frame(bytes: &[u8], at: usize, generation: u64) -> Frame<'_> {
-    let left = bytes.len().saturating_sub(at);
+pub(super) fn read_frame<S: Source + ?Sized>(
+    src: &S,
+    at: usize,
+    generation: u64,
+) -> Result<Frame, StoreError> {
+    let left = src.len().saturating_sub(at);
     if left < FRAME_HEADER_LEN {
-        return Frame::Torn(format!("the file ends {left} bytes into a frame header"));
+        return Ok(Frame::Torn(format!(
+            "the file ends {left} bytes into a frame header"
+        )));
     }
-    let magic = u32_at(bytes, at);
-    let len = u32_at(bytes, at + 4) as usize;
-    let crc = u32_at(bytes, at + 8);
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    src.read_at(at, &mut header)?;
+    let magic = u32_at(&header, 0);
+    let len = u32_at(&header, 4) as usize;
+    let crc = u32_at(&header, 8);
     let start = at + FRAME_HEADER_LEN;
-    if len > bytes.len() - start {
-        return Frame::Torn(format!(
+    if len > src.len() - start {
+        return Ok(Frame::Torn(format!(
             "a frame claims {len} bytes but the file ends {} bytes later",
-            bytes.len() - start
-        ));
+            src.len() - start
+        )));
     }
-    let payload = &bytes[start..start + len];
-    if frame_crc(generation, payload) != crc {
-        return Frame::Bad("a frame's checksum does not match".into());
+    if len > MAX_FRAME_LEN {
+        return Ok(Frame::Bad(format!(
+            "a frame claims {len} bytes, more than the {MAX_FRAME_LEN} a frame may hold"
+        )));
     }
-    Frame::Good { magic, payload }
+    let mut payload = vec![0u8; len];
+    src.read_at(start, &mut payload)?;
+    if frame_crc(generation, &payload) != crc {
+        return Ok(Frame::Bad("a frame's checksum does not match".into()));
+    }
+    Ok(Frame::Good {
+        magic,
+        header,
+        payload,
+    })
+}
+
+/// Applies the records of one frame payload to `state`, all or none: the payload is decoded
+/// once to check it (keeping nothing), then again to apply it, record by record, so that a
+/// frame's records are never all in memory at once. Returns how many were applied.
+pub(super) fn apply_payload(payload: &[u8], state: &mut Replayed) -> Result<usize, DecodeError> {
+    let mut at = 0;
+    let mut count = 0;
+    while at < payload.len() {
+        let (_, used) = decode_record(&payload[at..]).map_err(|e| DecodeError {
+            offset: at + e.offset,
+            reason: e.reason,
+        })?;
+        at += used;
+        count += 1;
+    }
+    at = 0;
+    while at < payload.len() {
+        let (record, used) = decode_record(&payload[at..])?;
+        state.apply(record);
+        at += used;
+    }
+    Ok(count)
 }
 
 /// What a checkpoint file yielded.
 #[derive(Debug)]
 pub(super) struct CheckpointScan {
-    /// The records of every intact chunk before the first problem.
-    pub(super) records: Vec<Record>,
+    /// How many records of intact chunks before the first problem were applied.
+    pub(super) records: usize,
     /// True only when the trailer was found and agrees with the whole file.
     pub(super) complete: bool,
     pub(super) problem: Option<String>,
 }
 
-/// Reads a checkpoint whose header is already checked.
-pub(super) fn scan_checkpoint(bytes: &[u8], generation: u64) -> CheckpointScan {
-    let mut records = Vec::new();
+/// Reads a checkpoint whose header is already checked, applying the records of every intact
+/// chunk before the first problem to `state`.
+pub(super) fn scan_checkpoint<S: Source + ?Sized>(
+    src: &S,
+    generation: u64,
+    state: &mut Replayed,
+) -> Result<CheckpointScan, StoreError> {
+    let mut records = 0;
     let mut at = HEADER_LEN;
-    let fail = |records, why: String| CheckpointScan {
-        records,
-        complete: false,
-        problem: Some(why),
+    let fail = |records, why: String| {
+        Ok(CheckpointScan {
+            records,
+            complete: false,
+            problem: Some(why),
+        })
+    };
+    // The whole-file checksum of the trailer, computed as the frames go by.
+    let mut file_crc = {
+        let mut header = [0u8; HEADER_LEN];
+        src.read_at(0, &mut header)?;
+        crc32c::crc32c(&header)
     };
     loop {
-        let (magic, payload) = match read_frame(bytes, at, generation) {
-            Frame::Good { magic, payload } => (magic, payload),
+        let (magic, header, payload) = match read_frame(src, at, generation)? {
+            Frame::Good {
+                magic,
+                header,
+                payload,
+            } => (magic, header, payload),
             Frame::Torn(why) | Frame::Bad(why) => {
                 return fail(records, format!("at byte {at}: {why}"));
             }
         };
         match magic {
-            CHUNK_MAGIC => match decode_all(payload) {
-                Ok(mut r) => records.append(&mut r),
+            CHUNK_MAGIC => match apply_payload(&payload, state) {
+                Ok(n) => records += n,
                 Err(e) => {
                     return fail(records, format!("in the frame at byte {at}: {e}"));
                 }
@@ -220,33 +318,32 @@ pub(super) fn scan_checkpoint(bytes: &[u8], generation: u64) -> CheckpointScan {
                         format!("the trailer at byte {at} has a bad length"),
                     );
                 }
-                let count = u64_at(payload, 0);
-                let file_crc = u32_at(payload, 8);
-                let held = records.len();
-                if count != held as u64 {
+                let count = u64_at(&payload, 0);
+                let stored_crc = u32_at(&payload, 8);
+                if count != records as u64 {
                     return fail(
                         records,
-                        format!("the trailer counts {count} records, the frames hold {held}"),
+                        format!("the trailer counts {count} records, the frames hold {records}"),
                     );
                 }
-                if crc32c::crc32c(&bytes[..at]) != file_crc {
+                if file_crc != stored_crc {
                     return fail(
                         records,
                         "the trailer's whole-file checksum does not match".into(),
                     );
                 }
                 let end = at + FRAME_HEADER_LEN + payload.len();
-                let problem = (end != bytes.len()).then(|| {
+                let problem = (end != src.len()).then(|| {
                     format!(
                         "{} stray bytes follow the trailer (ignored)",
-                        bytes.len() - end
+                        src.len() - end
                     )
                 });
-                return CheckpointScan {
+                return Ok(CheckpointScan {
                     records,
                     complete: true,
                     problem,
-                };
+                });
             }
             other => {
                 return fail(
@@ -255,6 +352,8 @@ pub(super) fn scan_checkpoint(bytes: &[u8], generation: u64) -> CheckpointScan {
                 );
             }
         }
+        file_crc = crc32c::crc32c_append(file_crc, &header);
+        file_crc = crc32c::crc32c_append(file_crc, &payload);
         at += FRAME_HEADER_LEN + payload.len();
     }
 }
@@ -263,12 +362,17 @@ pub(super) fn scan_checkpoint(bytes: &[u8], generation: u64) -> CheckpointScan {
 pub(super) fn build_checkpoint(generation: u64, records: &[Record]) -> Vec<u8> {
     let mut file = encode_header_version(Kind::Checkpoint, generation, version_for(records));
     let mut chunk = Vec::new();
+    let mut one = Vec::new();
     for r in records {
-        encode_record(r, &mut chunk);
-        if chunk.len() >= CHUNK_TARGET {
+        one.clear();
+        encode_record(r, &mut one);
+        // A chunk holds at most CHUNK_TARGET bytes or a single record, so every chunk stays
+        // far below MAX_FRAME_LEN (a record is at most a few MiB: codec limits).
+        if !chunk.is_empty() && chunk.len() + one.len() > CHUNK_TARGET {
             push_frame(&mut file, CHUNK_MAGIC, generation, &chunk);
             chunk.clear();
         }
+        chunk.extend_from_slice(&one);
     }
     if !chunk.is_empty() {
         push_frame(&mut file, CHUNK_MAGIC, generation, &chunk);
@@ -294,63 +398,92 @@ pub(super) struct JournalScan {
 
 /// Replays a journal whose header is already checked into `state`, batch by batch, stopping
 /// at the first batch that is torn, fails its checksum or does not decode.
-pub(super) fn replay_journal(bytes: &[u8], generation: u64, state: &mut Replayed) -> JournalScan {
+pub(super) fn replay_journal<S: Source + ?Sized>(
+    src: &S,
+    generation: u64,
+    state: &mut Replayed,
+) -> Result<JournalScan, StoreError> {
     let mut at = HEADER_LEN;
     let mut batches = 0;
-    while at < bytes.len() {
-        let why = match read_frame(bytes, at, generation) {
-            Frame::Good { magic, payload } if magic == BATCH_MAGIC => match decode_all(payload) {
-                Ok(records) => {
-                    for r in records {
-                        state.apply(r);
+    while at < src.len() {
+        let why = match read_frame(src, at, generation)? {
+            Frame::Good { magic, payload, .. } if magic == BATCH_MAGIC => {
+                match apply_payload(&payload, state) {
+                    Ok(_) => {
+                        batches += 1;
+                        at += FRAME_HEADER_LEN + payload.len();
+                        continue;
                     }
-                    batches += 1;
-                    at += FRAME_HEADER_LEN + payload.len();
-                    continue;
+                    Err(e) => format!("the batch at byte {at} does not decode: {e}"),
                 }
-                Err(e) => format!("the batch at byte {at} does not decode: {e}"),
-            },
+            }
             Frame::Good { magic, .. } => {
                 format!("unknown frame type {magic:#010x} at byte {at}")
             }
             Frame::Torn(why) | Frame::Bad(why) => format!("at byte {at}: {why}"),
         };
-        return JournalScan {
+        return Ok(JournalScan {
             batches,
             good_end: at,
             problem: Some(why),
-            intact_after_problem: intact_frame_after(bytes, at + 1, generation),
-        };
+            intact_after_problem: intact_frame_after(src, at + 1, generation)?,
+        });
     }
-    JournalScan {
+    Ok(JournalScan {
         batches,
         good_end: at,
         problem: None,
         intact_after_problem: false,
-    }
+    })
 }
+
+/// How much of a file `intact_frame_after` looks at in one read.
+const SCAN_WINDOW: usize = 1 << 20;
 
 /// Whether an intact batch frame starts anywhere at or after `from`. A stick could plant a
 /// frame magic at every offset, each claiming a long payload, to make this search quadratic:
 /// the bytes checksummed are capped at twice the file, and running out counts as "yes" (the
-/// cautious answer: the file is kept as evidence rather than cut).
-pub(super) fn intact_frame_after(bytes: &[u8], from: usize, generation: u64) -> bool {
-    let mut budget = bytes.len().saturating_mul(2);
-    for later in from..bytes.len() {
-        if bytes.len() - later < FRAME_HEADER_LEN || u32_at(bytes, later) != BATCH_MAGIC {
-            continue;
+/// cautious answer: the file is kept as evidence rather than cut). The file is read in
+/// windows of `SCAN_WINDOW` bytes, and a candidate frame is read only when its claimed length
+/// is one a frame may have.
+pub(super) fn intact_frame_after<S: Source + ?Sized>(
+    src: &S,
+    from: usize,
+    generation: u64,
+) -> Result<bool, StoreError> {
+    let len = src.len();
+    let mut budget = len.saturating_mul(2);
+    let mut window = Vec::new();
+    let mut start = from;
+    while start + FRAME_HEADER_LEN <= len {
+        // A window overlaps the next by a frame header, so no header is split between them.
+        let end = (start + SCAN_WINDOW).min(len);
+        window.resize(end - start, 0);
+        src.read_at(start, &mut window)?;
+        let last_candidate = window.len().saturating_sub(FRAME_HEADER_LEN);
+        let first = BATCH_MAGIC.to_le_bytes()[0];
+        for i in 0..=last_candidate {
+            // The first byte alone rules out almost every offset, cheaply.
+            if window[i] != first || u32_at(&window, i) != BATCH_MAGIC {
+                continue;
+            }
+            let later = start + i;
+            let claimed = u32_at(&window, i + 4) as usize;
+            if claimed > len - later - FRAME_HEADER_LEN || claimed > MAX_FRAME_LEN {
+                continue;
+            }
+            if claimed > budget {
+                return Ok(true);
+            }
+            budget -= claimed;
+            if matches!(read_frame(src, later, generation)?, Frame::Good { .. }) {
+                return Ok(true);
+            }
         }
-        let len = u32_at(bytes, later + 4) as usize;
-        if len > bytes.len() - later - FRAME_HEADER_LEN {
-            continue;
+        if end == len {
+            break;
         }
-        if len > budget {
-            return true;
-        }
-        budget -= len;
-        if matches!(read_frame(bytes, later, generation), Frame::Good { .. }) {
-            return true;
-        }
+        start = start + last_candidate + 1;
     }
-    false
+    Ok(false)
 }

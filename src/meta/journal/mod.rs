@@ -33,6 +33,9 @@ mod recovery;
 #[cfg(test)]
 mod tests;
 
+pub use append::fits_in_one_batch;
+pub use format::MAX_FRAME_LEN;
+
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -61,8 +64,9 @@ pub fn version_for(records: &[Record]) -> u32 {
     }
 }
 
-/// No store file is read if it is larger than this: whole files are read into memory, and a
-/// stick must not be able to make the daemon allocate without bound.
+/// No store file is read if it is larger than this. Files are read one frame at a time (at
+/// most `MAX_FRAME_LEN` bytes in memory), so this bounds the time a hostile file costs, not
+/// the memory.
 pub const MAX_FILE_LEN: u64 = 1 << 30;
 
 /// How the store is opened.

@@ -13,13 +13,13 @@ use nix::fcntl::{openat, renameat, AtFlags, OFlag};
 use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
 use nix::unistd::{fsync, ftruncate};
 
-use super::file_io::{list_store, open_at, read_file, read_header};
+use super::file_io::{list_store, open_at, read_header, StoreReader};
 use super::format::{
-    check_header, encode_header, replay_journal, scan_checkpoint, HeaderProblem, HEADER_LEN,
+    check_header, encode_header, replay_journal, scan_checkpoint, HeaderProblem, Source, HEADER_LEN,
 };
 use super::{
-    io_err, Journal, Kind, OpenMode, Record, Recovered, Replayed, StoreError, StoreLayout,
-    WriteStats, FORMAT_VERSION, LOCK_WAIT,
+    io_err, Journal, Kind, OpenMode, Recovered, Replayed, StoreError, StoreLayout, WriteStats,
+    FORMAT_VERSION, LOCK_WAIT,
 };
 
 impl Journal {
@@ -219,12 +219,15 @@ impl Journal {
 
         // The base: the newest generation with a complete checkpoint (or gen 1's implicit
         // empty one). Newer checkpoints that are not complete are crashed compactions.
-        let mut base: Option<(u64, Vec<Record>)> = None;
-        let mut salvage: Option<(u64, Vec<Record>)> = None;
+        // Each checkpoint is replayed into a state of its own as it is read (never held as
+        // bytes or records): the base's becomes the state; the newest damaged one's is kept
+        // for a salvage.
+        let mut base: Option<(u64, Replayed)> = None;
+        let mut salvage: Option<(u64, Replayed, usize)> = None;
         for (&generation, files) in gens.iter().rev() {
             if !files.checkpoint {
                 if generation == 1 && files.journal {
-                    base = Some((1, Vec::new()));
+                    base = Some((1, Replayed::default()));
                     break;
                 }
                 if files.journal {
@@ -235,30 +238,33 @@ impl Journal {
                 continue;
             }
             let name = self.name_of(Kind::Checkpoint, generation)?;
-            let Some(bytes) = read_file(store, self.layout.store_dir(), &name)? else {
+            let Some(file) = StoreReader::open(store, self.layout.store_dir(), &name)? else {
                 warnings.push(format!("{sd}/{name} is not a regular file; ignored"));
                 corrupt.insert(name);
                 continue;
             };
-            if let Err(p) = check_header(&bytes, Kind::Checkpoint, generation) {
+            let mut header = vec![0u8; file.len().min(HEADER_LEN)];
+            file.read_at(0, &mut header)?;
+            if let Err(p) = check_header(&header, Kind::Checkpoint, generation) {
                 warnings.push(format!("{sd}/{name} is unusable: {}", p.describe()));
-                if bytes.len() >= HEADER_LEN {
+                if file.len() >= HEADER_LEN {
                     corrupt.insert(name);
                 }
                 continue;
             }
-            let scan = scan_checkpoint(&bytes, generation);
+            let mut replayed = Replayed::default();
+            let scan = scan_checkpoint(&file, generation, &mut replayed)?;
             if scan.complete {
                 if let Some(why) = scan.problem {
                     warnings.push(format!("{sd}/{name}: {why}"));
                 }
-                base = Some((generation, scan.records));
+                base = Some((generation, replayed));
                 break;
             }
             warnings.push(format!(
                 "{sd}/{name} is incomplete or damaged ({}); {} records readable",
                 scan.problem.unwrap_or_default(),
-                scan.records.len()
+                scan.records
             ));
             // An incomplete checkpoint with no journal of its own is a compaction that
             // crashed before finishing: the older generation holds the whole state. With a
@@ -267,24 +273,23 @@ impl Journal {
                 corrupt.insert(name);
             }
             if salvage.is_none() {
-                salvage = Some((generation, scan.records));
+                salvage = Some((generation, replayed, scan.records));
             }
         }
 
-        let (base_gen, base_records) = match base {
+        let (base_gen, mut state) = match base {
             Some(b) => b,
             None => {
                 needs_repair = true;
                 match salvage {
-                    Some((generation, records)) => {
+                    Some((generation, replayed, records)) => {
                         corrupt.insert(self.name_of(Kind::Checkpoint, generation)?);
                         warnings.push(format!(
-                            "NO INTACT CHECKPOINT: recovered {} records from the damaged checkpoint \
-                             of generation {generation}; metadata of some files may be lost \
-                             (run `pershome fsck`)",
-                            records.len()
+                            "NO INTACT CHECKPOINT: recovered {records} records from the damaged \
+                             checkpoint of generation {generation}; metadata of some files may \
+                             be lost (run `pershome fsck`)"
                         ));
-                        (generation, records)
+                        (generation, replayed)
                     }
                     None => {
                         let first = gens.keys().next().copied().unwrap_or(1);
@@ -292,16 +297,11 @@ impl Journal {
                             "NO CHECKPOINT: replaying journals from generation {first} onto an \
                              empty state; metadata of some files may be lost (run `pershome fsck`)"
                         ));
-                        (first, Vec::new())
+                        (first, Replayed::default())
                     }
                 }
             }
         };
-
-        let mut state = Replayed::default();
-        for r in base_records {
-            state.apply(r);
-        }
 
         // Journals from the base generation up. A journal newer than the base means its own
         // checkpoint was damaged after it was complete: its batches still apply on top.
@@ -324,14 +324,16 @@ impl Journal {
                      generation {base_gen}"
                 ));
             }
-            let Some(bytes) = read_file(store, self.layout.store_dir(), &name)? else {
+            let Some(file) = StoreReader::open(store, self.layout.store_dir(), &name)? else {
                 warnings.push(format!("{sd}/{name} is not a regular file; ignored"));
                 corrupt.insert(name);
                 needs_repair = true;
                 continue;
             };
-            if let Err(p) = check_header(&bytes, Kind::Journal, generation) {
-                if bytes.len() < HEADER_LEN {
+            let mut header = vec![0u8; file.len().min(HEADER_LEN)];
+            file.read_at(0, &mut header)?;
+            if let Err(p) = check_header(&header, Kind::Journal, generation) {
+                if file.len() < HEADER_LEN {
                     // Torn while being created: it never held a batch.
                     if is_live {
                         live_needs_header = true;
@@ -350,7 +352,7 @@ impl Journal {
                 }
                 continue;
             }
-            let scan = replay_journal(&bytes, generation, &mut state);
+            let scan = replay_journal(&file, generation, &mut state)?;
             if let Some(why) = &scan.problem {
                 if scan.intact_after_problem {
                     warnings.push(format!(
