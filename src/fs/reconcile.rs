@@ -152,6 +152,8 @@ impl Fs {
             );
             errno_of(&e)
         })?;
+        #[cfg(test)]
+        self.run_hook(|h| h.listing.clone());
         let pending = match st.inode_mut(ino)?.dir.take() {
             Some(DirState::Unloaded(t)) => t,
             _ => PendingTree::default(),
