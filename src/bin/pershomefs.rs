@@ -17,7 +17,11 @@ fn main() -> ExitCode {
             parts: opts.parts,
             part_size: opts.part_size,
         };
-        pershome::fuse::Adapter::open(backing, fs_opts).map_err(|e| match e {
+        let adapter = pershome::fuse::Adapter::open(backing, fs_opts);
+        if let (Ok(a), Some(bytes)) = (&adapter, opts.compact_after) {
+            a.fs().set_compact_after(bytes);
+        }
+        adapter.map_err(|e| match e {
             FsOpenError::Backing { .. } => OpenError::Backing(anyhow::Error::new(e)),
             FsOpenError::Store(StoreError::NewerFormat { .. }) => OpenError::NewerFormat(format!(
                 "{e}: this stick was written by a newer pershome; update pershome on this \

@@ -121,6 +121,10 @@ impl Fs {
         };
         let compact = result.is_ok() && store.compaction_due(self.compact_after());
         drop(store);
+        #[cfg(test)]
+        if result.is_err() {
+            self.run_hook(|h| h.failed_write.clone());
+        }
         result?;
         if compact {
             if let Err(e) = self.compact() {

@@ -465,6 +465,8 @@ pub(crate) struct Hooks {
     pub compaction: Option<Hook>,
     /// Loading a directory: after its backing listing, before the entries are installed.
     pub listing: Option<Hook>,
+    /// A commit whose write failed, once it let go of the journal and before it returns.
+    pub failed_write: Option<Hook>,
 }
 
 #[cfg(test)]
