@@ -37,6 +37,7 @@ impl Fs {
         if name.len() > 255 {
             return Err(Errno::ENAMETOOLONG);
         }
+        self.preload(parent);
         let mut st = self.lock();
         self.ensure_loaded(&mut st, parent)?;
         let ino = st
@@ -114,6 +115,7 @@ impl Fs {
     ) -> Result<(Attr, Option<File>)> {
         self.check_writable()?;
         check_name(name)?;
+        self.preload(parent);
         let mut st = self.lock();
         self.ensure_loaded(&mut st, parent)?;
         let pinode = st.inode(parent)?;
@@ -307,6 +309,7 @@ impl Fs {
 
     fn remove_name(&self, parent: Ino, name: &[u8], want_dir: bool) -> Result<()> {
         self.check_writable()?;
+        self.preload(parent);
         let mut st = self.lock();
         self.ensure_loaded(&mut st, parent)?;
         let dentry = st
@@ -448,6 +451,7 @@ impl Fs {
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
         self.check_writable()?;
         check_name(newname)?;
+        self.preload(newparent);
         let mut st = self.lock();
         self.ensure_loaded(&mut st, newparent)?;
         let inode = st.inode(ino)?;
@@ -606,6 +610,8 @@ impl Fs {
         {
             return Err(Errno::EINVAL);
         }
+        self.preload(parent);
+        self.preload(newparent);
         let mut st = self.lock();
         self.ensure_loaded(&mut st, parent)?;
         self.ensure_loaded(&mut st, newparent)?;
@@ -849,6 +855,7 @@ impl Fs {
     }
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        self.preload(ino);
         let mut st = self.lock();
         self.ensure_loaded(&mut st, ino)?;
         let inode = st.inode(ino)?;

@@ -202,3 +202,70 @@ fn a_failed_batch_is_never_overtaken_by_a_later_one() {
         "c/f after remount: expected mode 600 and user.k=v, got {perm:o} and {x:?}"
     );
 }
+
+/// Issue 11, defect 5: `ensure_loaded` listed a directory, stat'ed every entry and read its
+/// small files while holding the state lock, so the first `ls` of a big folder filled on
+/// another computer stalled every other operation. Here a reader opens, reads and stats a
+/// file while the listing of a big foreign directory is provably in progress (held inside
+/// it by the hook until the reader is done). The wait in the hook has a watchdog only so
+/// that the old code, where the reader cannot get the lock, fails instead of hanging; the
+/// outcome never depends on timing.
+#[test]
+fn a_reader_is_not_held_up_by_the_first_listing_of_a_big_directory() {
+    use std::sync::mpsc;
+    const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(30);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A folder filled on another computer: files without records, made on the backing.
+    let big_dir = dir.path().join("big");
+    std::fs::create_dir(&big_dir).expect("mkdir big");
+    for i in 0..300 {
+        std::fs::write(
+            big_dir.join(format!("file{i:03}.txt")),
+            b"a small text file",
+        )
+        .expect("write");
+    }
+    std::fs::write(dir.path().join("note.txt"), b"the note").expect("write note");
+    let fs = Arc::new(open(dir.path()));
+    let note = fs.lookup(ROOT, b"note.txt").expect("lookup note").ino;
+    let big = fs.lookup(ROOT, b"big").expect("lookup big").ino;
+
+    let (listing_tx, listing_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let done_rx = std::sync::Mutex::new(done_rx);
+    let overlapped = Arc::new(AtomicBool::new(false));
+    let overlapped2 = overlapped.clone();
+    fs.hooks.write().expect("hooks").listing = Some(Arc::new(move |_fs: &Fs| {
+        if listing_tx.send(()).is_err() {
+            return;
+        }
+        let got = done_rx.lock().expect("receiver").recv_timeout(WATCHDOG);
+        overlapped2.store(got.is_ok(), Ordering::SeqCst);
+    }));
+    let lister = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            let fh = fs.opendir(big)?;
+            let n = fs.readdir(fh, 0)?.len();
+            fs.releasedir(fh);
+            Ok::<usize, super::Errno>(n)
+        })
+    };
+    listing_rx.recv().expect("the listing started");
+    // The listing of `big` is in progress now, and stays so until `done_tx` is sent.
+    let fh = fs.open(note, libc::O_RDONLY).expect("open note");
+    let data = fs.read(fh, 0, 4096).expect("read note");
+    fs.release(fh).expect("release note");
+    let size = fs.getattr(note).expect("getattr note").size;
+    let _ = done_tx.send(());
+    let listed = lister.join().expect("lister").expect("listing big");
+    assert_eq!(data, b"the note");
+    assert_eq!(size, 8);
+    assert_eq!(listed, 302, "300 files, . and ..");
+    assert!(
+        overlapped.load(Ordering::SeqCst),
+        "the reader of note.txt could not run while the first listing of big/ was in \
+         progress: the listing holds the state lock"
+    );
+}
