@@ -76,6 +76,10 @@ pub struct MountOptions {
     /// `compact_after=BYTES` (for tests): compact the metadata store once its journal holds
     /// this many bytes, instead of 4 MiB, so that compaction races everything else.
     pub compact_after: Option<u64>,
+    /// `private_home` (the login hook's mounts): every owner on the stick shows as `uid=`/
+    /// `gid=`, and the root is theirs with mode 0700 from the mount on (see
+    /// `FsOptions::private_home`).
+    pub private_home: bool,
 }
 
 /// A rejected `-o` option. The message names the option and says what to do.
@@ -169,6 +173,7 @@ pub fn parse_options_with(
         part_size: crate::fs::parts::DEFAULT_PART_SIZE,
         status_file: None,
         compact_after: None,
+        private_home: false,
     };
     let mut allow_other = false;
     let mut allow_root = false;
@@ -308,6 +313,7 @@ const FLAGS: &[&str] = &[
     "nodev",
     "suid",
     "dev",
+    "private_home",
 ];
 
 fn is_flag(key: &str) -> bool {
@@ -334,6 +340,7 @@ fn apply_flag(
         "sync" => out.sync = true,
         "async" => out.sync = false,
         "dirsync" => out.dirsync = true,
+        "private_home" => out.private_home = true,
         // mount(8)/fstab bookkeeping and settings that are always on anyway.
         "defaults"
         | "auto"
@@ -564,8 +571,10 @@ mod tests {
             part_size: crate::fs::parts::DEFAULT_PART_SIZE,
             status_file: None,
             compact_after: None,
+            private_home: false,
         };
         assert_eq!(o, expected, "expected {expected:?}, got {o:?}");
+        assert!(ok(&["private_home"]).private_home, "private_home is a flag");
     }
 
     #[test]
