@@ -162,6 +162,26 @@ fn has_record(recorded: &HashSet<Vec<u8>>, names: NameMode, name: &[u8]) -> bool
 }
 
 impl Fs {
+    /// The state lock, taken once the directories `dirs` are loaded: when one is not, the
+    /// lock is let go while `preload` loads it (no extra locking when all are loaded).
+    pub(crate) fn lock_loaded(&self, dirs: &[Ino]) -> std::sync::MutexGuard<'_, State> {
+        let st = self.lock();
+        let unloaded = |st: &State, ino: &Ino| {
+            matches!(
+                st.inodes.get(ino).and_then(|i| i.dir.as_ref()),
+                Some(DirState::Unloaded(_))
+            )
+        };
+        if !dirs.iter().any(|d| unloaded(&st, d)) {
+            return st;
+        }
+        drop(st);
+        for &dir in dirs {
+            self.preload(dir);
+        }
+        self.lock()
+    }
+
     /// Loads directory `ino` if it is not loaded yet, doing its stick I/O (listing, a stat of
     /// every entry, reading small files) without holding the state lock, so the first `ls`
     /// of a big folder does not stall every other operation. Errors are left for
