@@ -154,11 +154,11 @@ impl Fs {
             );
             errno_of(&e)
         })?;
-        let pending = match st.inode_mut(ino)?.dir.take() {
+        let mut pending = match st.inode_mut(ino)?.dir.take() {
             Some(DirState::Unloaded(t)) => t,
             _ => PendingTree::default(),
         };
-        let mut records = pending.children;
+        let mut records = std::mem::take(&mut pending.children);
         let at_root = ino == super::ROOT;
         let mut children = Children::default();
         let mut sorted = entries;
@@ -183,7 +183,7 @@ impl Fs {
                 }
             }
             let (meta, subtree) = match record {
-                Some(t) => (t.meta, t.children),
+                Some(mut t) => (t.meta.take(), std::mem::take(&mut t.children)),
                 None => (None, Default::default()),
             };
             let decoded = names::decode_in(self.names, &entry.name, at_root);
