@@ -74,6 +74,10 @@ pub struct MountOptions {
     pub threads: usize,
     /// `counters`: count requests per opcode (see `crate::requests`), for the bench and tests.
     pub counters: bool,
+    /// `private_home` (the login hook's mounts): every owner on the stick shows as `uid=`/
+    /// `gid=`, and the root is theirs with mode 0700 from the mount on (see
+    /// `FsOptions::private_home`).
+    pub private_home: bool,
 }
 
 /// Worker threads serving requests by default. Measured on 2 vCPUs (docs/testing.md): more
@@ -173,6 +177,7 @@ pub fn parse_options_with(
         part_size: crate::fs::parts::DEFAULT_PART_SIZE,
         threads: DEFAULT_THREADS,
         counters: false,
+        private_home: false,
     };
     let mut allow_other = false;
     let mut allow_root = false;
@@ -309,6 +314,7 @@ const FLAGS: &[&str] = &[
     "suid",
     "dev",
     "counters",
+    "private_home",
 ];
 
 fn is_flag(key: &str) -> bool {
@@ -335,6 +341,7 @@ fn apply_flag(
         "sync" => out.sync = true,
         "async" => out.sync = false,
         "dirsync" => out.dirsync = true,
+        "private_home" => out.private_home = true,
         // mount(8)/fstab bookkeeping and settings that are always on anyway.
         "defaults"
         | "auto"
@@ -566,8 +573,10 @@ mod tests {
             part_size: crate::fs::parts::DEFAULT_PART_SIZE,
             threads: DEFAULT_THREADS,
             counters: false,
+            private_home: false,
         };
         assert_eq!(o, expected, "expected {expected:?}, got {o:?}");
+        assert!(ok(&["private_home"]).private_home, "private_home is a flag");
     }
 
     #[test]

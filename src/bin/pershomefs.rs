@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             names: opts.names,
             parts: opts.parts,
             part_size: opts.part_size,
+            private_home: opts.private_home,
         };
         let counters = opts.counters;
         let adapter = pershome::fuse::Adapter::open(backing, fs_opts);

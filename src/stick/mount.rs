@@ -10,7 +10,7 @@
 //! deadline.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -117,7 +117,7 @@ impl TempMount {
         };
         if let Err(e) = mount_stick(device, &mp, &plain) {
             let fuse = fs == StickFs::Exfat
-                && Command::new("mount.exfat-fuse")
+                && crate::exec::command(crate::exec::system_program_or_missing("mount.exfat-fuse"))
                     .args(["-o", STICK_OPTIONS, "--"])
                     .arg(device)
                     .arg(&mp)
@@ -143,7 +143,7 @@ impl TempMount {
     /// An ordinary user mounts through udisks, as the file manager does (it may ask for a
     /// password through polkit; `--no-user-interaction` makes that a clear failure instead).
     fn mount_udisks(device: &Path) -> Result<TempMount> {
-        let out = Command::new("udisksctl")
+        let out = crate::exec::command(crate::exec::system_program_or_missing("udisksctl"))
             .args(["mount", "--no-user-interaction", "-b"])
             .arg(device)
             .stdin(Stdio::null())
@@ -186,7 +186,7 @@ impl Drop for TempMount {
     fn drop(&mut self) {
         nix::unistd::sync();
         if let Some(dev) = &self.udisks_device {
-            let _ = Command::new("udisksctl")
+            let _ = crate::exec::command(crate::exec::system_program_or_missing("udisksctl"))
                 .args(["unmount", "--no-user-interaction", "-b"])
                 .arg(dev)
                 .stdin(Stdio::null())
