@@ -20,7 +20,7 @@ use super::mounts;
 use super::rundir::{self, State, UserRunDir};
 use super::stick::{self, Missing, Source};
 use crate::stick::mount::{unmount_within, Unmounted};
-use crate::stick::mountinfo::{mount_at, PERSHOMEFS_TYPE};
+use crate::stick::mountinfo::mount_at;
 use crate::sysconfig::SystemConfig;
 
 /// How long the daemon may take to write its last commit and exit after the unmount.
