@@ -66,6 +66,9 @@ Mount options (-o, comma-separated, may be repeated; escape a comma in a value a
                      other file systems that hold large files)
   part_size=BYTES    for tests: the part size of newly split files (a multiple
                      of 4096; default 4294963200)
+  threads=N          how many threads serve requests (1-16, default 4)
+  counters           count requests per FUSE opcode; root reads the report as the
+                     mount root's xattr trusted.pershome.requests (for the bench)
   fsname=NAME        the source name shown by mount and df (default: BACKING)
   subtype=...        ignored: the type is always fuse.pershomefs
   noexec, exec       forbid or allow running programs from the mount
@@ -472,6 +475,8 @@ mod tests {
             "commit=",
             "parts=",
             "part_size=",
+            "threads=",
+            "counters",
             "fsname=",
             "subtype=",
             "noexec",
