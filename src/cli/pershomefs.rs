@@ -74,6 +74,9 @@ Mount options (-o, comma-separated, may be repeated; escape a comma in a value a
   compact_after=BYTES
                      for tests: compact the metadata store once its journal holds
                      this many bytes (default 4 MiB)
+  threads=N          how many threads serve requests (1-16, default 4)
+  counters           count requests per FUSE opcode; root reads the report as the
+                     mount root's xattr trusted.pershome.requests (for the bench)
   fsname=NAME        the source name shown by mount and df (default: BACKING)
   subtype=...        ignored: the type is always fuse.pershomefs
   noexec, exec       forbid or allow running programs from the mount
@@ -513,6 +516,8 @@ mod tests {
             "commit=",
             "parts=",
             "part_size=",
+            "threads=",
+            "counters",
             "fsname=",
             "subtype=",
             "noexec",
