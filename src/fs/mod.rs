@@ -730,7 +730,10 @@ impl State {
     }
 
     pub fn inode_mut(&mut self, ino: Ino) -> Result<&mut Inode> {
-        self.inodes.get_mut(&ino).map(|i| &mut **i).ok_or(Errno::ENOENT)
+        self.inodes
+            .get_mut(&ino)
+            .map(|i| &mut **i)
+            .ok_or(Errno::ENOENT)
     }
 
     pub fn alloc_ino(&mut self) -> Ino {
