@@ -78,7 +78,7 @@ fn run(u: &mut Unstructured<'_>, backing: &Path) -> Result<()> {
         name.push(b'\n');
         name
     } else {
-        take(u, 600)?.to_vec()
+        take(u, 5000)?.to_vec()
     };
     let store_path = backing.join(store);
     match store_kind {
@@ -122,6 +122,12 @@ fn run(u: &mut Unstructured<'_>, backing: &Path) -> Result<()> {
                 "control characters in {:?}",
                 mark.name
             );
+            assert!(
+                mark.name.len() <= 3 * 4096,
+                "{} bytes from a 4096-byte read",
+                mark.name.len()
+            );
+            assert!(mark.claims.len() <= 16, "{} claims", mark.claims.len());
             if plain {
                 let name = String::from_utf8(body[..body.len() - 1].to_vec()).expect("ascii");
                 assert_eq!(mark.name, name, "a plain mark reads back");

@@ -17,7 +17,7 @@ use crate::meta::codec::encode_record;
 /// Whether `records` fit in one journal batch, which a reader accepts only up to
 /// `MAX_FRAME_LEN` bytes. A larger batch (a commit of some hundred thousand changes) must be
 /// written as a new generation: `Journal::checkpoint` of the whole state, in small chunks.
-pub fn fits_in_one_batch(records: &[Record]) -> bool {
+pub fn fits_in_one_batch<'a>(records: impl IntoIterator<Item = &'a Record>) -> bool {
     let mut scratch = Vec::new();
     let mut total = 0;
     for r in records {
