@@ -141,8 +141,8 @@ fn live_journal(root: &Path) -> Option<std::path::PathBuf> {
 
 fn run(u: &mut Unstructured<'_>, root: &Path) -> Result<()> {
     let (mut journal, _) = open(root);
-    // The state after each committed batch since the last checkpoint or reopen; the last is
-    // the current state.
+    // The state after each committed batch since the last checkpoint (the base a cut of the
+    // live journal can fall back to); the last is the current state.
     let mut history: Vec<Vec<Record>> = vec![Vec::new()];
     let mut state = Replayed::default();
     let mut batch = Vec::new();
@@ -191,7 +191,8 @@ fn run(u: &mut Unstructured<'_>, root: &Path) -> Result<()> {
                     "a clean store reopened with warnings {:?}",
                     recovered.warnings
                 );
-                history = vec![got];
+                // The history stays: a later cut of the live journal may reach back past
+                // this reopen, to any batch since the last checkpoint.
             }
             _ => {
                 // A crash: the end of the live journal is lost.
