@@ -8,6 +8,9 @@
 //! never sets it: a `Journal` or `Backing` without faults does not consult this at all.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::backing::power_loss::PowerLoss;
 
 /// Injected failures. Every write-like operation made while these are set counts as one:
 /// in the store each `pwrite`, `fsync`/`fdatasync`, `O_CREAT` open, `unlink`, `rename` and
@@ -22,6 +25,8 @@ pub struct Faults {
     torn: bool,
     attempted: AtomicU64,
     tripped: AtomicBool,
+    /// The power-loss mode: what the stick keeps when the fault fires (see `PowerLoss`).
+    power: Option<Arc<PowerLoss>>,
 }
 
 /// What an injected-fault check decided for one operation.
@@ -43,7 +48,23 @@ impl Faults {
             torn,
             attempted: AtomicU64::new(0),
             tripped: AtomicBool::new(false),
+            power: None,
         }
+    }
+
+    /// The power-loss mode: allows `allow` operations, then fails every later one (the stick
+    /// was pulled), and `power` learns from every sync before that what a pulled stick keeps.
+    /// The test then calls `PowerLoss::pull` to turn the backing into it.
+    pub fn with_power_loss(allow: u64, power: Arc<PowerLoss>) -> Faults {
+        Faults {
+            power: Some(power),
+            ..Faults::new(allow, false)
+        }
+    }
+
+    /// The durability model of the power-loss mode, if this is it.
+    pub(crate) fn power(&self) -> Option<&PowerLoss> {
+        self.power.as_deref()
     }
 
     /// Never fails: only counts the operations (to learn how many a workload makes).

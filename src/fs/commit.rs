@@ -26,10 +26,10 @@ impl Fs {
         let mut journal = self.journal();
         let upgrade = self.upgrade_snapshot(&st, &mut journal, &records);
         drop(st);
-        let result = match upgrade {
+        let result = self.sync_tree().and_then(|()| match upgrade {
             Some(snapshot) => Self::write_checkpoint(&mut journal, &snapshot),
             None => Self::append(&mut journal, &records),
-        };
+        });
         let compact = result.is_ok()
             && journal
                 .as_ref()
@@ -57,6 +57,7 @@ impl Fs {
         let mut journal = self.journal();
         drop(st);
         let journal = journal.as_mut().ok_or(Errno::EROFS)?;
+        self.sync_tree()?;
         journal.checkpoint(&snapshot).map_err(|e| {
             tracing::warn!("writing a checkpoint failed: {e}");
             Errno::EIO
@@ -70,15 +71,27 @@ impl Fs {
             return Ok(());
         };
         let mut journal = self.journal();
-        let result = match self.upgrade_snapshot(st, &mut journal, &records) {
+        let upgrade = self.upgrade_snapshot(st, &mut journal, &records);
+        let result = self.sync_tree().and_then(|()| match upgrade {
             Some(snapshot) => Self::write_checkpoint(&mut journal, &snapshot),
             None => Self::append(&mut journal, &records),
-        };
+        });
         drop(journal);
         if result.is_err() {
             self.requeue(st, records, inos);
         }
         result
+    }
+
+    /// Makes the backing tree's changes durable before the store records them: every
+    /// directory whose entries changed since the last commit is synced, and every file whose
+    /// length a record depends on (parts), so that after a power cut the store never names an
+    /// entry (or the place a rename put it, or a parts layout) that the stick lost.
+    fn sync_tree(&self) -> Result<()> {
+        self.backing.sync_before_commit().map_err(|e| {
+            tracing::error!("syncing the stick's directories before a commit failed: {e}");
+            super::errno_of(&e)
+        })
     }
 
     pub(crate) fn journal(&self) -> std::sync::MutexGuard<'_, Option<crate::meta::Journal>> {

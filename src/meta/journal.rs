@@ -742,7 +742,11 @@ impl Journal {
         } else {
             fsync(raw(fd))
         };
-        res.map_err(io_err(format!("syncing {sd}/{name}")))
+        res.map_err(io_err(format!("syncing {sd}/{name}")))?;
+        if let Some(p) = self.faults.as_deref().and_then(Faults::power) {
+            p.synced(fd.as_fd());
+        }
+        Ok(())
     }
 
     fn sync_dir(&mut self) -> Result<(), StoreError> {
@@ -750,14 +754,23 @@ impl Journal {
         let dir = self.dir()?.as_raw_fd();
         self.gate_op(|| format!("syncing the directory {sd}"))?;
         self.stats.syncs += 1;
-        fsync(dir).map_err(io_err(format!("syncing the directory {sd}")))
+        fsync(dir).map_err(io_err(format!("syncing the directory {sd}")))?;
+        if let (Some(p), Ok(dir)) = (self.faults.as_deref().and_then(Faults::power), self.dir()) {
+            p.synced(dir.as_fd());
+        }
+        Ok(())
     }
 
     fn unlink(&mut self, name: &str) -> Result<(), StoreError> {
         let sd = self.layout.store_dir();
         let dir = self.dir()?.as_raw_fd();
         self.gate_op(|| format!("removing {sd}/{name}"))?;
+        let power = self.faults.as_deref().and_then(Faults::power);
+        let victim = power.and_then(|p| p.inode_at(self.dir().ok()?.as_fd(), name.as_bytes()));
         let res = unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir);
+        if let (Some(p), Ok(())) = (power, &res) {
+            p.forget(victim);
+        }
         if matches!(res, Ok(()) | Err(Errno::ENOENT)) {
             self.listed.retain(|_, listed| listed != name);
         }
