@@ -108,6 +108,35 @@ fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
     }
 }
 
+/// `pread(2)` until `buf` is full or the file ends; the bytes read. Reads change nothing and
+/// are not gated.
+pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: rest is valid for its length; result checked.
+        let n = unsafe {
+            libc::pread(
+                fd.as_raw_fd(),
+                rest.as_mut_ptr().cast(),
+                rest.len(),
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => break,
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// `fsync(2)` (or `fdatasync(2)` when `data_only`) of a file or directory. Once it returned
 /// Ok, the power-loss model takes the file's content (a directory's entries) as durable.
 pub fn sync(faults: Option<&Faults>, fd: BorrowedFd<'_>, data_only: bool) -> io::Result<()> {
