@@ -817,7 +817,7 @@ type Synced = Vec<(Vec<PathBuf>, Vec<u8>)>;
 
 /// Creates, writes, fsyncs, renames and fsyncs again files under `mnt` until an error (the
 /// daemon is gone) or `rounds` are done.
-fn busy_workload(mnt: &Path, rounds: usize) -> Synced {
+fn busy_workload(mnt: &Path, rounds: usize, progress: &std::sync::atomic::AtomicUsize) -> Synced {
     use std::io::Write;
     let mut synced = Synced::new();
     for i in 0..rounds {
@@ -840,6 +840,7 @@ fn busy_workload(mnt: &Path, rounds: usize) -> Synced {
             // The rename is durable once the file is fsync'ed again.
             std::fs::File::open(&done)?.sync_all()?;
             synced[last].0 = vec![done.clone()];
+            progress.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         };
         if step().is_err() {
@@ -867,11 +868,21 @@ fn kill_dash_nine_loses_nothing_fsynced() {
         let mount = Mount::new(&backing, &mnt, "");
         let pids = daemons_serving(&mnt);
         assert_eq!(pids.len(), 1, "expected one daemon, got {pids:?}");
+        let progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let worker = {
             let mnt = mnt.clone();
-            std::thread::spawn(move || busy_workload(&mnt, 100_000))
+            let progress = progress.clone();
+            std::thread::spawn(move || busy_workload(&mnt, 100_000, &progress))
         };
-        // Different kill points: 50, 200, 400 ms... into the workload.
+        // Different kill points: 50, 200, 400 ms... after the first file was fsync'ed (not
+        // after the start: on a busy machine the first fsync may take longer than that).
+        let started = Instant::now();
+        while progress.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && started.elapsed() < Duration::from_secs(120)
+            && !worker.is_finished()
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(50 + 150 * round as u64));
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pids[0]),

@@ -12,7 +12,8 @@ use crate::meta::{Meta, Record, OWNER_ID};
 const COMPACT_AFTER_BYTES: u64 = 4 << 20;
 
 impl Fs {
-    /// Commits everything pending. A no-op (no write at all) when nothing changed.
+    /// Commits everything pending. A no-op (no write at all) when nothing changed: then only
+    /// directories changed since the last commit, if any, are synced.
     ///
     /// The batch is built under the state lock, but written and synced without it, so a slow
     /// stick does not stall every other operation during the sync. Batches still reach the
@@ -21,7 +22,10 @@ impl Fs {
     pub fn commit(&self) -> Result<()> {
         let mut st = self.lock();
         let Some((records, inos)) = self.build_batch(&mut st) else {
-            return Ok(());
+            // Nothing to record, but an fsync may still have to make directory changes
+            // durable (an earlier commit failed half-way, or they came without a record).
+            drop(st);
+            return self.sync_tree();
         };
         let mut journal = self.journal();
         let upgrade = self.upgrade_snapshot(&st, &mut journal, &records);
