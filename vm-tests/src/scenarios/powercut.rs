@@ -178,6 +178,41 @@ fn mount_after_cut(ctx: &mut Ctx, vm: &mut Vm, round: usize) -> Result<()> {
     guest::mount_home(vm, HOME, "uid=joseph,gid=joseph,allow_other")
 }
 
+/// The control file written without fsync just before cut `round` must be gone (absent, or
+/// without its bytes): proof that the cut lost what was not flushed.
+fn check_control(
+    ctx: &mut Ctx,
+    vm: &mut Vm,
+    round: usize,
+    controls: &[(usize, String)],
+) -> Result<()> {
+    let Some((_, written)) = controls.iter().find(|(r, _)| *r == round) else {
+        bail!("no control file was written before cut {round}");
+    };
+    let path = format!("{}/control-r{round}", guest::STICK_MNT);
+    let found = vm.ok(
+        &format!("if [ -e {path} ]; then sha256sum < {path}; else echo absent; fi"),
+        guest::SHORT,
+    )?;
+    let found = found.split_whitespace().next().unwrap_or("").to_owned();
+    if found == *written {
+        bail!(
+            "after cut {round}: the control file written without fsync just before the cut \
+             survived it: the write-back cache did not lose unflushed writes, so this scenario \
+             proves nothing"
+        );
+    }
+    ctx.note(format!(
+        "cut {round}: the control file written without fsync was lost ({})",
+        if found == "absent" {
+            "absent"
+        } else {
+            "present without its bytes"
+        }
+    ));
+    Ok(())
+}
+
 /// The checks after cut `round` (1-based), on the mounted home. `all_fsynced` gathers the
 /// fsync'ed files of every round so far, which must all be intact.
 fn check_after_cut(
@@ -213,25 +248,26 @@ fn check_after_cut(
         );
     }
     // Copies made without fsync: absent, or the source's bytes (zeros where the copy was not
-    // written yet). `cmp -l` lists the differing bytes as "offset ours theirs" in octal.
-    let max_i = fsynced.len() + 1;
+    // written yet). `cmp -l` lists the differing bytes as "offset ours theirs" in octal. One
+    // line per copy the workload reported made: "whole", "short" or "absent".
+    let made: Vec<String> = copied.iter().map(|i| i.to_string()).collect();
     let copies = vm.ok(
         &format!(
-            r#"cd {HOME}/pc; lost=0; kept=0; short=0
-for i in $(seq {max_i}); do
+            r#"cd {HOME}/pc
+for i in {made}; do
     u=r{round}u$i; n=r{round}n$i
-    [ -e $u ] || {{ lost=$((lost + 1)); continue; }}
-    [ -e $n ] || {{ echo "$u exists without its source $n"; exit 1; }}
+    [ -e $u ] || {{ echo absent; continue; }}
     bad=$(cmp -l $u $n 2>/dev/null | awk '$2 != 0' | head -n 3)
-    if [ -n "$bad" ]; then echo "$u has bytes its source never had: $bad"; exit 1; fi
-    if [ $(stat -c %s $u) -gt $(stat -c %s $n) ]; then echo "$u is longer than its source"; exit 1; fi
-    if cmp -s $u $n; then kept=$((kept + 1)); else short=$((short + 1)); fi
-done
-echo "$kept $short $lost""#
+    if [ -n "$bad" ]; then echo "$u has bytes its source never had: $bad" >&2; exit 1; fi
+    if [ $(stat -c %s $u) -gt $(stat -c %s $n) ]; then echo "$u is longer than its source" >&2; exit 1; fi
+    if cmp -s $u $n; then echo whole; else echo short; fi
+done"#,
+            made = made.join(" ")
         ),
         Duration::from_secs(300),
     )
     .with_context(|| format!("after cut {round}: the copies made without fsync"))?;
+    let count = |what: &str| copies.lines().filter(|l| l.trim() == what).count();
     // The log: a prefix of its lines, at least as long as its last fsync.
     let log = vm.ok(
         &format!("cat {HOME}/pc/log-r{round}.txt 2>/dev/null || true"),
@@ -254,7 +290,6 @@ echo "$kept $short $lost""#
             lines.len()
         );
     }
-    let counts: Vec<&str> = copies.split_whitespace().collect();
     ctx.note(format!(
         "cut {round}: {} files fsync'ed in this round, {} in all, intact; of {} copies without \
          fsync: {} whole, {} shorter, {} lost (absent); log: {} lines kept, {log_synced} \
@@ -262,9 +297,9 @@ echo "$kept $short $lost""#
         fsynced.len(),
         all_fsynced.len(),
         copied.len(),
-        counts.first().unwrap_or(&"?"),
-        counts.get(1).unwrap_or(&"?"),
-        counts.get(2).unwrap_or(&"?"),
+        count("whole"),
+        count("short"),
+        count("absent"),
         lines.len()
     ));
     Ok(())
@@ -281,6 +316,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     )
     .context("opening the results directory to joseph")?;
     let mut all_fsynced = Vec::new();
+    let mut controls: Vec<(usize, String)> = Vec::new();
     for round in 0..=KILL_AFTER.len() {
         let mut nbd = Nbdkit::start(&image, &ctx.run_dir, round)?;
         let socket = nbd.socket.clone();
@@ -292,6 +328,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
             vm.ok(&format!("chown joseph:joseph {HOME}"), guest::SHORT)?;
         } else {
             mount_after_cut(ctx, &mut vm, round)?;
+            check_control(ctx, &mut vm, round, &controls)?;
             check_after_cut(ctx, &mut vm, round, &mut all_fsynced)?;
         }
         let Some(&kill_after) = KILL_AFTER.get(round) else {
@@ -334,6 +371,23 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The control: the workload and the daemon are stopped (so nothing flushes the
+        // stick any more), and a file is written straight onto the vfat mount without fsync.
+        // The cut must lose it; if it survived, this scenario would not be cutting power.
+        let control = vm.ok(
+            &format!(
+                "pkill -STOP -u joseph; pkill -STOP -x pershomefs; \
+                 dd if=/dev/urandom of={}/control-r{r} bs=64k count=1 status=none && \
+                 sha256sum < {}/control-r{r}",
+                guest::STICK_MNT,
+                guest::STICK_MNT
+            ),
+            guest::SHORT,
+        )?;
+        controls.push((
+            r,
+            control.split_whitespace().next().unwrap_or("").to_owned(),
+        ));
         // The power cut: the cache first (nothing more reaches the image), then the machine.
         nbd.kill();
         drop(vm);
