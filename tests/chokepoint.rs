@@ -5,8 +5,8 @@
 //! power-loss model of `tests/crash.rs` see every one of them, in the order they happen.
 //!
 //! A source scan: each pattern below is a way to reach the kernel without `backing`. Test
-//! modules (`#[cfg(test)]` to the end of a file, and `tests.rs`) are not product code and are
-//! skipped; so are comments.
+//! modules (`#[cfg(test)]` to the end of a file, and the files `tests.rs` and `*_tests.rs`) are
+//! not product code and are skipped; so are comments.
 
 use std::path::{Path, PathBuf};
 
@@ -66,7 +66,10 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
         if path.is_dir() {
             sources(&path, out);
         } else if path.extension().is_some_and(|x| x == "rs")
-            && path.file_name().is_some_and(|n| n != "tests.rs")
+            && path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n != "tests.rs" && !n.ends_with("_tests.rs"))
         {
             out.push(path);
         }

@@ -20,7 +20,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -237,7 +237,7 @@ impl ChildMount {
             .tempdir()
             .context("creating a temporary mount point")?;
         let mp = dir.path().canonicalize().context("temporary mount point")?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = crate::exec::command(bin);
         cmd.arg(backing).arg(&mp).arg("-f");
         if let Some((u, g)) = uid {
             cmd.arg("-o").arg(format!("uid={u},gid={g}"));
@@ -309,7 +309,8 @@ impl Drop for ChildMount {
 
 fn pershomefs_binary(opt: &Option<PathBuf>) -> PathBuf {
     if let Some(p) = opt {
-        return p.clone();
+        // Run by absolute path (`crate::exec`): a relative one is made absolute here.
+        return std::path::absolute(p).unwrap_or_else(|_| p.clone());
     }
     if let Ok(exe) = std::env::current_exe() {
         let sibling = exe.with_file_name("pershomefs");
@@ -317,7 +318,7 @@ fn pershomefs_binary(opt: &Option<PathBuf>) -> PathBuf {
             return sibling;
         }
     }
-    PathBuf::from("pershomefs")
+    PathBuf::from("/usr/bin/pershomefs")
 }
 
 /// Where the copy goes: the home's root directory, and the mount migrate made, if any.
@@ -386,6 +387,31 @@ fn resolve_dest(
     let uid = nix::unistd::geteuid()
         .is_root()
         .then(|| (src_md.uid(), src_md.gid()));
+    // As root (an administrator migrating a user's home), the stick is also claimed for that
+    // user with this site's key, so the login hook opens it as their home
+    // (docs/security.md). A user migrating their own home cannot claim (the key is root's):
+    // a stick that was fresh gets its claim at the first login, before the copy.
+    if uid.is_some() {
+        let key_path = Path::new("/").join(crate::session::claim::KEY_PATH);
+        match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(src_md.uid()))
+            .ok()
+            .flatten()
+        {
+            // No site key (pershome-config claim-key makes one; the package does at install):
+            // nothing to claim with.
+            _ if !key_path.exists() => tracing::warn!(
+                "{} does not exist: the stick is not claimed (pershome-config claim)",
+                key_path.display()
+            ),
+            Some(owner) => crate::session::claim::SiteKey::load(Path::new("/"), false)
+                .and_then(|key| crate::session::claim::write_claim(&backing, &owner.name, &key))
+                .map_err(MigrateError::Failed)?,
+            None => tracing::warn!(
+                "the home's owner (uid {}) is no user here: the stick is not claimed",
+                src_md.uid()
+            ),
+        }
+    }
     let m =
         ChildMount::start(&pershomefs_binary(&opts.pershomefs), &backing, uid).map_err(|e| {
             if format!("{e:#}").contains("in use") {

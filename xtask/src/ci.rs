@@ -97,7 +97,14 @@ pub fn run(sh: &Shell) -> Result<()> {
         .context("CI step `cargo vm-test` failed (see its summary and target/vm/runs/)")?;
 
     step("fuzz --seconds 20");
-    fuzz::run(sh, &fuzz::Options { seconds: 20 }).context("CI step `fuzz` failed")?;
+    fuzz::run(
+        sh,
+        &fuzz::Options {
+            seconds: 20,
+            targets: Vec::new(),
+        },
+    )
+    .context("CI step `fuzz` failed")?;
 
     step("bench --quick --files 2000 --big-mib 128 (informational)");
     let quick = bench::Options {
@@ -107,6 +114,8 @@ pub fn run(sh: &Shell) -> Result<()> {
         quick: true,
         fs: vec![Fs::Raw, Fs::Pershomefs, Fs::Posixovl],
         backing_fs: bench::BackingFs::Ext4,
+        mount_opts: vec![],
+        no_counters: false,
     };
     if let Err(e) = bench::run(&quick) {
         // Informational only: a broken benchmark is reported, it does not fail CI.
