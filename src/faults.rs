@@ -5,7 +5,10 @@
 //! (`backing::Backing`), so "the Nth write" counts file data, directory operations and store
 //! commits in the order they really happen. This module owns only the counting and the
 //! decision; each caller decides what a failed or torn operation leaves behind. Production
-//! never sets it: a `Journal` or `Backing` without faults does not consult this at all.
+//! never sets it: a `Journal` or `Backing` without faults does not consult this at all. Both
+//! consult it through `backing::sys`, the one layer of write-like system calls. In the
+//! power-loss mode (`Faults::with_power_loss`) it also carries the durability model of
+//! `backing::power_loss`, which `backing::sys` tells of every sync and removal.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -28,6 +28,12 @@
 //! the recovered tree as a whole is not always one of the candidates; how often it is, is
 //! printed.
 //!
+//! The power-loss mode (`Faults::with_power_loss`): the same workload and checks, but at the
+//! crash point the backing tree is also turned into what a pulled stick keeps, only what an
+//! fsync or fdatasync made durable (`backing::power_loss`); there, data that no fsync of its
+//! own file covered may be gone (its metadata may not). And a split of a file fsync'ed whole,
+//! with a power cut at each of its writes.
+//!
 //! With a real mount: `kill -9` of the daemon in the middle of a busy workload, then a
 //! remount, which must show every fsync'ed file with its fsync'ed content.
 
