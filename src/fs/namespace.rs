@@ -976,7 +976,9 @@ impl Fs {
     /// seen, after such a crash, as an empty file under the new name: for a symlink (whose
     /// target is its content, `!<symlink>…`) that is a wrong file invented out of nothing. So
     /// the content is written to a file in `.pershome/staging/` and renamed into place; a
-    /// rename to a free name is a single directory-entry change, on FAT as elsewhere.
+    /// rename to a free name is a single directory-entry change, on FAT as elsewhere. The
+    /// staged file is synced before the rename, or a power cut could leave the rename and
+    /// lose the content.
     pub(crate) fn write_whole_new_file(
         &self,
         dirfd: std::os::fd::BorrowedFd<'_>,
@@ -989,9 +991,11 @@ impl Fs {
         let staging = self.store_subdir(&self.paths.staging)?;
         let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self.layout.staged_file(std::process::id(), n).into_bytes();
+        // Synced before the rename: a power cut after the rename reached the stick (the next
+        // commit syncs the directory) must not find an empty file under the new name.
         let staged = self
             .backing
-            .write_new_file(staging.as_fd(), &tmp, content)
+            .write_new_file_synced(staging.as_fd(), &tmp, content)
             .and_then(|()| {
                 self.backing
                     .rename_at(staging.as_fd(), &tmp, dirfd, name, 0)
