@@ -301,11 +301,28 @@ impl std::ops::Deref for BackingIdRef<'_> {
     }
 }
 
+/// Set when the final commit of this process's filesystem failed (one filesystem per
+/// daemon): the exit status says so (`last_commit_landed`).
+static LAST_COMMIT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the final commit at unmount wrote everything (true before any unmount).
+pub fn last_commit_landed() -> bool {
+    !LAST_COMMIT_FAILED.load(Ordering::SeqCst)
+}
+
+impl Adapter {
+    fn final_commit(&self) {
+        if self.fs.final_commit().is_err() {
+            LAST_COMMIT_FAILED.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 impl Drop for Adapter {
     fn drop(&mut self) {
         self.stop_timer();
         if !self.destroyed.swap(true, Ordering::SeqCst) {
-            self.fs.shutdown();
+            self.final_commit();
         }
     }
 }
@@ -373,7 +390,7 @@ impl Filesystem for Adapter {
     fn destroy(&mut self) {
         self.stop_timer();
         if !self.destroyed.swap(true, Ordering::SeqCst) {
-            self.fs.shutdown();
+            self.final_commit();
         }
     }
 

@@ -70,6 +70,12 @@ pub struct MountOptions {
     /// `part_size=BYTES` (for tests: tiny parts cross boundaries often): the part size of
     /// files split from now on.
     pub part_size: u64,
+    /// `status=PATH`: where the daemon writes its exit status when it ends (the login hook
+    /// reads it to say whether the last commit landed). An absolute path; `None`: nowhere.
+    pub status_file: Option<std::path::PathBuf>,
+    /// `compact_after=BYTES` (for tests): compact the metadata store once its journal holds
+    /// this many bytes, instead of 4 MiB, so that compaction races everything else.
+    pub compact_after: Option<u64>,
     /// `threads=N`: how many threads serve FUSE requests (1-16).
     pub threads: usize,
     /// `counters`: count requests per opcode (see `crate::requests`), for the bench and tests.
@@ -177,6 +183,8 @@ pub fn parse_options_with(
         names: None,
         parts: PartsMode::Auto,
         part_size: crate::fs::parts::DEFAULT_PART_SIZE,
+        status_file: None,
+        compact_after: None,
         threads: DEFAULT_THREADS,
         counters: false,
         private_home: false,
@@ -236,6 +244,25 @@ pub fn parse_options_with(
                 "part_size" => {
                     let v = required(key, value)?;
                     out.part_size = parse_part_size(v)?;
+                }
+                "status" => {
+                    let v = required(key, value)?;
+                    if !v.starts_with('/') {
+                        return Err(OptionError::InvalidValue {
+                            option: key.to_owned(),
+                            value: v.to_owned(),
+                            reason: "expected an absolute path".to_owned(),
+                        });
+                    }
+                    out.status_file = Some(v.into());
+                }
+                "compact_after" => {
+                    let v = required(key, value)?;
+                    out.compact_after = Some(v.parse().map_err(|_| OptionError::InvalidValue {
+                        option: key.to_owned(),
+                        value: v.to_owned(),
+                        reason: "expected a number of bytes".to_owned(),
+                    })?);
                 }
                 "threads" => {
                     let v = required(key, value)?;
@@ -573,6 +600,8 @@ mod tests {
             names: None,
             parts: PartsMode::Auto,
             part_size: crate::fs::parts::DEFAULT_PART_SIZE,
+            status_file: None,
+            compact_after: None,
             threads: DEFAULT_THREADS,
             counters: false,
             private_home: false,

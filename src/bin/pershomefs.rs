@@ -20,6 +20,9 @@ fn main() -> ExitCode {
         };
         let counters = opts.counters;
         let adapter = pershome::fuse::Adapter::open(backing, fs_opts);
+        if let (Ok(a), Some(bytes)) = (&adapter, opts.compact_after) {
+            a.fs().set_compact_after(bytes);
+        }
         let adapter = adapter.map(|a| if counters { a.with_counters() } else { a });
         adapter.map_err(|e| match e {
             FsOpenError::Backing { .. } => OpenError::Backing(anyhow::Error::new(e)),
