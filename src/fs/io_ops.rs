@@ -289,6 +289,9 @@ impl Fs {
         Ok(n as u32)
     }
 
+    /// Nothing to do: data reaches the backing file at each write. The adapter opens files
+    /// `FOPEN_NOFLUSH`, so the kernel does not even send FLUSH; work that must happen at
+    /// close belongs in `release`.
     pub fn flush(&self, _fh: u64) -> Result<()> {
         Ok(())
     }
