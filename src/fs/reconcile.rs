@@ -162,6 +162,14 @@ pub(crate) struct DirScan {
     bodies: std::collections::HashMap<Vec<u8>, Vec<u8>>,
 }
 
+/// Whether `ino` is a directory not loaded yet.
+fn unloaded_dir(st: &State, ino: Ino) -> bool {
+    matches!(
+        st.inodes.get(&ino).and_then(|i| i.dir.as_ref()),
+        Some(DirState::Unloaded(_))
+    )
+}
+
 /// Whether an entry of a directory being loaded has a record: by its name, or on an 8.3
 /// stick listed in lower case, by its upper-case form (see `install_dir`).
 fn has_record(recorded: &HashSet<Vec<u8>>, names: NameMode, name: &[u8]) -> bool {
@@ -174,13 +182,7 @@ impl Fs {
     /// lock is let go while `preload` loads it (no extra locking when all are loaded).
     pub(crate) fn lock_loaded(&self, dirs: &[Ino]) -> std::sync::MutexGuard<'_, State> {
         let st = self.lock();
-        let unloaded = |st: &State, ino: &Ino| {
-            matches!(
-                st.inodes.get(ino).and_then(|i| i.dir.as_ref()),
-                Some(DirState::Unloaded(_))
-            )
-        };
-        if !dirs.iter().any(|d| unloaded(&st, d)) {
+        if !dirs.iter().any(|&d| unloaded_dir(&st, d)) {
             return st;
         }
         drop(st);
@@ -188,6 +190,33 @@ impl Fs {
             self.preload(dir);
         }
         self.lock()
+    }
+
+    /// `lock_loaded` for an operation that also lists the entry `name` of `parent` when it
+    /// is a directory (rmdir, or a rename over a directory, check that it is empty): that
+    /// listing, too, is done without the lock. `st` is held over the other directories.
+    pub(crate) fn relock_with_entry_loaded<'a>(
+        &'a self,
+        st: std::sync::MutexGuard<'a, State>,
+        dirs: &[Ino],
+        parent: Ino,
+        name: &[u8],
+    ) -> std::sync::MutexGuard<'a, State> {
+        let entry = st
+            .inodes
+            .get(&parent)
+            .and_then(|p| p.children())
+            .and_then(|c| c.entries.get(name))
+            .map(|d| d.ino);
+        match entry {
+            Some(ino) if unloaded_dir(&st, ino) => {
+                drop(st);
+                let mut all = dirs.to_vec();
+                all.push(ino);
+                self.lock_loaded(&all)
+            }
+            _ => st,
+        }
     }
 
     /// Loads directory `ino` if it is not loaded yet, doing its stick I/O (listing, a stat of
