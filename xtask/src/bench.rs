@@ -103,9 +103,7 @@ impl CellFs {
                     // per 16 KiB, runs out first).
                     mkfs.args(["-i", "4096"]);
                 }
-                mkfs
-                    .arg(&image)
-                    .stdout(Stdio::null());
+                mkfs.arg(&image).stdout(Stdio::null());
                 util::run_checked(mkfs, "mkfs.ext4")?;
                 let loop_dev = LoopDev::attach_with(&image, true)?;
                 let mut mount = Command::new("mount");
