@@ -224,7 +224,7 @@ impl Fs {
             inode.note_backing(&stat);
         }
         let attr = inode.attr(ino);
-        st.inodes.insert(ino, inode);
+        st.inodes.insert(ino, Box::new(inode));
         st.add_entry(
             parent,
             name,

@@ -322,7 +322,7 @@ impl Fs {
         } = scan;
         let dir_path = st.backing_path(ino)?;
         let mut pending = match st.inode_mut(ino)?.dir.take() {
-            Some(DirState::Unloaded(t)) => t,
+            Some(DirState::Unloaded(t)) => *t,
             _ => PendingTree::default(),
         };
         let mut records = std::mem::take(&mut pending.children);
@@ -557,10 +557,10 @@ impl Fs {
         }
         let ino = st.alloc_ino();
         let dir = (kind == Kind::Dir).then(|| {
-            DirState::Unloaded(PendingTree {
+            DirState::Unloaded(Box::new(PendingTree {
                 meta: None,
                 children: subtree,
-            })
+            }))
         });
         let inode = Inode {
             kind,
@@ -582,7 +582,7 @@ impl Fs {
             opens: 0,
             symlink,
         };
-        st.inodes.insert(ino, inode);
+        st.inodes.insert(ino, Box::new(inode));
         if let Some(id) = link_id {
             st.links.insert(id, ino);
         }
