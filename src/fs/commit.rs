@@ -54,10 +54,23 @@ impl StoreWriter {
     fn checkpoint(&mut self, snapshot: &[Record], records: Vec<Record>) -> Result<()> {
         let result = match self.journal.as_mut() {
             None => Err(Errno::EROFS),
-            Some(j) => j.checkpoint(snapshot).map_err(|e| {
-                tracing::error!("writing a checkpoint of the metadata store failed: {e}");
-                store_errno(&e)
-            }),
+            Some(j) => {
+                let before = j.generation();
+                match j.checkpoint(snapshot) {
+                    Ok(()) => Ok(()),
+                    // The new generation is durable and in use; only removing the old one
+                    // failed (the next open removes it). The checkpoint holds `records`: they
+                    // must not stay unsaved, or they would be appended after it again.
+                    Err(e) if j.generation() != before => {
+                        tracing::warn!("removing the old metadata generation failed: {e}");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::error!("writing a checkpoint of the metadata store failed: {e}");
+                        Err(store_errno(&e))
+                    }
+                }
+            }
         };
         match result {
             Ok(()) => self.unsaved.clear(),

@@ -309,6 +309,10 @@ impl Fs {
         self.check_writable()?;
         let mut st = self.lock_loaded(&[parent]);
         self.ensure_loaded(&mut st, parent)?;
+        if want_dir {
+            st = self.relock_with_entry_loaded(st, &[parent], parent, name);
+            self.ensure_loaded(&mut st, parent)?;
+        }
         let dentry = st
             .inode(parent)?
             .children()
@@ -607,6 +611,9 @@ impl Fs {
             return Err(Errno::EINVAL);
         }
         let mut st = self.lock_loaded(&[parent, newparent]);
+        self.ensure_loaded(&mut st, parent)?;
+        self.ensure_loaded(&mut st, newparent)?;
+        st = self.relock_with_entry_loaded(st, &[parent, newparent], newparent, newname);
         self.ensure_loaded(&mut st, parent)?;
         self.ensure_loaded(&mut st, newparent)?;
         let src = st
