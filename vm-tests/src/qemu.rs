@@ -102,7 +102,7 @@ impl Output {
 
 /// Make the kernel SIGKILL the child when the harness dies, so that not even a SIGKILLed
 /// harness leaves a QEMU behind.
-fn die_with_parent(command: &mut Command) {
+pub(crate) fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
     unsafe {
         command.pre_exec(|| {
@@ -120,6 +120,31 @@ fn stick_device_properties() -> serde_json::Value {
 
 impl Vm {
     pub fn boot(config: &VmConfig) -> Result<Vm> {
+        let stick = config.stick.map(|stick| {
+            format!(
+                "driver=file,filename={},node-name=stickfile",
+                stick.display()
+            )
+        });
+        Vm::boot_with(config, stick)
+    }
+
+    /// As `boot`, with the stick served by an NBD server on the unix socket `socket` (the
+    /// power-loss scenario's write-back cache) instead of an image file; `config.stick` must
+    /// be None.
+    pub fn boot_nbd(config: &VmConfig, socket: &Path) -> Result<Vm> {
+        if config.stick.is_some() {
+            bail!("boot_nbd: the stick comes from the NBD server, not from an image file");
+        }
+        let node = format!(
+            "driver=nbd,server.type=unix,server.path={},node-name=stickfile",
+            socket.display()
+        );
+        Vm::boot_with(config, Some(node))
+    }
+
+    /// `stick`: the `-blockdev` of the stick's protocol node (`stickfile`), if one is plugged.
+    fn boot_with(config: &VmConfig, stick: Option<String>) -> Result<Vm> {
         std::fs::create_dir_all(config.run_dir)
             .with_context(|| format!("creating {}", config.run_dir.display()))?;
         let res_sock = config.run_dir.join(format!("{}-res.sock", config.name));
@@ -171,15 +196,13 @@ impl Vm {
             .arg("-chardev")
             .arg(format!("socket,id=res,path={},server=on,wait=on", res_sock.display()))
             .args(["-serial", "chardev:res"]);
-        if let Some(stick) = config.stick {
+        let plugged = stick.is_some();
+        if let Some(stick) = stick {
             // -blockdev, not -drive: a -drive disappears with its device on device_del and
             // could not be plugged back.
             command
                 .arg("-blockdev")
-                .arg(format!(
-                    "driver=file,filename={},node-name=stickfile",
-                    stick.display()
-                ))
+                .arg(stick)
                 .args(["-blockdev", "driver=raw,file=stickfile,node-name=stick"])
                 .args([
                     "-device",
@@ -233,7 +256,7 @@ impl Vm {
             process,
             console,
             next_id: 1,
-            stick_plugged: config.stick.is_some(),
+            stick_plugged: plugged,
         };
         let ready = vm.read_response(BOOT_TIMEOUT).with_context(|| {
             format!("waiting for the guest agent (booting {:?})", config.kernel)

@@ -8,6 +8,7 @@ mod conformance;
 mod kernels;
 mod login;
 mod msdos;
+mod powercut;
 mod wear;
 mod yank;
 
@@ -71,5 +72,11 @@ pub const ALL: &[Scenario] = &[
         name: "msdos",
         summary: "an 8.3 stick on the real msdos driver: prepare --names 8.3, hostile names, pjdfstest, fsx; vfat remount; only 8.3 names on the disk",
         run: msdos::run,
+    },
+    Scenario {
+        number: 10,
+        name: "powercut",
+        summary: "power cuts: nbdkit's write-back cache and QEMU killed mid-workload, three times; fsync'ed files intact, the rest old or new, never garbage",
+        run: powercut::run,
     },
 ];
