@@ -110,9 +110,10 @@ pub enum Closed {
     Deferred,
 }
 
-/// The text for a person when the stick home cannot be had, with the way to fix it.
-pub fn missing_message(missing: &Missing, account: &Account) -> String {
-    let why = match missing {
+/// Why there is no stick home, as a clause for a person (also used on LTSP clients, where the
+/// fallback is the server home: `session::ltsp`).
+pub fn missing_reason(missing: &Missing) -> String {
+    match missing {
         Missing::NoStick => "no USB stick with a pershome folder was found".to_owned(),
         Missing::NoPershomeDir(what) => format!(
             "the stick ({what}) has no folder named \"pershome\" at its top, so it is not \
@@ -127,7 +128,12 @@ pub fn missing_message(missing: &Missing, account: &Account) -> String {
             "{n} prepared sticks are plugged in and none is marked as yours yet, so pershome \
              cannot tell which one to use"
         ),
-    };
+    }
+}
+
+/// The text for a person when the stick home cannot be had, with the way to fix it.
+pub fn missing_message(missing: &Missing, account: &Account) -> String {
+    let why = missing_reason(missing);
     format!(
         "pershome: {why}.\n\
          You are working in this computer's normal home folder ({home}) for this session: \
