@@ -62,12 +62,16 @@ pub fn role(root: &Path) -> Role {
 /// pershome's block for pamltsp.conf. The user name reaches pershome-config only as one
 /// double-quoted argument (pamltsp has already looked it up with getent); pershome-config
 /// answers with its exit status, and only a "yes" changes anything (`SSHFS=0`), so a missing
-/// or failing pershome-config leaves pamltsp as configured.
+/// or failing pershome-config leaves pamltsp as configured. It asks only when pamltsp is about
+/// to mount (auth, or open_session for a login without auth): pamltsp also sources the file at
+/// session close, after pershome released the stick, and a probe then would mount the stick
+/// again just as the person was told to pull it.
 pub fn block() -> String {
     format!(
         "{BLOCK_BEGIN}\n\
          # pershome mounts their stick home on $HOME in the session; see pershome-config(8).\n\
          if [ -n \"${{PAM_USER:-}}\" ] && [ -x /usr/bin/pershome-config ] &&\n    \
+         {{ [ \"${{PAM_TYPE:-}}\" = auth ] || [ \"${{PAM_TYPE:-}}\" = open_session ]; }} &&\n    \
          /usr/bin/pershome-config ltsp skip-sshfs --user \"$PAM_USER\" </dev/null >/dev/null 2>&1; then\n    \
          SSHFS=0\n\
          fi\n\

@@ -267,6 +267,11 @@ fn remote_session_is_left_alone_even_with_deny() {
 /// /bin/sh with PAM_USER set), with /usr/bin/pershome-config standing for the built binary
 /// under this root and stick, and returns the SSHFS value it leaves (`unset` when none).
 fn sshfs_after_block(root: &Path, stick: &Path, user: &str) -> String {
+    sshfs_after_block_at(root, stick, user, "auth")
+}
+
+/// As `sshfs_after_block`, with pamltsp's PAM_TYPE `pam_type`.
+fn sshfs_after_block_at(root: &Path, stick: &Path, user: &str, pam_type: &str) -> String {
     let wrapper = root.join("pershome-config");
     std::fs::write(
         &wrapper,
@@ -293,7 +298,7 @@ fn sshfs_after_block(root: &Path, stick: &Path, user: &str) -> String {
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("PAM_USER", user)
-        .env("PAM_TYPE", "auth")
+        .env("PAM_TYPE", pam_type)
         .arg("-c")
         .arg(". \"$1\"; printf %s \"${SSHFS-unset}\"")
         .arg("sh")
@@ -328,6 +333,11 @@ fn pamltsp_block_decides_sshfs_per_user() {
         sshfs_after_block(root.path(), &stick, &alice.name),
         "0",
         "alice with her stick: no SSHFS home"
+    );
+    assert_eq!(
+        sshfs_after_block_at(root.path(), &stick, &alice.name, "close_session"),
+        "unset",
+        "at session close pamltsp only unmounts: no probe (it would mount the stick again)"
     );
     assert_eq!(
         sshfs_after_block(root.path(), &stick, &bob.name),
