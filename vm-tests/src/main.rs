@@ -9,6 +9,7 @@
 mod deps;
 mod guest;
 mod image;
+mod ltsp_image;
 mod protocol;
 mod qemu;
 mod qmp;
@@ -49,6 +50,8 @@ struct Cli {
 pub struct Ctx {
     pub sh: Shell,
     pub image: GuestImage,
+    /// The project's package (the LTSP server installs it too).
+    pub deb: PathBuf,
     pub kernel: Kernel,
     /// This scenario's run directory (sticks, sockets, logs).
     pub run_dir: PathBuf,
@@ -136,6 +139,7 @@ fn run() -> Result<bool> {
         let mut ctx = Ctx {
             sh: Shell::new().context("creating the xshell")?,
             image: image.clone(),
+            deb: deb.clone(),
             kernel: cli.kernel,
             run_dir,
             share: share.clone(),
