@@ -113,7 +113,9 @@ KERNEL_PARAMETERS="console=ttyS0 net.ifnames=0"
 MENU_TIMEOUT=0
 
 [clients]
-SSH_SERVER=192.168.67.1
+# The default, said explicitly: any of PAM_AUTH_TYPE, SSH_SERVER, SSH_OPTIONS makes `ltsp init`
+# rewrite pamltsp.conf on the client, which pershome's block must survive.
+SSH_SERVER=server
 EOF
 mkdir -p "$R/host"
 # A mount unit, not fstab: `ltsp init` rewrites a client's /etc/fstab.

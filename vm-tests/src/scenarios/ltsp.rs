@@ -232,7 +232,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         "cat /etc/ltsp/pamltsp.conf; grep -c pamltsp /etc/pam.d/common-auth",
         SHORT,
     )?;
-    if !conf.contains("SSH_SERVER='192.168.67.1'")
+    if !conf.contains("SSH_SERVER='server'")
         || !conf.contains("pershome-config ltsp skip-sshfs")
     {
         bail!(
