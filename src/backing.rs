@@ -249,7 +249,15 @@ impl Backing {
         Ok(out)
     }
 
-    /// Opens a file below `dir`, never following a symlink; `O_CLOEXEC` always.
+    /// Opens a regular file below `dir`, never following a symlink; `O_CLOEXEC` always.
+    ///
+    /// Anything but a regular file is refused with `EIO`, and opening it can never block: on
+    /// a directory or sshfs "stick" the far side can swap a file for a fifo after pershome
+    /// listed it, and a plain `open` of a fifo waits for the other end forever (a daemon
+    /// thread hung, holding whatever lock it held). So the open is `O_NONBLOCK` (a fifo then
+    /// opens at once for reading, or fails with `ENXIO` for writing), the type is checked on
+    /// the descriptor (no race), and only then is `O_NONBLOCK` cleared for ordinary I/O. A
+    /// device node cannot be opened at all on a stick mounted `nodev`.
     pub fn open_at(
         &self,
         dir: BorrowedFd<'_>,
@@ -261,11 +269,30 @@ impl Backing {
         if flags & (libc::O_CREAT | libc::O_TRUNC) != 0 {
             self.check_fault()?;
         }
-        let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        let wanted = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: valid arguments; result checked.
-        let fd = check(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags, mode) })?;
+        let fd = check(unsafe {
+            libc::openat(dir.as_raw_fd(), c.as_ptr(), wanted | libc::O_NONBLOCK, mode)
+        })?;
         // SAFETY: fresh fd.
-        Ok(unsafe { File::from_raw_fd(fd) })
+        let file = unsafe { File::from_raw_fd(fd) };
+        if !Backing::fstat(&file)?.is_file {
+            tracing::warn!(
+                "backing entry {:?} is not a regular file (a fifo or device planted on the \
+                 stick?): refused",
+                String::from_utf8_lossy(name)
+            );
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        if wanted & libc::O_NONBLOCK == 0 {
+            // SAFETY: valid fd; results checked.
+            let status = check(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) })?;
+            // SAFETY: as above.
+            check(unsafe {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, status & !libc::O_NONBLOCK)
+            })?;
+        }
+        Ok(file)
     }
 
     pub fn mkdir_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {

@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 
 use fuser::{Config, Filesystem, MountOption, Session, SessionACL};
@@ -212,7 +212,7 @@ impl OurMount {
 }
 
 fn run_fusermount_unmount(mountpoint: &Path, lazy: bool) -> io::Result<()> {
-    let mut cmd = Command::new(FUSERMOUNT);
+    let mut cmd = crate::exec::command(crate::exec::system_program_or_missing(FUSERMOUNT));
     cmd.arg("-u").arg("-q");
     if lazy {
         cmd.arg("-z");
@@ -393,7 +393,7 @@ fn fusermount_options(plan: &MountPlan) -> String {
 fn mount_with_fusermount(plan: &MountPlan, mountpoint: &Path) -> io::Result<OwnedFd> {
     let (ours, theirs) = UnixStream::pair()?;
     let theirs_fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(FUSERMOUNT);
+    let mut cmd = crate::exec::command(crate::exec::system_program_or_missing(FUSERMOUNT));
     cmd.arg("-o")
         .arg(fusermount_options(plan))
         .arg("--")

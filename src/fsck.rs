@@ -366,13 +366,7 @@ fn content_files(b: &Backing, s: &StoreNames) -> Result<Vec<ContentFile>, FsckEr
 
 /// Records (nodes with metadata) in a replayed subtree.
 fn count_records(tree: &PendingTree) -> u64 {
-    let mut n = 0;
-    let mut stack = vec![tree];
-    while let Some(t) = stack.pop() {
-        n += u64::from(t.meta.is_some());
-        stack.extend(t.children.values());
-    }
-    n
+    tree.count_records()
 }
 
 /// The link id a record gives a backing file, as reconciliation reads it: only a record of a
@@ -446,7 +440,7 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
     let root_tree = std::mem::take(&mut replayed.root);
     // (backing path, POSIX path, the store's records below it)
     let mut stack = vec![(Vec::<Vec<u8>>::new(), Vec::<Vec<u8>>::new(), root_tree)];
-    while let Some((bpath, ppath, tree)) = stack.pop() {
+    while let Some((bpath, ppath, mut tree)) = stack.pop() {
         report.directories += 1;
         let refs: Vec<&[u8]> = bpath.iter().map(|c| c.as_slice()).collect();
         let rel = crate::backing::join(&refs);
@@ -458,7 +452,7 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
             .map_err(io_err(format!("listing {}", shown(&bpath))))?;
         entries.sort_by(|x, y| x.name.cmp(&y.name));
         let at_root = bpath.is_empty();
-        let mut records = tree.children;
+        let mut records = std::mem::take(&mut tree.children);
         let mut seen: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         for entry in entries {
             if !entry.stat.is_dir && !entry.stat.is_file {
@@ -480,7 +474,7 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
             }
             report.entries += 1;
             let (meta, subtree) = match record {
-                Some(t) => (t.meta, t.children),
+                Some(mut t) => (t.meta.take(), std::mem::take(&mut t.children)),
                 None => (None, HashMap::new()),
             };
             let stored_name = meta

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod backing;
 pub mod cli;
 pub mod daemon;
+pub mod exec;
 pub mod fatrules;
 pub mod faults;
 pub mod fs;
@@ -21,5 +22,7 @@ pub mod pam_setup;
 pub mod session;
 pub mod stick;
 pub mod sysconfig;
+#[doc(hidden)]
+pub mod testing;
 pub mod tools;
 pub mod wants;

@@ -70,6 +70,10 @@ pub struct MountOptions {
     /// `part_size=BYTES` (for tests: tiny parts cross boundaries often): the part size of
     /// files split from now on.
     pub part_size: u64,
+    /// `private_home` (the login hook's mounts): every owner on the stick shows as `uid=`/
+    /// `gid=`, and the root is theirs with mode 0700 from the mount on (see
+    /// `FsOptions::private_home`).
+    pub private_home: bool,
 }
 
 /// A rejected `-o` option. The message names the option and says what to do.
@@ -161,6 +165,7 @@ pub fn parse_options_with(
         names: None,
         parts: PartsMode::Auto,
         part_size: crate::fs::parts::DEFAULT_PART_SIZE,
+        private_home: false,
     };
     let mut allow_other = false;
     let mut allow_root = false;
@@ -281,6 +286,7 @@ const FLAGS: &[&str] = &[
     "nodev",
     "suid",
     "dev",
+    "private_home",
 ];
 
 fn is_flag(key: &str) -> bool {
@@ -307,6 +313,7 @@ fn apply_flag(
         "sync" => out.sync = true,
         "async" => out.sync = false,
         "dirsync" => out.dirsync = true,
+        "private_home" => out.private_home = true,
         // mount(8)/fstab bookkeeping and settings that are always on anyway.
         "defaults"
         | "auto"
@@ -535,8 +542,10 @@ mod tests {
             names: None,
             parts: PartsMode::Auto,
             part_size: crate::fs::parts::DEFAULT_PART_SIZE,
+            private_home: false,
         };
         assert_eq!(o, expected, "expected {expected:?}, got {o:?}");
+        assert!(ok(&["private_home"]).private_home, "private_home is a flag");
     }
 
     #[test]

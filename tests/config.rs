@@ -45,10 +45,6 @@ fn list_path(root: &Path) -> PathBuf {
     root.join("etc/ltsp/persistent_homes")
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 #[test]
 fn add_remove_list_round_trip_keeps_comments() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -186,8 +182,7 @@ fn wants(root: &Path) -> (Option<i32>, String) {
 
 #[test]
 fn wants_honours_only_a_safe_user_file() {
-    if !is_root() {
-        eprintln!("SKIPPED wants_honours_only_a_safe_user_file: needs root to chown");
+    if pershome::testing::skip_without_root("wants_honours_only_a_safe_user_file (chown)") {
         return;
     }
     let (root, home) = root_with_user();
@@ -572,8 +567,7 @@ fn doctor_finds_problems_and_passes_a_complete_root() {
             "expected {expected:?} in:\n{report}"
         );
     }
-    if !is_root() {
-        eprintln!("SKIPPED the complete-root half of doctor: needs root for mknod");
+    if pershome::testing::skip_without_root("the complete-root half of doctor (mknod)") {
         return;
     }
     // Everything in place: /dev/fuse, fusermount3, an enabled profile, a listed user.

@@ -339,10 +339,9 @@ fn gui_prepare_cancelled_writes_nothing() {
 /// A root with the hook's notice for the user running the test, as the hook leaves it
 /// (`run/pershome/USER/`, root-owned 0711, `notice` in it).
 fn notice_root(text: Option<&str>) -> Option<tempfile::TempDir> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "\n*** SKIPPED notice test: needs root (the notice's directory must be root's) ***\n"
-        );
+    if pershome::testing::skip_without_root(
+        "the notice test (the notice's directory must be root's)",
+    ) {
         return None;
     }
     let user = nix::unistd::User::from_uid(nix::unistd::getuid())

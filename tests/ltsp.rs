@@ -334,6 +334,12 @@ fn pamltsp_block_decides_sshfs_per_user() {
         "0",
         "alice with her stick: no SSHFS home"
     );
+    assert!(
+        pershome::session::claim::look(&stick.join("pershome"))
+            .mark
+            .is_none(),
+        "the probe runs before the password is checked: it must not claim the fresh stick"
+    );
     assert_eq!(
         sshfs_after_block_at(root.path(), &stick, &alice.name, "close_session"),
         "unset",

@@ -23,10 +23,6 @@ mod common;
 
 const HOOK: &str = env!("CARGO_BIN_EXE_pershome-config");
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this test run: `phtPPPPPN` (short: user names stay under 32 bytes).
@@ -243,8 +239,9 @@ const CONFIG: &str = "commit_interval = 1\nlogout_timeout = 3\n";
 
 macro_rules! needs_root {
     () => {
-        if !is_root() {
-            eprintln!("skipped: needs root (PAM service files, useradd, mounts)");
+        if pershome::testing::skip_without_root(
+            "a PAM session test (service files, useradd, mounts)",
+        ) {
             return;
         }
     };
@@ -265,6 +262,11 @@ fn open_mounts_the_stick_home_and_close_unmounts_it() {
     // An attacker's stick: a symlink to a file only root may read. The daemon runs as root; it
     // must neither follow nor show it.
     std::os::unix::fs::symlink("/etc/shadow", stick.join("pershome/shadow")).unwrap();
+    // The stick has content, so it must be claimed for alice first (by the administrator).
+    config_ok(
+        &root,
+        &["claim".as_ref(), alice.name.as_ref(), stick.as_os_str()],
+    );
     let service = PamService::new(root.path(), &stick);
 
     let mut ctx = pam(&service, &alice);
@@ -349,10 +351,19 @@ fn open_mounts_the_stick_home_and_close_unmounts_it() {
         said.contains("you can remove your stick"),
         "expected the removal message, got {said:?}"
     );
-    // The stick now names its owner, and the metadata was committed.
+    // The stick is claimed for alice with this site's key.
     let mark =
         std::fs::read_to_string(stick.join("pershome/.pershome/owner-name")).unwrap_or_default();
-    assert_eq!(mark.trim(), alice.name, "owner mark");
+    let mut lines = mark.lines();
+    assert_eq!(
+        lines.next(),
+        Some(alice.name.as_str()),
+        "owner mark: {mark:?}"
+    );
+    assert!(
+        lines.next().is_some_and(|l| l.starts_with("claim1 ")),
+        "expected a claim line in {mark:?}"
+    );
 }
 
 /// `wants` is honoured: a user who is not listed (and has no ~/.persistent_home) gets nothing
@@ -538,21 +549,37 @@ fn a_busy_home_is_unmounted_in_the_background() {
     });
 }
 
-/// Security: a stick marked as another user's home is not mounted as this user's home.
+/// Runs `pershome-config --root ROOT ARGS` and asserts success.
+fn config_ok(root: &TestRoot, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(HOOK)
+        .arg("--root")
+        .arg(root.path())
+        .args(args)
+        .output()
+        .expect("running pershome-config");
+    assert!(
+        out.status.success(),
+        "pershome-config {args:?}: expected success, got {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Security: a stick claimed as another user's home is not mounted as this user's home.
 #[test]
 fn a_stick_of_another_user_is_refused() {
     needs_root!();
     let root = TestRoot::new(CONFIG);
-    let gina = TestUser::new();
+    let (gina, owner) = (TestUser::new(), TestUser::new());
     let home = root.add_account(&gina);
+    root.add_account(&owner);
     root.list(&gina);
     let stick = root.stick("s6", true);
-    std::fs::create_dir(stick.join("pershome/.pershome")).unwrap();
-    std::fs::write(
-        stick.join("pershome/.pershome/owner-name"),
-        "somebody-else\n",
-    )
-    .unwrap();
+    std::fs::write(stick.join("pershome/report.txt"), "the owner's work\n").unwrap();
+    config_ok(
+        &root,
+        &["claim".as_ref(), owner.name.as_ref(), stick.as_os_str()],
+    );
     let service = PamService::new(root.path(), &stick);
     let mut ctx = pam(&service, &gina);
     let token = ctx.open_session(Flag::NONE).expect("open").leak();
@@ -563,8 +590,359 @@ fn a_stick_of_another_user_is_refused() {
     );
     let said = infos(&ctx);
     assert!(
-        said.contains("somebody-else"),
+        said.contains(&owner.name),
         "expected the refusal to name the owner, got {said:?}"
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+}
+
+/// Security (issue 10, hole 2): a stick nobody claimed, whose `pershome/` holds a planted
+/// `.bashrc`, never becomes the home of the listed user who logs in with it (nor is it
+/// claimed for them); the person is told how to claim a stick. Once the administrator claims
+/// it for them, it is their home.
+#[test]
+fn a_planted_stick_never_becomes_the_next_users_home() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let lena = TestUser::new();
+    let home = root.add_account(&lena);
+    root.list(&lena);
+    let stick = root.stick("s12", true);
+    std::fs::write(stick.join("pershome/.bashrc"), "echo planted\n").unwrap();
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &lena);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected the planted stick not to be mounted as the home"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("not claimed as your home") && said.contains("pershome-config claim"),
+        "expected the message to say how to claim, got {said:?}"
+    );
+    assert!(
+        !stick.join("pershome/.pershome/owner-name").exists(),
+        "expected nothing written on the planted stick"
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+    config_ok(
+        &root,
+        &["claim".as_ref(), lena.name.as_ref(), stick.as_os_str()],
+    );
+    let mut ctx = pam(&service, &lena);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected the claimed stick mounted; said {:?}",
+        infos(&ctx)
+    );
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+}
+
+/// Writes a store on `backing` that claims other owners, as any computer can: the root owned
+/// by root with mode 0777 and an access ACL, `secret.txt` root's with mode 0600, `shared.txt`
+/// owned by `other` with mode 0666.
+fn plant_foreign_owners(backing: &Path, other: u32) {
+    use pershome::fs::{Ctx, Fs, FsOptions, SetAttr, ROOT};
+    let who = Ctx {
+        uid: 0,
+        gid: 0,
+        pid: 1,
+        umask: 0,
+    };
+    let fs = Fs::open_backing(backing, FsOptions::new(4242, 4242)).expect("opening the store");
+    for (name, uid, mode) in [("secret.txt", 0, 0o600), ("shared.txt", other, 0o666)] {
+        let (attr, fh) = fs
+            .create(who, ROOT, name.as_bytes(), mode, libc::O_RDWR)
+            .expect("create");
+        fs.write(fh, 0, b"data\n").expect("write");
+        fs.release(fh).expect("release");
+        fs.setattr(
+            attr.ino,
+            SetAttr {
+                uid: Some(uid),
+                gid: Some(uid),
+                mode: Some(mode),
+                ..SetAttr::default()
+            },
+        )
+        .expect("chown");
+    }
+    fs.setattr(
+        ROOT,
+        SetAttr {
+            uid: Some(0),
+            gid: Some(0),
+            mode: Some(0o777),
+            ..SetAttr::default()
+        },
+    )
+    .expect("chmod the root");
+    // user:OTHER:rwx, with a mask that lets it through.
+    let mut acl = vec![2u8, 0, 0, 0];
+    for (tag, perm, id) in [
+        (1u16, 7u16, u32::MAX),
+        (2, 7, other),
+        (4, 7, u32::MAX),
+        (0x10, 7, u32::MAX),
+        (0x20, 7, u32::MAX),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    fs.setxattr(ROOT, b"system.posix_acl_access", &acl, 0)
+        .expect("an access ACL on the root");
+    fs.shutdown();
+}
+
+/// Security (issue 10, hole 3), in process: with `private_home` the store's owners do not
+/// count from the first request on: the root is the mounting user's with mode 0700 and no
+/// access ACL, and every file shows as theirs. Without it (a plain mount, pjdfstest), the
+/// stored owners stay.
+#[test]
+fn private_home_ignores_the_owners_the_stick_claims() {
+    use pershome::fs::{Fs, FsOptions, ROOT};
+    let dir = tempfile::tempdir().unwrap();
+    plant_foreign_owners(dir.path(), 4343);
+    let private = FsOptions {
+        private_home: true,
+        ..FsOptions::new(1500, 1600)
+    };
+    let fs = Fs::open_backing(dir.path(), private).expect("opening privately");
+    let root = fs.getattr(ROOT).unwrap();
+    assert_eq!(
+        (root.uid, root.gid, root.perm),
+        (1500, 1600, 0o700),
+        "expected the root the user's, 0700, at the first request"
+    );
+    let acl = fs.getxattr(ROOT, b"system.posix_acl_access", 0);
+    assert!(
+        acl.is_err(),
+        "expected no access ACL on the root, got {acl:?}"
+    );
+    for name in ["secret.txt", "shared.txt"] {
+        let a = fs.lookup(ROOT, name.as_bytes()).unwrap();
+        assert_eq!((a.uid, a.gid), (1500, 1600), "{name}: expected the user's");
+    }
+    fs.shutdown();
+    drop(fs);
+    let plain = Fs::open_backing(dir.path(), FsOptions::new(1500, 1600)).unwrap();
+    let root = plain.getattr(ROOT).unwrap();
+    assert!(
+        plain.getxattr(ROOT, b"system.posix_acl_access", 0).is_ok(),
+        "expected the planted ACL in a plain mount"
+    );
+    assert_eq!(
+        (root.uid, root.perm),
+        (0, 0o777),
+        "a plain mount keeps the stored owner"
+    );
+    let a = plain.lookup(ROOT, b"shared.txt").unwrap();
+    assert_eq!(a.uid, 4343, "a plain mount keeps the stored owner");
+    plain.shutdown();
+}
+
+/// Security (issue 10, hole 3), through the hook: a stick whose store says the home's root is
+/// root's with mode 0777 (and an ACL for another user), that a file is root's 0600 and another
+/// is a second user's: in the mounted home the root is the user's, 0700, the second user is
+/// kept out, and the user reads every file.
+#[test]
+fn the_stick_never_decides_who_owns_the_home() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let (nora, otto) = (TestUser::new(), TestUser::new());
+    let home = root.add_account(&nora);
+    root.add_account(&otto);
+    root.list(&nora);
+    let stick = root.stick("s14", true);
+    plant_foreign_owners(&stick.join("pershome"), otto.uid);
+    config_ok(
+        &root,
+        &["claim".as_ref(), nora.name.as_ref(), stick.as_os_str()],
+    );
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &nora);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected the stick home mounted; said {:?}",
+        infos(&ctx)
+    );
+    let meta = std::fs::metadata(&home).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (nora.uid, 0o700),
+        "expected the home nora's, mode 700"
+    );
+    for name in ["secret.txt", "shared.txt"] {
+        let file = home.join(name);
+        let (ok, err) = run_as(nora.uid, nora.gid, "/usr/bin/cat", &[file.as_os_str()]);
+        assert!(ok, "nora reading {name}: expected success, got {err}");
+        let (ok, err) = run_as(otto.uid, otto.gid, "/usr/bin/cat", &[file.as_os_str()]);
+        assert!(
+            !ok && err.contains("Permission denied"),
+            "otto reading {name}: expected EACCES, got ok={ok} {err}"
+        );
+    }
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+}
+
+/// Security (issue 10, hole 7): a mount over the stick home that the hook did not make (a
+/// user's own FUSE mount) cannot keep the stick mounted after logout:
+/// the close detaches their mount and unmounts the hook's, and the stick is released.
+#[test]
+fn a_users_mount_over_the_home_does_not_keep_the_stick() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let pia = TestUser::new();
+    let home = root.add_account(&pia);
+    root.list(&pia);
+    let stick = root.stick("s15", true);
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &pia);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(fstype_at(&home).as_deref(), Some("fuse.pershomefs"));
+    // A mount over the home that the hook did not make. A user does that with a FUSE mount
+    // of their own (fusermount3 is setuid); this host's /dev/fuse is root's only, so the test
+    // makes the covering mount itself (a tmpfs): to the hook both are "not its pershomefs".
+    nix::mount::mount(
+        Some("cover"),
+        &home,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mounting a tmpfs over the home");
+    let top = pershome::stick::mountinfo::mount_at(&home)
+        .unwrap()
+        .unwrap();
+    assert_eq!(top.fstype, "tmpfs", "expected the cover on top: {top:?}");
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close");
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected nothing left on the home after the close"
+    );
+    let stick_mp = root
+        .path()
+        .join("run/pershome")
+        .join(&pia.name)
+        .join("raw/stick");
+    assert_eq!(
+        fstype_at(&stick_mp),
+        None,
+        "expected the stick released after the close"
+    );
+    common::wait_until("the daemons exit", || {
+        common::daemons_serving(&home).is_empty()
+    });
+}
+
+/// Security (issue 10, hole 7): a logout never waits without a bound on the daemon. With the
+/// home's pershomefs daemon stopped (SIGSTOP: it answers nothing, as a daemon stuck on a dead
+/// stick), the close still returns; only then is the daemon let go on. A watchdog continues
+/// the daemon after two minutes so that a regression fails instead of hanging the suite; the
+/// test checks which came first, not how long anything took.
+#[test]
+fn a_stopped_daemon_does_not_hold_the_logout() {
+    needs_root!();
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let root = TestRoot::new(CONFIG);
+    let quin = TestUser::new();
+    let home = root.add_account(&quin);
+    root.list(&quin);
+    let stick = root.stick("s16", true);
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &quin);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    let pids = common::daemons_serving(&home);
+    assert_eq!(pids.len(), 1, "expected one daemon, got {pids:?}");
+    let pid = nix::unistd::Pid::from_raw(pids[0]);
+    // Something for the commit to do.
+    let file = home.join("late.txt");
+    let (ok, err) = run_as(quin.uid, quin.gid, "/usr/bin/touch", &[file.as_os_str()]);
+    assert!(ok, "touch: {err}");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let continued = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let continued = continued.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(120));
+            continued.store(true, Ordering::SeqCst);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        })
+    };
+    struct Continue(nix::unistd::Pid);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let cont = Continue(pid);
+    let closed = ctx
+        .unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string());
+    let returned_while_stopped = !continued.load(Ordering::SeqCst);
+    drop(cont);
+    drop(watchdog);
+    closed.expect("close");
+    assert!(
+        returned_while_stopped,
+        "expected the close to return while the daemon was stopped; it returned only after \
+         the watchdog continued the daemon"
+    );
+    common::wait_until("the daemon exits", || {
+        common::daemons_serving(&home).is_empty()
+    });
+}
+
+/// Security (issue 10, hole 6): a `--stick-dir` reached through a symlinked component (which
+/// whoever controls that link could point anywhere) is refused: nothing is bound or mounted,
+/// and the person is told why.
+#[test]
+fn a_stick_dir_through_a_symlink_is_refused() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let mia = TestUser::new();
+    let home = root.add_account(&mia);
+    root.list(&mia);
+    let real = root.path().join("real");
+    std::fs::create_dir_all(real.join("s13/pershome")).unwrap();
+    std::os::unix::fs::symlink(&real, root.path().join("sticklink")).unwrap();
+    let service = PamService::new(root.path(), &root.path().join("sticklink/s13"));
+    let mut ctx = pam(&service, &mia);
+    let token = ctx.open_session(Flag::NONE).expect("open").leak();
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "expected nothing mounted from a stick directory behind a symlink"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("symlink"),
+        "expected the message to name the symlink, got {said:?}"
     );
     ctx.unleak_session(token)
         .close(Flag::NONE)
@@ -686,27 +1064,42 @@ fn mount_home_through_mount_fuse3() {
     common::wait_until("the watcher forgets the state", || !state.exists());
 }
 
-/// Security: no user-controlled string reaches a shell. The login hook's code runs programs
-/// only with argument vectors; this pins that no shell is ever started from it.
-#[test]
-fn the_login_hook_never_runs_a_shell() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = Vec::new();
-    // The hook's own code, and the stick code it shares with the tools.
-    for dir in ["src/session", "src/stick"] {
-        for entry in std::fs::read_dir(root.join(dir)).expect("listing the hook's sources") {
-            files.push(entry.expect("listing the hook's sources").path());
+/// Every Rust source file under `dir`, recursively.
+fn rust_sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("listing the sources") {
+        let path = entry.expect("listing the sources").path();
+        if path.is_dir() {
+            rust_sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
         }
     }
+}
+
+/// Security (docs/security.md, "What root runs"): across every module of the crate (the hook,
+/// the stick code, the tools, the daemon, the command-line front ends), no shell is ever
+/// started, and no program is started except through `pershome::exec`, which names it by
+/// absolute path and clears the environment. `Command::new` appears nowhere else, and the
+/// variant that passes display variables on (`user_command`) only where a person runs a
+/// dialog with their own rights.
+#[test]
+fn every_program_is_run_by_absolute_path_with_a_cleared_environment() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_sources(&root.join("src"), &mut files);
     assert!(
-        files.len() >= 10,
-        "expected the hook's source files, got {files:?}"
+        files.len() >= 40,
+        "expected every source file of the crate, got {files:?}"
     );
+    let rel = |p: &Path| p.strip_prefix(root).unwrap_or(p).display().to_string();
+    let user_command_allowed = ["src/tools/zenity.rs", "src/session/entry.rs", "src/exec.rs"];
     let mut offenders = Vec::new();
-    for path in files {
-        let text = std::fs::read_to_string(&path).expect("reading a source file");
+    for path in &files {
+        let name = rel(path);
+        let text = std::fs::read_to_string(path).expect("reading a source file");
         for (i, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap_or("");
+            let at = format!("{name}:{}: {}", i + 1, line.trim());
             for needle in [
                 "\"sh\"",
                 "\"/bin/sh\"",
@@ -714,17 +1107,183 @@ fn the_login_hook_never_runs_a_shell() {
                 "\"-c\"",
                 "libc::system",
                 "popen",
+                "execvp",
+                "execlp",
             ] {
                 if code.contains(needle) {
-                    offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                    offenders.push(format!("a shell or PATH search: {at}"));
                 }
             }
+            if code.contains("Command::new") && name != "src/exec.rs" {
+                offenders.push(format!("Command::new outside src/exec.rs: {at}"));
+            }
+            if code.contains("user_command(") && !user_command_allowed.contains(&name.as_str()) {
+                offenders.push(format!("user_command outside a user's dialog: {at}"));
+            }
+        }
+    }
+    // The one place that builds commands clears the environment and refuses relative names.
+    let exec = std::fs::read_to_string(root.join("src/exec.rs")).expect("reading src/exec.rs");
+    for want in ["env_clear()", "is_absolute()", "/nonexistent"] {
+        if !exec.contains(want) {
+            offenders.push(format!("src/exec.rs lacks {want}"));
         }
     }
     assert!(
         offenders.is_empty(),
-        "expected no shell in the login hook, got:\n{}",
+        "expected every program run through pershome::exec, got:\n{}",
         offenders.join("\n")
+    );
+}
+
+/// A shared library for `LD_PRELOAD` that appends `EXE PID PPID` of every process it is
+/// loaded into to `log`; built with the C compiler every Rust build has.
+fn preload_library(dir: &Path, log: &Path) -> PathBuf {
+    let src = dir.join("spy.c");
+    std::fs::write(
+        &src,
+        format!(
+            "#include <fcntl.h>\n#include <stdio.h>\n#include <unistd.h>\n\
+             __attribute__((constructor)) static void spy(void) {{\n\
+             char exe[4096]; char line[4200];\n\
+             ssize_t n = readlink(\"/proc/self/exe\", exe, sizeof exe - 1);\n\
+             if (n < 0) n = 0; exe[n] = 0;\n\
+             int len = snprintf(line, sizeof line, \"%s %d %d\\n\", exe, (int)getpid(), (int)getppid());\n\
+             int fd = open(\"{}\", O_WRONLY | O_APPEND | O_CREAT, 0666);\n\
+             if (fd >= 0) {{ write(fd, line, len); close(fd); }}\n}}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let lib = dir.join("libspy.so");
+    let out = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("running cc");
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lib
+}
+
+/// Security hole 1 of issue 10: the PAM environment (which `pam_env.so user_readenv=1` fills
+/// from a user's `~/.pam_environment`) reaches nothing the root hook runs. The session's
+/// environment has `PATH` naming a directory the user owns, holding a fake `systemd-run`,
+/// `pershomefs`, `blkid`, `udisksctl` and `fusermount3`, and `LD_PRELOAD` naming a library
+/// there that logs every process it is loaded into. Through a busy logout (the background
+/// finisher runs), no fake program runs and the library is loaded into nothing but the hook
+/// processes pam_exec itself starts (the dynamic loader maps it before the hook's first
+/// instruction: only the PAM stack can prevent that, which `pershome-config doctor` checks).
+#[test]
+fn the_users_path_and_preload_never_reach_what_root_runs() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let kim = TestUser::new();
+    let home = root.add_account(&kim);
+    root.list(&kim);
+    let stick = root.stick("s11", true);
+    let service = PamService::new(root.path(), &stick);
+    // The user's own directory, as a user could make one anywhere they may write.
+    let evil = tempfile::Builder::new()
+        .prefix("pershome-evil")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let log = evil.path().join("spy.log");
+    let ran = evil.path().join("ran.log");
+    let lib = preload_library(evil.path(), &log);
+    for fake in [
+        "systemd-run",
+        "pershomefs",
+        "blkid",
+        "udisksctl",
+        "fusermount3",
+        "zenity",
+    ] {
+        let path = evil.path().join(fake);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho {fake} >> {}\n", ran.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for entry in std::fs::read_dir(evil.path()).unwrap() {
+        let p = entry.unwrap().path();
+        std::os::unix::fs::chown(&p, Some(kim.uid), Some(kim.gid)).unwrap();
+    }
+    std::os::unix::fs::chown(evil.path(), Some(kim.uid), Some(kim.gid)).unwrap();
+
+    let mut ctx = pam(&service, &kim);
+    ctx.putenv(format!("PATH={}", evil.path().display()))
+        .expect("putenv PATH");
+    ctx.putenv(format!("LD_PRELOAD={}", lib.display()))
+        .expect("putenv LD_PRELOAD");
+    let token = ctx.open_session(Flag::NONE).expect("open_session").leak();
+    assert_eq!(
+        fstype_at(&home).as_deref(),
+        Some("fuse.pershomefs"),
+        "expected the stick home mounted; said {:?}",
+        infos(&ctx)
+    );
+    // A program left in the home makes the logout busy: the finisher is started (through
+    // systemd-run where systemd runs).
+    let mut lingering = Command::new("/usr/bin/sleep")
+        .arg("300")
+        .current_dir(&home)
+        .uid(kim.uid)
+        .gid(kim.gid)
+        .env_clear()
+        .spawn()
+        .expect("starting a lingering program");
+    struct Reap<'a>(&'a mut std::process::Child);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let reap = Reap(&mut lingering);
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close_session");
+    drop(reap);
+    common::wait_until("the finisher unmounts the home", || {
+        fstype_at(&home).is_none()
+    });
+    common::wait_until("the daemon exits", || {
+        common::daemons_serving(&home).is_empty()
+    });
+    let ran = std::fs::read_to_string(&ran).unwrap_or_default();
+    assert!(
+        ran.is_empty(),
+        "expected no program from the user's PATH to run, got:\n{ran}"
+    );
+    let hook = std::fs::canonicalize(HOOK).unwrap();
+    let me = std::process::id();
+    let spied = std::fs::read_to_string(&log).unwrap_or_default();
+    // The spy works: pam_exec started the hook with it (else this test proves nothing).
+    assert!(
+        !spied.is_empty(),
+        "expected the preload library in the hook that pam_exec started, got nothing"
+    );
+    let foreign: Vec<&str> = spied
+        .lines()
+        .filter(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            // The hook processes pam_exec starts (children of this test process) are the only
+            // ones the loader may have mapped it into.
+            !(w.len() == 3 && Path::new(w[0]) == hook && w[2] == me.to_string())
+        })
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "expected LD_PRELOAD in nothing the hook started, got:\n{}",
+        foreign.join("\n")
     );
 }
 

@@ -887,3 +887,44 @@ fn prepare_an_exfat_device_mounted_or_not() {
     assert_eq!(code(&o), Some(0), "{}", text(&o));
     lo.unmount();
 }
+
+/// Security (issue 10, hole 8): a stick the tools mount as root (here an exFAT loop device,
+/// through exfat-fuse) sits in root's 0700 `/run/pershome/tools`, its files the caller's and
+/// closed to others (umask 077), never world-readable under `$TMPDIR`.
+#[test]
+fn tools_mount_sticks_where_only_root_can_look() {
+    use std::os::unix::fs::MetadataExt;
+    if !can_mount() {
+        return;
+    }
+    let lo = ExfatLoop::new();
+    let mount =
+        pershome::stick::mount::TempMount::mount(&lo.device, pershome::stick::StickFs::Exfat)
+            .expect("mounting the exFAT stick");
+    let mp = mount.mountpoint.clone();
+    let parent = mp.parent().expect("a parent");
+    assert_eq!(
+        parent,
+        Path::new(pershome::stick::mount::TOOLS_DIR),
+        "expected the mount under the tools directory, got {mp:?}"
+    );
+    let p = std::fs::symlink_metadata(parent).unwrap();
+    assert_eq!(
+        (p.uid(), p.mode() & 0o7777),
+        (0, 0o700),
+        "expected {parent:?} root's, 0700"
+    );
+    let m = std::fs::metadata(&mp).unwrap();
+    assert_eq!(
+        m.mode() & 0o077,
+        0,
+        "expected the stick's root closed to others, got mode {:o}",
+        m.mode() & 0o7777
+    );
+    drop(mount);
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(
+        !info.contains(&format!(" {} ", mp.display())),
+        "expected {mp:?} unmounted"
+    );
+}

@@ -95,7 +95,8 @@ fuzz_target!(|data: &[u8]| {
                 ro.replayed.snapshot(),
                 rw.replayed.snapshot(),
                 "ReadOnly and ReadWrite recovered different states; warnings ro {:?} rw {:?}",
-                ro.warnings, rw.warnings
+                ro.warnings,
+                rw.warnings
             );
         }
         (Err(_), Err(_)) => return,
@@ -118,7 +119,8 @@ fuzz_target!(|data: &[u8]| {
             recovered.replayed.snapshot(),
             "state after the ReadWrite repair differs from what it recovered; warnings \
              at repair {:?}, at reopen {:?}",
-            recovered.warnings, again.warnings
+            recovered.warnings,
+            again.warnings
         ),
         Err(e) => panic!("reopening the store ReadOnly after a ReadWrite open failed: {e}"),
     }

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             names: opts.names,
             parts: opts.parts,
             part_size: opts.part_size,
+            private_home: opts.private_home,
         };
         pershome::fuse::Adapter::open(backing, fs_opts).map_err(|e| match e {
             FsOpenError::Backing { .. } => OpenError::Backing(anyhow::Error::new(e)),

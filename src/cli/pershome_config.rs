@@ -133,6 +133,31 @@ enum Command {
     /// LTSP 23: keep pershome's block in /etc/ltsp/pamltsp.conf, answer pamltsp's SSHFS question.
     #[command(subcommand, long_about = LTSP_HELP)]
     Ltsp(LtspCommand),
+    /// Create this site's claim key (/etc/pershome/claim.key) if there is none.
+    #[command(
+        long_about = "Create the site's claim key, /etc/pershome/claim.key (32 random bytes, \
+                      root's, mode 0600), if there is none; an existing key is checked and \
+                      kept. The login hook claims new sticks with it, and opens a stick only \
+                      for the user it was claimed for with this key: give every machine of one \
+                      site the same key (on LTSP it reaches the clients through the image; read \
+                      docs/security.md on what that means)."
+    )]
+    ClaimKey,
+    /// Claim a stick as USER's home (as an administrator).
+    #[command(
+        long_about = "Claim the stick STICK (a block device, the mount point of a stick, or a \
+                      directory holding pershome/) as the home of USER on the machines sharing \
+                      this site's claim key. The login hook opens a stick with content only for \
+                      the user it is claimed for; one that is still empty is claimed by the \
+                      first person who logs in with it. Check that the stick is really USER's \
+                      first: its files will run as USER."
+    )]
+    Claim {
+        /// The user name.
+        user: String,
+        /// The stick: a device, its mount point, or a directory holding pershome/.
+        stick: PathBuf,
+    },
     /// Open or close the stick home of a login session (run by PAM as root).
     #[command(long_about = SESSION_HELP)]
     Session {
@@ -292,6 +317,17 @@ fn run(args: impl IntoIterator<Item = OsString>) -> u8 {
         Command::Ltsp(LtspCommand::SkipSshfs { user, stick_dir }) => {
             crate::session::ltsp::run_skip_sshfs(root, &user, stick_dir)
         }
+        Command::ClaimKey => match crate::session::claim::SiteKey::load(root, true) {
+            Ok(_) => {
+                println!(
+                    "{} is in place",
+                    root.join(crate::session::claim::KEY_PATH).display()
+                );
+                exit_code::SUCCESS
+            }
+            Err(e) => fail(exit_code::FAILED, format!("{e:#}")),
+        },
+        Command::Claim { user, stick } => claim(root, &user, &stick),
         Command::Session {
             phase,
             user,
@@ -314,6 +350,42 @@ fn run(args: impl IntoIterator<Item = OsString>) -> u8 {
             &options,
             &mut std::io::stdout().lock(),
         ),
+    }
+}
+
+/// `claim USER STICK`: writes USER's claim on the stick with this site's key.
+fn claim(root: &Path, user: &str, stick: &Path) -> u8 {
+    if let Err(e) = crate::session::hook::Account::lookup(root, user) {
+        return fail(exit_code::NO_USER, format!("{e:#}"));
+    }
+    let key = match crate::session::claim::SiteKey::load(root, true) {
+        Ok(k) => k,
+        Err(e) => return fail(exit_code::FAILED, format!("{e:#}")),
+    };
+    let resolved = match crate::tools::prepare::resolve(stick) {
+        Ok(r) => r,
+        Err(e) => return fail(exit_code::FAILED, e),
+    };
+    let backing = match crate::stick::layout::find_pershome_dir(&resolved.dir) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            return fail(
+                exit_code::FAILED,
+                format!(
+                    "{} has no pershome folder: run `pershome prepare` on it first",
+                    stick.display()
+                ),
+            )
+        }
+        Err(e) => return fail(exit_code::FAILED, format!("{e:#}")),
+    };
+    match crate::session::claim::write_claim(&backing, user, &key) {
+        Ok(()) => {
+            println!("claimed {} as the home of {user}", backing.display());
+            tracing::info!("claim: {} claimed for {user}", backing.display());
+            exit_code::SUCCESS
+        }
+        Err(e) => fail(exit_code::FAILED, format!("{e:#}")),
     }
 }
 
@@ -485,9 +557,10 @@ fn pam(root: &Path, args: &PamArgs) -> u8 {
     match args.mode {
         PamMode::Exec if root == Path::new("/") => {
             // Fixed arguments, no shell: pam-auth-update regenerates /etc/pam.d/common-*.
-            let status = std::process::Command::new("pam-auth-update")
-                .args(["--package", "--enable", pam_setup::PROFILE_NAME])
-                .status();
+            let status =
+                crate::exec::command(crate::exec::system_program_or_missing("pam-auth-update"))
+                    .args(["--package", "--enable", pam_setup::PROFILE_NAME])
+                    .status();
             match status {
                 Ok(s) if s.success() => {
                     println!("enabled the {} profile", pam_setup::PROFILE_NAME);

@@ -118,6 +118,12 @@ pub struct FsOptions {
     /// The part size of files split from now on (`parts::DEFAULT_PART_SIZE` unless a test
     /// asks for tiny parts); files already parted keep the size they were split with.
     pub part_size: u64,
+    /// The login hook's mounts (`private_home`, docs/security.md): no owner stored on the
+    /// stick counts. Every inode shows as `uid`/`gid` (so no stored uid or gid gives another
+    /// local user access, or takes it from the user), and the root is theirs, mode 0700,
+    /// without an access ACL, from the moment the store is opened: before the first request.
+    /// Off for plain mounts, which keep stored owners (pjdfstest: root may chown).
+    pub private_home: bool,
 }
 
 /// When a file growing past the part size is split into parts (`parts=` mount option).
@@ -142,6 +148,7 @@ impl FsOptions {
             parts: PartsMode::Auto,
             part_size: parts::DEFAULT_PART_SIZE,
             names: None,
+            private_home: false,
         }
     }
 }
@@ -556,6 +563,14 @@ impl Fs {
             _ => reconcile::default_meta(Kind::Dir, &root_stat, &opts),
         };
         reconcile::map_ids_in(&mut root_meta, &opts);
+        if opts.private_home {
+            // The home's top directory is the user's and closed to everybody else whatever
+            // the stick says: an access ACL there could name another user.
+            root_meta.mode = libc::S_IFDIR | 0o700;
+            root_meta
+                .xattrs
+                .retain(|(n, _)| n.as_slice() != acl::ACCESS);
+        }
         let root = Inode {
             kind: Kind::Dir,
             meta: root_meta,

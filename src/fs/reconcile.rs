@@ -46,12 +46,14 @@ pub(crate) fn default_meta(kind: Kind, stat: &BackingStat, opts: &super::FsOptio
     }
 }
 
-/// Stored ids → ids on this machine: the stick's owner becomes whoever mounts it.
+/// Stored ids → ids on this machine: the stick's owner becomes whoever mounts it; in a
+/// `private_home` mount every stored id does (docs/security.md: no uid on the stick grants
+/// another local user access or takes it from the user).
 pub(crate) fn map_ids_in(meta: &mut Meta, opts: &super::FsOptions) {
-    if meta.uid == OWNER_ID {
+    if meta.uid == OWNER_ID || opts.private_home {
         meta.uid = opts.uid;
     }
-    if meta.gid == OWNER_ID {
+    if meta.gid == OWNER_ID || opts.private_home {
         meta.gid = opts.gid;
     }
 }
@@ -152,11 +154,11 @@ impl Fs {
             );
             errno_of(&e)
         })?;
-        let pending = match st.inode_mut(ino)?.dir.take() {
+        let mut pending = match st.inode_mut(ino)?.dir.take() {
             Some(DirState::Unloaded(t)) => t,
             _ => PendingTree::default(),
         };
-        let mut records = pending.children;
+        let mut records = std::mem::take(&mut pending.children);
         let at_root = ino == super::ROOT;
         let mut children = Children::default();
         let mut sorted = entries;
@@ -181,7 +183,7 @@ impl Fs {
                 }
             }
             let (meta, subtree) = match record {
-                Some(t) => (t.meta, t.children),
+                Some(mut t) => (t.meta.take(), std::mem::take(&mut t.children)),
                 None => (None, Default::default()),
             };
             let decoded = names::decode_in(self.names, &entry.name, at_root);

@@ -4,9 +4,15 @@
 //! The filesystem takes a directory's subtree out of this tree the first time it lists that
 //! directory (lazy reconciliation), so records of directories never visited cost only memory.
 //! This module only applies records; it never touches the stick.
+//!
+//! A stick chooses the shape of this tree: a chain of renames (`a` → `b/a`, `b` → `a/b`, …)
+//! nests it one level deeper per record of a few bytes. So nothing here recurses over the
+//! tree (dropping, snapshotting and pruning walk with a heap stack), and a replay ends with
+//! `limit_depth`, which cuts what lies deeper than a record path may reach.
 
 use std::collections::HashMap;
 
+use super::codec::MAX_PATH_COMPONENTS;
 use super::{Meta, Record};
 
 /// One node of the replayed tree: the metadata of the entry at this path (if a record set it)
@@ -22,6 +28,29 @@ pub struct PendingTree {
 /// store of a few hundred MiB could exhaust memory. Four million is far above any home
 /// (a store for 100,000 files creates about 100,000).
 pub const MAX_NODES: usize = 4_000_000;
+
+/// How deep the tree may be after a replay: the deepest path a record may hold, so that every
+/// node can be written back as a record (a checkpoint) that the decoder accepts.
+pub const MAX_DEPTH: usize = MAX_PATH_COMPONENTS;
+
+/// Dropping walks the tree with a heap stack: the derived drop would recurse once per level,
+/// and a hostile store can make the tree deep enough to overflow any thread's stack.
+impl Drop for PendingTree {
+    fn drop(&mut self) {
+        if self.children.is_empty() {
+            return;
+        }
+        let mut stack = vec![std::mem::take(&mut self.children)];
+        while let Some(mut children) = stack.pop() {
+            for (_, mut child) in children.drain() {
+                if !child.children.is_empty() {
+                    stack.push(std::mem::take(&mut child.children));
+                }
+                // `child` now has no children: dropping it does not recurse.
+            }
+        }
+    }
+}
 
 /// Everything a replay yields: the path tree and the hard-link inode table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,24 +121,53 @@ impl PendingTree {
     }
 
     /// Appends a record for every node that carries metadata, parents before children, with
-    /// `prefix` as the path of this node.
+    /// `prefix` as the path of this node. Walks with a heap stack (see the module comment).
     pub fn snapshot_into(&self, prefix: &mut Vec<Vec<u8>>, out: &mut Vec<Record>) {
-        if let Some(meta) = &self.meta {
-            if !prefix.is_empty() {
-                out.push(Record::Put {
-                    path: prefix.clone(),
-                    meta: meta.clone(),
-                });
+        fn emit(node: &PendingTree, prefix: &[Vec<u8>], out: &mut Vec<Record>) {
+            if let Some(meta) = &node.meta {
+                if !prefix.is_empty() {
+                    out.push(Record::Put {
+                        path: prefix.to_vec(),
+                        meta: meta.clone(),
+                    });
+                }
             }
         }
         // Sorted so that a checkpoint of the same state is the same bytes.
-        let mut names: Vec<&Vec<u8>> = self.children.keys().collect();
-        names.sort();
-        for name in names {
-            prefix.push(name.clone());
-            self.children[name].snapshot_into(prefix, out);
-            prefix.pop();
+        fn sorted(node: &PendingTree) -> std::vec::IntoIter<(&Vec<u8>, &PendingTree)> {
+            let mut children: Vec<_> = node.children.iter().collect();
+            children.sort_by(|a, b| a.0.cmp(b.0));
+            children.into_iter()
         }
+        emit(self, prefix, out);
+        let mut stack = vec![sorted(self)];
+        while let Some(level) = stack.last_mut() {
+            match level.next() {
+                Some((name, child)) => {
+                    prefix.push(name.clone());
+                    emit(child, prefix, out);
+                    stack.push(sorted(child));
+                }
+                None => {
+                    stack.pop();
+                    // The level just finished was a child's: its name leaves the path.
+                    if !stack.is_empty() {
+                        prefix.pop();
+                    }
+                }
+            }
+        }
+    }
+
+    /// How many nodes of this tree (itself included) carry metadata. Iterative.
+    pub fn count_records(&self) -> u64 {
+        let mut count = 0;
+        let mut stack = vec![self];
+        while let Some(node) = stack.pop() {
+            count += u64::from(node.meta.is_some());
+            stack.extend(node.children.values());
+        }
+        count
     }
 }
 
@@ -169,6 +227,24 @@ impl Replayed {
                 self.inodes.remove(&id);
             }
         }
+    }
+
+    /// Cuts every node deeper than `MAX_DEPTH` (counted in `refused`): renames can nest the
+    /// tree deeper than any record path, and a node that cannot be written back as a record
+    /// would make the next checkpoint unreadable. Recovery calls this after replaying.
+    pub fn limit_depth(&mut self) {
+        let mut cut = Vec::new();
+        let mut stack = vec![(&mut self.root, 0usize)];
+        while let Some((node, depth)) = stack.pop() {
+            if depth == MAX_DEPTH {
+                cut.extend(node.children.drain().map(|(_, child)| child));
+                continue;
+            }
+            for child in node.children.values_mut() {
+                stack.push((child, depth + 1));
+            }
+        }
+        self.refused += cut.iter().map(PendingTree::count_records).sum::<u64>();
     }
 
     /// The records that rebuild this state from nothing: what a checkpoint holds.

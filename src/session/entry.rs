@@ -358,7 +358,8 @@ fn spawn_stick_watcher(root: &Path, name: &str) -> Result<()> {
     let mut cmd = super::mounts::own_scope(&exe, &format!("pershome stick watcher of {name}"));
     cmd.arg("--root")
         .arg(root)
-        .args(["session", "release-stick", "--user", name])
+        .args(["session", "release-stick"])
+        .arg(format!("--user={name}"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -397,9 +398,9 @@ pub fn release_stick_when_free(root: &Path, name: &str) -> Result<()> {
 
 fn release(run: &UserRunDir, state: &State) -> Result<()> {
     if state.stick_mounted.is_some() {
+        super::mounts::sync_stick(&run.stick_mountpoint(), Duration::from_secs(10));
         crate::stick::mount::unmount_within(&run.stick_mountpoint(), Duration::from_secs(10))?;
     }
-    nix::unistd::sync();
     run.clear_state()
 }
 
@@ -453,7 +454,7 @@ pub fn show_notice_for(
         return Ok(());
     };
     if graphical {
-        let shown = std::process::Command::new("zenity")
+        let shown = crate::exec::user_command(crate::exec::system_program_or_missing("zenity"))
             .args(notice_args(&text))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -15,11 +15,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use nix::unistd::{Gid, Uid};
 
+use super::claim::SiteKey;
 use super::mounts;
 use super::rundir::{self, State, UserRunDir};
 use super::stick::{self, Missing, Source};
 use crate::stick::mount::{unmount_within, Unmounted};
-use crate::stick::mountinfo::{mount_at, PERSHOMEFS_TYPE};
+use crate::stick::mountinfo::mount_at;
 use crate::sysconfig::SystemConfig;
 
 /// How long the daemon may take to write its last commit and exit after the unmount.
@@ -112,7 +113,7 @@ pub enum Closed {
 
 /// Why there is no stick home, as a clause for a person (also used on LTSP clients, where the
 /// fallback is the server home: `session::ltsp`).
-pub fn missing_reason(missing: &Missing) -> String {
+pub fn missing_reason(missing: &Missing, user: &str) -> String {
     match missing {
         Missing::NoStick => "no USB stick with a pershome folder was found".to_owned(),
         Missing::NoPershomeDir(what) => format!(
@@ -125,15 +126,23 @@ pub fn missing_reason(missing: &Missing) -> String {
             names.join(", ")
         ),
         Missing::Ambiguous(n) => format!(
-            "{n} prepared sticks are plugged in and none is marked as yours yet, so pershome \
-             cannot tell which one to use"
+            "{n} new prepared sticks are plugged in and none is claimed as yours yet, so \
+             pershome cannot tell which one to use"
+        ),
+        Missing::Unclaimed(what) => format!(
+            "the stick ({what}) already holds files but is not claimed as your home on this \
+             computer, so pershome does not open it: a stick is only opened as the home of the \
+             person it was claimed for. If it is yours, ask the administrator to claim it for \
+             you (`pershome-config claim {name} ...`), or log in once with a stick whose \
+             pershome folder is still empty",
+            name = user
         ),
     }
 }
 
 /// The text for a person when the stick home cannot be had, with the way to fix it.
 pub fn missing_message(missing: &Missing, account: &Account) -> String {
-    let why = missing_reason(missing);
+    let why = missing_reason(missing, &account.name);
     format!(
         "pershome: {why}.\n\
          You are working in this computer's normal home folder ({home}) for this session: \
@@ -225,6 +234,20 @@ pub fn open(
         );
     }
 
+    // The site key says whose home a stick is (session::claim); made at first use.
+    let key = match SiteKey::load(&cfg.root, true) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!("{}: not mounting a stick home: {e:#}", account.name);
+            return fallback(
+                format!(
+                    "pershome: your stick home cannot be opened on this computer ({e:#}). You \
+                     are working in the normal home folder; please tell the administrator.\n"
+                ),
+                out,
+            );
+        }
+    };
     let stick_mp = run.stick_mountpoint();
     let found = match stick::find(
         &cfg.source,
@@ -232,6 +255,7 @@ pub fn open(
         account.uid,
         account.gid,
         &stick_mp,
+        Some(&key),
     )? {
         Ok(found) => found,
         Err(missing) => {
@@ -248,9 +272,12 @@ pub fn open(
         format!("uid={}", account.uid),
         format!("gid={}", account.gid),
         // The daemon runs as root, so the kernel must let the user in (allow_other);
-        // default_permissions (always on) then applies the modes, and the top directory is
-        // kept 0700 below, so other users get EACCES as with a normal home.
+        // default_permissions (always on) then applies the modes. private_home makes the
+        // daemon show every stored owner as the user and the top directory as theirs, 0700,
+        // from the mount on (no chmod afterwards), so other users get EACCES as with a
+        // normal home whatever the stick says.
         "allow_other".to_owned(),
+        "private_home".to_owned(),
         format!("commit={}", cfg.commit_secs()),
         format!(
             "fsname=pershome:{}",
@@ -277,10 +304,6 @@ pub fn open(
             ),
             out,
         );
-    }
-    keep_home_private(&account.home);
-    if stick::read_owner_mark(&found.backing).is_none() {
-        stick::write_owner_mark(&found.backing, &account.name);
     }
     run.write_state(&State {
         home: account.home.clone(),
@@ -329,7 +352,16 @@ pub fn close(cfg: &HookConfig, account: &Account, out: &mut dyn Write) -> Result
         return Ok(Closed::StillInUse(n - 1));
     }
     count.set(0)?;
-    mounts::commit(&state.home);
+    // Only our own mount is unmounted: one a user put over it is detached first, or the
+    // unmount would take theirs and leave the stick mounted.
+    if !mounts::uncover_home(&state.home)? {
+        tracing::warn!(
+            "{}: the stick home on {} was already gone",
+            account.name,
+            state.home.display()
+        );
+    }
+    mounts::commit(&state.home, cfg.linger());
     match nix::mount::umount2(&state.home, nix::mount::MntFlags::empty()) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
             teardown(&run, &state, cfg.linger(), account, out)?;
@@ -376,6 +408,7 @@ pub fn finish(cfg: &HookConfig, account: &Account) -> Result<Closed> {
             return Ok(Closed::StillInUse(count.get()?));
         }
         let last_try = std::time::Instant::now() >= deadline;
+        mounts::uncover_home(&state.home)?;
         let unmounted = if last_try {
             unmount_within(&state.home, Duration::ZERO)?
         } else {
@@ -446,11 +479,12 @@ fn teardown(
     Ok(())
 }
 
-/// Unmounts the stick the hook mounted (if it did) and syncs.
+/// Flushes (`syncfs`, bounded) and unmounts the stick the hook mounted (if it did).
 fn release_stick(run: &UserRunDir, state: &State, linger: Duration) -> Result<()> {
     if state.stick_mounted.is_some() {
         let mp = run.stick_mountpoint();
         if mount_at(&mp)?.is_some() {
+            mounts::sync_stick(&mp, linger.max(Duration::from_secs(10)));
             let how = unmount_within(&mp, linger)?;
             if how == Unmounted::Lazily {
                 tracing::warn!(
@@ -461,29 +495,12 @@ fn release_stick(run: &UserRunDir, state: &State, linger: Duration) -> Result<()
             }
         }
     }
-    nix::unistd::sync();
     Ok(())
 }
 
 /// Whether `path` is a pershomefs mount.
 fn is_pershomefs(path: &Path) -> Result<bool> {
-    Ok(mount_at(path)?.is_some_and(|m| m.fstype == PERSHOMEFS_TYPE))
-}
-
-/// Takes group and other permissions off the home's top directory, as Debian creates homes
-/// (0700): the mount has `allow_other`, so this mode is what keeps other users out.
-fn keep_home_private(home: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(home) {
-        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
-            let mode = m.permissions().mode() & 0o7700;
-            if let Err(e) = std::fs::set_permissions(home, std::fs::Permissions::from_mode(mode)) {
-                tracing::warn!("making {} private: {e}", home.display());
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("examining {}: {e}", home.display()),
-    }
+    Ok(mount_at(path)?.is_some_and(|m| mounts::is_hook_mount(&m)))
 }
 
 /// Starts `finish` in the background, outside the session being closed: in its own systemd
@@ -494,7 +511,9 @@ fn spawn_finisher(cfg: &HookConfig, account: &Account) -> Result<()> {
     let mut cmd = mounts::own_scope(&exe, &format!("pershome logout of {}", account.name));
     cmd.arg("--root")
         .arg(&cfg.root)
-        .args(["session", "finish", "--user", &account.name])
+        .args(["session", "finish"])
+        // One argument: a name can never be read as an option of its own.
+        .arg(format!("--user={}", account.name))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -533,7 +552,11 @@ mod tests {
             (Missing::NoStick, "no USB stick"),
             (Missing::NoPershomeDir("/dev/sdb1".into()), "/dev/sdb1"),
             (Missing::OtherUsers(vec!["bob".into()]), "bob"),
-            (Missing::Ambiguous(2), "2 prepared sticks"),
+            (Missing::Ambiguous(2), "2 new prepared sticks"),
+            (
+                Missing::Unclaimed("/dev/sdb1".into()),
+                "pershome-config claim alice",
+            ),
         ] {
             let text = missing_message(&m, &a);
             for want in [needle, "/home/alice", "pershome prepare", "log in again"] {

@@ -88,7 +88,8 @@ pub fn probe(root: &Path, source: &Source, account: &Account) -> Result<Probe> {
         // it is the user's stick and it is here.
         return Ok(Probe::Present);
     }
-    let found = stick::find(source, &account.name, account.uid, account.gid, &mp)?;
+    let key = super::claim::SiteKey::load(root, true)?;
+    let found = stick::look_for(source, &account.name, account.uid, account.gid, &mp, &key)?;
     if mount_at(&mp)?.is_some() {
         unmount_within(&mp, Duration::from_secs(10)).context("unmounting the probed stick")?;
     }
@@ -131,7 +132,7 @@ pub fn client_open(
             // Why no stick home: ask again now (the stick may also have been plugged in after
             // the password was typed).
             let why = match probe(root, source, account) {
-                Ok(Probe::Missing(missing)) => hook::missing_reason(&missing),
+                Ok(Probe::Missing(missing)) => hook::missing_reason(&missing, &account.name),
                 Ok(_) => "your stick was not there yet when you typed your password".to_owned(),
                 Err(e) => format!("your stick could not be checked ({e:#})"),
             };

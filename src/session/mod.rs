@@ -2,6 +2,7 @@
 //! and `pershome-config mount-home` for pam_mount), and the desktop notice.
 //!
 //! - `stick`: choosing the user's stick and reaching its `pershome/`
+//! - `claim`: the site key and the claims that say whose home a stick is
 //! - `mounts`: binding a stick directory, the pershomefs mount, home path checks, waiting for
 //!   the daemon's last commit
 //! - `rundir`: `/run/pershome/USER/` (mount point, session count, state, notice)
@@ -18,6 +19,7 @@
 //! `docs/security.md`: no user string reaches a shell, nothing user-controlled is followed
 //! through a symlink, the stick is always mounted `nosuid,nodev,noexec`.
 
+pub mod claim;
 pub mod entry;
 pub mod hook;
 pub mod ltsp;

@@ -434,8 +434,7 @@ mod tests {
     /// Needs root (it creates root-owned directories and gives a file away).
     #[test]
     fn layout_modes_and_notice() -> Result<()> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+        if crate::testing::skip_without_root("layout_modes_and_notice") {
             return Ok(());
         }
         let t = tempfile::tempdir()?;

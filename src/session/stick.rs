@@ -2,31 +2,25 @@
 //! given by the administrator (the thin-client case, and tests), or a removable device found
 //! by `crate::stick::discover` and mounted at `/run/pershome/USER/raw/stick`.
 //!
-//! This module owns the choice among several sticks and the owner mark
-//! (`pershome/.pershome/owner-name`). It never trusts the mark for anything but choosing: the
-//! chosen stick is always mounted as the user who logs in, so a mark can at worst make the
-//! hook *refuse* a stick, never hand one user's rights to another. A stick marked for another
-//! user is refused even when it is the only one: a stick left in a workstation must not become
-//! the next person's home (its `.bashrc` would run as them).
+//! This module owns the choice among several sticks by their claims (`session::claim`). A
+//! stick is only ever the home of the user whose claim it carries; the one implicit claim is
+//! a `pershome/` that is still fresh (nothing in it but an empty store): the user who logs in
+//! with it gets an empty home, so nothing there can run as them. A stick with content and no
+//! claim for this user, or another user's stick, is refused even when it is the only one: a
+//! stick left in (or planted on) a workstation must not become the next person's home (its
+//! `.bashrc` would run as them). Every look at a stick is made through the root-controlled
+//! path it is bound or mounted on, never through the path a user could redirect.
 
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-use nix::fcntl::{openat, OFlag};
-use nix::sys::stat::Mode;
+use anyhow::{Context, Result};
 
+use super::claim::{self, Look, SiteKey};
 use super::mounts;
-use crate::meta::layout::StoreLayout;
 use crate::stick::discover::{self, Candidate};
 use crate::stick::layout::find_pershome_dir;
 use crate::stick::mount::{mount_stick, unmount_within};
 use crate::sysconfig::SystemConfig;
-
-/// The file in the store that names the stick's owner, written by the hook at first use (on
-/// a long-name stick; an 8.3 stick's is `StoreLayout::owner_mark`, `OWNER.TXT`).
-pub const OWNER_MARK: &str = "owner-name";
 
 /// Where to look for the stick.
 #[derive(Debug, Clone)]
@@ -60,162 +54,169 @@ pub enum Missing {
     NoStick,
     /// A stick (or the directory) without a `pershome` directory at its top.
     NoPershomeDir(String),
-    /// Only sticks marked as another user's home.
+    /// Only sticks claimed as (or naming) another user's home.
     OtherUsers(Vec<String>),
-    /// Several unmarked sticks with `pershome/`: the hook cannot know which is the user's.
+    /// Several fresh unclaimed sticks: the hook cannot know which is the user's.
     Ambiguous(usize),
-}
-
-/// Opens `backing`'s store directory without following a symlink: `Ok(None)` when there is
-/// none, `Err` when it is anything but a real directory (a symlink planted on an sshfs or ext4
-/// "stick" would otherwise make root read or write wherever it points).
-/// The store is that of either layout (`meta::layout`); the mark's name follows it.
-fn open_store_dir(backing: &Path) -> std::io::Result<Option<(std::fs::File, StoreLayout)>> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::OpenOptionsExt;
-    let found = crate::meta::layout::detect_path(backing)?;
-    let Some(layout) = found.layout() else {
-        return Ok(None);
-    };
-    let name = match (layout, found.short) {
-        (StoreLayout::Short83, Some(listed)) => std::ffi::OsStr::from_bytes(&listed).to_owned(),
-        _ => layout.store_dir().into(),
-    };
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-        .open(backing.join(name))
-    {
-        Ok(dir) => Ok(Some((dir, layout))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// The owner name marked in `backing`'s store, `None` when unmarked. The store directory and
-/// the mark are opened without following symlinks, and at most 256 bytes are read; anything
-/// unreadable counts as "marked for somebody else" (`Some("")`), which refuses rather than
-/// guesses.
-pub fn read_owner_mark(backing: &Path) -> Option<String> {
-    let (dir, layout) = match open_store_dir(backing) {
-        Ok(Some(found)) => found,
-        Ok(None) => return None,
-        Err(_) => return Some(String::new()),
-    };
-    let open = |name: &str| {
-        openat(
-            Some(dir.as_raw_fd()),
-            name,
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-            Mode::empty(),
-        )
-    };
-    let mark = layout.owner_mark();
-    let opened = match open(mark) {
-        // A `msdos` stick copied to a case-sensitive file system keeps its listing's case.
-        Err(nix::errno::Errno::ENOENT) if layout == StoreLayout::Short83 => {
-            open(&mark.to_ascii_lowercase())
-        }
-        other => other,
-    };
-    let fd = match opened {
-        Ok(fd) => fd,
-        Err(nix::errno::Errno::ENOENT) => return None,
-        Err(_) => return Some(String::new()),
-    };
-    // SAFETY: openat returned a new descriptor that nothing else owns.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return Some(String::new());
-    }
-    let mut buf = Vec::new();
-    if file.take(256).read_to_end(&mut buf).is_err() {
-        return Some(String::new());
-    }
-    // Only the first line, without control characters: the name is shown in messages.
-    let text = String::from_utf8_lossy(&buf);
-    let first = text.lines().next().unwrap_or("").trim();
-    Some(first.chars().filter(|c| !c.is_control()).collect())
-}
-
-/// Marks `backing` as `user`'s home (after a successful mount of an unmarked stick), so that
-/// with several sticks plugged in the hook picks this one. Failures are only logged.
-pub fn write_owner_mark(backing: &Path, user: &str) {
-    let result = (|| -> std::io::Result<()> {
-        let (dir, layout) = open_store_dir(backing)?
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
-        let fd = openat(
-            Some(dir.as_raw_fd()),
-            layout.owner_mark(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        )?;
-        // SAFETY: openat returned a new descriptor that nothing else owns.
-        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-        std::io::Write::write_all(&mut file, format!("{user}\n").as_bytes())?;
-        file.sync_all()
-    })();
-    match result {
-        Ok(()) => tracing::info!("marked {} as the home of {user}", backing.display()),
-        Err(e) => tracing::warn!("marking {} as the home of {user}: {e}", backing.display()),
-    }
+    /// A stick with content and no claim for this user on this machine (planted, prepared
+    /// elsewhere, or from before claims): where it is.
+    Unclaimed(String),
 }
 
 /// How one stick compares for `user`.
-fn verdict(backing: &Path, user: &str) -> Verdict {
-    match read_owner_mark(backing) {
-        None => Verdict::Unmarked,
-        Some(name) if name == user => Verdict::Mine,
-        Some(name) => Verdict::Other(name),
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    /// Claimed for this user with this machine's key.
+    Mine,
+    /// Still fresh and not validly claimed by anybody: the implicit claim may take it.
+    Fresh,
+    /// Content, and no claim for this user.
+    Unclaimed,
+    /// Claimed for, or naming, somebody else.
+    Other(String),
+}
+
+fn verdict(look: &Look, key: &SiteKey, user: &str) -> Verdict {
+    match &look.mark {
+        Some(mark) if mark.claimed_for(key, user) => Verdict::Mine,
+        Some(mark) if !mark.name.is_empty() && mark.claimed_for(key, &mark.name) => {
+            Verdict::Other(mark.name.clone())
+        }
+        _ if look.fresh => Verdict::Fresh,
+        Some(mark) if mark.name != user => Verdict::Other(mark.name.clone()),
+        _ => Verdict::Unclaimed,
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Verdict {
-    Mine,
-    Unmarked,
-    Other(String),
+/// The claim of a fresh stick by the user who logs in with it (the implicit claim). A claim
+/// that cannot be written means the stick is not used: it would be unclaimed with content
+/// after this session.
+fn claim_fresh(backing: &Path, user: &str, key: &SiteKey) -> Result<()> {
+    claim::write_claim(backing, user, key).with_context(|| {
+        format!(
+            "claiming the new stick home {} for {user}",
+            backing.display()
+        )
+    })
 }
 
 /// Finds `user`'s stick and makes its `pershome/` reachable. For devices, a chosen stick stays
 /// mounted at `mountpoint` (with owner `uid`/`gid`); every other one is unmounted again.
+/// `key` is this machine's claim key (`None` only when the hook does not run as root: a user
+/// mounting their own stick, where nothing can be verified or gained).
 pub fn find(
     source: &Source,
     user: &str,
     uid: u32,
     gid: u32,
     mountpoint: &Path,
+    key: Option<&SiteKey>,
+) -> Result<std::result::Result<Found, Missing>> {
+    find_impl(source, user, uid, gid, mountpoint, key, true)
+}
+
+/// As [`find`], but a fresh stick is never claimed: whether `find` would give `user` a stick
+/// now. pamltsp asks this before the password is checked (`session::ltsp`), and a claim must
+/// only ever follow a login. What it mounted stays mounted on `mountpoint` for the caller to
+/// release.
+pub fn look_for(
+    source: &Source,
+    user: &str,
+    uid: u32,
+    gid: u32,
+    mountpoint: &Path,
+    key: &SiteKey,
+) -> Result<std::result::Result<Found, Missing>> {
+    find_impl(source, user, uid, gid, mountpoint, Some(key), false)
+}
+
+fn find_impl(
+    source: &Source,
+    user: &str,
+    uid: u32,
+    gid: u32,
+    mountpoint: &Path,
+    key: Option<&SiteKey>,
+    claim: bool,
 ) -> Result<std::result::Result<Found, Missing>> {
     match source {
         Source::Directory(dir) => {
-            if !dir.is_dir() {
-                return Ok(Err(Missing::NoStick));
-            }
-            let Some(backing) = find_pershome_dir(dir)? else {
-                return Ok(Err(Missing::NoPershomeDir(dir.display().to_string())));
-            };
-            if let Verdict::Other(name) = verdict(&backing, user) {
-                return Ok(Err(Missing::OtherUsers(vec![name])));
-            }
-            if !nix::unistd::geteuid().is_root() {
+            let Some(key) = key.filter(|_| nix::unistd::geteuid().is_root()) else {
                 // A user mounting their own home (pam_mount as the user): the daemon runs as
-                // them and has no more rights than they do, so the path is used as it is.
-                return Ok(Ok(Found {
-                    backing,
-                    mounted: None,
+                // them and has no more rights than they do; claims cannot be checked without
+                // root's key, so only a stick naming somebody else is refused.
+                if !dir.is_dir() {
+                    return Ok(Err(Missing::NoStick));
+                }
+                let Some(backing) = find_pershome_dir(dir)? else {
+                    return Ok(Err(Missing::NoPershomeDir(dir.display().to_string())));
+                };
+                let look = claim::look(&backing);
+                return Ok(match look.mark {
+                    Some(m) if m.name != user && !look.fresh => {
+                        Err(Missing::OtherUsers(vec![m.name]))
+                    }
+                    _ => Ok(Found {
+                        backing,
+                        mounted: None,
+                    }),
+                });
+            };
+            // As root: the stick directory is opened component by component (no symlink, every
+            // directory above it root's) and its `pershome/` bound under the root-only
+            // /run/pershome/USER/raw/stick; everything after that looks only there, so nothing
+            // on the far side of an sshfs can redirect the root daemon or the claim check.
+            let Some(pershome) = mounts::open_stick_dir(dir)? else {
+                return Ok(Err(if dir.exists() {
+                    Missing::NoPershomeDir(dir.display().to_string())
+                } else {
+                    Missing::NoStick
                 }));
-            }
-            // As root, bind it under the root-only /run/pershome/USER/raw/stick first, so that
-            // nothing on the far side of an sshfs can redirect the root daemon.
-            mounts::bind_stick_dir(&backing, mountpoint)?;
-            Ok(Ok(Found {
+            };
+            mounts::bind_stick_dir(&pershome, &dir.join("pershome"), mountpoint)?;
+            let unbind = || {
+                if let Err(e) = unmount_within(mountpoint, std::time::Duration::from_secs(5)) {
+                    tracing::warn!("unbinding a stick that is not {user}'s: {e:#}");
+                }
+            };
+            let found = Found {
                 backing: mountpoint.to_path_buf(),
-                mounted: Some(backing),
-            }))
+                mounted: Some(dir.join("pershome")),
+            };
+            match verdict(&claim::look(mountpoint), key, user) {
+                Verdict::Mine => Ok(Ok(found)),
+                Verdict::Fresh if !claim => Ok(Ok(found)),
+                Verdict::Fresh => match claim_fresh(mountpoint, user, key) {
+                    Ok(()) => Ok(Ok(found)),
+                    Err(e) => {
+                        unbind();
+                        Err(e)
+                    }
+                },
+                Verdict::Unclaimed => {
+                    unbind();
+                    Ok(Err(Missing::Unclaimed(dir.display().to_string())))
+                }
+                Verdict::Other(name) => {
+                    unbind();
+                    Ok(Err(Missing::OtherUsers(vec![name])))
+                }
+            }
         }
         Source::Devices { sys_block, config } => {
             let candidates = discover::candidates(sys_block, &config.stick.filesystems)?;
-            find_on_devices(&candidates, config, user, uid, gid, mountpoint)
+            let Some(key) = key else {
+                anyhow::bail!("the login hook must run as root to use stick devices");
+            };
+            find_on_devices(
+                &candidates,
+                config,
+                user,
+                (uid, gid),
+                mountpoint,
+                key,
+                claim,
+            )
         }
     }
 }
@@ -224,9 +225,10 @@ fn find_on_devices(
     candidates: &[Candidate],
     config: &SystemConfig,
     user: &str,
-    uid: u32,
-    gid: u32,
+    (uid, gid): (u32, u32),
     mountpoint: &Path,
+    key: &SiteKey,
+    claim: bool,
 ) -> Result<std::result::Result<Found, Missing>> {
     if candidates.is_empty() {
         return Ok(Err(Missing::NoStick));
@@ -239,7 +241,8 @@ fn find_on_devices(
             tracing::warn!("unmounting a stick that is not {user}'s: {e:#}");
         }
     };
-    let mut unmarked: Vec<&Candidate> = Vec::new();
+    let mut fresh: Vec<&Candidate> = Vec::new();
+    let mut unclaimed: Vec<String> = Vec::new();
     let mut others: Vec<String> = Vec::new();
     let mut without_dir: Vec<String> = Vec::new();
     for c in candidates {
@@ -255,34 +258,42 @@ fn find_on_devices(
                 continue;
             }
         };
-        match verdict(&backing, user) {
+        match verdict(&claim::look(&backing), key, user) {
             Verdict::Mine => {
                 return Ok(Ok(Found {
                     backing,
                     mounted: Some(c.devnode.clone()),
                 }))
             }
-            Verdict::Unmarked => unmarked.push(c),
+            Verdict::Fresh => fresh.push(c),
+            Verdict::Unclaimed => unclaimed.push(c.devnode.display().to_string()),
             Verdict::Other(name) => others.push(name),
         }
         release();
     }
-    match unmarked.as_slice() {
+    match fresh.as_slice() {
         [only] => {
             mount(only)?;
-            match find_pershome_dir(mountpoint)? {
-                Some(backing) => Ok(Ok(Found {
-                    backing,
-                    mounted: Some(only.devnode.clone()),
-                })),
-                None => {
+            // Looked at again once mounted for good: the stick may have changed meanwhile.
+            let backing = match find_pershome_dir(mountpoint)? {
+                Some(b) if verdict(&claim::look(&b), key, user) == Verdict::Fresh => b,
+                _ => {
                     release();
-                    Ok(Err(Missing::NoPershomeDir(
-                        only.devnode.display().to_string(),
-                    )))
+                    return Ok(Err(Missing::Unclaimed(only.devnode.display().to_string())));
+                }
+            };
+            if claim {
+                if let Err(e) = claim_fresh(&backing, user, key) {
+                    release();
+                    return Err(e);
                 }
             }
+            Ok(Ok(Found {
+                backing,
+                mounted: Some(only.devnode.clone()),
+            }))
         }
+        [] if !unclaimed.is_empty() => Ok(Err(Missing::Unclaimed(unclaimed.join(", ")))),
         [] if !others.is_empty() => Ok(Err(Missing::OtherUsers(others))),
         [] if !without_dir.is_empty() => Ok(Err(Missing::NoPershomeDir(without_dir.join(", ")))),
         [] => Ok(Err(Missing::NoStick)),
@@ -294,100 +305,193 @@ fn find_on_devices(
 mod tests {
     use super::*;
 
+    /// A stick directory under a root-only tree (/run): the hook refuses stick directories
+    /// below a directory others can write, such as /tmp.
+    fn root_only_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("phstick")
+            .tempdir_in("/run")
+            .expect("a temporary directory under /run")
+    }
+
+    /// As root, the stick directory is bound on `mp`: undo that after every find, also when
+    /// an assertion fails.
+    struct Unbind<'a>(&'a Path);
+    impl Drop for Unbind<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Security (issue 10, hole 2): a fresh `pershome/` is claimed by the first user who logs
+    /// in with it; a claimed stick is that user's only; a stick with content and no claim (a
+    /// planted `.bashrc`, a mark written by hand) is nobody's.
     #[test]
-    fn directory_source_and_owner_marks() -> Result<()> {
-        let t = tempfile::tempdir()?;
-        let src = Source::Directory(t.path().to_path_buf());
+    fn only_a_fresh_stick_is_claimed_implicitly() -> Result<()> {
+        if crate::testing::skip_without_root("only_a_fresh_stick_is_claimed_implicitly") {
+            return Ok(());
+        }
+        let t = root_only_dir();
+        let top = t.path().join("stick");
+        std::fs::create_dir(&top)?;
+        let src = Source::Directory(top.clone());
         let mp = t.path().join("mp");
         std::fs::create_dir(&mp)?;
-        // As root the stick directory is bound on `mp`: undo that after every find, also
-        // when an assertion fails.
-        struct Unbind<'a>(&'a Path);
-        impl Drop for Unbind<'_> {
-            fn drop(&mut self) {
-                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        let key = SiteKey::from_bytes(&[3u8; 32]);
         let find_once = |user: &str| {
             let _unbind = Unbind(&mp);
-            find(&src, user, 1, 1, &mp)
+            find(&src, user, 1, 1, &mp, Some(&key))
         };
-        let got = find_once("alice")?;
         assert_eq!(
-            got,
-            Err(Missing::NoPershomeDir(t.path().display().to_string()))
+            find_once("alice")?,
+            Err(Missing::NoPershomeDir(top.display().to_string()))
         );
-        let backing = t.path().join("pershome");
-        std::fs::create_dir_all(backing.join(".pershome"))?;
-        let expected = if nix::unistd::geteuid().is_root() {
-            Ok(Found {
-                backing: mp.clone(),
-                mounted: Some(backing.clone()),
-            })
-        } else {
-            Ok(Found {
-                backing: backing.clone(),
-                mounted: None,
-            })
-        };
-        assert_eq!(find_once("alice")?, expected, "unmarked: used");
-        write_owner_mark(&backing, "alice");
-        assert_eq!(read_owner_mark(&backing).as_deref(), Some("alice"));
-        assert_eq!(find_once("alice")?, expected, "marked for alice");
-        let got = find_once("bob")?;
+        let backing = top.join("pershome");
+        std::fs::create_dir(&backing)?;
+        let expected = Ok(Found {
+            backing: mp.clone(),
+            mounted: Some(backing.clone()),
+        });
+        assert_eq!(find_once("alice")?, expected, "fresh: claimed by alice");
+        let mark = claim::look(&backing).mark.expect("alice's claim");
+        assert!(mark.claimed_for(&key, "alice"), "expected a valid claim");
+        std::fs::write(backing.join("notes.txt"), "alice's work\n")?;
+        assert_eq!(find_once("alice")?, expected, "claimed for alice");
         assert_eq!(
-            got,
+            find_once("bob")?,
             Err(Missing::OtherUsers(vec!["alice".into()])),
             "bob gets alice's stick?"
         );
-        let gone = Source::Directory(t.path().join("nope"));
-        assert_eq!(find(&gone, "alice", 1, 1, &mp)?, Err(Missing::NoStick));
+
+        // A planted stick: content, no mark.
+        let planted = t.path().join("planted");
+        std::fs::create_dir_all(planted.join("pershome"))?;
+        std::fs::write(planted.join("pershome/.bashrc"), "echo planted\n")?;
+        let src = Source::Directory(planted.clone());
+        let find_planted = |user: &str| {
+            let _unbind = Unbind(&mp);
+            find(&src, user, 1, 1, &mp, Some(&key))
+        };
+        assert_eq!(
+            find_planted("bob")?,
+            Err(Missing::Unclaimed(planted.display().to_string())),
+            "a planted stick must not become bob's home"
+        );
+        assert_eq!(
+            claim::look(&planted.join("pershome")).mark,
+            None,
+            "nothing written on a refused stick"
+        );
+        // The same with bob's name written by hand (the old owner mark), and with a claim line
+        // copied from alice's stick.
+        std::fs::create_dir(planted.join("pershome/.pershome"))?;
+        let alice_claim = std::fs::read_to_string(backing.join(".pershome/owner-name"))?;
+        let copied = alice_claim.lines().nth(1).unwrap_or_default().to_owned();
+        std::fs::write(
+            planted.join("pershome/.pershome/owner-name"),
+            format!("bob\n{copied}\n"),
+        )?;
+        assert_eq!(
+            find_planted("bob")?,
+            Err(Missing::Unclaimed(planted.display().to_string())),
+            "a forged mark must not make it bob's"
+        );
+        // An administrator's claim makes it bob's.
+        claim::write_claim(&planted.join("pershome"), "bob", &key)?;
+        assert_eq!(
+            find_planted("bob")?,
+            Ok(Found {
+                backing: mp.clone(),
+                mounted: Some(planted.join("pershome")),
+            }),
+            "claimed for bob by the administrator"
+        );
         Ok(())
     }
 
-    /// Regression guard: a mark that is a symlink (to a file naming the victim) is not
-    /// followed; it counts as somebody else's stick.
+    /// Security (issue 10, hole 6): a stick directory reached through a symlinked component,
+    /// or below a directory others can write, is refused before anything is bound.
     #[test]
-    fn symlinked_owner_mark_is_refused() -> Result<()> {
+    fn stick_dir_paths_a_user_could_redirect_are_refused() -> Result<()> {
+        if crate::testing::skip_without_root("stick_dir_paths_a_user_could_redirect_are_refused") {
+            return Ok(());
+        }
+        let t = root_only_dir();
+        let real = t.path().join("real");
+        std::fs::create_dir_all(real.join("stick/pershome"))?;
+        std::os::unix::fs::symlink(&real, t.path().join("link"))?;
+        let mp = t.path().join("mp");
+        std::fs::create_dir(&mp)?;
+        let key = SiteKey::from_bytes(&[3u8; 32]);
+        let via_link = Source::Directory(t.path().join("link/stick"));
+        let got = {
+            let _unbind = Unbind(&mp);
+            find(&via_link, "alice", 1, 1, &mp, Some(&key))
+        };
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.to_string().contains("symlink")),
+            "expected a symlinked component to be refused, got {got:?}"
+        );
+        // Below a directory everybody may write (as /tmp): refused.
+        let open = t.path().join("open");
+        std::fs::create_dir_all(open.join("stick/pershome"))?;
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
+        let got = {
+            let _unbind = Unbind(&mp);
+            find(
+                &Source::Directory(open.join("stick")),
+                "alice",
+                1,
+                1,
+                &mp,
+                Some(&key),
+            )
+        };
+        assert!(
+            got.as_ref()
+                .is_err_and(|e| e.to_string().contains("only root can change")),
+            "expected a world-writable parent to be refused, got {got:?}"
+        );
+        assert!(
+            crate::stick::mountinfo::mount_at(&mp)?.is_none(),
+            "expected nothing bound"
+        );
+        Ok(())
+    }
+
+    /// A mark that is a symlink (to a file naming the victim), or a store directory that is
+    /// one, is not followed: it counts as somebody else's stick, and nothing is written
+    /// through it.
+    #[test]
+    fn symlinked_marks_and_stores_are_never_followed() -> Result<()> {
         let t = tempfile::tempdir()?;
         let backing = t.path().join("pershome");
         std::fs::create_dir_all(backing.join(".pershome"))?;
         std::fs::write(t.path().join("name"), "alice\n")?;
         std::os::unix::fs::symlink(
             t.path().join("name"),
-            backing.join(".pershome").join(OWNER_MARK),
+            backing.join(".pershome").join("owner-name"),
         )?;
+        let got = claim::look(&backing);
         assert_eq!(
-            read_owner_mark(&backing).as_deref(),
-            Some(""),
+            got.mark,
+            Some(claim::Mark::default()),
             "expected a refused mark"
         );
-        Ok(())
-    }
-
-    /// A store directory that is a symlink (to a directory holding a file named like the
-    /// mark) is neither read nor written through: root would otherwise show the start of any
-    /// file in a message, or create files anywhere.
-    #[test]
-    fn symlinked_store_is_never_followed() -> Result<()> {
-        let t = tempfile::tempdir()?;
-        let backing = t.path().join("pershome");
+        let backing2 = t.path().join("pershome2");
         let elsewhere = t.path().join("elsewhere");
-        std::fs::create_dir_all(&backing)?;
+        std::fs::create_dir_all(&backing2)?;
         std::fs::create_dir_all(&elsewhere)?;
-        std::fs::write(elsewhere.join(OWNER_MARK), "secret\n")?;
-        std::os::unix::fs::symlink(&elsewhere, backing.join(".pershome"))?;
-        let got = read_owner_mark(&backing);
-        assert_eq!(
-            got.as_deref(),
-            Some(""),
-            "expected a refused mark, got {got:?}"
-        );
-        std::fs::remove_file(elsewhere.join(OWNER_MARK))?;
-        write_owner_mark(&backing, "alice");
+        std::os::unix::fs::symlink(&elsewhere, backing2.join(".pershome"))?;
+        let got = claim::look(&backing2);
+        assert!(!got.fresh, "a symlinked store is not fresh: {got:?}");
+        let key = SiteKey::from_bytes(&[3u8; 32]);
+        let wrote = claim::write_claim(&backing2, "alice", &key);
+        assert!(wrote.is_err(), "expected no claim through a symlink");
         assert!(
-            !elsewhere.join(OWNER_MARK).exists(),
-            "expected no mark written through the symlink"
+            std::fs::read_dir(&elsewhere)?.next().is_none(),
+            "expected nothing written through the symlink"
         );
         Ok(())
     }

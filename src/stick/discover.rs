@@ -1,6 +1,6 @@
 //! Finding sticks: the removable disks the kernel knows (`/sys/block`), their partitions, the
-//! filesystem type on each (`blkid -p`, run with an argument vector and `--`, never through a
-//! shell), and the two views built on them: the unmounted candidates the login hook probes,
+//! filesystem type on each (`blkid -p`, by absolute path with a cleared environment
+//! (`crate::exec`), an argument vector and `--`, never through a shell), and the two views built on them: the unmounted candidates the login hook probes,
 //! and the sticks (mounted or not) a person picks from in the tools.
 //!
 //! This module owns enumeration and probing only. It never mounts anything and never decides
@@ -9,7 +9,7 @@
 //! only shown to a person choosing).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use anyhow::{Context, Result};
 
@@ -96,7 +96,7 @@ pub fn removable_partitions(sys_block: &Path) -> Result<Vec<String>> {
 /// The filesystem type `blkid -p` (low-level probing, no cache; root only) reports for a
 /// device, `None` when it finds none (an empty or unknown partition).
 pub fn probe_fstype(devnode: &Path) -> Result<Option<String>> {
-    let output = Command::new(system_program("blkid"))
+    let output = crate::exec::command(crate::exec::system_program_or_missing("blkid"))
         .args(["-p", "-o", "export", "--"])
         .arg(devnode)
         .stdin(Stdio::null())
@@ -118,22 +118,9 @@ pub fn parse_blkid_export(text: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// A system program by absolute path. pam_exec runs the login hook with an environment
-/// without PATH, in which a bare `blkid` is looked up in the C library's default
-/// `/bin:/usr/bin` and `/usr/sbin/blkid` is missed (found by the QEMU login tests, vm-tests
-/// `fallback`); and a root hook should not search a PATH anyway. Falls back to the bare name
-/// (a PATH search) only where the program is in none of the system directories.
-pub(crate) fn system_program(name: &str) -> std::path::PathBuf {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .into_iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| name.into())
-}
-
 /// One value `program args -- device` prints, if it succeeds and prints one.
 fn one_value(program: &str, args: &[&str], device: &Path) -> Option<String> {
-    let out = Command::new(system_program(program))
+    let out = crate::exec::command(crate::exec::system_program_or_missing(program))
         .args(args)
         .arg("--")
         .arg(device)

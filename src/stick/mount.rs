@@ -10,7 +10,7 @@
 //! deadline.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -85,6 +85,42 @@ pub fn unmount_within(path: &Path, within: Duration) -> Result<Unmounted> {
     }
 }
 
+/// Where the tools mount sticks as root: `/run/pershome/tools`, root's, mode 0700 (created
+/// so, and refused when it is anything else: a symlink, another owner, open to others).
+pub const TOOLS_DIR: &str = "/run/pershome/tools";
+
+fn tools_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = Path::new(TOOLS_DIR);
+    for (path, mode) in [(Path::new("/run/pershome"), 0o711), (dir, 0o700)] {
+        match std::fs::DirBuilder::new().mode(mode).create(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+        let m = std::fs::symlink_metadata(path)
+            .with_context(|| format!("examining {}", path.display()))?;
+        if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+            bail!(
+                "{} must be a directory of root's that nobody else can write (owner uid {}, \
+                 mode {:o})",
+                path.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            );
+        }
+    }
+    let m = std::fs::symlink_metadata(dir)?;
+    if m.mode() & 0o077 != 0 {
+        bail!(
+            "{} must be mode 0700 (it is {:o})",
+            dir.display(),
+            m.mode() & 0o7777
+        );
+    }
+    Ok(dir.to_path_buf())
+}
+
 /// A device mounted by the tools for the length of one command; dropping it syncs and
 /// unmounts (and removes the temporary directory).
 #[derive(Debug)]
@@ -105,20 +141,28 @@ impl TempMount {
             return TempMount::mount_udisks(device);
         }
         let dir = tempfile::Builder::new()
-            .prefix("pershome-stick.")
-            .tempdir_in(std::env::temp_dir())
+            .prefix("stick.")
+            .tempdir_in(tools_dir()?)
             .context("creating a temporary mount point")?;
         let mp = dir.path().to_path_buf();
+        // The files show as the caller's (root's) and closed to everybody else: the mount
+        // point's directory is root's 0700 as well, so no other user sees the stick's files
+        // while a tool works on it (never a world-readable mount under $TMPDIR).
+        let owner = format!(
+            "uid={},gid={},umask=077",
+            nix::unistd::getuid(),
+            nix::unistd::getgid()
+        );
         let plain = StickMount {
             fstype: fs,
             flags: STICK_FLAGS,
-            data: String::new(),
-            options: STICK_OPTIONS.to_owned(),
+            data: owner.clone(),
+            options: format!("{STICK_OPTIONS},{owner}"),
         };
         if let Err(e) = mount_stick(device, &mp, &plain) {
             let fuse = fs == StickFs::Exfat
-                && Command::new("mount.exfat-fuse")
-                    .args(["-o", STICK_OPTIONS, "--"])
+                && crate::exec::command(crate::exec::system_program_or_missing("mount.exfat-fuse"))
+                    .args(["-o", &plain.options, "--"])
                     .arg(device)
                     .arg(&mp)
                     .stdin(Stdio::null())
@@ -143,7 +187,7 @@ impl TempMount {
     /// An ordinary user mounts through udisks, as the file manager does (it may ask for a
     /// password through polkit; `--no-user-interaction` makes that a clear failure instead).
     fn mount_udisks(device: &Path) -> Result<TempMount> {
-        let out = Command::new("udisksctl")
+        let out = crate::exec::command(crate::exec::system_program_or_missing("udisksctl"))
             .args(["mount", "--no-user-interaction", "-b"])
             .arg(device)
             .stdin(Stdio::null())
@@ -184,9 +228,12 @@ impl TempMount {
 
 impl Drop for TempMount {
     fn drop(&mut self) {
-        nix::unistd::sync();
+        if let Ok(dir) = std::fs::File::open(&self.mountpoint) {
+            use std::os::fd::AsRawFd;
+            let _ = nix::unistd::syncfs(dir.as_raw_fd());
+        }
         if let Some(dev) = &self.udisks_device {
-            let _ = Command::new("udisksctl")
+            let _ = crate::exec::command(crate::exec::system_program_or_missing("udisksctl"))
                 .args(["unmount", "--no-user-interaction", "-b"])
                 .arg(dev)
                 .stdin(Stdio::null())

@@ -20,7 +20,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -237,7 +237,7 @@ impl ChildMount {
             .tempdir()
             .context("creating a temporary mount point")?;
         let mp = dir.path().canonicalize().context("temporary mount point")?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = crate::exec::command(bin);
         cmd.arg(backing).arg(&mp).arg("-f");
         if let Some((u, g)) = uid {
             cmd.arg("-o").arg(format!("uid={u},gid={g}"));
@@ -309,7 +309,8 @@ impl Drop for ChildMount {
 
 fn pershomefs_binary(opt: &Option<PathBuf>) -> PathBuf {
     if let Some(p) = opt {
-        return p.clone();
+        // Run by absolute path (`crate::exec`): a relative one is made absolute here.
+        return std::path::absolute(p).unwrap_or_else(|_| p.clone());
     }
     if let Ok(exe) = std::env::current_exe() {
         let sibling = exe.with_file_name("pershomefs");
@@ -317,7 +318,7 @@ fn pershomefs_binary(opt: &Option<PathBuf>) -> PathBuf {
             return sibling;
         }
     }
-    PathBuf::from("pershomefs")
+    PathBuf::from("/usr/bin/pershomefs")
 }
 
 /// Where the copy goes: the home's root directory, and the mount migrate made, if any.

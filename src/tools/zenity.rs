@@ -15,7 +15,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::stick::discover::{self, Stick};
@@ -215,7 +215,7 @@ enum Answer {
 }
 
 fn ask(args: &[String]) -> Answer {
-    match Command::new("zenity")
+    match crate::exec::user_command(crate::exec::system_program_or_missing("zenity"))
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -268,7 +268,7 @@ pub fn run(target: Option<PathBuf>, opts: PrepareOptions) -> u8 {
         );
         return exit_code::FAILED;
     }
-    if let Err(e) = Command::new("zenity")
+    if let Err(e) = crate::exec::user_command(crate::exec::system_program_or_missing("zenity"))
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -307,7 +307,7 @@ pub fn run(target: Option<PathBuf>, opts: PrepareOptions) -> u8 {
             return exit_code::FAILED;
         }
     }
-    let progress = Command::new("zenity")
+    let progress = crate::exec::user_command(crate::exec::system_program_or_missing("zenity"))
         .args(progress_args())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

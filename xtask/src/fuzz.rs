@@ -25,7 +25,22 @@ use crate::{deps, util};
 const CARGO_FUZZ: (&str, &str) = ("cargo-fuzz", "0.13.2");
 
 /// Every target in `fuzz/fuzz_targets/`.
-pub const TARGETS: &[&str] = &["codec_decode", "store_recover", "names_decode", "acl_parse"];
+pub const TARGETS: &[&str] = &[
+    "codec_decode",
+    "store_recover",
+    "names_decode",
+    "acl_parse",
+    "journal_replay",
+    "fs_walk",
+    "store_layout",
+    "owner_mark",
+    "stick_parsers",
+];
+
+/// libFuzzer's `-timeout` in seconds: one input running longer is a finding (a hang, or a
+/// loop the stick can make as long as it likes). Every target handles an input in
+/// milliseconds, so this is far from what a loaded CI machine needs.
+const INPUT_TIMEOUT_SECS: u64 = 30;
 
 /// The store file names of `store_recover`'s input layout, in its order (see the target).
 const STORE_NAMES: [&str; 4] = [
@@ -38,6 +53,8 @@ const STORE_NAMES: [&str; 4] = [
 pub struct Options {
     /// Seconds of fuzzing per target.
     pub seconds: u64,
+    /// The targets to run; empty means every one of `TARGETS`.
+    pub targets: Vec<String>,
 }
 
 fn fuzz_dir() -> PathBuf {
@@ -74,16 +91,26 @@ fn cargo_fuzz(args: &[&str]) -> Command {
 }
 
 pub fn run(sh: &Shell, options: &Options) -> Result<()> {
+    for t in &options.targets {
+        if !TARGETS.contains(&t.as_str()) {
+            bail!("no fuzz target {t}; the targets are {}", TARGETS.join(", "));
+        }
+    }
+    let targets: Vec<&str> = if options.targets.is_empty() {
+        TARGETS.to_vec()
+    } else {
+        options.targets.iter().map(String::as_str).collect()
+    };
     util::banner(&format!(
         "fuzz: {} targets, {} s each",
-        TARGETS.len(),
+        targets.len(),
         options.seconds
     ));
     install_cargo_fuzz(sh)?;
     util::run_checked(cargo_fuzz(&["build"]), "cargo fuzz build")?;
     let logs = util::target_dir().join("fuzz");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    for target in TARGETS {
+    for target in targets {
         util::banner(&format!("fuzz {target} for {} s", options.seconds));
         let corpus = fuzz_dir().join("corpus").join(target);
         std::fs::create_dir_all(&corpus)
@@ -96,8 +123,16 @@ pub fn run(sh: &Shell, options: &Options) -> Result<()> {
         );
         let log = logs.join(format!("{target}.log"));
         let max_time = format!("-max_total_time={}", options.seconds);
+        let timeout = format!("-timeout={INPUT_TIMEOUT_SECS}");
         let status = util::run_logged(
-            cargo_fuzz(&["run", target, "--", &max_time, "-print_final_stats=1"]),
+            cargo_fuzz(&[
+                "run",
+                target,
+                "--",
+                &max_time,
+                &timeout,
+                "-print_final_stats=1",
+            ]),
             &format!("cargo fuzz run {target}"),
             &log,
         )?;
@@ -159,6 +194,8 @@ fn write_seeds(target: &str, corpus: &Path) -> Result<usize> {
         "store_recover" => store_seeds()?,
         "names_decode" => name_seeds(),
         "acl_parse" => acl_seeds(),
+        "journal_replay" | "fs_walk" | "store_layout" | "owner_mark" => structured_seeds(),
+        "stick_parsers" => stick_parser_seeds(),
         other => bail!("no seeds defined for fuzz target {other}"),
     };
     for (i, seed) in seeds.iter().enumerate() {
@@ -166,6 +203,48 @@ fn write_seeds(target: &str, corpus: &Path) -> Result<usize> {
         std::fs::write(&path, seed).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(seeds.len())
+}
+
+/// Seeds for the targets that decode their input as a structure (`arbitrary::Unstructured`):
+/// byte patterns that take different branches from the first choice on. The fuzzer finds
+/// its way from these quickly; they only keep the first seconds from being spent on nothing.
+fn structured_seeds() -> Vec<Vec<u8>> {
+    let mut seeds = Vec::new();
+    for step in [1u8, 3, 7, 31, 101] {
+        let seed: Vec<u8> = (0..512u32)
+            .map(|i| (i as u8).wrapping_mul(step).wrapping_add(step))
+            .collect();
+        seeds.push(seed);
+    }
+    seeds.push(vec![0; 256]);
+    seeds.push(vec![0xff; 256]);
+    seeds
+}
+
+/// Mountinfo and blkid texts of the kinds the hook reads (mode byte 0: raw text), and
+/// structured inputs (odd mode bytes).
+fn stick_parser_seeds() -> Vec<Vec<u8>> {
+    let texts = [
+        "42 27 7:0 / /tmp/ex\\040probe rw,nosuid,nodev,relatime - fuseblk /dev/loop0 rw,user_id=0,group_id=0\n\
+         50 27 0:61 / /home/jo rw,nosuid,nodev - fuse.pershomefs /run/pershome/jo/pershome rw,user_id=1000,group_id=1000\n\
+         36 35 98:0 /sub /mnt1 ro,noatime master:1 shared:9 - ext3 /dev/root rw,errors=continue\n",
+        "DEVNAME=/dev/sda1\nUUID=1234-ABCD\nLABEL=STICK\nBLOCK_SIZE=512\nTYPE=vfat\nPARTUUID=abcd-01\n",
+        "DEVNAME=/dev/sdb1\nLABEL=TYPE=ext4\nTYPE=exfat\n",
+    ];
+    let mut seeds: Vec<Vec<u8>> = texts
+        .iter()
+        .map(|t| {
+            let mut seed = vec![0u8];
+            seed.extend(t.as_bytes());
+            seed
+        })
+        .collect();
+    for mode in [1u8, 3] {
+        let mut seed = vec![mode];
+        seed.extend((0..256u32).map(|i| (i * 37) as u8));
+        seeds.push(seed);
+    }
+    seeds
 }
 
 /// One record of every kind, every optional Meta field used at least once.

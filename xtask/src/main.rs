@@ -128,6 +128,9 @@ enum Cmd {
         /// Seconds of fuzzing per target.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Run only these targets (repeatable; default: every target).
+        #[arg(long = "target")]
+        targets: Vec<String>,
     },
     /// Write the man pages, generated from the clap definitions, into a directory.
     Man {
@@ -240,7 +243,7 @@ fn run() -> Result<()> {
                 rounds,
             },
         ),
-        Cmd::Fuzz { seconds } => fuzz::run(&sh, &fuzz::Options { seconds }),
+        Cmd::Fuzz { seconds, targets } => fuzz::run(&sh, &fuzz::Options { seconds, targets }),
         Cmd::Man { out } => install::man(&util::project_root().join(out)),
         Cmd::Install {
             destdir,

@@ -2,10 +2,10 @@
 //! check as `OK` or `PROBLEM` with how to fix it.
 //!
 //! This module only reads: it never fixes anything itself (the fixes it prints are commands
-//! for the administrator) and never runs a program except `xmllint` with fixed arguments.
+//! for the administrator) and never runs a program except `xmllint` with fixed arguments (by
+//! absolute path, with a cleared environment: `crate::exec`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 mod ltsp;
 
@@ -111,7 +111,77 @@ fn checks(root: &Path) -> Vec<Check> {
         users.as_deref(),
     ));
     out.extend(ltsp::checks(root, cfg.as_ref(), users.as_deref()));
+    out.push(pam_user_environment(root));
     out
+}
+
+/// The non-comment lines of a PAM service file with its `@include`, `include` and
+/// `substack` files spliced in (at most 8 levels deep: a loop of includes ends there).
+fn pam_stack_lines(root: &Path, file: &str, depth: u32, out: &mut Vec<String>) {
+    if depth > 8 || file.contains('/') {
+        return;
+    }
+    for line in pam_lines(root, file) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["@include", inc, ..] => pam_stack_lines(root, inc, depth + 1, out),
+            [_, control, inc, ..] if *control == "include" || *control == "substack" => {
+                pam_stack_lines(root, inc, depth + 1, out)
+            }
+            _ => out.push(line),
+        }
+    }
+}
+
+/// Security (docs/security.md, "What root runs"): a PAM service whose stack runs pershome
+/// and also `pam_env.so user_readenv=1` lets each user put variables of their choice
+/// (`LD_PRELOAD`, `PATH`) into the environment pam_exec starts the root hook with. The hook
+/// gives none of them to what it runs, but the dynamic loader maps an `LD_PRELOAD` library
+/// into the hook itself before its first instruction: only the stack can prevent that.
+fn pam_user_environment(root: &Path) -> Check {
+    let name = "PAM user environment";
+    let Ok(entries) = std::fs::read_dir(root.join("etc/pam.d")) else {
+        return ok(name, "no /etc/pam.d");
+    };
+    let mut services: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    services.sort();
+    let mut bad = Vec::new();
+    for service in services {
+        let mut lines = Vec::new();
+        pam_stack_lines(root, &service, 0, &mut lines);
+        let runs_pershome = lines.iter().any(|l| {
+            l.contains("pershome-config")
+                || (l.contains("pam_mount.so") && l.starts_with("session"))
+        });
+        let reads_user_env = lines.iter().any(|l| {
+            l.contains("pam_env.so")
+                && l.split_whitespace()
+                    .any(|w| w == "user_readenv=1" || w.starts_with("user_readenv=1"))
+        });
+        if runs_pershome && reads_user_env {
+            bad.push(service);
+        }
+    }
+    if bad.is_empty() {
+        ok(
+            name,
+            "no PAM service that runs pershome reads users' environment files",
+        )
+    } else {
+        problem(
+            name,
+            format!(
+                "/etc/pam.d/{} run(s) pershome and pam_env.so user_readenv=1: each user's \
+                 ~/.pam_environment (LD_PRELOAD, PATH) then reaches the root login hook",
+                bad.join(", /etc/pam.d/")
+            ),
+            "remove `user_readenv=1` from the pam_env.so lines of those files (Debian's \
+             default is 0; locale settings belong in /etc/default/locale)",
+        )
+    }
 }
 
 fn dev_fuse(root: &Path) -> Check {
@@ -361,7 +431,7 @@ fn validate_pam_mount(path: &Path) -> Check {
             "apt-get install libpam-mount",
         );
     }
-    match Command::new("xmllint")
+    match crate::exec::command(crate::exec::system_program_or_missing("xmllint"))
         .arg("--noout")
         .arg("--dtdvalid")
         .arg(&dtd)
@@ -383,5 +453,49 @@ fn validate_pam_mount(path: &Path) -> Check {
             format!("cannot run xmllint to validate {}: {e}", path.display()),
             "apt-get install libxml2-utils",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Debian's sshd stack with `user_readenv=1` and the hook in common-session is a problem;
+    /// the same stack without it, or a service that does not run pershome, is not.
+    #[test]
+    fn user_environment_files_in_a_pershome_stack_are_a_problem() {
+        let t = tempfile::tempdir().expect("temporary root");
+        let pam = t.path().join("etc/pam.d");
+        std::fs::create_dir_all(&pam).unwrap();
+        std::fs::write(
+            pam.join("common-session"),
+            "session optional pam_exec.so quiet stdout /usr/sbin/pershome-config session\n",
+        )
+        .unwrap();
+        std::fs::write(
+            pam.join("sshd"),
+            "@include common-session\n\
+             session required pam_env.so user_readenv=1 envfile=/etc/default/locale\n",
+        )
+        .unwrap();
+        std::fs::write(
+            pam.join("other"),
+            "session required pam_env.so user_readenv=1\n",
+        )
+        .unwrap();
+        let got = pam_user_environment(t.path());
+        let what = got.problem.clone().unwrap_or_default();
+        assert!(
+            what.contains("/etc/pam.d/sshd") && !what.contains("other"),
+            "expected a problem naming sshd only, got {what:?}"
+        );
+        std::fs::write(
+            pam.join("sshd"),
+            "@include common-session\n# session required pam_env.so user_readenv=1\n\
+             session required pam_env.so envfile=/etc/default/locale\n",
+        )
+        .unwrap();
+        let got = pam_user_environment(t.path());
+        assert!(got.problem.is_none(), "expected OK, got {:?}", got.problem);
     }
 }

@@ -1,0 +1,501 @@
+//! Opening the store: finding or creating the store directory, taking its lock, and
+//! recovering the state from the newest trustworthy checkpoint and its journal (rules in
+//! `docs/format.md` § Recovery).
+//!
+//! Damage never fails an open: it is repaired as far as possible and reported as warnings. It
+//! never writes anything in a read-only mode and never removes a file it does not recognise.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, AtFlags, OFlag};
+use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
+use nix::unistd::{fsync, ftruncate};
+
+use super::file_io::{list_store, open_at, read_file, read_header};
+use super::format::{
+    check_header, encode_header, replay_journal, scan_checkpoint, HeaderProblem, HEADER_LEN,
+};
+use super::{
+    io_err, Journal, Kind, OpenMode, Record, Recovered, Replayed, StoreError, StoreLayout,
+    WriteStats, FORMAT_VERSION, LOCK_WAIT,
+};
+
+impl Journal {
+    /// Opens (ReadWrite: creating if missing, and repairing) the store of `backing_root` and
+    /// recovers its state. See `docs/format.md` § Recovery for the rules.
+    pub fn open(
+        backing_root: BorrowedFd<'_>,
+        mode: OpenMode,
+    ) -> Result<(Journal, Recovered), StoreError> {
+        Journal::open_in(backing_root, mode, StoreLayout::Long)
+    }
+
+    /// `open` for a store of `layout`. The 8.3 store directory is found in any letter case.
+    pub fn open_in(
+        backing_root: BorrowedFd<'_>,
+        mode: OpenMode,
+        layout: StoreLayout,
+    ) -> Result<(Journal, Recovered), StoreError> {
+        let sd = layout.store_dir();
+        let store_name: String = match layout {
+            StoreLayout::Long => layout.store_dir().to_owned(),
+            StoreLayout::Short83 => crate::meta::layout::detect(backing_root)
+                .map_err(|source| StoreError::Io {
+                    context: "listing the backing directory".into(),
+                    source,
+                })?
+                .short
+                .map_or_else(
+                    || layout.store_dir().to_owned(),
+                    |n| String::from_utf8_lossy(&n).into_owned(),
+                ),
+        };
+        let store_name = store_name.as_str();
+        let mut journal = Journal {
+            layout,
+            listed: BTreeMap::new(),
+            mode,
+            dir: None,
+            file: None,
+            generation: 0,
+            len: 0,
+            tail_dirty: false,
+            stats: WriteStats::default(),
+            faults: None,
+            live_version: None,
+        };
+        let root = backing_root.as_raw_fd();
+        let mut created_dir = false;
+        match fstatat(Some(root), store_name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => {
+                let kind = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+                if kind != SFlag::S_IFDIR {
+                    return Err(StoreError::NotADirectory(format!(
+                        "{sd} in the backing directory is not a directory{}",
+                        if kind == SFlag::S_IFLNK {
+                            " but a symlink"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+            Err(Errno::ENOENT) if mode != OpenMode::ReadWrite => {
+                let recovered = Recovered {
+                    replayed: Replayed::default(),
+                    generation: 0,
+                    warnings: Vec::new(),
+                    created: false,
+                };
+                return Ok((journal, recovered));
+            }
+            Err(Errno::ENOENT) => {
+                mkdirat(Some(root), store_name, Mode::from_bits_truncate(0o700))
+                    .map_err(io_err(format!("creating {sd}")))?;
+                created_dir = true;
+            }
+            Err(e) => return Err(io_err(format!("examining {sd}"))(e)),
+        }
+        let dir = match openat(
+            Some(root),
+            store_name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            // SAFETY: openat just returned this descriptor; nobody else owns it.
+            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
+                return Err(StoreError::NotADirectory(format!(
+                    "{sd} in the backing directory is not a directory"
+                )))
+            }
+            Err(e) => return Err(io_err(format!("opening {sd}"))(e)),
+        };
+        // One writer per stick: a second pershomefs (or an fsck) on the same store would
+        // interleave batches. A shared lock lets read-only users coexist with each other only.
+        let lock = match mode {
+            OpenMode::ReadWrite => libc::LOCK_EX,
+            OpenMode::ReadOnly => libc::LOCK_SH,
+            // fsck --force on a live store: no lock, so the mount is not disturbed.
+            OpenMode::ReadOnlyUnlocked => 0,
+        };
+        // A pershomefs that was just unmounted may still be writing its last commit: wait a
+        // little for it rather than fail a quick `umount; mount`.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        if lock != 0 {
+            loop {
+                // SAFETY: flock on a descriptor we own; the result is checked.
+                if unsafe { libc::flock(dir.as_raw_fd(), lock | libc::LOCK_NB) } == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(StoreError::Io {
+                        context: format!("locking {sd}"),
+                        source: e,
+                    });
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::Busy);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        journal.dir = Some(dir);
+        if created_dir {
+            // The new directory entry must survive a crash as well as the files in it. The
+            // root is reopened because the caller's fd may be an O_PATH one, which cannot sync.
+            let root_dir = openat(
+                Some(root),
+                ".",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io_err("opening the backing directory"))?;
+            // SAFETY: openat just returned this descriptor; nobody else owns it.
+            let root_dir = unsafe { OwnedFd::from_raw_fd(root_dir) };
+            journal.stats.syncs += 1;
+            fsync(root_dir.as_raw_fd()).map_err(io_err("syncing the backing directory"))?;
+        }
+        let recovered = journal.recover()?;
+        Ok((journal, recovered))
+    }
+
+    pub(super) fn recover(&mut self) -> Result<Recovered, StoreError> {
+        let sd = self.layout.store_dir();
+        let store = self.dir.as_ref().ok_or(StoreError::ReadOnly)?;
+        let (gens, listed) = list_store(store, self.layout)?;
+        self.listed = listed;
+
+        // Refuse a newer format before anything else is read or written.
+        for (&generation, files) in &gens {
+            for (kind, present) in [
+                (Kind::Checkpoint, files.checkpoint),
+                (Kind::Journal, files.journal),
+            ] {
+                if !present {
+                    continue;
+                }
+                if let Some(header) = read_header(
+                    store,
+                    self.layout.store_dir(),
+                    &self.name_of(kind, generation)?,
+                )? {
+                    if let Err(HeaderProblem::Newer(found)) =
+                        check_header(&header, kind, generation)
+                    {
+                        return Err(StoreError::NewerFormat {
+                            found,
+                            supported: FORMAT_VERSION,
+                        });
+                    }
+                }
+            }
+        }
+
+        let mut warnings = Vec::new();
+        if gens.is_empty() {
+            let created = self.mode == OpenMode::ReadWrite;
+            if created {
+                let fd = self.write_first_journal()?;
+                self.file = Some(fd);
+                self.generation = 1;
+                self.len = HEADER_LEN as u64;
+            }
+            return Ok(Recovered {
+                replayed: Replayed::default(),
+                generation: self.generation,
+                warnings,
+                created,
+            });
+        }
+        let max_gen = gens.keys().next_back().copied().unwrap_or(1);
+
+        // Files that hold damaged data are renamed to *.corrupt by a repair, for fsck.
+        let mut corrupt: BTreeSet<String> = BTreeSet::new();
+        let mut needs_repair = false;
+
+        // The base: the newest generation with a complete checkpoint (or gen 1's implicit
+        // empty one). Newer checkpoints that are not complete are crashed compactions.
+        let mut base: Option<(u64, Vec<Record>)> = None;
+        let mut salvage: Option<(u64, Vec<Record>)> = None;
+        for (&generation, files) in gens.iter().rev() {
+            if !files.checkpoint {
+                if generation == 1 && files.journal {
+                    base = Some((1, Vec::new()));
+                    break;
+                }
+                if files.journal {
+                    warnings.push(format!(
+                        "generation {generation} has a journal but no checkpoint"
+                    ));
+                }
+                continue;
+            }
+            let name = self.name_of(Kind::Checkpoint, generation)?;
+            let Some(bytes) = read_file(store, self.layout.store_dir(), &name)? else {
+                warnings.push(format!("{sd}/{name} is not a regular file; ignored"));
+                corrupt.insert(name);
+                continue;
+            };
+            if let Err(p) = check_header(&bytes, Kind::Checkpoint, generation) {
+                warnings.push(format!("{sd}/{name} is unusable: {}", p.describe()));
+                if bytes.len() >= HEADER_LEN {
+                    corrupt.insert(name);
+                }
+                continue;
+            }
+            let scan = scan_checkpoint(&bytes, generation);
+            if scan.complete {
+                if let Some(why) = scan.problem {
+                    warnings.push(format!("{sd}/{name}: {why}"));
+                }
+                base = Some((generation, scan.records));
+                break;
+            }
+            warnings.push(format!(
+                "{sd}/{name} is incomplete or damaged ({}); {} records readable",
+                scan.problem.unwrap_or_default(),
+                scan.records.len()
+            ));
+            // An incomplete checkpoint with no journal of its own is a compaction that
+            // crashed before finishing: the older generation holds the whole state. With a
+            // journal, it was complete once and is now damaged.
+            if files.journal {
+                corrupt.insert(name);
+            }
+            if salvage.is_none() {
+                salvage = Some((generation, scan.records));
+            }
+        }
+
+        let (base_gen, base_records) = match base {
+            Some(b) => b,
+            None => {
+                needs_repair = true;
+                match salvage {
+                    Some((generation, records)) => {
+                        corrupt.insert(self.name_of(Kind::Checkpoint, generation)?);
+                        warnings.push(format!(
+                            "NO INTACT CHECKPOINT: recovered {} records from the damaged checkpoint \
+                             of generation {generation}; metadata of some files may be lost \
+                             (run `pershome fsck`)",
+                            records.len()
+                        ));
+                        (generation, records)
+                    }
+                    None => {
+                        let first = gens.keys().next().copied().unwrap_or(1);
+                        warnings.push(format!(
+                            "NO CHECKPOINT: replaying journals from generation {first} onto an \
+                             empty state; metadata of some files may be lost (run `pershome fsck`)"
+                        ));
+                        (first, Vec::new())
+                    }
+                }
+            }
+        };
+
+        let mut state = Replayed::default();
+        for r in base_records {
+            state.apply(r);
+        }
+
+        // Journals from the base generation up. A journal newer than the base means its own
+        // checkpoint was damaged after it was complete: its batches still apply on top.
+        let mut live_len: Option<usize> = None;
+        let mut live_needs_header = false;
+        let mut live_cut: Option<usize> = None;
+        for (&generation, files) in gens.range(base_gen..) {
+            let is_live = generation == base_gen;
+            let name = self.name_of(Kind::Journal, generation)?;
+            if !files.journal {
+                if is_live {
+                    live_needs_header = true;
+                }
+                continue;
+            }
+            if !is_live {
+                needs_repair = true;
+                warnings.push(format!(
+                    "replaying {sd}/{name}, whose checkpoint is damaged, on top of \
+                     generation {base_gen}"
+                ));
+            }
+            let Some(bytes) = read_file(store, self.layout.store_dir(), &name)? else {
+                warnings.push(format!("{sd}/{name} is not a regular file; ignored"));
+                corrupt.insert(name);
+                needs_repair = true;
+                continue;
+            };
+            if let Err(p) = check_header(&bytes, Kind::Journal, generation) {
+                if bytes.len() < HEADER_LEN {
+                    // Torn while being created: it never held a batch.
+                    if is_live {
+                        live_needs_header = true;
+                    }
+                    warnings.push(format!(
+                        "{sd}/{name} was being created when the stick was last \
+                         removed; it held no changes"
+                    ));
+                } else {
+                    warnings.push(format!(
+                        "{sd}/{name} is unusable ({}); its changes are lost",
+                        p.describe()
+                    ));
+                    corrupt.insert(name);
+                    needs_repair = true;
+                }
+                continue;
+            }
+            let scan = replay_journal(&bytes, generation, &mut state);
+            if let Some(why) = &scan.problem {
+                if scan.intact_after_problem {
+                    warnings.push(format!(
+                        "{sd}/{name} is damaged ({why}); kept {} batches, dropped the \
+                         rest including later intact ones (run `pershome fsck`)",
+                        scan.batches
+                    ));
+                    corrupt.insert(name.clone());
+                    needs_repair = true;
+                } else {
+                    warnings.push(format!(
+                        "{sd}/{name} ends in a torn batch ({why}); kept {} batches \
+                         (the last one was not committed)",
+                        scan.batches
+                    ));
+                    if is_live {
+                        live_cut = Some(scan.good_end);
+                    }
+                }
+            }
+            if is_live {
+                live_len = Some(scan.good_end);
+            }
+        }
+        for (&generation, _) in gens.range(..base_gen) {
+            warnings.push(format!(
+                "found leftover files of superseded generation {generation} (an earlier \
+                 compaction was interrupted); they go at the next read-write open"
+            ));
+        }
+        if gens.range(base_gen + 1..).next().is_some() && !needs_repair {
+            warnings.push(format!(
+                "ignoring an incomplete checkpoint newer than generation {base_gen} (a \
+                 compaction was interrupted)"
+            ));
+        }
+
+        if self.mode != OpenMode::ReadWrite {
+            self.generation = base_gen;
+            self.len = live_len.unwrap_or(0) as u64;
+            return Ok(Recovered {
+                replayed: state,
+                generation: base_gen,
+                warnings,
+                created: false,
+            });
+        }
+
+        if needs_repair {
+            let new = max_gen
+                .checked_add(1)
+                .ok_or(StoreError::GenerationOverflow)?;
+            let fd = self.write_generation(new, &state.snapshot())?;
+            self.file = Some(fd);
+            self.generation = new;
+            self.len = HEADER_LEN as u64;
+            warnings.push(format!(
+                "wrote a fresh checkpoint of the recovered state as generation {new}"
+            ));
+        } else {
+            self.generation = base_gen;
+            let name = self.name_of(Kind::Journal, base_gen)?;
+            if live_needs_header {
+                let fd = self.create_durable(&name, &encode_header(Kind::Journal, base_gen))?;
+                self.file = Some(fd);
+                self.len = HEADER_LEN as u64;
+            } else {
+                let fd = open_at(
+                    self.dir()?,
+                    &name,
+                    OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK,
+                    Mode::empty(),
+                )
+                .map_err(io_err(format!("opening {sd}/{name}")))?;
+                let len = live_len.unwrap_or(HEADER_LEN);
+                if let Some(cut) = live_cut {
+                    self.gate_op(|| format!("cutting the torn batch off {sd}/{name}"))?;
+                    self.stats.writes += 1;
+                    ftruncate(fd.as_fd(), cut as i64)
+                        .map_err(io_err(format!("cutting the torn batch off {sd}/{name}")))?;
+                    self.sync_file(&fd, &name, false)?;
+                }
+                self.file = Some(fd);
+                self.len = len as u64;
+            }
+        }
+
+        // Everything but the live generation is now garbage, or evidence for fsck.
+        let live = self.generation;
+        for (&generation, files) in &gens {
+            if generation == live {
+                continue;
+            }
+            for (kind, present) in [
+                (Kind::Checkpoint, files.checkpoint),
+                (Kind::Journal, files.journal),
+            ] {
+                if !present {
+                    continue;
+                }
+                let name = self.name_of(kind, generation)?;
+                if corrupt.contains(&name) {
+                    if let Some(w) = self.keep_as_corrupt(&name)? {
+                        warnings.push(w);
+                    }
+                } else {
+                    self.unlink(&name)?;
+                }
+            }
+        }
+        Ok(Recovered {
+            replayed: state,
+            generation: self.generation,
+            warnings,
+            created: false,
+        })
+    }
+
+    pub(super) fn write_first_journal(&mut self) -> Result<OwnedFd, StoreError> {
+        self.create_durable(
+            &self.name_of(Kind::Journal, 1)?,
+            &encode_header(Kind::Journal, 1),
+        )
+    }
+
+    /// Renames a damaged file to `<name>.corrupt` (a new name: never a rename-over), so that
+    /// fsck can look at it and it is no longer a store file. Returns a warning if it had to
+    /// stay.
+    pub(super) fn keep_as_corrupt(&mut self, name: &str) -> Result<Option<String>, StoreError> {
+        let sd = self.layout.store_dir();
+        let dir = self.dir()?.as_raw_fd();
+        for n in 0..100u32 {
+            let target = self.layout.corrupt_name(name, n);
+            match fstatat(Some(dir), target.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(_) => continue,
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(io_err(format!("examining {sd}/{target}"))(e)),
+            }
+            self.gate_op(|| format!("renaming {sd}/{name} to {target}"))?;
+            renameat(Some(dir), name, Some(dir), target.as_str())
+                .map_err(io_err(format!("renaming {sd}/{name} to {target}")))?;
+            return Ok(Some(format!("kept the damaged {sd}/{name} as {target}")));
+        }
+        Ok(Some(format!(
+            "could not find a free *.corrupt name for {sd}/{name}; left in place"
+        )))
+    }
+}
