@@ -153,15 +153,18 @@ fn expect(vm: &mut Vm, what: &str, out: &Output, needles: &[&str]) -> Result<()>
     Ok(())
 }
 
-/// Nothing of the user's stays mounted after logout (pamltsp's SSHFS unmount waits for the
-/// user's processes, so this polls).
+/// Nothing of the user's stays mounted after logout. pamltsp's SSHFS unmount waits (in its own
+/// scope, polling every second, up to 120 polls) until the user's processes are gone, so this
+/// waits up to 150 s by the clock (a count of short sleeps runs long under TCG).
 fn expect_logged_out(vm: &mut Vm, user: &str) -> Result<()> {
     vm.ok(
         &format!(
-            "for i in $(seq 600); do grep -qE ' /home/{user} | /run/pershome/{user}/' /proc/mounts || exit 0; sleep 0.1; done; \
-             echo 'still mounted 60 s after logout:' >&2; grep -E '/home/{user}|/run/pershome' /proc/mounts >&2; exit 1"
+            "end=$(( $(date +%s) + 150 )); while [ \"$(date +%s)\" -lt \"$end\" ]; do \
+             grep -qE ' /home/{user} | /run/pershome/{user}/' /proc/mounts || exit 0; sleep 1; done; \
+             echo 'still mounted 150 s after logout:' >&2; grep -E '/home/{user}|/run/pershome' /proc/mounts >&2; \
+             ps -u {user} -o pid,etime,cmd >&2; exit 1"
         ),
-        SHORT,
+        Duration::from_secs(300),
     )
     .with_context(|| format!("after {user}'s logout"))
     .map(drop)
