@@ -789,19 +789,32 @@ fn check_parts(
             );
             continue;
         }
-        let present: BTreeMap<u64, u64> = parts.iter().copied().collect();
-        let short: Vec<String> = (1..last)
-            .filter(|k| present.get(k).is_none_or(|&n| n < p.size))
-            .map(|k| format!("{k}"))
-            .collect();
-        if !short.is_empty() {
+        // From the listing only: a planted part `ffffffff` must not make fsck walk (and
+        // list) four billion indexes.
+        let (count, first) = crate::fs::parts::missing_or_short(&parts, last, p.size, 10);
+        if count > crate::fs::parts::MAX_MENDABLE_PARTS {
+            add(
+                Class::Unrepairable,
+                file.clone(),
+                format!(
+                    "{path} names part {last}, but {count} parts before it are missing: no \
+                     file pershome wrote looks like this (a part planted or misnamed on \
+                     another computer); the file reads as zeros up to that part. Copy its \
+                     data out and move {path} away"
+                ),
+            );
+        } else if count > 0 {
+            let mut shown: Vec<String> = first.iter().map(u64::to_string).collect();
+            if count > first.len() as u64 {
+                shown.push(format!("… ({count} in all)"));
+            }
             add(
                 Class::Repairable,
                 file.clone(),
                 format!(
                     "part(s) {} of {path} are missing or short: those bytes read as zeros \
                      (their data is lost); a repair makes them holes of the right length",
-                    short.join(", ")
+                    shown.join(", ")
                 ),
             );
         }

@@ -22,11 +22,19 @@ use fuser::{
 use crate::fs::xattr::XattrReply;
 use crate::fs::{Attr, Ctx, Errno, Fs, Kind, SetAttr, SetTime};
 use crate::meta::Timespec;
+use crate::requests::{Counters, Op, REPORT_XATTR};
 
 /// How long the kernel may trust names and attributes without asking. pershome is the only
 /// writer of the backing while mounted, and the kernel invalidates what its own operations
 /// change, so this only bounds how stale a view can be after an unusual path (none known).
 const TTL: Duration = Duration::from_secs(30);
+
+/// Flags of every opened or created file. FOPEN_NOFLUSH: `Fs::flush` has nothing to do (data
+/// goes to the backing file on each write, errors are reported there, and there are no POSIX
+/// locks to drop), so the kernel need not send a FLUSH at each close. Without passthrough,
+/// FOPEN_KEEP_CACHE is added: pershome is the only writer while mounted, so cached pages stay
+/// valid across opens.
+const FOPEN_FILE: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 /// The commit timer: commits pending metadata every interval, until stopped.
 struct Timer {
@@ -52,6 +60,8 @@ pub struct Adapter {
     timer: Option<Timer>,
     destroyed: AtomicBool,
     passthrough: Passthrough,
+    /// Per-opcode request counts (`-o counters`); `None`, the default, counts nothing.
+    counters: Option<Arc<Counters>>,
 }
 
 impl std::fmt::Debug for Adapter {
@@ -147,6 +157,20 @@ impl Adapter {
             timer: None,
             destroyed: AtomicBool::new(false),
             passthrough: Passthrough::default(),
+            counters: None,
+        }
+    }
+
+    /// Counts every request per opcode from now on; the report is the root's
+    /// [`REPORT_XATTR`] (see `crate::requests`).
+    pub fn with_counters(mut self) -> Adapter {
+        self.counters = Some(Arc::new(Counters::default()));
+        self
+    }
+
+    fn count(&self, op: Op) {
+        if let Some(counters) = &self.counters {
+            counters.add(op);
         }
     }
 
@@ -277,11 +301,28 @@ impl std::ops::Deref for BackingIdRef<'_> {
     }
 }
 
+/// Set when the final commit of this process's filesystem failed (one filesystem per
+/// daemon): the exit status says so (`last_commit_landed`).
+static LAST_COMMIT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the final commit at unmount wrote everything (true before any unmount).
+pub fn last_commit_landed() -> bool {
+    !LAST_COMMIT_FAILED.load(Ordering::SeqCst)
+}
+
+impl Adapter {
+    fn final_commit(&self) {
+        if self.fs.final_commit().is_err() {
+            LAST_COMMIT_FAILED.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 impl Drop for Adapter {
     fn drop(&mut self) {
         self.stop_timer();
         if !self.destroyed.swap(true, Ordering::SeqCst) {
-            self.fs.shutdown();
+            self.final_commit();
         }
     }
 }
@@ -349,19 +390,22 @@ impl Filesystem for Adapter {
     fn destroy(&mut self) {
         self.stop_timer();
         if !self.destroyed.swap(true, Ordering::SeqCst) {
-            self.fs.shutdown();
+            self.final_commit();
         }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.count(Op::Lookup);
         self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.count(Op::Forget);
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.count(Op::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(err(e)),
@@ -386,6 +430,7 @@ impl Filesystem for Adapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.count(Op::Setattr);
         let set = SetAttr {
             mode,
             uid,
@@ -403,6 +448,7 @@ impl Filesystem for Adapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.count(Op::Readlink);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(err(e)),
@@ -419,6 +465,7 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.count(Op::Mknod);
         self.entry(
             reply,
             self.fs.mknod(
@@ -440,6 +487,7 @@ impl Filesystem for Adapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.count(Op::Mkdir);
         self.entry(
             reply,
             self.fs
@@ -448,10 +496,12 @@ impl Filesystem for Adapter {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count(Op::Unlink);
         Self::empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count(Op::Rmdir);
         Self::empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
     }
 
@@ -463,6 +513,7 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.count(Op::Symlink);
         let r = self.fs.symlink(
             ctx(req, 0),
             parent.0,
@@ -482,6 +533,7 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Rename);
         let r = self.fs.rename(
             parent.0,
             name.as_bytes(),
@@ -500,16 +552,16 @@ impl Filesystem for Adapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.count(Op::Link);
         self.entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.count(Op::Open);
         match self.fs.open(ino.0, flags.0) {
             Ok(fh) => match self.backing_id(ino.0, fh, |f| reply.open_backing(f)) {
-                Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
-                // pershome is the only writer while mounted, so cached pages stay valid
-                // across opens.
-                None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Some(id) => reply.opened_passthrough(FileHandle(fh), FOPEN_FILE, &id),
+                None => reply.opened(FileHandle(fh), FOPEN_FILE | FopenFlags::FOPEN_KEEP_CACHE),
             },
             Err(e) => reply.error(err(e)),
         }
@@ -526,6 +578,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.count(Op::Read);
         match self.fs.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(err(e)),
@@ -544,6 +597,7 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.count(Op::Write);
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(err(e)),
@@ -558,6 +612,7 @@ impl Filesystem for Adapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Flush);
         Self::empty(reply, self.fs.flush(fh.0));
     }
 
@@ -571,6 +626,7 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Release);
         let r = self.fs.release(fh.0);
         self.release_backing_id(fh.0);
         Self::empty(reply, r);
@@ -584,12 +640,23 @@ impl Filesystem for Adapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Fsync);
         Self::empty(reply, self.fs.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.count(Op::Opendir);
         match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // The kernel keeps the listing in the directory's page cache (CACHE_DIR, and
+            // KEEP_CACHE so the next opendir does not drop it). It drops the cache itself
+            // whenever a create, unlink, rename or link through this mount changes the
+            // directory (its iversion moves), and the daemon is the only writer while
+            // mounted, so no listing can go stale. A cached listing also spares the kernel
+            // the READDIRPLUS that would forget every entry's cached ACL.
+            Ok(fh) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -602,6 +669,7 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.count(Op::Readdir);
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for (off, e) in entries {
@@ -628,6 +696,7 @@ impl Filesystem for Adapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.count(Op::Readdirplus);
         // The kernel's buffer holds a few dozen entries; ask for a bounded batch.
         match self.fs.readdirplus(fh.0, offset, 256) {
             Ok(entries) => {
@@ -664,6 +733,7 @@ impl Filesystem for Adapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Releasedir);
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -676,10 +746,12 @@ impl Filesystem for Adapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Fsyncdir);
         Self::empty(reply, self.fs.fsyncdir(ino.0));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.count(Op::Statfs);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
@@ -698,6 +770,7 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Setxattr);
         Self::empty(
             reply,
             self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
@@ -705,14 +778,26 @@ impl Filesystem for Adapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if let Some(counters) = &self.counters {
+            // The report itself is answered here, uncounted, so snapshots taken around an
+            // operation differ by exactly that operation's requests. The kernel lets only
+            // root read `trusted.*`.
+            if ino == INodeNo::ROOT && name.as_bytes() == REPORT_XATTR.as_bytes() {
+                let report = counters.report().into_bytes();
+                return Self::xattr(reply, crate::fs::xattr::sized(report, size));
+            }
+        }
+        self.count(Op::Getxattr);
         Self::xattr(reply, self.fs.getxattr(ino.0, name.as_bytes(), size));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.count(Op::Listxattr);
         Self::xattr(reply, self.fs.listxattr(ino.0, size));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.count(Op::Removexattr);
         Self::empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
     }
 
@@ -726,6 +811,7 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.count(Op::Create);
         match self
             .fs
             .create(ctx(req, umask), parent.0, name.as_bytes(), mode, flags)
@@ -736,7 +822,7 @@ impl Filesystem for Adapter {
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    FOPEN_FILE,
                     &id,
                 ),
                 None => reply.created(
@@ -744,7 +830,7 @@ impl Filesystem for Adapter {
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
+                    FOPEN_FILE | FopenFlags::FOPEN_KEEP_CACHE,
                 ),
             },
             Err(e) => reply.error(err(e)),
@@ -761,6 +847,7 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.count(Op::Fallocate);
         Self::empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
     }
 
@@ -773,6 +860,7 @@ impl Filesystem for Adapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.count(Op::Lseek);
         match self.fs.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(err(e)),
@@ -792,6 +880,7 @@ impl Filesystem for Adapter {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.count(Op::CopyFileRange);
         match self
             .fs
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
@@ -799,6 +888,26 @@ impl Filesystem for Adapter {
             Ok(n) => reply.written(n.min(u32::MAX as u64) as u32),
             Err(e) => reply.error(err(e)),
         }
+    }
+
+    // Never sent with `default_permissions` and without FUSE_POSIX_LOCKS (the kernel checks
+    // permissions and keeps locks itself), nor bmap on a non-block mount; answered as fuser
+    // would, but counted, so an unexpected one shows in the report.
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.count(Op::Access);
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn bmap(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _blocksize: u32,
+        _idx: u64,
+        reply: fuser::ReplyBmap,
+    ) {
+        self.count(Op::Bmap);
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     // The operations below have no meaning on a FAT-backed home. They are answered here,
@@ -815,6 +924,7 @@ impl Filesystem for Adapter {
         _out_size: u32,
         reply: fuser::ReplyIoctl,
     ) {
+        self.count(Op::Ioctl);
         reply.error(fuser::Errno::from_i32(libc::ENOTTY));
     }
 
@@ -828,6 +938,7 @@ impl Filesystem for Adapter {
         _flags: fuser::PollFlags,
         reply: fuser::ReplyPoll,
     ) {
+        self.count(Op::Poll);
         // ENOSYS tells the kernel to treat files here as always ready, as regular files are.
         reply.error(fuser::Errno::ENOSYS);
     }

@@ -19,6 +19,7 @@ pub mod meta;
 pub mod mount_opts;
 pub mod names;
 pub mod pam_setup;
+pub mod requests;
 pub mod session;
 pub mod stick;
 pub mod sysconfig;

@@ -205,8 +205,9 @@ pub fn initrd_current(root: &Path) -> Result<String, String> {
     }
 }
 
-/// Whether an image in /srv/ltsp/images is newer than the installed package and
-/// `/etc/pershome/config.toml` (see `initrd_current`).
+/// Whether an image in /srv/ltsp/images is newer than the installed package,
+/// `/etc/pershome/config.toml` and the claim key (see `initrd_current`): the clients get all
+/// three only through the image.
 pub fn image_current(root: &Path) -> Result<String, String> {
     let dir = root.join(IMAGES_DIR);
     let images: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -227,6 +228,7 @@ pub fn image_current(root: &Path) -> Result<String, String> {
     let inputs = [
         root.join(PACKAGE_LIST),
         root.join(crate::sysconfig::CONFIG_PATH),
+        root.join(crate::session::claim::KEY_PATH),
     ];
     match newest(&inputs) {
         Some((changed, t)) if t > built => Err(format!(

@@ -70,11 +70,27 @@ pub struct MountOptions {
     /// `part_size=BYTES` (for tests: tiny parts cross boundaries often): the part size of
     /// files split from now on.
     pub part_size: u64,
+    /// `status=PATH`: where the daemon writes its exit status when it ends (the login hook
+    /// reads it to say whether the last commit landed). An absolute path; `None`: nowhere.
+    pub status_file: Option<std::path::PathBuf>,
+    /// `compact_after=BYTES` (for tests): compact the metadata store once its journal holds
+    /// this many bytes, instead of 4 MiB, so that compaction races everything else.
+    pub compact_after: Option<u64>,
+    /// `threads=N`: how many threads serve FUSE requests (1-16).
+    pub threads: usize,
+    /// `counters`: count requests per opcode (see `crate::requests`), for the bench and tests.
+    pub counters: bool,
     /// `private_home` (the login hook's mounts): every owner on the stick shows as `uid=`/
     /// `gid=`, and the root is theirs with mode 0700 from the mount on (see
     /// `FsOptions::private_home`).
     pub private_home: bool,
 }
+
+/// Worker threads serving requests by default. Measured on 2 vCPUs (docs/testing.md): more
+/// threads than cores only add context switches, and most requests take the one state lock.
+pub const DEFAULT_THREADS: usize = 4;
+/// Most `threads=`: more would only contend for the state lock.
+const MAX_THREADS: usize = 16;
 
 /// A rejected `-o` option. The message names the option and says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -165,6 +181,10 @@ pub fn parse_options_with(
         names: None,
         parts: PartsMode::Auto,
         part_size: crate::fs::parts::DEFAULT_PART_SIZE,
+        status_file: None,
+        compact_after: None,
+        threads: DEFAULT_THREADS,
+        counters: false,
         private_home: false,
     };
     let mut allow_other = false;
@@ -222,6 +242,40 @@ pub fn parse_options_with(
                 "part_size" => {
                     let v = required(key, value)?;
                     out.part_size = parse_part_size(v)?;
+                }
+                "status" => {
+                    let v = required(key, value)?;
+                    if !v.starts_with('/') {
+                        return Err(OptionError::InvalidValue {
+                            option: key.to_owned(),
+                            value: v.to_owned(),
+                            reason: "expected an absolute path".to_owned(),
+                        });
+                    }
+                    out.status_file = Some(v.into());
+                }
+                "compact_after" => {
+                    let v = required(key, value)?;
+                    out.compact_after = Some(v.parse().map_err(|_| OptionError::InvalidValue {
+                        option: key.to_owned(),
+                        value: v.to_owned(),
+                        reason: "expected a number of bytes".to_owned(),
+                    })?);
+                }
+                "threads" => {
+                    let v = required(key, value)?;
+                    out.threads = match v.parse::<usize>() {
+                        Ok(n) if (1..=MAX_THREADS).contains(&n) => n,
+                        _ => {
+                            return Err(OptionError::InvalidValue {
+                                option: key.to_owned(),
+                                value: v.to_owned(),
+                                reason: format!(
+                                    "expected a number of threads from 1 to {MAX_THREADS}"
+                                ),
+                            })
+                        }
+                    };
                 }
                 "fsname" => {
                     let v = required(key, value)?;
@@ -286,6 +340,7 @@ const FLAGS: &[&str] = &[
     "nodev",
     "suid",
     "dev",
+    "counters",
     "private_home",
 ];
 
@@ -329,6 +384,7 @@ fn apply_flag(
         // refusing them would break `mount -t fuse.pershomefs` and fstab. They are accepted
         // and have no effect: the mount is always nosuid,nodev, because a stick is untrusted.
         "suid" | "dev" => {}
+        "counters" => out.counters = true,
         _ => return Err(OptionError::Unknown(key.to_owned())),
     }
     Ok(())
@@ -479,7 +535,7 @@ impl MountOptions {
             Access::OwnerAndRoot => SessionACL::RootAndOwner,
             Access::Everyone => SessionACL::All,
         };
-        config.n_threads = Some(4);
+        config.n_threads = Some(self.threads);
         config.clone_fd = true;
         config
     }
@@ -542,6 +598,10 @@ mod tests {
             names: None,
             parts: PartsMode::Auto,
             part_size: crate::fs::parts::DEFAULT_PART_SIZE,
+            status_file: None,
+            compact_after: None,
+            threads: DEFAULT_THREADS,
+            counters: false,
             private_home: false,
         };
         assert_eq!(o, expected, "expected {expected:?}, got {o:?}");
@@ -784,6 +844,23 @@ mod tests {
         for wanted in [fuser::MountOption::NoSuid, fuser::MountOption::NoDev] {
             assert!(config.mount_options.contains(&wanted), "{wanted:?} missing");
         }
+    }
+
+    #[test]
+    fn threads_and_counters() {
+        let o = ok(&["threads=1,counters"]);
+        assert_eq!((o.threads, o.counters), (1, true));
+        assert_eq!(o.to_fuser_config("s").n_threads, Some(1));
+        for bad in ["threads=0", "threads=17", "threads=x"] {
+            assert!(
+                matches!(err(&[bad]), OptionError::InvalidValue { .. }),
+                "expected {bad} to be refused"
+            );
+        }
+        assert_eq!(
+            err(&["counters=1"]),
+            OptionError::UnexpectedValue("counters".into(), "1".into())
+        );
     }
 
     #[test]

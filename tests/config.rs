@@ -596,6 +596,14 @@ fn doctor_finds_problems_and_passes_a_complete_root() {
     expect_code(&run(r, &["pam", "--install"]), 0, "pam --install");
     expect_code(&run(r, &["add-user", "anna"]), 0, "add-user");
     let out = run(r, &["doctor"]);
+    expect_code(&out, 1, "doctor without a claim key");
+    assert!(
+        text(&out.stdout).contains("pershome-config claim-key"),
+        "expected the fix for a missing claim key:\n{}",
+        text(&out.stdout)
+    );
+    expect_code(&run(r, &["claim-key"]), 0, "claim-key");
+    let out = run(r, &["doctor"]);
     expect_code(&out, 0, "doctor on a complete root");
 
     // An unknown listed user and a bad config are each a problem with a fix.

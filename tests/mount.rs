@@ -457,6 +457,8 @@ fn setuid_bits_are_cleared_as_on_ext4() {
 
 /// A stick whose metadata claims a setuid-root program and a device node gains nothing: the
 /// mount is nosuid,nodev, so the device cannot be opened and the setuid bit is not honoured.
+/// The program is a real one (a copy of `id`: the kernel never honours setuid on a script),
+/// run through the mount by an unprivileged user, who stays unprivileged.
 #[test]
 fn a_stick_claiming_setuid_root_and_devices_gains_nothing() {
     if !can_mount() {
@@ -468,6 +470,13 @@ fn a_stick_claiming_setuid_root_and_devices_gains_nothing() {
     let s = scratch();
     std::fs::write(s.backing.join("rootshell"), b"#!/bin/sh\nid -u\n").unwrap();
     std::fs::write(s.backing.join("mem"), b"").unwrap();
+    std::fs::copy("/usr/bin/id", s.backing.join("rootid")).unwrap();
+    // The unprivileged user must reach the mount point: the scratch directory is root's 0700.
+    std::fs::set_permissions(
+        s.mnt.parent().unwrap(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     {
         let root = std::fs::File::open(&s.backing).unwrap();
         let (mut journal, _) = Journal::open(root.as_fd(), OpenMode::ReadWrite).unwrap();
@@ -476,6 +485,15 @@ fn a_stick_claiming_setuid_root_and_devices_gains_nothing() {
             .append(&[
                 Record::Put {
                     path: p("rootshell"),
+                    meta: Meta {
+                        mode: libc::S_IFREG | 0o4755,
+                        uid: 0,
+                        gid: 0,
+                        ..Meta::default()
+                    },
+                },
+                Record::Put {
+                    path: p("rootid"),
                     meta: Meta {
                         mode: libc::S_IFREG | 0o4755,
                         uid: 0,
@@ -512,6 +530,35 @@ fn a_stick_claiming_setuid_root_and_devices_gains_nothing() {
         err.raw_os_error(),
         Some(libc::EACCES),
         "opening the device: {err}"
+    );
+    // The setuid-root program, run by nobody (65534) through the mount: its effective uid
+    // stays nobody's.
+    let rootid = s.mnt.join("rootid");
+    let shown = std::fs::metadata(&rootid).unwrap();
+    assert_eq!(
+        (shown.mode() & 0o7777, shown.uid()),
+        (0o4755, 0),
+        "the program is shown setuid root"
+    );
+    let out = {
+        use std::os::unix::process::CommandExt;
+        Command::new(&rootid)
+            .arg("-u")
+            .uid(65534)
+            .gid(65534)
+            .env_clear()
+            .output()
+            .expect("running the setuid program as nobody")
+    };
+    assert!(
+        out.status.success(),
+        "the program should run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let euid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(
+        euid, "65534",
+        "expected no privilege from the setuid bit, got euid {euid}"
     );
     let line = mounted(&s.mnt).unwrap();
     let opts = line.split(' ').nth(3).unwrap().to_string();

@@ -1021,6 +1021,21 @@ fn mount_home_through_mount_fuse3() {
         }
     }
     let run = RunDir(Path::new("/run/pershome").join(&user.name));
+    // mount-home works on the real / (pam_mount gives no --root): the hook makes the site's
+    // claim key there at first use. One this test made is removed again.
+    struct KeyGuard(Option<PathBuf>);
+    impl Drop for KeyGuard {
+        fn drop(&mut self) {
+            if let Some(key) = &self.0 {
+                let _ = std::fs::remove_file(key);
+                if let Some(dir) = key.parent() {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+        }
+    }
+    let key = Path::new("/").join(pershome::session::claim::KEY_PATH);
+    let _key = KeyGuard((!key.exists()).then_some(key));
     let stick = root.stick("s8", true);
     let out = Command::new("mount.fuse3")
         .arg(format!("{HOOK}#mount-home"))

@@ -1,14 +1,15 @@
-//! Fuzz target: the login hook's owner-mark reader (`session::stick::read_owner_mark`), run as
-//! root on a stick anyone can write.
+//! Fuzz target: the login hook's owner-mark and claim reader (`session::claim::look`, which
+//! also decides whether a stick is fresh), run as root on a stick anyone can write.
 //!
 //! The input chooses the store directory (long `.pershome`, 8.3 `PERSHOME.DB` in either
 //! case, or a file or symlink in its place), what stands at the mark's name (a regular file
 //! with the fuzzer's bytes, a directory, a symlink, a fifo, nothing) and the bytes.
 //!
 //! Asserts no panic and no hang (a fifo must not block the reader), and the reader's promises:
-//! no store or no mark is `None`; anything but a regular file is `Some("")` (refuse, never
-//! guess); a mark's answer is one line without control characters, from at most 256 bytes;
-//! and a plain `name\n` mark reads as `name`.
+//! no store or no mark is `None`; anything but a regular file is a mark naming nobody (refuse,
+//! never guess); a mark's name is one line without control characters, from at most 4096
+//! bytes, with at most 16 claims; a plain `name\n` mark reads as `name`; and no claim in a
+//! fuzzed mark verifies under a key the input never saw.
 #![no_main]
 
 use std::os::unix::fs::symlink;
@@ -16,7 +17,7 @@ use std::path::Path;
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use pershome::session::stick::read_owner_mark;
+use pershome::session::claim::{look, Mark, SiteKey};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum At {
@@ -73,7 +74,7 @@ fn run(u: &mut Unstructured<'_>, backing: &Path) -> Result<()> {
         name.push(b'\n');
         name
     } else {
-        take(u, 600)?.to_vec()
+        take(u, 5000)?.to_vec()
     };
     let store_path = backing.join(store);
     match store_kind {
@@ -100,32 +101,40 @@ fn run(u: &mut Unstructured<'_>, backing: &Path) -> Result<()> {
             At::Nothing => {}
         }
     }
-    let got = read_owner_mark(backing);
+    let got = look(backing).mark;
     let store_seen = store_kind != At::Nothing;
     match (store_kind, mark_kind) {
         (At::Nothing, _) => assert_eq!(got, None, "no store, yet a mark {got:?}"),
         (At::Dir, At::Nothing) => assert_eq!(got, None, "no mark, yet {got:?}"),
         (At::Dir, At::File) => {
-            let text = got.clone().expect("a regular mark is read");
+            let mark = got.clone().expect("a regular mark is read");
             assert!(
-                !text.chars().any(char::is_control),
-                "control characters in {text:?}"
+                !mark.name.chars().any(char::is_control),
+                "control characters in {:?}",
+                mark.name
             );
             assert!(
-                text.len() <= 3 * 256,
-                "{} bytes from a 256-byte read",
-                text.len()
+                mark.name.len() <= 3 * 4096,
+                "{} bytes from a 4096-byte read",
+                mark.name.len()
+            );
+            assert!(mark.claims.len() <= 16, "{} claims", mark.claims.len());
+            // A key the input never saw: no fuzzed claim may verify under it.
+            let key = SiteKey::from_bytes(b"a key the fuzzer never sees, 32+");
+            assert!(
+                !mark.claimed_for(&key, &mark.name),
+                "a fuzzed claim verified: {mark:?}"
             );
             if plain {
                 let name = String::from_utf8(body[..body.len() - 1].to_vec()).expect("ascii");
-                assert_eq!(text, name, "a plain mark reads back");
+                assert_eq!(mark.name, name, "a plain mark reads back");
             }
         }
         // A store or mark that is not what it must be: refused, never followed.
         _ if store_seen => {
             assert_eq!(
-                got.as_deref(),
-                Some(""),
+                got,
+                Some(Mark::default()),
                 "{store_kind:?}/{mark_kind:?}: {got:?}"
             );
         }

@@ -18,7 +18,13 @@ fn main() -> ExitCode {
             part_size: opts.part_size,
             private_home: opts.private_home,
         };
-        pershome::fuse::Adapter::open(backing, fs_opts).map_err(|e| match e {
+        let counters = opts.counters;
+        let adapter = pershome::fuse::Adapter::open(backing, fs_opts);
+        if let (Ok(a), Some(bytes)) = (&adapter, opts.compact_after) {
+            a.fs().set_compact_after(bytes);
+        }
+        let adapter = adapter.map(|a| if counters { a.with_counters() } else { a });
+        adapter.map_err(|e| match e {
             FsOpenError::Backing { .. } => OpenError::Backing(anyhow::Error::new(e)),
             FsOpenError::Store(StoreError::NewerFormat { .. }) => OpenError::NewerFormat(format!(
                 "{e}: this stick was written by a newer pershome; update pershome on this \

@@ -41,6 +41,9 @@ pub mod exit_code {
     pub const MOUNT: u8 = 4;
     /// Internal error.
     pub const INTERNAL: u8 = 5;
+    /// Served and unmounted, but the last metadata commit did not land on the stick (full or
+    /// failing): changes since the last successful commit are lost.
+    pub const NOT_SAVED: u8 = 6;
 }
 
 const OPTIONS_HELP: &str = "\
@@ -66,6 +69,14 @@ Mount options (-o, comma-separated, may be repeated; escape a comma in a value a
                      other file systems that hold large files)
   part_size=BYTES    for tests: the part size of newly split files (a multiple
                      of 4096; default 4294963200)
+  status=PATH        when the daemon ends, write its exit status there (0: every
+                     change is on the stick; 6: the last commit failed)
+  compact_after=BYTES
+                     for tests: compact the metadata store once its journal holds
+                     this many bytes (default 4 MiB)
+  threads=N          how many threads serve requests (1-16, default 4)
+  counters           count requests per FUSE opcode; root reads the report as the
+                     mount root's xattr trusted.pershome.requests (for the bench)
   fsname=NAME        the source name shown by mount and df (default: BACKING)
   subtype=...        ignored: the type is always fuse.pershomefs
   noexec, exec       forbid or allow running programs from the mount
@@ -89,7 +100,10 @@ Exit status:
      not accessible)
   3  the stick's metadata was refused (written by a newer pershome, unreadable)
   4  mounting failed (FUSE or fusermount3)
-  5  internal error";
+  5  internal error
+  6  (the daemon, at unmount) the last metadata commit did not land on the stick
+     (full or failing): changes since the last successful commit are lost;
+     status=PATH receives this status too";
 
 /// Mount a pershome directory of a USB stick as a full POSIX home directory.
 #[derive(Debug, Parser)]
@@ -280,16 +294,46 @@ where
             tracing::warn!("detaching from the terminal: {e}");
         }
     }
-    match mounted.run() {
-        Ok(()) => {
+    let code = match mounted.run() {
+        Ok(()) if crate::fuse::last_commit_landed() => {
             tracing::info!("{} unmounted", paths.mountpoint.display());
             exit_code::SUCCESS
+        }
+        Ok(()) => {
+            tracing::error!(
+                "{} unmounted, but the last metadata commit failed: changes since the last \
+                 successful commit are not on the stick",
+                paths.mountpoint.display()
+            );
+            exit_code::NOT_SAVED
         }
         Err(e) => {
             tracing::error!("the FUSE session ended with an error: {e}");
             exit_code::INTERNAL
         }
+    };
+    if let Some(path) = &opts.status_file {
+        if let Err(e) = write_status(path, code) {
+            tracing::error!("writing the exit status to {}: {e}", path.display());
+        }
     }
+    code
+}
+
+/// Writes `code` and a newline to `path` (`status=`), replacing a file there but never
+/// following a symlink.
+fn write_status(path: &Path, code: u8) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    writeln!(f, "{code}")?;
+    f.sync_all()
 }
 
 /// A hint for the most common reason a mount fails.
@@ -472,6 +516,8 @@ mod tests {
             "commit=",
             "parts=",
             "part_size=",
+            "threads=",
+            "counters",
             "fsname=",
             "subtype=",
             "noexec",
@@ -484,6 +530,8 @@ mod tests {
             "Exit status",
             "  3  ",
             "  5  ",
+            "  6  ",
+            "status=",
             "PERSHOME_LOG",
         ] {
             assert!(

@@ -9,10 +9,90 @@ use super::{DirState, Errno, Fs, Ino, Kind, Result, State, ROOT};
 use crate::meta::{Meta, Record, OWNER_ID};
 
 /// Compact the journal once it holds this many bytes more than the last checkpoint.
-const COMPACT_AFTER_BYTES: u64 = 4 << 20;
+pub(crate) const COMPACT_AFTER_BYTES: u64 = 4 << 20;
+
+/// The store's journal and what could not be written to it yet, under one lock (`Fs::journal`,
+/// taken after the state lock when both are held).
+#[derive(Debug)]
+pub(crate) struct StoreWriter {
+    /// `None` on a read-only mount.
+    pub journal: Option<crate::meta::Journal>,
+    /// Records of batches whose write failed, oldest first. Every later write puts them in
+    /// front of its own records, so a failed batch is never overtaken by a later one; a
+    /// checkpoint, which holds the whole state, replaces them.
+    pub unsaved: Vec<Record>,
+}
+
+impl StoreWriter {
+    pub(crate) fn new(journal: Option<crate::meta::Journal>) -> StoreWriter {
+        StoreWriter {
+            journal,
+            unsaved: Vec::new(),
+        }
+    }
+
+    /// Appends the unsaved records and then `records` as one batch; on failure all of them
+    /// stay unsaved, in order.
+    fn append(&mut self, records: Vec<Record>) -> Result<()> {
+        let mut batch = std::mem::take(&mut self.unsaved);
+        batch.extend(records);
+        let result = match self.journal.as_mut() {
+            None => Err(Errno::EROFS),
+            Some(j) => j.append(&batch).map_err(|e| {
+                tracing::error!("committing metadata to the stick failed: {e}");
+                store_errno(&e)
+            }),
+        };
+        if result.is_err() {
+            self.unsaved = batch;
+        }
+        result
+    }
+
+    /// Writes `snapshot`, the whole state including `records` and everything unsaved, as a
+    /// new generation; on failure `records` join the unsaved ones.
+    fn checkpoint(&mut self, snapshot: &[Record], records: Vec<Record>) -> Result<()> {
+        let result = match self.journal.as_mut() {
+            None => Err(Errno::EROFS),
+            Some(j) => j.checkpoint(snapshot).map_err(|e| {
+                tracing::error!("writing a checkpoint of the metadata store failed: {e}");
+                store_errno(&e)
+            }),
+        };
+        match result {
+            Ok(()) => self.unsaved.clear(),
+            Err(_) => self.unsaved.extend(records),
+        }
+        result
+    }
+
+    fn compaction_due(&self, after: u64) -> bool {
+        self.journal
+            .as_ref()
+            .is_some_and(|j| j.journal_len() > after)
+    }
+}
+
+/// The error an application sees for a failed store write: `ENOSPC` when the stick is full
+/// (the user can act on that), `EIO` otherwise.
+fn store_errno(e: &crate::meta::StoreError) -> Errno {
+    use crate::meta::StoreError;
+    match e {
+        StoreError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+        {
+            Errno::ENOSPC
+        }
+        StoreError::ReadOnly => Errno::EROFS,
+        _ => Errno::EIO,
+    }
+}
 
 impl Fs {
-    /// Commits everything pending. A no-op (no write at all) when nothing changed.
+    /// Commits everything pending, and what an earlier failed commit left unsaved. A no-op
+    /// (no write at all) when nothing changed. When another thread is writing a batch, this
+    /// waits for it: what that batch took from the state may include this caller's changes,
+    /// which are durable only once it is done.
     ///
     /// The batch is built under the state lock, but written and synced without it, so a slow
     /// stick does not stall every other operation during the sync. Batches still reach the
@@ -20,25 +100,32 @@ impl Fs {
     /// is let go (lock order: state, then journal).
     pub fn commit(&self) -> Result<()> {
         let mut st = self.lock();
-        let Some((records, inos)) = self.build_batch(&mut st) else {
-            return Ok(());
+        let records = match self.build_batch(&mut st, false) {
+            Some(records) => records,
+            None => {
+                // Nothing new: wait for a writer in progress without holding the state.
+                drop(st);
+                if self.journal().unsaved.is_empty() {
+                    return Ok(());
+                }
+                st = self.lock();
+                Vec::new()
+            }
         };
-        let mut journal = self.journal();
-        let upgrade = self.upgrade_snapshot(&st, &mut journal, &records);
+        let mut store = self.journal();
+        let upgrade = self.upgrade_snapshot(&st, &mut store, &records);
         drop(st);
         let result = match upgrade {
-            Some(snapshot) => Self::write_checkpoint(&mut journal, &snapshot),
-            None => Self::append(&mut journal, &records),
+            Some(snapshot) => store.checkpoint(&snapshot, records),
+            None => store.append(records),
         };
-        let compact = result.is_ok()
-            && journal
-                .as_ref()
-                .is_some_and(|j| j.journal_len() > COMPACT_AFTER_BYTES);
-        drop(journal);
-        if let Err(e) = result {
-            self.requeue(&mut self.lock(), records, inos);
-            return Err(e);
+        let compact = result.is_ok() && store.compaction_due(self.compact_after());
+        drop(store);
+        #[cfg(test)]
+        if result.is_err() {
+            self.run_hook(|h| h.failed_write.clone());
         }
+        result?;
         if compact {
             if let Err(e) = self.compact() {
                 // The journal still holds everything; compaction can wait.
@@ -50,79 +137,87 @@ impl Fs {
 
     /// Writes the whole state as a new checkpoint generation and starts a fresh journal
     /// (done automatically once the journal has grown; public for `fsck` and tests).
+    ///
+    /// What is pending is taken out of the state and the snapshot is made under the same
+    /// state lock, and the journal lock is taken before it is let go: the checkpoint holds
+    /// exactly the changes it replaces, none is appended again after it (a replayed rename
+    /// would find nothing at its source and clear its target). It never calls `commit`.
     pub fn compact(&self) -> Result<()> {
-        self.commit()?;
-        let st = self.lock();
+        #[cfg(test)]
+        self.run_hook(|h| h.compaction.clone());
+        let mut st = self.lock();
+        let records = self.build_batch(&mut st, true).unwrap_or_default();
         let snapshot = self.snapshot(&st);
-        let mut journal = self.journal();
+        let mut store = self.journal();
         drop(st);
-        let journal = journal.as_mut().ok_or(Errno::EROFS)?;
-        journal.checkpoint(&snapshot).map_err(|e| {
-            tracing::warn!("writing a checkpoint failed: {e}");
-            Errno::EIO
-        })
+        store.checkpoint(&snapshot, records)
     }
 
     /// Commits while the caller holds the state lock (an operation that must be durable
     /// before it goes on, such as the first `link()` of a file).
     pub(crate) fn commit_locked(&self, st: &mut State) -> Result<()> {
-        let Some((records, inos)) = self.build_batch(st) else {
+        let records = self.build_batch(st, false).unwrap_or_default();
+        let mut store = self.journal();
+        if records.is_empty() && store.unsaved.is_empty() {
             return Ok(());
-        };
-        let mut journal = self.journal();
-        let result = match self.upgrade_snapshot(st, &mut journal, &records) {
-            Some(snapshot) => Self::write_checkpoint(&mut journal, &snapshot),
-            None => Self::append(&mut journal, &records),
-        };
-        drop(journal);
-        if result.is_err() {
-            self.requeue(st, records, inos);
         }
-        result
+        match self.upgrade_snapshot(st, &mut store, &records) {
+            Some(snapshot) => store.checkpoint(&snapshot, records),
+            None => store.append(records),
+        }
     }
 
-    pub(crate) fn journal(&self) -> std::sync::MutexGuard<'_, Option<crate::meta::Journal>> {
+    /// Test hook: compact once the journal holds more than `bytes` (4 MiB by default), so a
+    /// test can make compaction race every other operation.
+    pub fn set_compact_after(&self, bytes: u64) {
+        self.compact_after
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn compact_after(&self) -> u64 {
+        self.compact_after
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn journal(&self) -> std::sync::MutexGuard<'_, StoreWriter> {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the last commit landed: nothing is waiting in memory or unsaved.
+    pub fn all_saved(&self) -> bool {
+        let st = self.lock();
+        let nothing_pending = st.pending.is_empty() && st.dirty.is_empty();
+        drop(st);
+        nothing_pending && self.journal().unsaved.is_empty()
     }
 
     /// The first record of a file stored in parts cannot go into a format-1 journal (an
     /// older pershome would read it as damage and cut it off): the whole state, which already
-    /// holds the batch's changes, is written as a new format-2 generation instead.
+    /// holds the batch's changes and the unsaved ones, is written as a new format-2
+    /// generation instead.
     fn upgrade_snapshot(
         &self,
         st: &State,
-        journal: &mut Option<crate::meta::Journal>,
+        store: &mut StoreWriter,
         records: &[Record],
     ) -> Option<Vec<Record>> {
-        if !records.iter().any(Record::needs_format_2) {
+        if !records
+            .iter()
+            .chain(store.unsaved.iter())
+            .any(Record::needs_format_2)
+        {
             return None;
         }
-        let version = journal.as_mut()?.live_version().ok()?;
+        let version = store.journal.as_mut()?.live_version().ok()?;
         (version < 2).then(|| self.snapshot(st))
     }
 
-    fn write_checkpoint(
-        journal: &mut Option<crate::meta::Journal>,
-        snapshot: &[Record],
-    ) -> Result<()> {
-        let journal = journal.as_mut().ok_or(Errno::EROFS)?;
-        journal.checkpoint(snapshot).map_err(|e| {
-            tracing::error!("writing the metadata store as format 2 failed: {e}");
-            Errno::EIO
-        })
-    }
-
-    fn append(journal: &mut Option<crate::meta::Journal>, records: &[Record]) -> Result<()> {
-        let journal = journal.as_mut().ok_or(Errno::EROFS)?;
-        journal.append(records).map_err(|e| {
-            tracing::error!("committing metadata to the stick failed: {e}");
-            Errno::EIO
-        })
-    }
-
-    /// Takes what is pending out of the state as one batch of records.
-    fn build_batch(&self, st: &mut State) -> Option<(Vec<Record>, Vec<Ino>)> {
-        if st.pending.is_empty() && st.dirty.is_empty() {
+    /// Takes what is pending out of the state as one batch of records. `None` when nothing
+    /// is pending; with `with_lazy` (compaction), also when only reconciliation's lazy
+    /// records are, which compaction must take too (its snapshot already reflects them).
+    fn build_batch(&self, st: &mut State, with_lazy: bool) -> Option<Vec<Record>> {
+        let lazy = with_lazy && !(st.lazy_removes.is_empty() && st.lazy_dirty.is_empty());
+        if st.pending.is_empty() && st.dirty.is_empty() && !lazy {
             return None;
         }
         let mut records = std::mem::take(&mut st.lazy_removes);
@@ -165,16 +260,7 @@ impl Fs {
                 i.persisted = true;
             }
         }
-        Some((records, inos))
-    }
-
-    /// A batch that could not be written goes back in front of what came since, so a later
-    /// commit (after space is freed, or the stick is back) still writes it. A batch built by
-    /// another thread meanwhile may have landed first; the stick was failing then anyway.
-    fn requeue(&self, st: &mut State, mut records: Vec<Record>, inos: Vec<Ino>) {
-        records.append(&mut st.pending);
-        st.pending = records;
-        st.dirty.extend(inos);
+        Some(records)
     }
 
     /// Metadata as stored: the mounting user's ids become `OWNER_ID` (design property 8).
@@ -288,19 +374,36 @@ impl Fs {
     /// directory operations as well as the store, counted in the order they happen (see
     /// `crate::faults`). A read-only mount has no store to fail.
     pub fn set_faults(&self, faults: std::sync::Arc<crate::faults::Faults>) {
-        if let Some(journal) = self.journal().as_mut() {
+        if let Some(journal) = self.journal().journal.as_mut() {
             journal.set_faults(faults.clone());
         }
         self.backing.set_faults(faults);
     }
 
-    /// Called at unmount: commit what is pending; the daemon exits after this.
+    /// Called at unmount: commit what is pending; the daemon exits after this. A failure is
+    /// logged; `final_commit` says whether it landed.
     pub fn shutdown(&self) {
+        let _ = self.final_commit();
+    }
+
+    /// The last commit before unmount: Ok only when everything changed on this mount is on
+    /// the stick (the daemon's exit status, which the login hook turns into its message).
+    pub fn final_commit(&self) -> Result<()> {
         if self.opts.read_only {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.commit() {
-            tracing::error!("final metadata commit failed: {e}");
+        let result = self.commit().and_then(|()| {
+            if self.all_saved() {
+                Ok(())
+            } else {
+                Err(Errno::EIO)
+            }
+        });
+        if let Err(e) = result {
+            tracing::error!(
+                "final metadata commit failed: {e}; changes since the last commit are lost"
+            );
         }
+        result
     }
 }

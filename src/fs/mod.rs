@@ -21,6 +21,8 @@ mod io_ops;
 pub mod name_mode;
 mod namespace;
 pub mod parts;
+#[cfg(test)]
+mod race_tests;
 mod reconcile;
 mod repair;
 pub mod xattr;
@@ -285,7 +287,9 @@ pub(crate) struct Children {
 #[derive(Debug)]
 pub(crate) enum DirState {
     /// Not listed yet: the store's records for the entries below, waiting for reconciliation.
-    Unloaded(PendingTree),
+    /// Boxed: a `PendingTree` is 248 bytes, and every inode carries this enum's size, files
+    /// included (memory per looked-up entry, issue 14).
+    Unloaded(Box<PendingTree>),
     Loaded(Children),
 }
 
@@ -406,7 +410,9 @@ pub(crate) struct DirHandle {
 
 #[derive(Debug)]
 pub(crate) struct State {
-    pub inodes: HashMap<Ino, Inode>,
+    /// Boxed inodes: the table grows by doubling, so up to half its slots are empty, and an
+    /// empty slot then costs 16 bytes instead of an inode's 400 (memory per entry, issue 14).
+    pub inodes: HashMap<Ino, Box<Inode>>,
     pub next_ino: Ino,
     /// Hard-link ids already materialised as inodes.
     pub links: HashMap<u64, Ino>,
@@ -438,8 +444,9 @@ pub struct Fs {
     pub(crate) paths: StorePaths,
     pub(crate) state: Mutex<State>,
     pub(crate) dir_cache: Mutex<HashMap<Ino, Arc<OwnedFd>>>,
-    /// The store's journal; `None` on a read-only mount. Locked after `state` when both are.
-    pub(crate) journal: Mutex<Option<Journal>>,
+    /// The store's journal (`None` on a read-only mount) and the records of batches that failed
+    /// to reach it. Locked after `state` when both are.
+    pub(crate) journal: Mutex<commit::StoreWriter>,
     /// Whether a whole file growing past `part_size` is split (`FsOptions::parts` resolved
     /// against the backing's file system at mount).
     pub(crate) split: bool,
@@ -449,6 +456,46 @@ pub struct Fs {
     pub(crate) parts_lock: Mutex<()>,
     /// Open part files, by (parts id, part index).
     pub(crate) part_cache: Mutex<HashMap<(u64, u64), Arc<File>>>,
+    /// Compact the journal once it holds this many bytes (tests lower it to compact at
+    /// nearly every commit: `set_compact_after`).
+    pub(crate) compact_after: std::sync::atomic::AtomicU64,
+    /// Unit tests' hooks, to place a racing operation at an exact point (never a timing).
+    #[cfg(test)]
+    pub(crate) hooks: std::sync::RwLock<Hooks>,
+}
+
+/// Code a unit test runs at a named point inside an operation, so that what races the
+/// operation is placed there deterministically.
+#[cfg(test)]
+pub(crate) type Hook = Arc<dyn Fn(&Fs) + Send + Sync>;
+
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Hooks {
+    /// Compaction: after what was pending was taken, before the snapshot of the state.
+    pub compaction: Option<Hook>,
+    /// Loading a directory: after its backing listing, before the entries are installed.
+    pub listing: Option<Hook>,
+    /// A commit whose write failed, once it let go of the journal and before it returns.
+    pub failed_write: Option<Hook>,
+}
+
+#[cfg(test)]
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
+    }
+}
+
+#[cfg(test)]
+impl Fs {
+    /// Runs the hook `which` picks, if a test set one.
+    pub(crate) fn run_hook(&self, which: fn(&Hooks) -> Option<Hook>) {
+        let hook = which(&self.hooks.read().unwrap_or_else(|p| p.into_inner()));
+        if let Some(hook) = hook {
+            hook(self);
+        }
+    }
 }
 
 /// Why a backing directory could not be opened.
@@ -580,7 +627,7 @@ impl Fs {
             name: Vec::new(),
             link_id: None,
             dentries: Vec::new(),
-            dir: Some(DirState::Unloaded(tree)),
+            dir: Some(DirState::Unloaded(Box::new(tree))),
             nlink_hint: root_stat.nlink as u32,
             persisted,
             lookups: 1,
@@ -589,7 +636,7 @@ impl Fs {
         };
         let next_link_id = replayed.inodes.keys().max().map_or(1, |m| m + 1);
         let mut inodes = HashMap::new();
-        inodes.insert(ROOT, root);
+        inodes.insert(ROOT, Box::new(root));
         let state = State {
             inodes,
             next_ino: ROOT + 1,
@@ -624,11 +671,14 @@ impl Fs {
             paths,
             state: Mutex::new(state),
             dir_cache: Mutex::new(HashMap::new()),
-            journal: Mutex::new(journal),
+            journal: Mutex::new(commit::StoreWriter::new(journal)),
             split,
             part_size,
             parts_lock: Mutex::new(()),
             part_cache: Mutex::new(HashMap::new()),
+            compact_after: std::sync::atomic::AtomicU64::new(commit::COMPACT_AFTER_BYTES),
+            #[cfg(test)]
+            hooks: Default::default(),
         };
         if !fs.opts.read_only {
             fs.clear_staging();
@@ -707,7 +757,7 @@ impl Fs {
     /// bytes, metadata writes).
     pub fn write_stats(&self) -> (u64, u64, u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        let (mb, mw) = self.journal().as_ref().map_or((0, 0), |j| {
+        let (mb, mw) = self.journal().journal.as_ref().map_or((0, 0), |j| {
             let s = j.stats();
             (s.bytes, s.writes)
         });
@@ -722,11 +772,14 @@ impl Fs {
 
 impl State {
     pub fn inode(&self, ino: Ino) -> Result<&Inode> {
-        self.inodes.get(&ino).ok_or(Errno::ENOENT)
+        self.inodes.get(&ino).map(|i| &**i).ok_or(Errno::ENOENT)
     }
 
     pub fn inode_mut(&mut self, ino: Ino) -> Result<&mut Inode> {
-        self.inodes.get_mut(&ino).ok_or(Errno::ENOENT)
+        self.inodes
+            .get_mut(&ino)
+            .map(|i| &mut **i)
+            .ok_or(Errno::ENOENT)
     }
 
     pub fn alloc_ino(&mut self) -> Ino {

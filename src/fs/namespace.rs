@@ -37,7 +37,7 @@ impl Fs {
         if name.len() > 255 {
             return Err(Errno::ENAMETOOLONG);
         }
-        let mut st = self.lock();
+        let mut st = self.lock_loaded(&[parent]);
         self.ensure_loaded(&mut st, parent)?;
         let ino = st
             .inode(parent)?
@@ -114,7 +114,7 @@ impl Fs {
     ) -> Result<(Attr, Option<File>)> {
         self.check_writable()?;
         check_name(name)?;
-        let mut st = self.lock();
+        let mut st = self.lock_loaded(&[parent]);
         self.ensure_loaded(&mut st, parent)?;
         let pinode = st.inode(parent)?;
         let children = pinode.children().ok_or(Errno::ENOTDIR)?;
@@ -224,7 +224,7 @@ impl Fs {
             inode.note_backing(&stat);
         }
         let attr = inode.attr(ino);
-        st.inodes.insert(ino, inode);
+        st.inodes.insert(ino, Box::new(inode));
         st.add_entry(
             parent,
             name,
@@ -307,7 +307,7 @@ impl Fs {
 
     fn remove_name(&self, parent: Ino, name: &[u8], want_dir: bool) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.lock();
+        let mut st = self.lock_loaded(&[parent]);
         self.ensure_loaded(&mut st, parent)?;
         let dentry = st
             .inode(parent)?
@@ -448,7 +448,7 @@ impl Fs {
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &[u8]) -> Result<Attr> {
         self.check_writable()?;
         check_name(newname)?;
-        let mut st = self.lock();
+        let mut st = self.lock_loaded(&[newparent]);
         self.ensure_loaded(&mut st, newparent)?;
         let inode = st.inode(ino)?;
         if inode.kind == Kind::Dir {
@@ -606,7 +606,7 @@ impl Fs {
         {
             return Err(Errno::EINVAL);
         }
-        let mut st = self.lock();
+        let mut st = self.lock_loaded(&[parent, newparent]);
         self.ensure_loaded(&mut st, parent)?;
         self.ensure_loaded(&mut st, newparent)?;
         let src = st
@@ -849,7 +849,7 @@ impl Fs {
     }
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
-        let mut st = self.lock();
+        let mut st = self.lock_loaded(&[ino]);
         self.ensure_loaded(&mut st, ino)?;
         let inode = st.inode(ino)?;
         let parent = if ino == ROOT {

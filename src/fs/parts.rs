@@ -32,6 +32,40 @@ pub const DEFAULT_PART_SIZE: u64 = crate::meta::MAX_PART_SIZE;
 /// Part indexes are 8 hex digits.
 const MAX_PARTS: u64 = 1 << 32;
 
+/// The most missing or short parts `pershome fsck --repair` makes into holes for one file
+/// (`Fs::mend_parts`). A FAT directory holds at most 65,536 entries, so a file missing more
+/// parts than that was never written by pershome: its parts directory names a part far past
+/// its data (planted, or a corrupt name), and making billions of hole files is no repair.
+pub const MAX_MENDABLE_PARTS: u64 = 65_536;
+
+/// The parts before `last` that are missing or shorter than `size`, from a sorted listing of
+/// (index, length) only (never by walking every index up to `last`): how many in all, and the
+/// first `show` of them, for a message.
+pub fn missing_or_short(
+    parts: &[(u64, u64)],
+    last: u64,
+    size: u64,
+    show: usize,
+) -> (u64, Vec<u64>) {
+    let mut count = 0u64;
+    let mut first = Vec::new();
+    let mut expected = 1u64;
+    let note = |from: u64, to: u64, count: &mut u64, first: &mut Vec<u64>| {
+        *count += to - from;
+        let room = show.saturating_sub(first.len()) as u64;
+        first.extend(from..to.min(from.saturating_add(room)));
+    };
+    for &(k, len) in parts.iter().filter(|(k, _)| (1..last).contains(k)) {
+        note(expected, k, &mut count, &mut first);
+        if len < size {
+            note(k, k + 1, &mut count, &mut first);
+        }
+        expected = k + 1;
+    }
+    note(expected.min(last), last, &mut count, &mut first);
+    (count, first)
+}
+
 /// How many part files to keep open.
 const PART_CACHE_MAX: usize = 64;
 
@@ -188,6 +222,27 @@ impl Fs {
         Ok(())
     }
 
+    /// The indexes of the parts of `l` present on the backing from `from` to `to` (both
+    /// included), part 0 (the file itself) always among them: every loop that visits a
+    /// file's existing parts goes through this, so its length is what the listing shows,
+    /// never what a size read from the stick implies (a planted part `ffffffff` in a record
+    /// of 4 KiB parts makes a file of 16 TiB; walking its indexes one by one under
+    /// `parts_lock` would hang the mount). The loops that create parts (`fill_before`,
+    /// `copy_tail_into_parts`) run only as far as the caller's own write or the backing
+    /// file's real length, with the mount's part size.
+    fn present_parts(&self, l: &Layout<'_>, from: u64, to: u64) -> Vec<u64> {
+        let mut present: Vec<u64> = self
+            .list_parts(l.parts.id)
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|&k| (from..=to).contains(&k))
+            .collect();
+        if from == 0 {
+            present.insert(0, 0);
+        }
+        present
+    }
+
     /// Reads up to `len` bytes at `offset` of a parted file; holes and missing parts read as
     /// zeros.
     /// `fsync`/`fdatasync` of parts 1.. of a file of `size` bytes in parts `p` (part 0 is the
@@ -197,7 +252,11 @@ impl Fs {
         if size <= p.size {
             return Ok(());
         }
-        for k in 1..=index_of(p, size - 1) {
+        // Only the parts the listing shows: a missing one is a hole, with nothing to sync.
+        for (k, _) in self.list_parts(p.id) {
+            if k > index_of(p, size - 1) {
+                break;
+            }
             if let Some(f) = self.part_file(p, k, false)? {
                 self.backing
                     .sync_file(&f, datasync)
@@ -333,14 +392,30 @@ impl Fs {
         }
     }
 
-    /// `SEEK_DATA` / `SEEK_HOLE` across parts; a missing part is a hole.
+    /// `SEEK_DATA` / `SEEK_HOLE` across parts; a missing part is a hole. Visits only the parts
+    /// the listing shows (`present_parts`), jumping over the missing ones.
     pub(crate) fn parted_seek(&self, l: &Layout<'_>, offset: u64, whence: i32) -> Result<u64> {
         if offset >= l.size {
             return Err(Errno::ENXIO);
         }
+        let present =
+            self.present_parts(l, index_of(l.parts, offset), index_of(l.parts, l.size - 1));
         let mut pos = offset;
         while pos < l.size {
             let k = index_of(l.parts, pos);
+            if present.binary_search(&k).is_err() {
+                // A missing part: a hole from `pos` on; data only in the next present part.
+                if whence == libc::SEEK_HOLE {
+                    return Ok(pos);
+                }
+                match present.iter().find(|&&j| j > k) {
+                    Some(&next) => {
+                        pos = next * l.parts.size;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
             let in_part = pos - k * l.parts.size;
             let plen = part_len(l.parts, l.size, k);
             let owned = self.file_for(l, k, false)?;
@@ -402,9 +477,12 @@ impl Fs {
         // Space past the end is only a reservation: not kept for parted files, whose later
         // parts must not exist before the data does.
         let end = offset.saturating_add(length).min(l.size);
-        let mut pos = offset;
-        while pos < end {
-            let k = index_of(l.parts, pos);
+        if offset >= end {
+            return Ok(());
+        }
+        // A missing part is a hole already: nothing to allocate, punch or zero there.
+        for k in self.present_parts(l, index_of(l.parts, offset), index_of(l.parts, end - 1)) {
+            let pos = offset.max(k * l.parts.size);
             let seg_end = ((k + 1) * l.parts.size).min(end);
             let in_part = pos - k * l.parts.size;
             let owned = self.file_for(l, k, false)?;
@@ -432,7 +510,6 @@ impl Fs {
                     }
                 }
             }
-            pos = seg_end;
         }
         Ok(())
     }
@@ -568,4 +645,28 @@ fn read_full(file: &File, out: &mut [u8], offset: u64) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_or_short_counts_from_the_listing_alone() {
+        // Parts 1 and 3 whole, 4 short, 2 and 5..9 missing; part 10 the last.
+        let listed = [(1, 4096), (3, 4096), (4, 10), (10, 7)];
+        assert_eq!(
+            missing_or_short(&listed, 10, 4096, 3),
+            (7, vec![2, 4, 5]),
+            "2, 4 and 5..=9 are missing or short"
+        );
+        assert_eq!(
+            missing_or_short(&[(1, 4096), (2, 1)], 2, 4096, 9),
+            (0, vec![])
+        );
+        // A planted last part: counted, not walked.
+        let (count, first) =
+            missing_or_short(&[(1, 4096), (u32::MAX.into(), 1)], u32::MAX.into(), 4096, 2);
+        assert_eq!((count, first), (u64::from(u32::MAX) - 2, vec![2, 3]));
+    }
 }

@@ -4,6 +4,7 @@
 //! that vanished are dropped. Nothing here writes to the stick: what it finds is recorded with
 //! the next commit that something else causes.
 
+use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::{
@@ -121,6 +122,15 @@ pub(crate) fn displayable_alias(backing: &[u8]) -> Vec<u8> {
     alias
 }
 
+/// The backing names of a directory's entries that the store holds a record for.
+fn recorded_names(tree: &PendingTree) -> HashSet<Vec<u8>> {
+    tree.children
+        .iter()
+        .filter(|(_, t)| t.meta.is_some())
+        .map(|(n, _)| n.clone())
+        .collect()
+}
+
 fn valid_meta_kind(meta: &Meta) -> Option<Kind> {
     Kind::from_mode(meta.mode)
 }
@@ -134,28 +144,141 @@ fn non_dir_kind(meta: &Meta) -> Kind {
     }
 }
 
+/// What loading a directory reads from the stick: its listing (every entry stat'ed) and the
+/// bodies of its small files without a record, which may be symlinks made elsewhere. Read
+/// without the state lock when `Fs::preload` can (issue 11, defect 5).
+pub(crate) struct DirScan {
+    dirfd: std::os::fd::OwnedFd,
+    entries: Vec<BackingEntry>,
+    /// By backing name.
+    bodies: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+}
+
+/// Whether an entry of a directory being loaded has a record: by its name, or on an 8.3
+/// stick listed in lower case, by its upper-case form (see `install_dir`).
+fn has_record(recorded: &HashSet<Vec<u8>>, names: NameMode, name: &[u8]) -> bool {
+    recorded.contains(name)
+        || (names == NameMode::Short83 && recorded.contains(&name.to_ascii_uppercase()))
+}
+
 impl Fs {
-    /// Makes sure a directory's children are known, listing its backing directory once.
-    pub(crate) fn ensure_loaded(&self, st: &mut State, ino: Ino) -> Result<()> {
-        match &st.inode(ino)?.dir {
-            Some(DirState::Loaded(_)) => return Ok(()),
-            Some(DirState::Unloaded(_)) => {}
-            None => return Err(Errno::ENOTDIR),
+    /// The state lock, taken once the directories `dirs` are loaded: when one is not, the
+    /// lock is let go while `preload` loads it (no extra locking when all are loaded).
+    pub(crate) fn lock_loaded(&self, dirs: &[Ino]) -> std::sync::MutexGuard<'_, State> {
+        let st = self.lock();
+        let unloaded = |st: &State, ino: &Ino| {
+            matches!(
+                st.inodes.get(ino).and_then(|i| i.dir.as_ref()),
+                Some(DirState::Unloaded(_))
+            )
+        };
+        if !dirs.iter().any(|d| unloaded(&st, d)) {
+            return st;
         }
+        drop(st);
+        for &dir in dirs {
+            self.preload(dir);
+        }
+        self.lock()
+    }
+
+    /// Loads directory `ino` if it is not loaded yet, doing its stick I/O (listing, a stat of
+    /// every entry, reading small files) without holding the state lock, so the first `ls`
+    /// of a big folder does not stall every other operation. Errors are left for
+    /// `ensure_loaded`, which the caller runs next under the lock, to report.
+    pub(crate) fn preload(&self, ino: Ino) {
+        let (dir_path, recorded) = {
+            let st = self.lock();
+            let Some(DirState::Unloaded(tree)) = st.inodes.get(&ino).and_then(|i| i.dir.as_ref())
+            else {
+                return;
+            };
+            let recorded = recorded_names(tree);
+            let Ok(path) = st.backing_path(ino) else {
+                return;
+            };
+            (path, recorded)
+        };
+        let Ok(scan) = self.scan_dir(&dir_path, &recorded) else {
+            return;
+        };
+        let mut st = self.lock();
+        // Another thread may have loaded it meanwhile. Nothing else changes the entries of a
+        // directory that is not loaded (every operation on a name in it loads it first), and
+        // the scan was made through the directory's own descriptor, which follows a rename.
+        let unloaded = matches!(
+            st.inodes.get(&ino).and_then(|i| i.dir.as_ref()),
+            Some(DirState::Unloaded(_))
+        );
+        if unloaded {
+            if let Err(e) = self.install_dir(&mut st, ino, scan) {
+                tracing::debug!("loading directory {ino} ahead: {e}");
+            }
+        }
+    }
+
+    /// Makes sure a directory's children are known, listing its backing directory once. The
+    /// listing is done here, under the caller's state lock, only when `preload` did not do it
+    /// first (a directory reached inside an operation, such as the target of a rename).
+    pub(crate) fn ensure_loaded(&self, st: &mut State, ino: Ino) -> Result<()> {
+        let recorded = match &st.inode(ino)?.dir {
+            Some(DirState::Loaded(_)) => return Ok(()),
+            Some(DirState::Unloaded(tree)) => recorded_names(tree),
+            None => return Err(Errno::ENOTDIR),
+        };
         let dir_path = st.backing_path(ino)?;
+        let scan = self.scan_dir(&dir_path, &recorded)?;
+        self.install_dir(st, ino, scan)
+    }
+
+    /// The stick I/O of loading the directory at `dir_path`; `recorded` names the entries the
+    /// store has records for. Touches no state.
+    fn scan_dir(&self, dir_path: &[Vec<u8>], recorded: &HashSet<Vec<u8>>) -> Result<DirScan> {
         let dirfd = self
             .backing
-            .open_dir(&join_path(&dir_path))
+            .open_dir(&join_path(dir_path))
             .map_err(|e| errno_of(&e))?;
         let entries = self.backing.list(dirfd.as_fd()).map_err(|e| {
             tracing::error!(
                 "listing backing directory {:?}: {e}",
-                String::from_utf8_lossy(&join_path(&dir_path))
+                String::from_utf8_lossy(&join_path(dir_path))
             );
             errno_of(&e)
         })?;
+        #[cfg(test)]
+        self.run_hook(|h| h.listing.clone());
+        let mut bodies = std::collections::HashMap::new();
+        for entry in &entries {
+            let stat = &entry.stat;
+            let looks_like_symlink = stat.is_file
+                && stat.size > SYMLINK_MAGIC.len() as u64
+                && stat.size <= SYMLINK_FILE_MAX;
+            if looks_like_symlink && !has_record(recorded, self.names, &entry.name) {
+                if let Ok(body) =
+                    self.backing
+                        .read_small(dirfd.as_fd(), &entry.name, SYMLINK_FILE_MAX)
+                {
+                    bodies.insert(entry.name.clone(), body);
+                }
+            }
+        }
+        Ok(DirScan {
+            dirfd,
+            entries,
+            bodies,
+        })
+    }
+
+    /// Matches a directory's scan with the store's records for it and makes it loaded.
+    fn install_dir(&self, st: &mut State, ino: Ino, scan: DirScan) -> Result<()> {
+        let DirScan {
+            dirfd,
+            entries,
+            bodies,
+        } = scan;
+        let dir_path = st.backing_path(ino)?;
         let mut pending = match st.inode_mut(ino)?.dir.take() {
-            Some(DirState::Unloaded(t)) => t,
+            Some(DirState::Unloaded(t)) => *t,
             _ => PendingTree::default(),
         };
         let mut records = std::mem::take(&mut pending.children);
@@ -210,8 +333,16 @@ impl Fs {
                     n += 1;
                 }
             }
-            let child =
-                self.inode_from_backing(st, ino, &name, &entry, meta, subtree, dirfd.as_fd())?;
+            let child = self.inode_from_backing(
+                st,
+                ino,
+                &name,
+                &entry,
+                meta,
+                subtree,
+                dirfd.as_fd(),
+                bodies.get(&entry.name),
+            )?;
             if st.inode(child)?.kind == Kind::Dir {
                 children.subdirs += 1;
             }
@@ -245,6 +376,7 @@ impl Fs {
         meta: Option<Meta>,
         subtree: std::collections::HashMap<Vec<u8>, PendingTree>,
         dirfd: BorrowedFd<'_>,
+        body: Option<&Vec<u8>>,
     ) -> Result<Ino> {
         let opts = &self.opts;
         let stat = &entry.stat;
@@ -331,10 +463,16 @@ impl Fs {
                     let looks_like_symlink =
                         stat.size > SYMLINK_MAGIC.len() as u64 && stat.size <= SYMLINK_FILE_MAX;
                     let target = if looks_like_symlink {
-                        self.backing
-                            .read_small(dirfd, &entry.name, SYMLINK_FILE_MAX)
-                            .ok()
-                            .and_then(|body| parse_symlink(&body))
+                        // Read ahead by `scan_dir` unless a record (of a kind a file cannot
+                        // have) made it look recorded there.
+                        match body {
+                            Some(body) => parse_symlink(body),
+                            None => self
+                                .backing
+                                .read_small(dirfd, &entry.name, SYMLINK_FILE_MAX)
+                                .ok()
+                                .and_then(|body| parse_symlink(&body)),
+                        }
                     } else {
                         None
                     };
@@ -371,10 +509,10 @@ impl Fs {
         }
         let ino = st.alloc_ino();
         let dir = (kind == Kind::Dir).then(|| {
-            DirState::Unloaded(PendingTree {
+            DirState::Unloaded(Box::new(PendingTree {
                 meta: None,
                 children: subtree,
-            })
+            }))
         });
         let inode = Inode {
             kind,
@@ -396,7 +534,7 @@ impl Fs {
             opens: 0,
             symlink,
         };
-        st.inodes.insert(ino, inode);
+        st.inodes.insert(ino, Box::new(inode));
         if let Some(id) = link_id {
             st.links.insert(id, ino);
         }

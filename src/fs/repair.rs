@@ -155,6 +155,13 @@ impl Fs {
             };
             let present: std::collections::BTreeMap<u64, u64> =
                 listed.iter().map(|(k, s)| (*k, s.size)).collect();
+            let lengths: Vec<(u64, u64)> = present.iter().map(|(k, n)| (*k, *n)).collect();
+            let (missing, _) = super::parts::missing_or_short(&lengths, last, p.size, 0);
+            if missing > super::parts::MAX_MENDABLE_PARTS {
+                // Not pershome's layout at all (fsck reports it as unrepairable): billions of
+                // hole files would be no repair.
+                continue;
+            }
             let dir_path = self.parts_dir_path(id)?;
             let dir = self.backing.open_dir(&dir_path).map_err(|e| errno_of(&e))?;
             for k in 1..last {

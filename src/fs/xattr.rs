@@ -1,6 +1,12 @@
 //! Extended attributes, kept whole in the inode's metadata record (FAT has none). The kernel
 //! has already applied the namespace rules (`trusted.*` for root only, `user.*` only on files
 //! and directories) before a request reaches here.
+//!
+//! The `security.*` namespace is declined (EOPNOTSUPP), as on filesystems without it: a home
+//! is mounted `nosuid`, so file capabilities (`security.capability`) would never take effect,
+//! and LSMs label a FUSE mount as a whole, not from per-file `security.selinux` values. The
+//! refusal also saves round trips: coreutils (`ls -l`, `cp -a`) remembers a filesystem that
+//! answers ENOTSUP for `security.selinux` and stops asking for each file.
 
 use super::{acl, now, Errno, Fs, Ino, Result};
 
@@ -16,7 +22,7 @@ pub enum XattrReply {
     Data(Vec<u8>),
 }
 
-fn sized(data: Vec<u8>, size: u32) -> Result<XattrReply> {
+pub(crate) fn sized(data: Vec<u8>, size: u32) -> Result<XattrReply> {
     if size == 0 {
         Ok(XattrReply::Size(data.len() as u32))
     } else if data.len() > size as usize {
@@ -26,8 +32,18 @@ fn sized(data: Vec<u8>, size: u32) -> Result<XattrReply> {
     }
 }
 
+/// The namespace this filesystem does not support (see the module comment).
+const DECLINED: &[u8] = b"security.";
+
+fn declined(name: &[u8]) -> bool {
+    name.starts_with(DECLINED)
+}
+
 impl Fs {
     pub fn getxattr(&self, ino: Ino, name: &[u8], size: u32) -> Result<XattrReply> {
+        if declined(name) {
+            return Err(Errno::EOPNOTSUPP);
+        }
         let st = self.lock();
         let inode = st.inode(ino)?;
         let value = inode
@@ -44,7 +60,8 @@ impl Fs {
         let st = self.lock();
         let inode = st.inode(ino)?;
         let mut list = Vec::new();
-        for (n, _) in &inode.meta.xattrs {
+        // A store written before the namespace was declined may still hold such names.
+        for (n, _) in inode.meta.xattrs.iter().filter(|(n, _)| !declined(n)) {
             list.extend_from_slice(n);
             list.push(0);
         }
@@ -52,6 +69,9 @@ impl Fs {
     }
 
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        if declined(name) {
+            return Err(Errno::EOPNOTSUPP);
+        }
         self.check_writable()?;
         if name.is_empty() || name.len() > 255 {
             return Err(Errno::ERANGE);
@@ -102,6 +122,9 @@ impl Fs {
     }
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        if declined(name) {
+            return Err(Errno::EOPNOTSUPP);
+        }
         self.check_writable()?;
         let mut st = self.lock();
         let inode = st.inode_mut(ino)?;

@@ -279,11 +279,18 @@ pub fn open(
         "allow_other".to_owned(),
         "private_home".to_owned(),
         format!("commit={}", cfg.commit_secs()),
+        // Where the daemon leaves its exit status: whether its last commit landed.
+        format!(
+            "status={}",
+            crate::mount_opts::escape_option_value(&status_file(&run).to_string_lossy())
+        ),
         format!(
             "fsname=pershome:{}",
             crate::mount_opts::escape_option_value(&stick_name)
         ),
     ];
+    // A status left by an earlier daemon must not speak for this one.
+    let _ = std::fs::remove_file(status_file(&run));
     if let Err(e) = mounts::mount_pershomefs(&found.backing, &account.home, &options) {
         tracing::error!(
             "{}: mounting pershomefs from {stick_name}: {e:#}",
@@ -468,6 +475,22 @@ fn teardown(
         .as_ref()
         .map(|d| d.display().to_string())
         .unwrap_or_else(|| state.backing.display().to_string());
+    // The daemon's exit status says whether its last commit landed (0) or not.
+    let status = std::fs::read_to_string(status_file(run)).unwrap_or_default();
+    let _ = std::fs::remove_file(status_file(run));
+    if status.trim() != "0" {
+        tracing::error!(
+            "{}: the pershomefs daemon of {stick} did not report its last commit as saved \
+             (exit status {status:?})",
+            account.name
+        );
+        tell(
+            out,
+            "pershome: your last changes could NOT be saved to your stick (it may be full or \
+             failing). Do not rely on them: log in again to check your files.\n",
+        );
+        return Ok(());
+    }
     tracing::info!(
         "{}: stick home from {stick} closed; the stick may be removed",
         account.name
@@ -477,6 +500,12 @@ fn teardown(
         "pershome: your files are saved; you can remove your stick now.\n",
     );
     Ok(())
+}
+
+/// The file the pershomefs daemon writes its exit status to (`status=`), in the hook's
+/// root-only runtime directory.
+fn status_file(run: &UserRunDir) -> PathBuf {
+    run.path().join("daemon-status")
 }
 
 /// Flushes (`syncfs`, bounded) and unmounts the stick the hook mounted (if it did).

@@ -352,7 +352,23 @@ mod tests {
             backing: mp.clone(),
             mounted: Some(backing.clone()),
         });
-        assert_eq!(find_once("alice")?, expected, "fresh: claimed by alice");
+        {
+            let _unbind = Unbind(&mp);
+            assert_eq!(
+                find(&src, "alice", 1, 1, &mp, Some(&key))?,
+                expected,
+                "fresh: claimed by alice"
+            );
+            // The bind's real flags, read back from mountinfo.
+            let m = crate::stick::mountinfo::mount_at(&mp)?.context("expected the bind")?;
+            for want in ["nosuid", "nodev", "noexec", "noatime"] {
+                assert!(
+                    m.mount_options.split(',').any(|o| o == want),
+                    "expected {want} on the bind, got {:?}",
+                    m.mount_options
+                );
+            }
+        }
         let mark = claim::look(&backing).mark.expect("alice's claim");
         assert!(mark.claimed_for(&key, "alice"), "expected a valid claim");
         std::fs::write(backing.join("notes.txt"), "alice's work\n")?;

@@ -387,6 +387,31 @@ fn resolve_dest(
     let uid = nix::unistd::geteuid()
         .is_root()
         .then(|| (src_md.uid(), src_md.gid()));
+    // As root (an administrator migrating a user's home), the stick is also claimed for that
+    // user with this site's key, so the login hook opens it as their home
+    // (docs/security.md). A user migrating their own home cannot claim (the key is root's):
+    // a stick that was fresh gets its claim at the first login, before the copy.
+    if uid.is_some() {
+        let key_path = Path::new("/").join(crate::session::claim::KEY_PATH);
+        match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(src_md.uid()))
+            .ok()
+            .flatten()
+        {
+            // No site key (pershome-config claim-key makes one; the package does at install):
+            // nothing to claim with.
+            _ if !key_path.exists() => tracing::warn!(
+                "{} does not exist: the stick is not claimed (pershome-config claim)",
+                key_path.display()
+            ),
+            Some(owner) => crate::session::claim::SiteKey::load(Path::new("/"), false)
+                .and_then(|key| crate::session::claim::write_claim(&backing, &owner.name, &key))
+                .map_err(MigrateError::Failed)?,
+            None => tracing::warn!(
+                "the home's owner (uid {}) is no user here: the stick is not claimed",
+                src_md.uid()
+            ),
+        }
+    }
     let m =
         ChildMount::start(&pershomefs_binary(&opts.pershomefs), &backing, uid).map_err(|e| {
             if format!("{e:#}").contains("in use") {

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: time the same workloads on the raw backing directory, on pershomefs over
 //! a directory and on posixovl over a directory, in one run, and print seconds per workload
-//! plus ratios to raw.
+//! plus ratios to raw and between the two FUSE filesystems. pershomefs is mounted with
+//! `-o counters`, so the bench also prints the FUSE requests each workload cost (exact, unlike
+//! the timings) and the daemon's memory: idle, and per entry the kernel has looked up.
 //!
 //! This module owns the workload definitions, the deterministic test tarball and the fresh
 //! filesystem every cell runs on. It never asserts anything about the numbers: the machines
@@ -23,6 +25,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+
+use pershome::requests::{self, read_report, Report};
 
 use crate::guards::{LoopDev, Mount, TempDir};
 use crate::target::{pershomefs_binary, Fs, Target};
@@ -55,6 +59,11 @@ pub struct Options {
     pub quick: bool,
     pub fs: Vec<Fs>,
     pub backing_fs: BackingFs,
+    /// Extra `-o` options for pershomefs (say `threads=1`).
+    pub mount_opts: Vec<String>,
+    /// Mount pershomefs without `-o counters` (a binary from before the counters, via
+    /// `PERSHOMEFS=`): no request counts then.
+    pub no_counters: bool,
 }
 
 /// The fresh filesystem one cell runs on, mounted on `<scratch>/e`. Field order is drop order:
@@ -71,7 +80,11 @@ impl CellFs {
         std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
         // The tree (about 40 MiB of data in 4 KiB blocks), the big file, and slack for the
         // journal, metadata and whatever the filesystem under test stores beside the data.
-        let size_mib = u64::from(options.big_mib) + 2048;
+        let mut size_mib = u64::from(options.big_mib) + 2048;
+        if options.files > MAX_FILES_WITH_DATA {
+            // Room for the inode tables of a tree of empty files (see `tarball`).
+            size_mib += u64::from(options.files) / 256;
+        }
         match kind {
             BackingFs::Ext4 => {
                 let image = scratch.path().join("ext4.img");
@@ -84,9 +97,13 @@ impl CellFs {
                 // thread in the background while the workloads run. (On a sparse image mkfs
                 // punches holes instead of writing zeros, so this costs nothing.)
                 let mut mkfs = Command::new("mkfs.ext4");
-                mkfs.args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-                    .arg(&image)
-                    .stdout(Stdio::null());
+                mkfs.args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]);
+                if options.files > MAX_FILES_WITH_DATA {
+                    // One inode per 4 KiB, so a `--files 500000` tree fits (the default, one
+                    // per 16 KiB, runs out first).
+                    mkfs.args(["-i", "4096"]);
+                }
+                mkfs.arg(&image).stdout(Stdio::null());
                 util::run_checked(mkfs, "mkfs.ext4")?;
                 let loop_dev = LoopDev::attach_with(&image, true)?;
                 let mut mount = Command::new("mount");
@@ -132,17 +149,19 @@ enum Workload {
     FindWarm,
     LsCold,
     LsWarm,
+    MountLs,
     Write,
     ReadCold,
     Remove,
 }
 
-const WORKLOADS: [Workload; 8] = [
+const WORKLOADS: [Workload; 9] = [
     Workload::Extract,
     Workload::FindCold,
     Workload::FindWarm,
     Workload::LsCold,
     Workload::LsWarm,
+    Workload::MountLs,
     Workload::Write,
     Workload::ReadCold,
     Workload::Remove,
@@ -156,6 +175,7 @@ impl Workload {
             Workload::FindWarm => "find, warm".into(),
             Workload::LsCold => "ls -lR, cold".into(),
             Workload::LsWarm => "ls -lR, warm".into(),
+            Workload::MountLs => "mount + ls top, cold".into(),
             Workload::Write => format!("write {} MiB+fsync", options.big_mib),
             Workload::ReadCold => format!("read {} MiB, cold", options.big_mib),
             Workload::Remove => "rm -rf tree".into(),
@@ -181,8 +201,13 @@ impl Rng {
     }
 }
 
-/// Build (once, cached in target/bench/) a tarball of `files` files of 0–8 KiB spread over
-/// `dirs` directories under `tree/`, with fixed owners, mtimes and order.
+/// Above this many files the tree's files are empty: a home of half a million entries is
+/// about metadata (mount, listing, memory), and 2 GB of contents would only fill the disk.
+const MAX_FILES_WITH_DATA: u32 = 100_000;
+
+/// Build (once, cached in target/bench/) a tarball of `files` files of 0–8 KiB (empty above
+/// `MAX_FILES_WITH_DATA`) spread over `dirs` directories under `tree/`, with fixed owners,
+/// mtimes and order.
 fn tarball(options: &Options) -> Result<PathBuf> {
     let dir = util::target_dir().join("bench");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -202,6 +227,11 @@ fn tarball(options: &Options) -> Result<PathBuf> {
     let mut buf = Vec::with_capacity(8193);
     for f in 0..options.files {
         let size = usize::try_from(rng.next() % 8193).unwrap_or(0);
+        let size = if options.files > MAX_FILES_WITH_DATA {
+            0
+        } else {
+            size
+        };
         buf.clear();
         while buf.len() < size {
             buf.extend_from_slice(&rng.next().to_le_bytes());
@@ -244,24 +274,70 @@ fn timed(program: &str, args: &[&std::ffi::OsStr]) -> Result<Duration> {
     util::run_checked(command, program)
 }
 
+/// What one cell measured besides times: pershomefs's requests per workload and its memory.
+#[derive(Default)]
+struct CellStats {
+    requests: BTreeMap<Workload, Report>,
+    /// Daemon RSS (KiB) of a fresh mount of the full store, before any access.
+    idle_rss_kib: Option<u64>,
+    /// Daemon RSS (KiB) after a cold `ls -lR` looked up every entry.
+    listed_rss_kib: Option<u64>,
+}
+
+/// The resident set (KiB) of the pershomefs daemon serving `mountpoint`, if there is one.
+fn daemon_rss_kib(mountpoint: &Path) -> Option<u64> {
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|&b| b == 0);
+        let is_pershomefs = args.next().is_some_and(|a| a.ends_with(b"pershomefs"));
+        if !is_pershomefs || !cmdline.split(|&b| b == 0).any(|a| a == want) {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+        return status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+    }
+    None
+}
+
 fn run_workloads(
     target: &mut Target,
     tar: &Path,
     options: &Options,
-) -> Result<Vec<(Workload, Duration)>> {
+) -> Result<(Vec<(Workload, Duration)>, CellStats)> {
     let mut times = Vec::new();
+    let mut stats = CellStats::default();
+    let counting = target.fs() == Fs::Pershomefs && !options.no_counters;
     let os = |s: &'static str| std::ffi::OsStr::new(s);
     for workload in WORKLOADS {
         util::check_interrupted()?;
+        let mut mount_time = Duration::ZERO;
         if matches!(
             workload,
             Workload::FindCold | Workload::LsCold | Workload::ReadCold
         ) {
             target.make_cold()?;
         }
+        if workload == Workload::MountLs {
+            mount_time = target.make_cold_timed()?;
+        }
+        if workload == Workload::FindCold && target.fs() == Fs::Pershomefs {
+            stats.idle_rss_kib = daemon_rss_kib(target.path());
+        }
         let root = target.path().to_path_buf();
         let tree = root.join("tree");
         let big = root.join("big.bin");
+        // Snapshots are taken outside the timed command; reading one is not counted.
+        let before = if counting {
+            Some(read_report(&root).context("reading pershomefs's request report")?)
+        } else {
+            None
+        };
         let elapsed = match workload {
             Workload::Extract => timed(
                 "tar",
@@ -269,6 +345,7 @@ fn run_workloads(
             )?,
             Workload::FindCold | Workload::FindWarm => timed("find", &[tree.as_os_str()])?,
             Workload::LsCold | Workload::LsWarm => timed("ls", &[os("-lR"), tree.as_os_str()])?,
+            Workload::MountLs => mount_time + timed("ls", &[root.as_os_str()])?,
             Workload::Write => {
                 let of = format!("of={}", big.display());
                 let count = format!("count={}", options.big_mib);
@@ -298,9 +375,18 @@ fn run_workloads(
             }
             Workload::Remove => timed("rm", &[os("-rf"), tree.as_os_str()])?,
         };
+        if let Some(before) = before {
+            let after = read_report(&root).context("reading pershomefs's request report")?;
+            stats
+                .requests
+                .insert(workload, requests::difference(&before, &after));
+        }
+        if workload == Workload::LsCold && target.fs() == Fs::Pershomefs {
+            stats.listed_rss_kib = daemon_rss_kib(&root);
+        }
         times.push((workload, elapsed));
     }
-    Ok(times)
+    Ok((times, stats))
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -325,6 +411,7 @@ pub fn run(options: &Options) -> Result<()> {
     );
     // best[(fs index, workload)] = fastest time seen.
     let mut best: BTreeMap<(usize, Workload), Duration> = BTreeMap::new();
+    let mut stats = CellStats::default();
     for rep in 1..=reps {
         // Each repetition visits every filesystem, so slow drift of the machine's load
         // spreads over all of them instead of favouring one.
@@ -337,11 +424,29 @@ pub fn run(options: &Options) -> Result<()> {
             let backing = cell.root.join("b");
             std::fs::create_dir(&backing)
                 .with_context(|| format!("creating {}", backing.display()))?;
-            let mut target =
-                Target::mount(fs, &backing, &scratch.path().join("m"), &[], bin.as_deref())?;
+            let mut mount_opts: Vec<&str> = Vec::new();
+            if fs == Fs::Pershomefs {
+                // Counting costs two relaxed atomic adds' worth per request; the snapshots
+                // are read outside the timed commands.
+                if !options.no_counters {
+                    mount_opts.push("counters");
+                }
+                mount_opts.extend(options.mount_opts.iter().map(String::as_str));
+            }
+            let mut target = Target::mount(
+                fs,
+                &backing,
+                &scratch.path().join("m"),
+                &mount_opts,
+                bin.as_deref(),
+            )?;
             // Every cell starts with the same empty caches, whatever the previous cell left.
             util::drop_caches()?;
-            let times = run_workloads(&mut target, &tar, options)?;
+            let (times, cell_stats) = run_workloads(&mut target, &tar, options)?;
+            if fs == Fs::Pershomefs {
+                // The last repetition's counts and memory (counts are the same in every one).
+                stats = cell_stats;
+            }
             target.unmount()?;
             cell.release()?;
             drop(scratch);
@@ -356,7 +461,10 @@ pub fn run(options: &Options) -> Result<()> {
             }
         }
     }
-    let table = format_table(options, &filesystems, &best, reps);
+    let mut table = format_table(options, &filesystems, &best, reps);
+    if filesystems.contains(&Fs::Pershomefs) {
+        table.push_str(&format_requests(options, &stats));
+    }
     println!("\n{table}");
     let out = util::target_dir().join("bench.txt");
     std::fs::write(&out, &table).with_context(|| format!("writing {}", out.display()))?;
@@ -384,12 +492,20 @@ fn format_table(
         },
         options.backing_fs.describe()
     );
+    // The two FUSE filesystems side by side: how many times faster pershomefs is.
+    let pershomefs = filesystems.iter().position(|&f| f == Fs::Pershomefs);
+    let posixovl = filesystems.iter().position(|&f| f == Fs::Posixovl);
+    let versus = pershomefs.zip(posixovl);
     let _ = write!(out, "{:<24}", "workload");
     for fs in filesystems {
         let _ = write!(out, " | {:>22}", fs.name());
     }
+    if versus.is_some() {
+        let _ = write!(out, " | {:>19}", "pershomefs speed-up");
+    }
     let _ = writeln!(out);
-    let _ = writeln!(out, "{}", "-".repeat(24 + 25 * filesystems.len()));
+    let width = 24 + 25 * filesystems.len() + if versus.is_some() { 22 } else { 0 };
+    let _ = writeln!(out, "{}", "-".repeat(width));
     for workload in WORKLOADS {
         let _ = write!(out, "{:<24}", workload.label(options));
         let raw = best.get(&(0, workload)).copied();
@@ -421,12 +537,89 @@ fn format_table(
             };
             let _ = write!(out, " | {cell:>22}");
         }
+        if let Some((p, o)) = versus {
+            let cell = match (best.get(&(p, workload)), best.get(&(o, workload))) {
+                // posixovl's time over pershomefs's: above 1 means pershomefs is faster.
+                (Some(p), Some(o)) => {
+                    format!("{:.1}x", o.as_secs_f64() / p.as_secs_f64().max(1e-9))
+                }
+                _ => "n/a".to_owned(),
+            };
+            let _ = write!(out, " | {cell:>19}");
+        }
         let _ = writeln!(out);
     }
     let _ = writeln!(
         out,
         "ratios: time workloads = seconds / raw seconds (higher is slower); write/read = throughput / raw throughput (lower is slower)"
     );
+    if versus.is_some() {
+        let _ = writeln!(
+            out,
+            "pershomefs speed-up = posixovl seconds / pershomefs seconds (above 1: pershomefs is faster)"
+        );
+    }
+    out
+}
+
+/// The FUSE requests pershomefs served per workload (its own counters; exact, not timings)
+/// and the daemon's memory.
+fn format_requests(options: &Options, stats: &CellStats) -> String {
+    let mut out = String::new();
+    let files = u64::from(options.files);
+    let entries = files + u64::from(options.dirs.max(1));
+    let _ = writeln!(
+        out,
+        "\npershomefs requests per workload (daemon counters; FORGET, which is never answered, apart)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<24} | {:>9} | {:>10} | {:>7} | by opcode",
+        "workload", "requests", "per", "FORGET"
+    );
+    for workload in WORKLOADS {
+        let Some(report) = stats.requests.get(&workload) else {
+            continue;
+        };
+        let forget = report.get("FORGET").copied().unwrap_or(0);
+        let answered = requests::total(report) - forget;
+        // tar x is counted per file (the target), the tree walks per entry.
+        let per = match workload {
+            Workload::Extract => format!("{:.2}/file", answered as f64 / files.max(1) as f64),
+            Workload::FindCold
+            | Workload::FindWarm
+            | Workload::LsCold
+            | Workload::LsWarm
+            | Workload::Remove => {
+                format!("{:.2}/entry", answered as f64 / entries.max(1) as f64)
+            }
+            _ => String::new(),
+        };
+        let mut by: Vec<(&String, &u64)> = report.iter().filter(|(n, _)| *n != "FORGET").collect();
+        by.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let by: Vec<String> = by.iter().map(|(n, c)| format!("{n} {c}")).collect();
+        let _ = writeln!(
+            out,
+            "{:<24} | {answered:>9} | {per:>10} | {forget:>7} | {}",
+            workload.label(options),
+            by.join(", ")
+        );
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    match (stats.idle_rss_kib, stats.listed_rss_kib) {
+        (Some(idle), Some(listed)) => {
+            let _ = writeln!(
+                out,
+                "pershomefs daemon RSS: idle mount of the full store {:.1} MiB; after a cold ls -lR of {entries} entries {:.1} MiB ({:.0} bytes per looked-up entry)",
+                mib(idle),
+                mib(listed),
+                (listed.saturating_sub(idle) * 1024) as f64 / entries.max(1) as f64
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "pershomefs daemon RSS: not found");
+        }
+    }
     out
 }
 
@@ -459,6 +652,8 @@ mod tests {
             quick: true,
             fs: vec![],
             backing_fs: BackingFs::Ext4,
+            mount_opts: vec![],
+            no_counters: false,
         };
         let mut best = BTreeMap::new();
         for workload in WORKLOADS {
@@ -479,6 +674,32 @@ mod tests {
     }
 
     #[test]
+    fn table_puts_pershomefs_and_posixovl_side_by_side() {
+        let options = Options {
+            files: 10,
+            dirs: 2,
+            big_mib: 100,
+            quick: true,
+            fs: vec![],
+            backing_fs: BackingFs::Ext4,
+            mount_opts: vec![],
+            no_counters: false,
+        };
+        let mut best = BTreeMap::new();
+        for workload in WORKLOADS {
+            best.insert((0, workload), Duration::from_secs(1));
+            best.insert((1, workload), Duration::from_secs(2));
+            best.insert((2, workload), Duration::from_secs(8));
+        }
+        let table = format_table(&options, &[Fs::Raw, Fs::Pershomefs, Fs::Posixovl], &best, 1);
+        let extract = table.lines().find(|l| l.starts_with("tar x")).unwrap_or("");
+        assert!(
+            extract.contains("2.000s 2.0x") && extract.trim_end().ends_with(" 4.0x"),
+            "expected pershomefs at 2.0x raw and 4.0x faster than posixovl, got {extract:?}"
+        );
+    }
+
+    #[test]
     fn table_header_names_the_backing_filesystem() {
         for (backing_fs, want) in [
             (BackingFs::Ext4, "fresh ext4 loop filesystem"),
@@ -491,6 +712,8 @@ mod tests {
                 quick: false,
                 fs: vec![],
                 backing_fs,
+                mount_opts: vec![],
+                no_counters: false,
             };
             let table = format_table(&options, &[Fs::Raw], &BTreeMap::new(), 3);
             let header = table.lines().next().unwrap_or("");

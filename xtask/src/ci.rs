@@ -114,6 +114,8 @@ pub fn run(sh: &Shell) -> Result<()> {
         quick: true,
         fs: vec![Fs::Raw, Fs::Pershomefs, Fs::Posixovl],
         backing_fs: bench::BackingFs::Ext4,
+        mount_opts: vec![],
+        no_counters: false,
     };
     if let Err(e) = bench::run(&quick) {
         // Informational only: a broken benchmark is reported, it does not fail CI.

@@ -94,6 +94,12 @@ enum Cmd {
         /// device, or a fresh tmpfs (takes the disk out, leaves the FUSE overhead).
         #[arg(long, value_enum, default_value = "ext4")]
         backing_fs: bench::BackingFs,
+        /// Extra -o options for pershomefs, comma-separated (say `threads=1`).
+        #[arg(long, value_delimiter = ',')]
+        mount_opts: Vec<String>,
+        /// Mount pershomefs without -o counters (for a PERSHOMEFS= binary that predates them).
+        #[arg(long)]
+        no_counters: bool,
     },
     /// Flash wear: bytes pershome writes to the stick (data vs metadata) for four workloads,
     /// in-process, next to the raw directory; fails only if reading the tree writes anything.
@@ -217,6 +223,8 @@ fn run() -> Result<()> {
             quick,
             fs,
             backing_fs,
+            mount_opts,
+            no_counters,
         } => bench::run(&bench::Options {
             files,
             dirs,
@@ -224,6 +232,8 @@ fn run() -> Result<()> {
             quick,
             fs,
             backing_fs,
+            mount_opts,
+            no_counters,
         }),
         Cmd::Wear { files, dirs, quick } => wear::run(&wear::Options::new(files, dirs, quick)),
         Cmd::WearStep {

@@ -232,11 +232,23 @@ impl Target {
 
     /// Make the next access cold: unmount, sync and drop the kernel caches, mount again.
     pub fn make_cold(&mut self) -> Result<()> {
+        self.make_cold_timed().map(|_| ())
+    }
+
+    /// [`Target::make_cold`], returning how long the mount took (until it was ready).
+    pub fn make_cold_timed(&mut self) -> Result<std::time::Duration> {
         if let Some(mount) = self.mount.take() {
             mount.unmount()?;
         }
         util::drop_caches()?;
-        self.mount_again()
+        let start = std::time::Instant::now();
+        self.mount_again()?;
+        Ok(start.elapsed())
+    }
+
+    /// The filesystem under test.
+    pub fn fs(&self) -> Fs {
+        self.fs
     }
 
     pub fn unmount(mut self) -> Result<()> {

@@ -112,7 +112,34 @@ fn checks(root: &Path) -> Vec<Check> {
     ));
     out.extend(ltsp::checks(root, cfg.as_ref(), users.as_deref()));
     out.push(pam_user_environment(root));
+    out.push(claim_key(root));
     out
+}
+
+/// The site's claim key (docs/security.md): present, root's, readable by nobody else.
+fn claim_key(root: &Path) -> Check {
+    let name = "claim key";
+    let path = root.join(crate::session::claim::KEY_PATH);
+    if !path.exists() {
+        return problem(
+            name,
+            format!("{} does not exist", path.display()),
+            "pershome-config claim-key (on an LTSP server, then `ltsp image` so that the \
+             clients share it)",
+        );
+    }
+    match crate::session::claim::SiteKey::load(root, false) {
+        Ok(_) => ok(name, format!("{} is root's, mode 600", path.display())),
+        Err(e) => problem(
+            name,
+            format!("{e:#}"),
+            format!(
+                "chown root:root {0}; chmod 600 {0}; if others could read it, delete it, run \
+                 pershome-config claim-key and claim the sticks again",
+                path.display()
+            ),
+        ),
+    }
 }
 
 /// The non-comment lines of a PAM service file with its `@include`, `include` and

@@ -375,6 +375,9 @@ impl Journal {
                 live_len = Some(scan.good_end);
             }
         }
+        // Renames can nest the tree deeper than any record path may be; what lies deeper
+        // could not be written back by the checkpoint below (or any later one).
+        state.limit_depth();
         for (&generation, _) in gens.range(..base_gen) {
             warnings.push(format!(
                 "found leftover files of superseded generation {generation} (an earlier \
