@@ -111,6 +111,19 @@ fn boot_client(
     )
 }
 
+/// Waits until the client's boot has finished: the agent starts early, and until
+/// systemd-user-sessions.service removes /run/nologin, pam_nologin refuses every login.
+fn wait_booted(vm: &mut Vm) -> Result<()> {
+    vm.ok(
+        "systemctl is-system-running --wait >/dev/null || true; \
+         end=$(( $(date +%s) + 300 )); while [ -e /run/nologin ] && [ \"$(date +%s)\" -lt \"$end\" ]; do sleep 1; done; \
+         [ ! -e /run/nologin ]",
+        Duration::from_secs(700),
+    )
+    .context("waiting for the client to finish booting (/run/nologin)")
+    .map(drop)
+}
+
 /// `user` logs in on the client through the `login` PAM service with their server password,
 /// runs `script` in the session, logs out.
 fn login(vm: &mut Vm, user: &str, script: &str) -> Result<Output> {
@@ -225,7 +238,8 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         Some(&alice_stick),
         "client",
     )?;
-    step(ctx, &mut t, "client netbooted (NFS, squashfs image)");
+    wait_booted(&mut client)?;
+    step(ctx, &mut t, "client netbooted (NFS, squashfs image), boot finished");
     client.ok(
         "for i in $(seq 300); do [ -e /dev/disk/by-label/PERSHOME ] && exit 0; sleep 0.1; done; exit 1",
         SHORT,
