@@ -239,7 +239,11 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         "client",
     )?;
     wait_booted(&mut client)?;
-    step(ctx, &mut t, "client netbooted (NFS, squashfs image), boot finished");
+    step(
+        ctx,
+        &mut t,
+        "client netbooted (NFS, squashfs image), boot finished",
+    );
     client.ok(
         "for i in $(seq 300); do [ -e /dev/disk/by-label/PERSHOME ] && exit 0; sleep 0.1; done; exit 1",
         SHORT,
@@ -249,9 +253,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         "cat /etc/ltsp/pamltsp.conf; grep -c pamltsp /etc/pam.d/common-auth",
         SHORT,
     )?;
-    if !conf.contains("SSH_SERVER='server'")
-        || !conf.contains("pershome-config ltsp skip-sshfs")
-    {
+    if !conf.contains("SSH_SERVER='server'") || !conf.contains("pershome-config ltsp skip-sshfs") {
         bail!(
             "pamltsp.conf on the client should have LTSP's rewrite and pershome's block:\n{conf}"
         );
@@ -378,6 +380,7 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
         Some(&carol_stick),
         "client-2",
     )?;
+    wait_booted(&mut client)?;
     client.ok(
         "for i in $(seq 300); do [ -e /dev/disk/by-label/PERSHOME ] && exit 0; sleep 0.1; done; exit 1",
         SHORT,
