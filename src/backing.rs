@@ -7,6 +7,7 @@
 //! This module knows nothing of POSIX names or metadata: it deals in backing names only.
 //! It counts the bytes pershome writes to the stick as file data, for the flash-wear figures.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
@@ -15,9 +16,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::faults::{torn_len, Faults, Gate};
+use crate::faults::Faults;
+
+pub mod power_loss;
+pub mod sys;
 
 /// `stat` of a backing entry, reduced to what pershome uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +73,18 @@ pub struct Backing {
     /// Test hook (tests/crash.rs): injected failures of every write-like call below. Unset in
     /// production, where each call costs one load of an empty `OnceLock`.
     faults: OnceLock<Arc<Faults>>,
+    /// What the next commit must make durable before the store records anything
+    /// (`sync_before_commit`), by (device, inode), with an fd to sync it by: directories
+    /// whose entries pershome changed (created, removed or renamed a name in), since on a
+    /// pulled stick a directory entry is only there if its directory was synced; and files
+    /// whose data the store's records depend on (`keep_in_order`: the parts of a parted file,
+    /// whose lengths are its layout).
+    unsynced: Mutex<HashMap<(u64, u64), OwnedFd>>,
 }
+
+/// How many directories and files may wait for the next commit's sync: past it they are
+/// synced at once, so a big unpacking does not hold thousands of fds.
+const MAX_UNSYNCED: usize = 256;
 
 fn cstr(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -113,6 +128,7 @@ impl Backing {
             root,
             stats: DataStats::default(),
             faults: OnceLock::new(),
+            unsynced: Mutex::new(HashMap::new()),
         })
     }
 
@@ -122,22 +138,16 @@ impl Backing {
         let _ = self.faults.set(faults);
     }
 
-    /// Consults the injected faults, if any, before a write-like call.
-    fn gate(&self) -> Gate {
-        match self.faults.get() {
-            None => Gate::Go,
-            Some(f) => f.gate(),
-        }
+    /// The injected faults, if any (`sys` consults them before every write-like call).
+    fn faults(&self) -> Option<&Faults> {
+        self.faults.get().map(|f| &**f)
     }
 
     /// `gate` for a call that cannot be torn: the injected error if it must fail. Public to
     /// the crate for the few calls the fs makes on a backing file itself (fallocate,
     /// copy_file_range).
     pub(crate) fn check_fault(&self) -> io::Result<()> {
-        match self.gate() {
-            Gate::Go => Ok(()),
-            Gate::Fail { .. } => Err(injected()),
-        }
+        sys::gate(self.faults())
     }
 
     pub fn root(&self) -> BorrowedFd<'_> {
@@ -188,6 +198,14 @@ impl Backing {
             )
         })?;
         // SAFETY: fstatat succeeded, so st is initialised.
+        Ok(BackingStat::from_raw(unsafe { &st.assume_init() }))
+    }
+
+    fn fstat_fd(fd: BorrowedFd<'_>) -> io::Result<BackingStat> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: as in stat_at.
+        check(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+        // SAFETY: fstat succeeded.
         Ok(BackingStat::from_raw(unsafe { &st.assume_init() }))
     }
 
@@ -265,17 +283,13 @@ impl Backing {
         flags: libc::c_int,
         mode: libc::mode_t,
     ) -> io::Result<File> {
-        let c = cstr(name)?;
-        if flags & (libc::O_CREAT | libc::O_TRUNC) != 0 {
-            self.check_fault()?;
+        // O_NONBLOCK: a fifo planted on the stick under this name must not hang the open;
+        // it is then refused, and the flag cleared on the regular file.
+        let file = sys::openat(self.faults(), dir, name, flags | libc::O_NONBLOCK, mode)
+            .map(File::from)?;
+        if flags & libc::O_CREAT != 0 {
+            self.changed(dir)?;
         }
-        let wanted = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-        // SAFETY: valid arguments; result checked.
-        let fd = check(unsafe {
-            libc::openat(dir.as_raw_fd(), c.as_ptr(), wanted | libc::O_NONBLOCK, mode)
-        })?;
-        // SAFETY: fresh fd.
-        let file = unsafe { File::from_raw_fd(fd) };
         if !Backing::fstat(&file)?.is_file {
             tracing::warn!(
                 "backing entry {:?} is not a regular file (a fifo or device planted on the \
@@ -284,7 +298,7 @@ impl Backing {
             );
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        if wanted & libc::O_NONBLOCK == 0 {
+        if flags & libc::O_NONBLOCK == 0 {
             // SAFETY: valid fd; results checked.
             let status = check(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) })?;
             // SAFETY: as above.
@@ -296,19 +310,88 @@ impl Backing {
     }
 
     pub fn mkdir_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
-        let c = cstr(name)?;
-        self.check_fault()?;
-        // The mode on the stick is irrelevant (FAT has none); the real mode is in the store.
-        // SAFETY: valid arguments; result checked.
-        check(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o700) }).map(drop)
+        sys::mkdirat(self.faults(), dir, name)?;
+        self.changed(dir)
     }
 
     pub fn unlink_at(&self, dir: BorrowedFd<'_>, name: &[u8], is_dir: bool) -> io::Result<()> {
-        let c = cstr(name)?;
-        let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
-        self.check_fault()?;
-        // SAFETY: valid arguments; result checked.
-        check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) }).map(drop)
+        sys::unlinkat(self.faults(), dir, name, is_dir)?;
+        self.changed(dir)
+    }
+
+    /// Notes that `dir`'s entries changed: the next commit syncs it first.
+    fn changed(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+        self.sync_before_next_commit(dir)
+    }
+
+    /// Notes that the next commit records something that depends on `file`'s data (its
+    /// length, as for the parts of a parted file): the commit syncs it first.
+    pub fn keep_in_order(&self, file: &File) -> io::Result<()> {
+        self.sync_before_next_commit(file.as_fd())
+    }
+
+    /// Adds `fd` (a directory or a file) to what the next commit syncs first; syncs it at
+    /// once when too many wait already, or when it cannot be kept.
+    fn sync_before_next_commit(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: as in stat_at.
+        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } < 0 {
+            return sys::sync(self.faults(), fd, false);
+        }
+        // SAFETY: fstat succeeded.
+        let st = unsafe { st.assume_init() };
+        let key = (st.st_dev, st.st_ino);
+        let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        if unsynced.contains_key(&key) {
+            return Ok(());
+        }
+        match fd.try_clone_to_owned() {
+            Ok(dup) if unsynced.len() < MAX_UNSYNCED => {
+                unsynced.insert(key, dup);
+                Ok(())
+            }
+            _ => {
+                drop(unsynced);
+                sys::sync(self.faults(), fd, false)
+            }
+        }
+    }
+
+    /// Syncs every directory and file noted since the last commit (`changed`,
+    /// `keep_in_order`), so that what a commit is about to record is on the stick, whatever
+    /// happens to the power next. Files go first, then directories. Those not synced when one
+    /// fails are kept for the next commit.
+    pub fn sync_before_commit(&self) -> io::Result<()> {
+        let mut waiting: Vec<((u64, u64), OwnedFd, bool)> = {
+            let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+            unsynced
+                .drain()
+                .map(|(key, fd)| {
+                    let is_dir = Backing::fstat_fd(fd.as_fd()).is_ok_and(|s| s.is_dir);
+                    (key, fd, is_dir)
+                })
+                .collect()
+        };
+        waiting.sort_by_key(|(key, _, is_dir)| (*is_dir, *key));
+        let mut result = Ok(());
+        let mut left = Vec::new();
+        for (key, fd, _) in waiting {
+            if result.is_ok() {
+                if let Err(e) = sys::sync(self.faults(), fd.as_fd(), false) {
+                    result = Err(e);
+                    left.push((key, fd));
+                }
+            } else {
+                left.push((key, fd));
+            }
+        }
+        if !left.is_empty() {
+            let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, fd) in left {
+                unsynced.entry(key).or_insert(fd);
+            }
+        }
+        result
     }
 
     /// `renameat2`; `flags` may hold `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
@@ -320,20 +403,9 @@ impl Backing {
         to: &[u8],
         flags: libc::c_uint,
     ) -> io::Result<()> {
-        let f = cstr(from)?;
-        let t = cstr(to)?;
-        self.check_fault()?;
-        // SAFETY: valid arguments; result checked.
-        check(unsafe {
-            libc::renameat2(
-                from_dir.as_raw_fd(),
-                f.as_ptr(),
-                to_dir.as_raw_fd(),
-                t.as_ptr(),
-                flags,
-            )
-        })
-        .map(drop)
+        sys::renameat(self.faults(), from_dir, from, to_dir, to, flags)?;
+        self.changed(from_dir)?;
+        self.changed(to_dir)
     }
 
     /// Creates (or truncates) a file and fills it with `content`; used for symlinks and
@@ -356,30 +428,31 @@ impl Backing {
         Ok(())
     }
 
+    /// `write_new_file`, and the file's data made durable before this returns: a file about
+    /// to be renamed into place (the rename may reach the stick before unsynced data would).
+    pub fn write_new_file_synced(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        content: &[u8],
+    ) -> io::Result<()> {
+        let file = self.open_at(
+            dir,
+            name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )?;
+        self.write_at(&file, content, 0)?;
+        self.sync_file(&file, false)
+    }
+
     /// Writes file data, counting it for the wear figures.
     pub fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
-        let mut done = 0;
-        while done < data.len() {
-            if let Gate::Fail { torn } = self.gate() {
-                let part = &data[done..done + torn_len(data.len() - done)];
-                if torn && !part.is_empty() {
-                    // The error of a torn write is the injected one, whatever this gives.
-                    let _ = file.write_at(part, offset + done as u64);
-                }
-                return Err(injected());
-            }
-            match file.write_at(&data[done..], offset + done as u64) {
-                Ok(0) => return Err(io::Error::from_raw_os_error(libc::ENOSPC)),
-                Ok(n) => {
-                    done += n;
-                    self.stats.writes.fetch_add(1, Ordering::Relaxed);
-                    self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(done)
+        sys::pwrite_all(self.faults(), file.as_fd(), data, offset, |n| {
+            self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        })?;
+        Ok(data.len())
     }
 
     /// Reads a whole small file (symlink bodies), refusing anything over `limit` bytes.
@@ -424,33 +497,101 @@ impl Backing {
     }
 
     pub fn fsync_dir(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
-        self.check_fault()?;
-        // SAFETY: valid fd; result checked.
-        check(unsafe { libc::fsync(dir.as_raw_fd()) }).map(drop)
+        sys::sync(self.faults(), dir, false)
     }
 }
 
 impl Backing {
+    /// Reads from a backing file at `offset` into `buf`, until it is full or the file ends;
+    /// the bytes read. Reads write nothing, so no fault is injected here.
+    pub fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// `lseek(2)` on a backing file pershome opened itself (its offset is pershome's own):
+    /// `SEEK_DATA` / `SEEK_HOLE` and the plain kinds.
+    pub fn lseek(&self, file: &File, offset: i64, whence: libc::c_int) -> io::Result<i64> {
+        // SAFETY: valid fd; result checked.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+
+    /// `fallocate(2)` on a backing file; the caller handles `EOPNOTSUPP` (FAT allocates
+    /// nothing in advance and punches no holes).
+    pub fn fallocate(
+        &self,
+        file: &File,
+        mode: libc::c_int,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        self.check_fault()?;
+        // SAFETY: valid fd; result checked.
+        check(unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        })
+        .map(drop)
+    }
+
+    /// `copy_file_range(2)` between two backing files, counted as data written. The caller
+    /// falls back to `read_at` + `write_at` where the backing cannot copy in the kernel.
+    pub fn copy_file_range(
+        &self,
+        from: &File,
+        from_offset: u64,
+        to: &File,
+        to_offset: u64,
+        len: u64,
+    ) -> io::Result<u64> {
+        self.check_fault()?;
+        let mut oi = from_offset as libc::loff_t;
+        let mut oo = to_offset as libc::loff_t;
+        // SAFETY: valid fds and offsets; result checked.
+        let r = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut oi,
+                to.as_raw_fd(),
+                &mut oo,
+                len as usize,
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.stats.bytes.fetch_add(r as u64, Ordering::Relaxed);
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(r as u64)
+    }
+
     /// Sets a backing file's length (truncate or sparse extension).
     pub fn set_len(&self, file: &File, size: u64) -> io::Result<()> {
-        self.check_fault()?;
-        file.set_len(size)
+        sys::ftruncate(self.faults(), file.as_fd(), size)
     }
 
     /// Makes a backing file's data (and with `!datasync` its attributes) durable.
     pub fn sync_file(&self, file: &File, datasync: bool) -> io::Result<()> {
-        self.check_fault()?;
-        if datasync {
-            file.sync_data()
-        } else {
-            file.sync_all()
-        }
+        sys::sync(self.faults(), file.as_fd(), datasync)
     }
-}
-
-/// The error an injected fault gives: EIO, what a pulled stick gives.
-fn injected() -> io::Error {
-    io::Error::from_raw_os_error(libc::EIO)
 }
 
 /// A backing name as an `OsStr`, for messages.

@@ -5,9 +5,15 @@
 //! (`backing::Backing`), so "the Nth write" counts file data, directory operations and store
 //! commits in the order they really happen. This module owns only the counting and the
 //! decision; each caller decides what a failed or torn operation leaves behind. Production
-//! never sets it: a `Journal` or `Backing` without faults does not consult this at all.
+//! never sets it: a `Journal` or `Backing` without faults does not consult this at all. Both
+//! consult it through `backing::sys`, the one layer of write-like system calls. In the
+//! power-loss mode (`Faults::with_power_loss`) it also carries the durability model of
+//! `backing::power_loss`, which `backing::sys` tells of every sync and removal.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::backing::power_loss::PowerLoss;
 
 /// Injected failures. Every write-like operation made while these are set counts as one:
 /// in the store each `pwrite`, `fsync`/`fdatasync`, `O_CREAT` open, `unlink`, `rename` and
@@ -22,6 +28,8 @@ pub struct Faults {
     torn: bool,
     attempted: AtomicU64,
     tripped: AtomicBool,
+    /// The power-loss mode: what the stick keeps when the fault fires (see `PowerLoss`).
+    power: Option<Arc<PowerLoss>>,
 }
 
 /// What an injected-fault check decided for one operation.
@@ -43,7 +51,23 @@ impl Faults {
             torn,
             attempted: AtomicU64::new(0),
             tripped: AtomicBool::new(false),
+            power: None,
         }
+    }
+
+    /// The power-loss mode: allows `allow` operations, then fails every later one (the stick
+    /// was pulled), and `power` learns from every sync before that what a pulled stick keeps.
+    /// The test then calls `PowerLoss::pull` to turn the backing into it.
+    pub fn with_power_loss(allow: u64, power: Arc<PowerLoss>) -> Faults {
+        Faults {
+            power: Some(power),
+            ..Faults::new(allow, false)
+        }
+    }
+
+    /// The durability model of the power-loss mode, if this is it.
+    pub(crate) fn power(&self) -> Option<&PowerLoss> {
+        self.power.as_deref()
     }
 
     /// Never fails: only counts the operations (to learn how many a workload makes).

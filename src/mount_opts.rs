@@ -86,8 +86,10 @@ pub struct MountOptions {
     pub private_home: bool,
 }
 
-/// Worker threads serving requests by default. Measured on 2 vCPUs (docs/testing.md): more
-/// threads than cores only add context switches, and most requests take the one state lock.
+/// Worker threads serving requests by default. On the shared 2-vCPU build machines one thread
+/// untarred faster than two or four (docs/testing.md § Worker threads), but those figures come
+/// from a machine loaded by other jobs; several threads let a request that waits for a slow
+/// stick (an fsync) not stall every other one, so the default stays until a quiet measurement.
 pub const DEFAULT_THREADS: usize = 4;
 /// Most `threads=`: more would only contend for the state lock.
 const MAX_THREADS: usize = 16;

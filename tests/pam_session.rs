@@ -366,6 +366,65 @@ fn open_mounts_the_stick_home_and_close_unmounts_it() {
     );
 }
 
+/// Issue 11, defect 4: when the daemon's last commit does not land (here the stick is full),
+/// the logout message must not say the files are saved: the daemon's exit status (its
+/// `status=` file) tells the hook, and the hook says the last changes could NOT be saved.
+#[test]
+fn a_full_stick_is_not_reported_as_saved_at_logout() {
+    needs_root!();
+    let root = TestRoot::new(CONFIG);
+    let erin = TestUser::new();
+    let home = root.add_account(&erin);
+    root.list(&erin);
+    let stick = root.stick("full", false);
+    // The stick: a 2 MiB tmpfs, unmounted when the test ends (before `root` goes).
+    struct Tmpfs(PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    nix::mount::mount(
+        Some("tmpfs"),
+        &stick,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("size=2m,mode=0755"),
+    )
+    .expect("mount a tmpfs as the stick");
+    let _tmpfs = Tmpfs(stick.clone());
+    std::fs::create_dir(stick.join("pershome")).expect("mkdir pershome");
+    let service = PamService::new(root.path(), &stick);
+    let mut ctx = pam(&service, &erin);
+    let token = ctx.open_session(Flag::NONE).expect("open_session").leak();
+    assert_eq!(fstype_at(&home).as_deref(), Some("fuse.pershomefs"));
+    // Fill the stick, then work: the changes cannot be committed any more.
+    let mut filler = std::fs::File::create(stick.join("filler")).expect("filler");
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write(&mut filler, &chunk).is_ok_and(|n| n > 0) {}
+    drop(filler);
+    let dirs: Vec<PathBuf> = (0..60)
+        .map(|i| home.join(format!("made while the stick was full, a long name {i:03}")))
+        .collect();
+    let args: Vec<&std::ffi::OsStr> = dirs.iter().map(|d| d.as_os_str()).collect();
+    let (ok, err) = run_as(erin.uid, erin.gid, "/usr/bin/mkdir", &args);
+    assert!(ok, "mkdir in the home: {err}");
+    ctx.unleak_session(token)
+        .close(Flag::NONE)
+        .map_err(|e| e.to_string())
+        .expect("close_session");
+    assert_eq!(
+        fstype_at(&home),
+        None,
+        "nothing mounted on {home:?} after close"
+    );
+    let said = infos(&ctx);
+    assert!(
+        said.contains("could NOT be saved") && !said.contains("your files are saved"),
+        "expected the logout message to say the last changes were not saved, got {said:?}"
+    );
+}
+
 /// `wants` is honoured: a user who is not listed (and has no ~/.persistent_home) gets nothing
 /// mounted and no message.
 #[test]

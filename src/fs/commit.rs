@@ -54,10 +54,23 @@ impl StoreWriter {
     fn checkpoint(&mut self, snapshot: &[Record], records: Vec<Record>) -> Result<()> {
         let result = match self.journal.as_mut() {
             None => Err(Errno::EROFS),
-            Some(j) => j.checkpoint(snapshot).map_err(|e| {
-                tracing::error!("writing a checkpoint of the metadata store failed: {e}");
-                store_errno(&e)
-            }),
+            Some(j) => {
+                let before = j.generation();
+                match j.checkpoint(snapshot) {
+                    Ok(()) => Ok(()),
+                    // The new generation is durable and in use; only removing the old one
+                    // failed (the next open removes it). The checkpoint holds `records`: they
+                    // must not stay unsaved, or they would be appended after it again.
+                    Err(e) if j.generation() != before => {
+                        tracing::warn!("removing the old metadata generation failed: {e}");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::error!("writing a checkpoint of the metadata store failed: {e}");
+                        Err(store_errno(&e))
+                    }
+                }
+            }
         };
         match result {
             Ok(()) => self.unsaved.clear(),
@@ -90,7 +103,8 @@ fn store_errno(e: &crate::meta::StoreError) -> Errno {
 
 impl Fs {
     /// Commits everything pending, and what an earlier failed commit left unsaved. A no-op
-    /// (no write at all) when nothing changed. When another thread is writing a batch, this
+    /// (no write at all) when nothing changed, but for directories changed since the last
+    /// commit, which are synced. When another thread is writing a batch, this
     /// waits for it: what that batch took from the state may include this caller's changes,
     /// which are durable only once it is done.
     ///
@@ -106,7 +120,9 @@ impl Fs {
                 // Nothing new: wait for a writer in progress without holding the state.
                 drop(st);
                 if self.journal().unsaved.is_empty() {
-                    return Ok(());
+                    // Nothing to record, but an fsync may still have to make directory
+                    // changes durable (they came without a record, or a sync failed).
+                    return self.sync_tree();
                 }
                 st = self.lock();
                 Vec::new()
@@ -115,10 +131,10 @@ impl Fs {
         let mut store = self.journal();
         let upgrade = self.upgrade_snapshot(&st, &mut store, &records);
         drop(st);
-        let result = match upgrade {
+        let result = self.write_after_sync(&mut store, records, |store, records| match upgrade {
             Some(snapshot) => store.checkpoint(&snapshot, records),
             None => store.append(records),
-        };
+        });
         let compact = result.is_ok() && store.compaction_due(self.compact_after());
         drop(store);
         #[cfg(test)]
@@ -150,7 +166,9 @@ impl Fs {
         let snapshot = self.snapshot(&st);
         let mut store = self.journal();
         drop(st);
-        store.checkpoint(&snapshot, records)
+        self.write_after_sync(&mut store, records, |store, records| {
+            store.checkpoint(&snapshot, records)
+        })
     }
 
     /// Commits while the caller holds the state lock (an operation that must be durable
@@ -161,10 +179,37 @@ impl Fs {
         if records.is_empty() && store.unsaved.is_empty() {
             return Ok(());
         }
-        match self.upgrade_snapshot(st, &mut store, &records) {
+        let upgrade = self.upgrade_snapshot(st, &mut store, &records);
+        self.write_after_sync(&mut store, records, |store, records| match upgrade {
             Some(snapshot) => store.checkpoint(&snapshot, records),
             None => store.append(records),
+        })
+    }
+
+    /// Makes the backing tree's changes durable before the store records them: every
+    /// directory whose entries changed since the last commit is synced, and every file whose
+    /// length a record depends on (parts), so that after a power cut the store never names
+    /// an entry (or the place a rename put it, or a parts layout) that the stick lost.
+    fn sync_tree(&self) -> Result<()> {
+        self.backing.sync_before_commit().map_err(|e| {
+            tracing::error!("syncing the stick's directories before a commit failed: {e}");
+            super::errno_of(&e)
+        })
+    }
+
+    /// `sync_tree`, then `write` of `records`; when the sync fails, the records join the
+    /// unsaved ones (written in front of the next batch), as when the write itself fails.
+    fn write_after_sync(
+        &self,
+        store: &mut StoreWriter,
+        records: Vec<Record>,
+        write: impl FnOnce(&mut StoreWriter, Vec<Record>) -> Result<()>,
+    ) -> Result<()> {
+        if let Err(e) = self.sync_tree() {
+            store.unsaved.extend(records);
+            return Err(e);
         }
+        write(store, records)
     }
 
     /// Test hook: compact once the journal holds more than `bytes` (4 MiB by default), so a

@@ -3,8 +3,7 @@
 //! without holding the state lock, so several FUSE threads can read and write at once.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use super::namespace::{backing_open_flags, NewNode};
@@ -240,15 +239,10 @@ impl Fs {
         }
         let (file, known_size) = (io.file, io.size);
         let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(errno_of(&e)),
-            }
-        }
+        let done = self
+            .backing
+            .read_at(&file, &mut buf, offset)
+            .map_err(|e| errno_of(&e))?;
         buf.truncate(done);
         // Only a read that stops short of the size the file had when it began can have met a
         // split; an ordinary read to the end of the file takes no lock here.
@@ -295,6 +289,9 @@ impl Fs {
         Ok(n as u32)
     }
 
+    /// Nothing to do: data reaches the backing file at each write. The adapter opens files
+    /// `FOPEN_NOFLUSH`, so the kernel does not even send FLUSH; work that must happen at
+    /// close belongs in `release`.
     pub fn flush(&self, _fh: u64) -> Result<()> {
         Ok(())
     }
@@ -392,18 +389,7 @@ impl Fs {
             }
         }
         let (ino, file) = (io.ino, io.file);
-        self.backing.check_fault().map_err(|e| errno_of(&e))?;
-        // SAFETY: valid fd; result checked.
-        let r = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                length as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = self.backing.fallocate(&file, mode, offset, length) {
             // FAT cannot punch holes or allocate without zeroing; plain allocation can always be
             // done by writing zeros, which is what FAT stores for unwritten space anyway.
             if mode == 0 && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
@@ -451,12 +437,10 @@ impl Fs {
             }
         }
         let file = io.file;
-        // SAFETY: valid fd; lseek on our own private descriptor; result checked.
-        let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-        if r < 0 {
-            return Err(errno_of(&std::io::Error::last_os_error()));
-        }
-        Ok(r)
+        // The offset is our own private descriptor's: no other handle is moved.
+        self.backing
+            .lseek(&file, offset, whence)
+            .map_err(|e| errno_of(&e))
     }
 
     pub fn copy_file_range(
@@ -482,48 +466,31 @@ impl Fs {
             return Ok(u64::from(self.write(fh_out, off_out, &data)?));
         }
         let (fin, ino_out, fout) = (io_in.file, io_out.ino, io_out.file);
-        self.backing.check_fault().map_err(|e| errno_of(&e))?;
-        let mut oi = off_in as libc::loff_t;
-        let mut oo = off_out as libc::loff_t;
-        // SAFETY: valid fds and offsets; result checked.
-        let r = unsafe {
-            libc::copy_file_range(
-                fin.as_raw_fd(),
-                &mut oi,
-                fout.as_raw_fd(),
-                &mut oo,
-                len as usize,
-                0,
-            )
-        };
-        let n = if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if !matches!(
-                e.raw_os_error(),
-                Some(libc::EXDEV)
-                    | Some(libc::EOPNOTSUPP)
-                    | Some(libc::ENOSYS)
-                    | Some(libc::EINVAL)
-            ) {
-                return Err(errno_of(&e));
+        let n = match self
+            .backing
+            .copy_file_range(&fin, off_in, &fout, off_out, len)
+        {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV)
+                        | Some(libc::EOPNOTSUPP)
+                        | Some(libc::ENOSYS)
+                        | Some(libc::EINVAL)
+                ) =>
+            {
+                // The backing cannot copy in-kernel: copy through a buffer.
+                let mut buf = vec![0u8; len.min(1 << 20) as usize];
+                let got = self
+                    .backing
+                    .read_at(&fin, &mut buf, off_in)
+                    .map_err(|e| errno_of(&e))?;
+                self.backing
+                    .write_at(&fout, &buf[..got], off_out)
+                    .map_err(|e| errno_of(&e))? as u64
             }
-            // The backing cannot copy in-kernel: copy through a buffer.
-            let chunk = len.min(1 << 20) as usize;
-            let mut buf = vec![0u8; chunk];
-            let got = fin.read_at(&mut buf, off_in).map_err(|e| errno_of(&e))?;
-            self.backing
-                .write_at(&fout, &buf[..got], off_out)
-                .map_err(|e| errno_of(&e))? as u64
-        } else {
-            self.backing
-                .stats
-                .bytes
-                .fetch_add(r as u64, std::sync::atomic::Ordering::Relaxed);
-            self.backing
-                .stats
-                .writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            r as u64
+            Err(e) => return Err(errno_of(&e)),
         };
         if n > 0 {
             let mut st = self.lock();

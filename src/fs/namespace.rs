@@ -309,6 +309,10 @@ impl Fs {
         self.check_writable()?;
         let mut st = self.lock_loaded(&[parent]);
         self.ensure_loaded(&mut st, parent)?;
+        if want_dir {
+            st = self.relock_with_entry_loaded(st, &[parent], parent, name);
+            self.ensure_loaded(&mut st, parent)?;
+        }
         let dentry = st
             .inode(parent)?
             .children()
@@ -607,6 +611,9 @@ impl Fs {
             return Err(Errno::EINVAL);
         }
         let mut st = self.lock_loaded(&[parent, newparent]);
+        self.ensure_loaded(&mut st, parent)?;
+        self.ensure_loaded(&mut st, newparent)?;
+        st = self.relock_with_entry_loaded(st, &[parent, newparent], newparent, newname);
         self.ensure_loaded(&mut st, parent)?;
         self.ensure_loaded(&mut st, newparent)?;
         let src = st
@@ -976,7 +983,9 @@ impl Fs {
     /// seen, after such a crash, as an empty file under the new name: for a symlink (whose
     /// target is its content, `!<symlink>…`) that is a wrong file invented out of nothing. So
     /// the content is written to a file in `.pershome/staging/` and renamed into place; a
-    /// rename to a free name is a single directory-entry change, on FAT as elsewhere.
+    /// rename to a free name is a single directory-entry change, on FAT as elsewhere. The
+    /// staged file is synced before the rename, or a power cut could leave the rename and
+    /// lose the content.
     pub(crate) fn write_whole_new_file(
         &self,
         dirfd: std::os::fd::BorrowedFd<'_>,
@@ -989,9 +998,11 @@ impl Fs {
         let staging = self.store_subdir(&self.paths.staging)?;
         let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self.layout.staged_file(std::process::id(), n).into_bytes();
+        // Synced before the rename: a power cut after the rename reached the stick (the next
+        // commit syncs the directory) must not find an empty file under the new name.
         let staged = self
             .backing
-            .write_new_file(staging.as_fd(), &tmp, content)
+            .write_new_file_synced(staging.as_fd(), &tmp, content)
             .and_then(|()| {
                 self.backing
                     .rename_at(staging.as_fd(), &tmp, dirfd, name, 0)

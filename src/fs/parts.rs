@@ -17,8 +17,7 @@
 //! lock, the journal, the directory-fd and part-file caches.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use super::{errno_of, leaf, Errno, Fs, Ino, Result};
@@ -210,13 +209,9 @@ impl Fs {
                 continue;
             }
             if j == 0 {
-                self.backing
-                    .set_len(l.first, l.parts.size)
-                    .map_err(|e| errno_of(&e))?;
+                self.set_part_len(l.first, l.parts.size)?;
             } else if let Some(f) = self.file_for(l, j, true)? {
-                self.backing
-                    .set_len(&f, l.parts.size)
-                    .map_err(|e| errno_of(&e))?;
+                self.set_part_len(&f, l.parts.size)?;
             }
         }
         Ok(())
@@ -291,7 +286,7 @@ impl Fs {
                 owned.as_deref()
             };
             if let Some(file) = file {
-                read_full(file, out, in_part)?;
+                self.read_full(file, out, in_part)?;
             }
             pos = seg_end;
         }
@@ -323,6 +318,7 @@ impl Fs {
             };
             self.backing
                 .write_at(file, chunk, in_part)
+                .and_then(|_| self.backing.keep_in_order(file))
                 .map_err(|e| errno_of(&e))?;
             pos = seg_end;
         }
@@ -347,13 +343,21 @@ impl Fs {
         }
         let len = part_len(l.parts, new, last);
         if last == 0 {
-            self.backing
-                .set_len(l.first, len)
-                .map_err(|e| errno_of(&e))?;
+            self.set_part_len(l.first, len)?;
         } else if let Some(f) = self.file_for(l, last, true)? {
-            self.backing.set_len(&f, len).map_err(|e| errno_of(&e))?;
+            self.set_part_len(&f, len)?;
         }
         Ok(())
+    }
+
+    /// Sets a part's length. The lengths of the parts are the file's layout (the store does
+    /// not hold it), so the next commit syncs the part before it records anything: after a
+    /// power cut, the layout is never one the store's records do not match.
+    fn set_part_len(&self, file: &File, len: u64) -> Result<()> {
+        self.backing
+            .set_len(file, len)
+            .and_then(|()| self.backing.keep_in_order(file))
+            .map_err(|e| errno_of(&e))
     }
 
     /// Removes parts `k ≥ from` (and `from ≥ 1`), whatever the store says: the listing is
@@ -428,20 +432,15 @@ impl Fs {
                 None if whence == libc::SEEK_HOLE => Some(in_part),
                 None => None,
                 Some(f) => {
-                    // SAFETY: valid fd; result checked. The offset is per open file
-                    // description; pershome's part fds are its own.
-                    let r = unsafe { libc::lseek(f.as_raw_fd(), in_part as libc::off_t, whence) };
-                    if r < 0 {
-                        let e = std::io::Error::last_os_error();
-                        if e.raw_os_error() == Some(libc::ENXIO) {
-                            // SEEK_DATA: no data after in_part; SEEK_HOLE: in_part past EOF,
-                            // which the invariant rules out, so treat it as the end.
+                    // The offset is per open file description; pershome's part fds are its own.
+                    match self.backing.lseek(f, in_part as i64, whence) {
+                        Ok(r) => Some(r as u64),
+                        // SEEK_DATA: no data after in_part; SEEK_HOLE: in_part past EOF,
+                        // which the invariant rules out, so treat it as the end.
+                        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
                             (whence == libc::SEEK_HOLE).then_some(plen)
-                        } else {
-                            return Err(errno_of(&e));
                         }
-                    } else {
-                        Some(r as u64)
+                        Err(e) => return Err(errno_of(&e)),
                     }
                 }
             };
@@ -492,18 +491,13 @@ impl Fs {
                 owned.as_deref()
             };
             if let Some(f) = file {
-                self.backing.check_fault().map_err(|e| errno_of(&e))?;
-                // SAFETY: valid fd; result checked.
-                let r = unsafe {
-                    libc::fallocate(
-                        f.as_raw_fd(),
-                        mode | libc::FALLOC_FL_KEEP_SIZE,
-                        in_part as libc::off_t,
-                        (seg_end - pos) as libc::off_t,
-                    )
-                };
-                if r < 0 {
-                    let e = std::io::Error::last_os_error();
+                let r = self.backing.fallocate(
+                    f,
+                    mode | libc::FALLOC_FL_KEEP_SIZE,
+                    in_part,
+                    seg_end - pos,
+                );
+                if let Err(e) = r {
                     // FAT allocates nothing in advance: plain allocation is a no-op there.
                     if !(mode == 0 && e.raw_os_error() == Some(libc::EOPNOTSUPP)) {
                         return Err(errno_of(&e));
@@ -586,8 +580,12 @@ impl Fs {
             return Err(e);
         }
         if whole > parts.size {
+            // The commit synced the parts first (`set_part_len`, `keep_in_order`): only now
+            // may the tail leave the first part. Synced at once, so the layout on the stick is
+            // the committed one before anything else is written into the parts.
             self.backing
                 .set_len(&first, parts.size)
+                .and_then(|()| self.backing.sync_file(&first, false))
                 .map_err(|e| errno_of(&e))?;
         }
         Ok(parts)
@@ -602,23 +600,21 @@ impl Fs {
         let mut pos = p.size;
         while pos < whole {
             // Skip holes: a sparse 5 GiB file must not become 5 GiB of zeros.
-            // SAFETY: valid fd; result checked.
-            let data =
-                unsafe { libc::lseek(first.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
+            let Ok(data) = self.backing.lseek(first, pos as i64, libc::SEEK_DATA) else {
                 break;
-            }
+            };
             pos = data as u64;
             if pos >= whole {
                 break;
             }
             let n = (whole - pos).min(buf.len() as u64) as usize;
-            read_full(first, &mut buf[..n], pos)?;
+            self.read_full(first, &mut buf[..n], pos)?;
             let k = index_of(p, pos);
             let seg = n.min(((k + 1) * p.size - pos) as usize);
             let file = self.part_file(p, k, true)?.ok_or(Errno::EIO)?;
             self.backing
                 .write_at(&file, &buf[..seg], pos - k * p.size)
+                .and_then(|_| self.backing.keep_in_order(&file))
                 .map_err(|e| errno_of(&e))?;
             pos += seg as u64;
         }
@@ -626,25 +622,22 @@ impl Fs {
         // at `whole` (the layout invariant).
         for k in 1..=index_of(p, whole - 1) {
             let f = self.part_file(p, k, true)?.ok_or(Errno::EIO)?;
-            self.backing
-                .set_len(&f, part_len(p, whole, k))
-                .map_err(|e| errno_of(&e))?;
+            self.set_part_len(&f, part_len(p, whole, k))?;
         }
         Ok(())
     }
 }
 
-fn read_full(file: &File, out: &mut [u8], offset: u64) -> Result<()> {
-    let mut done = 0;
-    while done < out.len() {
-        match file.read_at(&mut out[done..], offset + done as u64) {
-            Ok(0) => break, // a short part reads as a hole
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(errno_of(&e)),
-        }
+impl Fs {
+    /// Fills `out` from a part at `offset`; a short part reads as a hole.
+    fn read_full(&self, file: &File, out: &mut [u8], offset: u64) -> Result<()> {
+        let done = self
+            .backing
+            .read_at(file, out, offset)
+            .map_err(|e| errno_of(&e))?;
+        out[done..].fill(0);
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]

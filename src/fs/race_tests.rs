@@ -269,3 +269,52 @@ fn a_reader_is_not_held_up_by_the_first_listing_of_a_big_directory() {
          progress: the listing holds the state lock"
     );
 }
+
+/// A checkpoint whose new generation is durable but whose removal of the old one failed
+/// holds every change it replaced: none may stay unsaved and be appended after it again (the
+/// replayed rename would clear its target, as in defect 1).
+#[test]
+fn a_checkpoint_that_landed_is_not_appended_again_when_the_old_generation_stays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = open(dir.path());
+    // The backing keeps the first faults it is given (these never fail); the store takes
+    // each new one.
+    fs.set_faults(Arc::new(crate::faults::Faults::counting()));
+    let a = fs.mkdir(USER, ROOT, b"a", 0o755).expect("mkdir a").ino;
+    for k in 0..3 {
+        let f = create(&fs, a, &format!("f{k}"), 0o644, b"data");
+        chmod(&fs, f, 0o600);
+    }
+    fs.commit().expect("commit");
+    fs.rename(ROOT, b"a", ROOT, b"a2", 0).expect("rename");
+    // A compaction makes 10 store writes to create the new generation (for each of its two
+    // files: unlink of a leftover, create, pwrite, fsync, fsync of the directory); the 11th,
+    // removing the old journal, fails.
+    let faults = Arc::new(crate::faults::Faults::new(10, false));
+    fs.set_faults(faults.clone());
+    let compacted = fs.compact();
+    assert!(faults.tripped(), "the removal of the old generation failed");
+    fs.set_faults(Arc::new(crate::faults::Faults::counting()));
+    let x = create(&fs, ROOT, "x", 0o644, b"x");
+    chmod(&fs, x, 0o640);
+    fs.commit().expect("a later commit");
+    drop(fs);
+
+    let fs = open(dir.path());
+    let mut wrong = Vec::new();
+    for k in 0..3 {
+        let f = find(&fs, &["a2", &format!("f{k}")]).expect("a2/f after remount");
+        let perm = fs.getattr(f).expect("getattr").perm;
+        if perm != 0o600 {
+            wrong.push(format!(
+                "a2/f{k} after remount: mode {perm:o}, expected 600"
+            ));
+        }
+    }
+    if compacted.is_err() {
+        wrong.push(format!(
+            "the new generation is in use, yet the compaction reported {compacted:?}"
+        ));
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

@@ -122,13 +122,20 @@ pub(crate) fn displayable_alias(backing: &[u8]) -> Vec<u8> {
     alias
 }
 
-/// The backing names of a directory's entries that the store holds a record for.
-fn recorded_names(tree: &PendingTree) -> HashSet<Vec<u8>> {
-    tree.children
-        .iter()
-        .filter(|(_, t)| t.meta.is_some())
-        .map(|(n, _)| n.clone())
-        .collect()
+/// The backing names of a directory's entries that the store holds a record for, and among
+/// them those recorded as symlinks (whose body is read at loading too).
+fn recorded_names(tree: &PendingTree) -> (HashSet<Vec<u8>>, HashSet<Vec<u8>>) {
+    let mut recorded = HashSet::new();
+    let mut symlinks = HashSet::new();
+    for (name, t) in &tree.children {
+        if let Some(meta) = &t.meta {
+            recorded.insert(name.clone());
+            if meta.link.is_none() && valid_meta_kind(meta) == Some(Kind::Symlink) {
+                symlinks.insert(name.clone());
+            }
+        }
+    }
+    (recorded, symlinks)
 }
 
 fn valid_meta_kind(meta: &Meta) -> Option<Kind> {
@@ -145,13 +152,22 @@ fn non_dir_kind(meta: &Meta) -> Kind {
 }
 
 /// What loading a directory reads from the stick: its listing (every entry stat'ed) and the
-/// bodies of its small files without a record, which may be symlinks made elsewhere. Read
+/// bodies of its small files without a record, which may be symlinks made elsewhere, and of
+/// the files recorded as symlinks. Read
 /// without the state lock when `Fs::preload` can (issue 11, defect 5).
 pub(crate) struct DirScan {
     dirfd: std::os::fd::OwnedFd,
     entries: Vec<BackingEntry>,
     /// By backing name.
     bodies: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+}
+
+/// Whether `ino` is a directory not loaded yet.
+fn unloaded_dir(st: &State, ino: Ino) -> bool {
+    matches!(
+        st.inodes.get(&ino).and_then(|i| i.dir.as_ref()),
+        Some(DirState::Unloaded(_))
+    )
 }
 
 /// Whether an entry of a directory being loaded has a record: by its name, or on an 8.3
@@ -166,13 +182,7 @@ impl Fs {
     /// lock is let go while `preload` loads it (no extra locking when all are loaded).
     pub(crate) fn lock_loaded(&self, dirs: &[Ino]) -> std::sync::MutexGuard<'_, State> {
         let st = self.lock();
-        let unloaded = |st: &State, ino: &Ino| {
-            matches!(
-                st.inodes.get(ino).and_then(|i| i.dir.as_ref()),
-                Some(DirState::Unloaded(_))
-            )
-        };
-        if !dirs.iter().any(|d| unloaded(&st, d)) {
+        if !dirs.iter().any(|&d| unloaded_dir(&st, d)) {
             return st;
         }
         drop(st);
@@ -180,6 +190,33 @@ impl Fs {
             self.preload(dir);
         }
         self.lock()
+    }
+
+    /// `lock_loaded` for an operation that also lists the entry `name` of `parent` when it
+    /// is a directory (rmdir, or a rename over a directory, check that it is empty): that
+    /// listing, too, is done without the lock. `st` is held over the other directories.
+    pub(crate) fn relock_with_entry_loaded<'a>(
+        &'a self,
+        st: std::sync::MutexGuard<'a, State>,
+        dirs: &[Ino],
+        parent: Ino,
+        name: &[u8],
+    ) -> std::sync::MutexGuard<'a, State> {
+        let entry = st
+            .inodes
+            .get(&parent)
+            .and_then(|p| p.children())
+            .and_then(|c| c.entries.get(name))
+            .map(|d| d.ino);
+        match entry {
+            Some(ino) if unloaded_dir(&st, ino) => {
+                drop(st);
+                let mut all = dirs.to_vec();
+                all.push(ino);
+                self.lock_loaded(&all)
+            }
+            _ => st,
+        }
     }
 
     /// Loads directory `ino` if it is not loaded yet, doing its stick I/O (listing, a stat of
@@ -231,9 +268,13 @@ impl Fs {
         self.install_dir(st, ino, scan)
     }
 
-    /// The stick I/O of loading the directory at `dir_path`; `recorded` names the entries the
-    /// store has records for. Touches no state.
-    fn scan_dir(&self, dir_path: &[Vec<u8>], recorded: &HashSet<Vec<u8>>) -> Result<DirScan> {
+    /// The stick I/O of loading the directory at `dir_path`, given the names the store has
+    /// records for and those recorded as symlinks (`recorded_names`). Touches no state.
+    fn scan_dir(
+        &self,
+        dir_path: &[Vec<u8>],
+        (recorded, symlinks): &(HashSet<Vec<u8>>, HashSet<Vec<u8>>),
+    ) -> Result<DirScan> {
         let dirfd = self
             .backing
             .open_dir(&join_path(dir_path))
@@ -253,7 +294,10 @@ impl Fs {
             let looks_like_symlink = stat.is_file
                 && stat.size > SYMLINK_MAGIC.len() as u64
                 && stat.size <= SYMLINK_FILE_MAX;
-            if looks_like_symlink && !has_record(recorded, self.names, &entry.name) {
+            let unrecorded = !has_record(recorded, self.names, &entry.name);
+            if (looks_like_symlink && unrecorded)
+                || (stat.is_file && has_record(symlinks, self.names, &entry.name))
+            {
                 if let Ok(body) =
                     self.backing
                         .read_small(dirfd.as_fd(), &entry.name, SYMLINK_FILE_MAX)
@@ -491,7 +535,11 @@ impl Fs {
         meta.name = None;
         match kind {
             Kind::Symlink if symlink.is_none() => {
-                let body = self.read_content_small(st, dirfd, &entry.name, link_id);
+                // Read ahead by `scan_dir` for a symlink recorded at this name.
+                let body = match (body, link_id) {
+                    (Some(b), None) => Some(b.clone()),
+                    _ => self.read_content_small(st, dirfd, &entry.name, link_id),
+                };
                 symlink = Some(body.as_deref().and_then(parse_symlink).unwrap_or_default());
             }
             Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => {

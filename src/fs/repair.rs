@@ -177,7 +177,7 @@ impl Fs {
                         0o600,
                     )
                     .map_err(|e| errno_of(&e))?;
-                f.set_len(p.size).map_err(|e| errno_of(&e))?;
+                self.backing.set_len(&f, p.size).map_err(|e| errno_of(&e))?;
                 done.push(format!(
                     "made part {k} of {} a hole of {} bytes",
                     String::from_utf8_lossy(&dir_path),

@@ -127,6 +127,17 @@ pub fn run_session(
         );
         return exit_code::SUCCESS;
     }
+    // What pam_exec hands us is the PAM environment: nothing of it reaches a program we run
+    // (crate::exec), but a loader variable there was already honoured for this process.
+    for var in ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT"] {
+        if std::env::var_os(var).is_some() {
+            tracing::error!(
+                user = %name,
+                "the PAM environment sets {var}: a PAM module reads users' environment files \
+                 (pam_env user_readenv=1?); run `pershome-config doctor`"
+            );
+        }
+    }
     let (system, config_error) = match sysconfig::load(root) {
         Ok(c) => (c, None),
         Err(e) => (SystemConfig::default(), Some(e)),

@@ -26,6 +26,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("mkfs.ext4", "e2fsprogs"),
     ("mtype", "mtools"),
     ("openssl", "openssl"),
+    // The power-loss scenario's write-back cache (`--filter=cache cache=writeback`).
+    ("nbdkit", "nbdkit"),
 ];
 
 /// Packages from bookworm itself.
@@ -36,6 +38,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "mtools",
     "exfatprogs",
     "e2fsprogs",
+    "nbdkit",
 ];
 
 const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";

@@ -78,6 +78,23 @@ impl Ctx {
         })
     }
 
+    /// As `boot`, with the stick served over NBD on the unix socket `socket`.
+    pub fn boot_nbd(&mut self, name: &str, kernel: Kernel, socket: &Path) -> Result<qemu::Vm> {
+        self.consoles
+            .push(self.run_dir.join(format!("console-{name}.log")));
+        qemu::Vm::boot_nbd(
+            &qemu::VmConfig {
+                image: &self.image,
+                kernel,
+                stick: None,
+                share: &self.share,
+                run_dir: &self.run_dir,
+                name,
+            },
+            socket,
+        )
+    }
+
     pub fn note(&mut self, text: String) {
         eprintln!("  {text}");
         self.notes.push(text);

@@ -57,7 +57,9 @@ pub struct BootSpec<'a> {
     pub memory_mib: u32,
     /// From QEMU's start to the agent's greeting.
     pub boot_timeout: Duration,
-    pub stick: Option<&'a Path>,
+    /// The `-blockdev` of the stick's protocol node (`stickfile`), if one is plugged (see
+    /// [`stick_file_node`]).
+    pub stick: Option<String>,
     pub share: &'a Path,
     pub run_dir: &'a Path,
     pub name: &'a str,
@@ -122,7 +124,7 @@ impl Output {
 
 /// Make the kernel SIGKILL the child when the harness dies, so that not even a SIGKILLed
 /// harness leaves a QEMU behind.
-fn die_with_parent(command: &mut Command) {
+pub(crate) fn die_with_parent(command: &mut Command) {
     // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
     unsafe {
         command.pre_exec(|| {
@@ -138,8 +140,35 @@ fn stick_device_properties() -> serde_json::Value {
     json!({"driver": "usb-storage", "bus": "xhci.0", "drive": "stick", "id": STICK_DEV, "removable": true})
 }
 
+/// The stick's protocol node for an image file.
+pub fn stick_file_node(stick: &Path) -> String {
+    format!(
+        "driver=file,filename={},node-name=stickfile",
+        stick.display()
+    )
+}
+
 impl Vm {
     pub fn boot(config: &VmConfig) -> Result<Vm> {
+        Vm::boot_with(config, config.stick.map(stick_file_node))
+    }
+
+    /// As `boot`, with the stick served by an NBD server on the unix socket `socket` (the
+    /// power-loss scenario's write-back cache) instead of an image file; `config.stick` must
+    /// be None.
+    pub fn boot_nbd(config: &VmConfig, socket: &Path) -> Result<Vm> {
+        if config.stick.is_some() {
+            bail!("boot_nbd: the stick comes from the NBD server, not from an image file");
+        }
+        let node = format!(
+            "driver=nbd,server.type=unix,server.path={},node-name=stickfile",
+            socket.display()
+        );
+        Vm::boot_with(config, Some(node))
+    }
+
+    /// `stick`: the `-blockdev` of the stick's protocol node (`stickfile`), if one is plugged.
+    fn boot_with(config: &VmConfig, stick: Option<String>) -> Result<Vm> {
         let (vmlinuz, initrd) = config.image.kernel_files(config.kernel);
         let rootfs = config.image.rootfs();
         Vm::boot_spec(
@@ -151,7 +180,7 @@ impl Vm {
                 extra: Vec::new(),
                 memory_mib: 1024,
                 boot_timeout: BOOT_TIMEOUT,
-                stick: config.stick,
+                stick,
                 share: config.share,
                 run_dir: config.run_dir,
                 name: config.name,
@@ -220,15 +249,13 @@ impl Vm {
                 res_sock.display()
             ))
             .args(["-serial", "chardev:res"]);
-        if let Some(stick) = config.stick {
+        let plugged = config.stick.is_some();
+        if let Some(stick) = &config.stick {
             // -blockdev, not -drive: a -drive disappears with its device on device_del and
             // could not be plugged back.
             command
                 .arg("-blockdev")
-                .arg(format!(
-                    "driver=file,filename={},node-name=stickfile",
-                    stick.display()
-                ))
+                .arg(stick)
                 .args(["-blockdev", "driver=raw,file=stickfile,node-name=stick"])
                 .args([
                     "-device",
@@ -282,7 +309,7 @@ impl Vm {
             process,
             console,
             next_id: 1,
-            stick_plugged: config.stick.is_some(),
+            stick_plugged: plugged,
         };
         let ready = vm
             .read_response(config.boot_timeout)

@@ -426,7 +426,7 @@ pub fn run(options: &Options) -> Result<()> {
                 .with_context(|| format!("creating {}", backing.display()))?;
             let mut mount_opts: Vec<&str> = Vec::new();
             if fs == Fs::Pershomefs {
-                // Counting costs two relaxed atomic adds' worth per request; the snapshots
+                // Counting costs one relaxed atomic add per request; the snapshots
                 // are read outside the timed commands.
                 if !options.no_counters {
                     mount_opts.push("counters");

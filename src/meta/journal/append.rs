@@ -3,15 +3,11 @@
 //!
 //! It never writes over an intact batch: a failed append's leftovers are cut off first.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-
-use nix::fcntl::{openat, OFlag};
-use nix::sys::stat::Mode;
-use nix::sys::uio::pread;
-use nix::unistd::ftruncate;
+use std::os::fd::{AsFd, OwnedFd};
 
 use super::format::{push_frame, u32_at, BATCH_MAGIC, FRAME_HEADER_LEN, HEADER_LEN};
-use super::{io_err, Journal, Kind, Record, StoreError, BASE_FORMAT_VERSION, MAX_FILE_LEN};
+use super::{sys_err, Journal, Kind, Record, StoreError, BASE_FORMAT_VERSION, MAX_FILE_LEN};
+use crate::backing::sys;
 use crate::meta::codec::encode_record;
 
 impl Journal {
@@ -62,10 +58,9 @@ impl Journal {
     ) -> Result<(), StoreError> {
         let sd = self.layout.store_dir();
         if self.tail_dirty {
-            self.gate_op(|| format!("cutting a failed batch off {sd}/{name}"))?;
             self.stats.writes += 1;
-            ftruncate(fd.as_fd(), self.len as i64)
-                .map_err(io_err(format!("cutting a failed batch off {sd}/{name}")))?;
+            sys::ftruncate(self.faults(), fd.as_fd(), self.len)
+                .map_err(sys_err(format!("cutting a failed batch off {sd}/{name}")))?;
             self.tail_dirty = false;
         }
         self.write_all_at(fd, name, frame, self.len)?;
@@ -83,17 +78,16 @@ impl Journal {
         let name = self.name_of(Kind::Journal, self.generation)?;
         let context = || format!("reading the header of {sd}/{name}");
         // The live journal is held write-only: read its header through a second descriptor.
-        let fd = openat(
-            Some(self.dir()?.as_raw_fd()),
-            name.as_str(),
-            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-            Mode::empty(),
+        let fd = sys::openat(
+            None,
+            self.dir()?.as_fd(),
+            name.as_bytes(),
+            libc::O_RDONLY | libc::O_NONBLOCK,
+            0,
         )
-        .map_err(io_err(context()))?;
-        // SAFETY: openat returned a fresh fd that nothing else owns.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        .map_err(sys_err(context()))?;
         let mut header = [0u8; HEADER_LEN];
-        let n = pread(fd.as_fd(), &mut header, 0).map_err(io_err(context()))?;
+        let n = sys::pread_full(fd.as_fd(), &mut header, 0).map_err(sys_err(context()))?;
         // The header was checked at open (or written by us); should it be short now, the
         // safe answer is the base format: parted records then go to a new generation.
         let v = if n == HEADER_LEN {

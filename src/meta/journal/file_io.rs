@@ -1,36 +1,43 @@
-//! Every system call on the store directory: opening, reading and listing store files,
-//! writing, syncing, creating durably and removing them.
+//! Every access to the store directory: opening, reading and listing store files, writing,
+//! syncing, creating durably and removing them.
 //!
-//! Each write-like call passes the injected-fault gate and is counted in `WriteStats`. It
-//! never follows a symlink and never reads more than `MAX_FILE_LEN` bytes of a file.
+//! The system calls themselves are `backing::sys`'s, the one layer every write to the stick
+//! goes through, so the injected faults and the power-loss model of the tests see the store's
+//! writes in the order they happen among the tree's. Each write-like call is counted here in
+//! `WriteStats`. It never follows a symlink and never reads more than `MAX_FILE_LEN` bytes of
+//! a file.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{openat, OFlag};
+use nix::fcntl::OFlag;
 use nix::sys::stat::{fstat, Mode, SFlag};
-use nix::sys::uio::{pread, pwrite};
-use nix::unistd::{fdatasync, fsync, unlinkat, UnlinkatFlags};
 
 use super::format::HEADER_LEN;
-use super::{io_err, Journal, Kind, OpenMode, StoreError, StoreLayout, MAX_FILE_LEN};
-use crate::faults::{torn_len, Gate};
+use super::{io_err, sys_err, Journal, Kind, OpenMode, StoreError, StoreLayout, MAX_FILE_LEN};
+use crate::backing::sys;
 
 pub(super) fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
 
+/// Opens a store file below `dir` (`O_NOFOLLOW | O_CLOEXEC` always), through `backing::sys`.
 pub(super) fn open_at(
     dir: &OwnedFd,
     name: &str,
     flags: OFlag,
     mode: Mode,
 ) -> Result<OwnedFd, Errno> {
-    let fd = openat(Some(raw(dir)), name, flags | OFlag::O_CLOEXEC, mode)?;
-    // SAFETY: openat just returned this descriptor, so it is open and owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::openat(
+        None,
+        dir.as_fd(),
+        name.as_bytes(),
+        flags.bits(),
+        mode.bits(),
+    )
+    .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
 }
 
 pub(super) fn is_regular(fd: &OwnedFd) -> Result<bool, Errno> {
@@ -70,15 +77,8 @@ pub(super) fn read_at_most(
     want: usize,
 ) -> Result<Vec<u8>, StoreError> {
     let mut buf = vec![0u8; want];
-    let mut got = 0;
-    while got < want {
-        match pread(fd.as_fd(), &mut buf[got..], got as i64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(io_err(format!("reading {sd}/{name}"))(e)),
-        }
-    }
+    let got = sys::pread_full(fd.as_fd(), &mut buf, 0)
+        .map_err(sys_err(format!("reading {sd}/{name}")))?;
     buf.truncate(got);
     Ok(buf)
 }
@@ -163,14 +163,6 @@ pub(super) fn list_store(
     Ok((gens, listed))
 }
 
-/// The error an injected fault gives: what a pulled stick gives.
-pub(super) fn injected(context: String) -> StoreError {
-    StoreError::Io {
-        context: format!("{context} (injected fault)"),
-        source: Errno::EIO.into(),
-    }
-}
-
 impl Journal {
     /// The name of a store file of this layout, as listed when the listing showed it in
     /// another case. Refused (not a panic) past the 8.3 layout's 32-bit generations.
@@ -186,20 +178,9 @@ impl Journal {
             })
     }
 
-    /// Consults the injected faults, if any, before a write-like system call.
-    pub(super) fn gate(&self) -> Gate {
-        match &self.faults {
-            None => Gate::Go,
-            Some(f) => f.gate(),
-        }
-    }
-
-    /// `gate` for an operation that cannot be torn: Err if it must fail.
-    pub(super) fn gate_op(&self, context: impl FnOnce() -> String) -> Result<(), StoreError> {
-        match self.gate() {
-            Gate::Go => Ok(()),
-            Gate::Fail { .. } => Err(injected(context())),
-        }
+    /// The injected faults of the tests, if any: `backing::sys` consults them.
+    pub(super) fn faults(&self) -> Option<&crate::faults::Faults> {
+        self.faults.as_deref()
     }
 
     pub(super) fn dir(&self) -> Result<&OwnedFd, StoreError> {
@@ -217,39 +198,13 @@ impl Journal {
         offset: u64,
     ) -> Result<(), StoreError> {
         let sd = self.layout.store_dir();
-        let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            if let Gate::Fail { torn } = self.gate() {
-                if torn {
-                    let part = &buf[done..done + torn_len(buf.len() - done)];
-                    if !part.is_empty() {
-                        self.stats.writes += 1;
-                        self.stats.bytes += part.len() as u64;
-                        // The error of a torn write is the injected one, whatever this gives.
-                        let _ = pwrite(fd.as_fd(), part, at as i64);
-                    }
-                }
-                return Err(injected(format!("writing {sd}/{name}")));
-            }
-            let res = pwrite(fd.as_fd(), &buf[done..], at as i64);
-            self.stats.writes += 1;
-            match res {
-                Ok(0) => {
-                    return Err(StoreError::Io {
-                        context: format!("writing {sd}/{name}"),
-                        source: std::io::Error::from(std::io::ErrorKind::WriteZero),
-                    })
-                }
-                Ok(n) => {
-                    done += n;
-                    self.stats.bytes += n as u64;
-                }
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(io_err(format!("writing {sd}/{name}"))(e)),
-            }
-        }
-        Ok(())
+        let faults = self.faults.as_deref();
+        let stats = &mut self.stats;
+        sys::pwrite_all(faults, fd.as_fd(), buf, offset, |n| {
+            stats.writes += 1;
+            stats.bytes += n as u64;
+        })
+        .map_err(sys_err(format!("writing {sd}/{name}")))
     }
 
     pub(super) fn sync_file(
@@ -259,36 +214,28 @@ impl Journal {
         data_only: bool,
     ) -> Result<(), StoreError> {
         let sd = self.layout.store_dir();
-        self.gate_op(|| format!("syncing {sd}/{name}"))?;
         self.stats.syncs += 1;
-        let res = if data_only {
-            fdatasync(raw(fd))
-        } else {
-            fsync(raw(fd))
-        };
-        res.map_err(io_err(format!("syncing {sd}/{name}")))
+        sys::sync(self.faults(), fd.as_fd(), data_only)
+            .map_err(sys_err(format!("syncing {sd}/{name}")))
     }
 
     pub(super) fn sync_dir(&mut self) -> Result<(), StoreError> {
         let sd = self.layout.store_dir();
-        let dir = self.dir()?.as_raw_fd();
-        self.gate_op(|| format!("syncing the directory {sd}"))?;
         self.stats.syncs += 1;
-        fsync(dir).map_err(io_err(format!("syncing the directory {sd}")))
+        sys::sync(self.faults(), self.dir()?.as_fd(), false)
+            .map_err(sys_err(format!("syncing the directory {sd}")))
     }
 
     pub(super) fn unlink(&mut self, name: &str) -> Result<(), StoreError> {
         let sd = self.layout.store_dir();
-        let dir = self.dir()?.as_raw_fd();
-        self.gate_op(|| format!("removing {sd}/{name}"))?;
-        let res = unlinkat(Some(dir), name, UnlinkatFlags::NoRemoveDir);
-        if matches!(res, Ok(()) | Err(Errno::ENOENT)) {
-            self.listed.retain(|_, listed| listed != name);
-        }
+        let res = sys::unlinkat(self.faults(), self.dir()?.as_fd(), name.as_bytes(), false);
         match res {
-            Ok(()) | Err(Errno::ENOENT) => Ok(()),
-            Err(e) => Err(io_err(format!("removing {sd}/{name}"))(e)),
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(sys_err(format!("removing {sd}/{name}"))(e)),
         }
+        self.listed.retain(|_, listed| listed != name);
+        Ok(())
     }
 
     /// Creates a file that must not exist yet (a leftover of a failed attempt is removed
@@ -301,14 +248,14 @@ impl Journal {
     ) -> Result<OwnedFd, StoreError> {
         let sd = self.layout.store_dir();
         self.unlink(name)?;
-        self.gate_op(|| format!("creating {sd}/{name}"))?;
-        let fd = open_at(
-            self.dir()?,
-            name,
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
-            Mode::from_bits_truncate(0o600),
+        let fd = sys::openat(
+            self.faults(),
+            self.dir()?.as_fd(),
+            name.as_bytes(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
         )
-        .map_err(io_err(format!("creating {sd}/{name}")))?;
+        .map_err(sys_err(format!("creating {sd}/{name}")))?;
         self.write_all_at(&fd, name, contents, 0)?;
         // A full fsync: the file's size is metadata the data cannot be found without.
         self.sync_file(&fd, name, false)?;

@@ -147,6 +147,12 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(Errno) -> StoreError {
     }
 }
 
+/// `io_err` for the errors of `backing::sys`.
+fn sys_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
 /// How long `open` waits for another user of the store to let go of it.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 

@@ -6,19 +6,20 @@
 //! never writes anything in a read-only mode and never removes a file it does not recognise.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, AtFlags, OFlag};
-use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
-use nix::unistd::{fsync, ftruncate};
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{fstatat, Mode, SFlag};
+
+use crate::backing::sys;
 
 use super::file_io::{list_store, open_at, read_file, read_header};
 use super::format::{
     check_header, encode_header, replay_journal, scan_checkpoint, HeaderProblem, HEADER_LEN,
 };
 use super::{
-    io_err, Journal, Kind, OpenMode, Record, Recovered, Replayed, StoreError, StoreLayout,
+    io_err, sys_err, Journal, Kind, OpenMode, Record, Recovered, Replayed, StoreError, StoreLayout,
     WriteStats, FORMAT_VERSION, LOCK_WAIT,
 };
 
@@ -67,6 +68,7 @@ impl Journal {
             live_version: None,
         };
         let root = backing_root.as_raw_fd();
+        let root_fd = backing_root.as_fd();
         let mut created_dir = false;
         match fstatat(Some(root), store_name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => {
@@ -92,26 +94,26 @@ impl Journal {
                 return Ok((journal, recovered));
             }
             Err(Errno::ENOENT) => {
-                mkdirat(Some(root), store_name, Mode::from_bits_truncate(0o700))
-                    .map_err(io_err(format!("creating {sd}")))?;
+                sys::mkdirat(None, root_fd, store_name.as_bytes())
+                    .map_err(sys_err(format!("creating {sd}")))?;
                 created_dir = true;
             }
             Err(e) => return Err(io_err(format!("examining {sd}"))(e)),
         }
-        let dir = match openat(
-            Some(root),
-            store_name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
+        let dir = match sys::openat(
+            None,
+            root_fd,
+            store_name.as_bytes(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
         ) {
-            // SAFETY: openat just returned this descriptor; nobody else owns it.
-            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
-            Err(Errno::ELOOP) | Err(Errno::ENOTDIR) => {
+            Ok(fd) => fd,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
                 return Err(StoreError::NotADirectory(format!(
                     "{sd} in the backing directory is not a directory"
                 )))
             }
-            Err(e) => return Err(io_err(format!("opening {sd}"))(e)),
+            Err(e) => return Err(sys_err(format!("opening {sd}"))(e)),
         };
         // One writer per stick: a second pershomefs (or an fsck) on the same store would
         // interleave batches. A shared lock lets read-only users coexist with each other only.
@@ -147,17 +149,11 @@ impl Journal {
         if created_dir {
             // The new directory entry must survive a crash as well as the files in it. The
             // root is reopened because the caller's fd may be an O_PATH one, which cannot sync.
-            let root_dir = openat(
-                Some(root),
-                ".",
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(io_err("opening the backing directory"))?;
-            // SAFETY: openat just returned this descriptor; nobody else owns it.
-            let root_dir = unsafe { OwnedFd::from_raw_fd(root_dir) };
+            let root_dir = sys::openat(None, root_fd, b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                .map_err(sys_err("opening the backing directory"))?;
             journal.stats.syncs += 1;
-            fsync(root_dir.as_raw_fd()).map_err(io_err("syncing the backing directory"))?;
+            sys::sync(None, root_dir.as_fd(), false)
+                .map_err(sys_err("syncing the backing directory"))?;
         }
         let recovered = journal.recover()?;
         Ok((journal, recovered))
@@ -430,10 +426,9 @@ impl Journal {
                 .map_err(io_err(format!("opening {sd}/{name}")))?;
                 let len = live_len.unwrap_or(HEADER_LEN);
                 if let Some(cut) = live_cut {
-                    self.gate_op(|| format!("cutting the torn batch off {sd}/{name}"))?;
                     self.stats.writes += 1;
-                    ftruncate(fd.as_fd(), cut as i64)
-                        .map_err(io_err(format!("cutting the torn batch off {sd}/{name}")))?;
+                    sys::ftruncate(self.faults(), fd.as_fd(), cut as u64)
+                        .map_err(sys_err(format!("cutting the torn batch off {sd}/{name}")))?;
                     self.sync_file(&fd, &name, false)?;
                 }
                 self.file = Some(fd);
@@ -492,9 +487,16 @@ impl Journal {
                 Err(Errno::ENOENT) => {}
                 Err(e) => return Err(io_err(format!("examining {sd}/{target}"))(e)),
             }
-            self.gate_op(|| format!("renaming {sd}/{name} to {target}"))?;
-            renameat(Some(dir), name, Some(dir), target.as_str())
-                .map_err(io_err(format!("renaming {sd}/{name} to {target}")))?;
+            let dir = self.dir()?.as_fd();
+            sys::renameat(
+                self.faults(),
+                dir,
+                name.as_bytes(),
+                dir,
+                target.as_bytes(),
+                0,
+            )
+            .map_err(sys_err(format!("renaming {sd}/{name} to {target}")))?;
             return Ok(Some(format!("kept the damaged {sd}/{name} as {target}")));
         }
         Ok(Some(format!(

@@ -102,7 +102,7 @@ fn boot_client(
             ],
             memory_mib: 1536,
             boot_timeout: LONG,
-            stick,
+            stick: stick.map(crate::qemu::stick_file_node),
             share: &ctx.share,
             run_dir: &ctx.run_dir,
             name,

@@ -9,6 +9,7 @@ mod kernels;
 mod login;
 mod ltsp;
 mod msdos;
+mod powercut;
 mod wear;
 mod yank;
 
@@ -78,5 +79,11 @@ pub const ALL: &[Scenario] = &[
         name: "ltsp",
         summary: "LTSP 23 on Debian 13: a server VM netboots a diskless client; alice's stick home beside pamltsp, bob's SSHFS home, the fallback, deny, unlock, carol added",
         run: ltsp::run,
+    },
+    Scenario {
+        number: 10,
+        name: "powercut",
+        summary: "power cuts: nbdkit's write-back cache and QEMU killed mid-workload, three times; fsync'ed files intact, the rest old or new, never garbage",
+        run: powercut::run,
     },
 ];
