@@ -19,11 +19,32 @@ fn scratch() -> Scratch {
 }
 
 /// The requests the daemon served while `work` ran.
+///
+/// The kernel sends RELEASE and RELEASEDIR in the background after the last close
+/// (`fuse_file_put` does not wait for the reply), so they may reach the daemon after `work`
+/// has returned. The count is read again until every open that `work` made has its release;
+/// this waits for events that are certain to come, it does not judge a time (after 10 s the
+/// count is compared as it stands, and a missing release then fails the caller's assertion).
 fn during(mnt: &Path, work: impl FnOnce()) -> Report {
     let before = read_report(mnt).expect("read the request report before");
     work();
-    let after = read_report(mnt).expect("read the request report after");
-    difference(&before, &after)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let after = read_report(mnt).expect("read the request report after");
+        let diff = difference(&before, &after);
+        let count = |names: &[&str]| -> u64 {
+            names
+                .iter()
+                .map(|n| diff.get(*n).copied().unwrap_or(0))
+                .sum()
+        };
+        let opens = count(&["OPEN", "OPENDIR", "CREATE"]);
+        let releases = count(&["RELEASE", "RELEASEDIR"]);
+        if releases >= opens || std::time::Instant::now() >= deadline {
+            return diff;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn report(pairs: &[(&str, u64)]) -> Report {
