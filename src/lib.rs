@@ -14,6 +14,7 @@ pub mod fsck;
 pub mod fuse;
 pub mod homes_list;
 pub mod logging;
+pub mod ltsp;
 pub mod meta;
 pub mod mount_opts;
 pub mod names;

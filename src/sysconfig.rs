@@ -40,6 +40,13 @@ pub struct SystemConfig {
     /// `logout_timeout`: seconds the logout waits for the user's remaining processes to let go
     /// of the home before it unmounts lazily, 0 to 600. Default 10.
     pub logout_timeout: Seconds,
+    /// `remote_sessions`: what the hook does in a session opened from another machine
+    /// (`PAM_RHOST` set, or the `sshd` service): `skip` (default) does nothing and never
+    /// fails such a session, because on an LTSP server those are the `ssh`/`sftp` sessions
+    /// pamltsp opens for a client's login, and the stick is on the client; `open` treats them
+    /// like local logins (the thin-client case of `--stick-dir`, where the stick is reached
+    /// from the server).
+    pub remote_sessions: RemoteSessions,
     /// `[stick]`: which filesystems count as a stick and how they are mounted.
     pub stick: StickConfig,
 }
@@ -51,6 +58,7 @@ impl Default for SystemConfig {
             on_missing_stick: OnMissingStick::Fallback,
             honour_user_file: true,
             logout_timeout: Seconds(10),
+            remote_sessions: RemoteSessions::Skip,
             stick: StickConfig::default(),
         }
     }
@@ -65,6 +73,16 @@ pub enum OnMissingStick {
     /// Fail the session: the login is refused with the same message. Use it where a student
     /// must never write into the server home.
     Deny,
+}
+
+/// What the hook does in a remote session (see `SystemConfig::remote_sessions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteSessions {
+    /// Do nothing, exit 0: the session belongs to the server side of a client's login.
+    Skip,
+    /// Open the stick home as for a local login.
+    Open,
 }
 
 /// The `[stick]` table.

@@ -130,6 +130,9 @@ enum Command {
                       Exit 0 when all are OK, 1 otherwise."
     )]
     Doctor,
+    /// LTSP 23: keep pershome's block in /etc/ltsp/pamltsp.conf, answer pamltsp's SSHFS question.
+    #[command(subcommand, long_about = LTSP_HELP)]
+    Ltsp(LtspCommand),
     /// Create this site's claim key (/etc/pershome/claim.key) if there is none.
     #[command(
         long_about = "Create the site's claim key, /etc/pershome/claim.key (32 random bytes, \
@@ -180,6 +183,30 @@ enum Command {
         /// rw,nosuid,nodev and similar words are accepted and ignored
         #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
         options: Vec<String>,
+    },
+}
+
+const LTSP_HELP: &str = "\
+LTSP 23 support. pamltsp mounts a client user's server home over SSHFS in the auth phase, \
+before the session hook runs. pershome keeps a block in /etc/ltsp/pamltsp.conf (which pamltsp \
+sources with PAM_USER set) that sets SSHFS=0 for a user whose stick home will be mounted; \
+everybody else keeps the SSHFS home. `ltsp init` rewrites that file at client boot when \
+ltsp.conf sets PAM_AUTH_TYPE, SSH_SERVER or SSH_OPTIONS; pershome-ltsp-client.service runs \
+`pershome-config ltsp setup` after it, before logins are allowed.";
+
+#[derive(Debug, Subcommand)]
+enum LtspCommand {
+    /// Put pershome's block into /etc/ltsp/pamltsp.conf (on the server: then `ltsp initrd`).
+    Setup,
+    /// Exit 0 when pamltsp must not mount USER's server home (their stick home will be
+    /// mounted), 1 when it goes on as configured. Asked by the block in pamltsp.conf.
+    SkipSshfs {
+        /// The user logging in (pamltsp's PAM_USER).
+        #[arg(long, value_name = "USER")]
+        user: String,
+        /// As for `session --stick-dir`: a directory standing for the stick.
+        #[arg(long, value_name = "DIR")]
+        stick_dir: Option<PathBuf>,
     },
 }
 
@@ -286,6 +313,10 @@ fn run(args: impl IntoIterator<Item = OsString>) -> u8 {
         Command::Wants { user, quiet } => wants(root, &user, quiet),
         Command::Pam(args) => pam(root, &args),
         Command::Doctor => doctor::run(root),
+        Command::Ltsp(LtspCommand::Setup) => ltsp_setup(root),
+        Command::Ltsp(LtspCommand::SkipSshfs { user, stick_dir }) => {
+            crate::session::ltsp::run_skip_sshfs(root, &user, stick_dir)
+        }
         Command::ClaimKey => match crate::session::claim::SiteKey::load(root, true) {
             Ok(_) => {
                 println!(
@@ -414,7 +445,45 @@ fn edit_users(root: &Path, users: &[String], edit: Edit) -> u8 {
             (Edit::Remove, Ok(false)) => println!("{user}: was not listed"),
         }
     }
+    ltsp_follow_up(root);
     exit_code::SUCCESS
+}
+
+/// `ltsp setup`: the block in pamltsp.conf, and on a server what must follow.
+fn ltsp_setup(root: &Path) -> u8 {
+    match crate::ltsp::ensure_block(root) {
+        Ok(changed) => {
+            let path = root.join(crate::ltsp::PAMLTSP_CONF);
+            if changed {
+                println!("{}: pershome's block added", path.display());
+                tracing::info!("added pershome's block to {}", path.display());
+            } else {
+                println!("{}: pershome's block is in place", path.display());
+            }
+            if changed && crate::ltsp::role(root) == crate::ltsp::Role::Server {
+                println!("next: {}", crate::ltsp::FollowUp::Initrd.advice());
+            }
+            exit_code::SUCCESS
+        }
+        Err(e) => fail(exit_code::FAILED, format!("{e:#}")),
+    }
+}
+
+/// After add-user/remove-user on an LTSP server: the block in pamltsp.conf (the clients need
+/// it for the list to mean anything), and what the administrator runs next.
+fn ltsp_follow_up(root: &Path) {
+    if crate::ltsp::role(root) != crate::ltsp::Role::Server {
+        return;
+    }
+    match crate::ltsp::ensure_block(root) {
+        Ok(true) => println!(
+            "{}: pershome's block added (users with a stick home get no SSHFS home)",
+            root.join(crate::ltsp::PAMLTSP_CONF).display()
+        ),
+        Ok(false) => {}
+        Err(e) => eprintln!("pershome-config: warning: {e:#}"),
+    }
+    println!("next: {}", crate::ltsp::FollowUp::Initrd.advice());
 }
 
 fn list(root: &Path) -> u8 {

@@ -61,7 +61,7 @@ pub fn phase_from_pam_type(pam_type: Option<&str>) -> Result<Phase> {
 
 /// Where the stick is looked for: the given directory (`{user}` in it replaced by the user
 /// name, for per-user sshfs mounts on a thin-client server), else the removable devices.
-fn source(stick_dir: Option<PathBuf>, system: &SystemConfig, user: &str) -> Source {
+pub(super) fn source(stick_dir: Option<PathBuf>, system: &SystemConfig, user: &str) -> Source {
     match stick_dir {
         Some(dir) => Source::Directory(expand_user(&dir, user)),
         None => Source::Devices {
@@ -147,6 +147,18 @@ pub fn run_session(
         source: source(stick_dir, &system, &name),
         system,
     };
+    // The server side of an LTSP login (pamltsp's ssh sessions), or any other remote session:
+    // not ours, at open nor at close (a close must not count down a local session's mount).
+    if matches!(phase, Phase::Open | Phase::Close)
+        && super::ltsp::skips(
+            &cfg.system,
+            std::env::var("PAM_SERVICE").ok().as_deref(),
+            std::env::var("PAM_RHOST").ok().as_deref(),
+        )
+    {
+        tracing::debug!(user = %name, "remote session: left alone (remote_sessions = \"skip\")");
+        return exit_code::SUCCESS;
+    }
     match phase {
         Phase::Open => open_phase(&cfg, &name, config_error, out),
         Phase::ReleaseStick => {
@@ -220,6 +232,13 @@ fn open_phase(
         }
     };
     tracing::debug!(user = %name, "wants a stick home: {wants}");
+    if wants.yes() {
+        match super::ltsp::client_open(&cfg.root, &cfg.source, &cfg.system, &account, out) {
+            Ok(Some(code)) => return code,
+            Ok(None) => {}
+            Err(e) => tracing::error!(user = %name, "session open on an LTSP client: {e:#}"),
+        }
+    }
     match hook::open(cfg, &account, wants.yes(), out) {
         Ok(Opened::Fallback(_)) => fallback_code,
         Ok(_) => exit_code::SUCCESS,

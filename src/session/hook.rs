@@ -111,9 +111,10 @@ pub enum Closed {
     Deferred,
 }
 
-/// The text for a person when the stick home cannot be had, with the way to fix it.
-pub fn missing_message(missing: &Missing, account: &Account) -> String {
-    let why = match missing {
+/// Why there is no stick home, as a clause for a person (also used on LTSP clients, where the
+/// fallback is the server home: `session::ltsp`).
+pub fn missing_reason(missing: &Missing, user: &str) -> String {
+    match missing {
         Missing::NoStick => "no USB stick with a pershome folder was found".to_owned(),
         Missing::NoPershomeDir(what) => format!(
             "the stick ({what}) has no folder named \"pershome\" at its top, so it is not \
@@ -134,9 +135,14 @@ pub fn missing_message(missing: &Missing, account: &Account) -> String {
              person it was claimed for. If it is yours, ask the administrator to claim it for \
              you (`pershome-config claim {name} ...`), or log in once with a stick whose \
              pershome folder is still empty",
-            name = account.name
+            name = user
         ),
-    };
+    }
+}
+
+/// The text for a person when the stick home cannot be had, with the way to fix it.
+pub fn missing_message(missing: &Missing, account: &Account) -> String {
+    let why = missing_reason(missing, &account.name);
     format!(
         "pershome: {why}.\n\
          You are working in this computer's normal home folder ({home}) for this session: \

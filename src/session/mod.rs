@@ -7,6 +7,8 @@
 //!   the daemon's last commit
 //! - `rundir`: `/run/pershome/USER/` (mount point, session count, state, notice)
 //! - `hook`: open and close, and the messages a person sees
+//! - `ltsp`: remote sessions skipped, the SSHFS decision asked by pamltsp, the client side of
+//!   an LTSP login
 //! - `entry`: the command-line entry points (`session`, `mount-home`, `pershome notice`)
 //!
 //! Finding, probing and mounting stick devices, the mount table and the `pershome/` look-up
@@ -20,6 +22,7 @@
 pub mod claim;
 pub mod entry;
 pub mod hook;
+pub mod ltsp;
 pub mod mounts;
 pub mod rundir;
 pub mod stick;

@@ -112,6 +112,33 @@ pub fn find(
     mountpoint: &Path,
     key: Option<&SiteKey>,
 ) -> Result<std::result::Result<Found, Missing>> {
+    find_impl(source, user, uid, gid, mountpoint, key, true)
+}
+
+/// As [`find`], but a fresh stick is never claimed: whether `find` would give `user` a stick
+/// now. pamltsp asks this before the password is checked (`session::ltsp`), and a claim must
+/// only ever follow a login. What it mounted stays mounted on `mountpoint` for the caller to
+/// release.
+pub fn look_for(
+    source: &Source,
+    user: &str,
+    uid: u32,
+    gid: u32,
+    mountpoint: &Path,
+    key: &SiteKey,
+) -> Result<std::result::Result<Found, Missing>> {
+    find_impl(source, user, uid, gid, mountpoint, Some(key), false)
+}
+
+fn find_impl(
+    source: &Source,
+    user: &str,
+    uid: u32,
+    gid: u32,
+    mountpoint: &Path,
+    key: Option<&SiteKey>,
+    claim: bool,
+) -> Result<std::result::Result<Found, Missing>> {
     match source {
         Source::Directory(dir) => {
             let Some(key) = key.filter(|_| nix::unistd::geteuid().is_root()) else {
@@ -158,6 +185,7 @@ pub fn find(
             };
             match verdict(&claim::look(mountpoint), key, user) {
                 Verdict::Mine => Ok(Ok(found)),
+                Verdict::Fresh if !claim => Ok(Ok(found)),
                 Verdict::Fresh => match claim_fresh(mountpoint, user, key) {
                     Ok(()) => Ok(Ok(found)),
                     Err(e) => {
@@ -180,7 +208,15 @@ pub fn find(
             let Some(key) = key else {
                 anyhow::bail!("the login hook must run as root to use stick devices");
             };
-            find_on_devices(&candidates, config, user, uid, gid, mountpoint, key)
+            find_on_devices(
+                &candidates,
+                config,
+                user,
+                (uid, gid),
+                mountpoint,
+                key,
+                claim,
+            )
         }
     }
 }
@@ -189,10 +225,10 @@ fn find_on_devices(
     candidates: &[Candidate],
     config: &SystemConfig,
     user: &str,
-    uid: u32,
-    gid: u32,
+    (uid, gid): (u32, u32),
     mountpoint: &Path,
     key: &SiteKey,
+    claim: bool,
 ) -> Result<std::result::Result<Found, Missing>> {
     if candidates.is_empty() {
         return Ok(Err(Missing::NoStick));
@@ -246,9 +282,11 @@ fn find_on_devices(
                     return Ok(Err(Missing::Unclaimed(only.devnode.display().to_string())));
                 }
             };
-            if let Err(e) = claim_fresh(&backing, user, key) {
-                release();
-                return Err(e);
+            if claim {
+                if let Err(e) = claim_fresh(&backing, user, key) {
+                    release();
+                    return Err(e);
+                }
             }
             Ok(Ok(Found {
                 backing,

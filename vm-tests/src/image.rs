@@ -172,6 +172,13 @@ pub struct GuestImage {
 }
 
 impl GuestImage {
+    /// No image: for runs whose scenarios boot other machines (`ltsp`); booting it fails.
+    pub fn not_built() -> GuestImage {
+        GuestImage {
+            dir: util::vm_dir().join("image-not-built"),
+        }
+    }
+
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join("rootfs.raw")
     }

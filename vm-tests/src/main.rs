@@ -9,6 +9,7 @@
 mod deps;
 mod guest;
 mod image;
+mod ltsp_image;
 mod protocol;
 mod qemu;
 mod qmp;
@@ -49,6 +50,8 @@ struct Cli {
 pub struct Ctx {
     pub sh: Shell,
     pub image: GuestImage,
+    /// The project's package (the LTSP server installs it too).
+    pub deb: PathBuf,
     pub kernel: Kernel,
     /// This scenario's run directory (sticks, sockets, logs).
     pub run_dir: PathBuf,
@@ -124,13 +127,19 @@ fn run() -> Result<bool> {
         return Ok(true);
     }
     let selected = select(&cli.scenarios)?;
-    deps::check()?;
+    let only_ltsp = selected.iter().all(|s| s.name == "ltsp");
+    deps::check(!only_ltsp)?;
     let started = Instant::now();
     build_binaries(&sh)?;
     let deb = build_deb(&sh)?;
-    let image = image::ensure(&deb)?;
+    // The `ltsp` scenario boots its own server and client, not the thin-client image.
+    let image = if only_ltsp {
+        image::GuestImage::not_built()
+    } else {
+        image::ensure(&deb)?
+    };
     let share = util::vm_dir().join("share");
-    stage_share(&share)?;
+    stage_share(&share, !only_ltsp)?;
 
     let mut results = Vec::new();
     for scenario in selected {
@@ -153,6 +162,7 @@ fn run() -> Result<bool> {
         let mut ctx = Ctx {
             sh: Shell::new().context("creating the xshell")?,
             image: image.clone(),
+            deb: deb.clone(),
             kernel: cli.kernel,
             run_dir,
             share: share.clone(),
@@ -269,7 +279,7 @@ fn bin_dir() -> Result<PathBuf> {
 
 /// Fill the share's `tools/` with the test tools (installed in /usr/local/bin at boot). The
 /// project's own binaries are not shared: the guest runs the ones its package installed.
-fn stage_share(share: &Path) -> Result<()> {
+fn stage_share(share: &Path, fs_tools: bool) -> Result<()> {
     let built = bin_dir()?;
     // Left by older versions of the suite, which shared the project's binaries.
     let stale = share.join("bin");
@@ -280,8 +290,10 @@ fn stage_share(share: &Path) -> Result<()> {
         .iter()
         .map(|name| built.join(name))
         .collect();
-    tools.push(deps::cargo_tool("pjdfstest"));
-    tools.push(deps::cargo_tool("fsx"));
+    if fs_tools {
+        tools.push(deps::cargo_tool("pjdfstest"));
+        tools.push(deps::cargo_tool("fsx"));
+    }
     let dir = share.join("tools");
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;

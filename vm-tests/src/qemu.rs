@@ -43,6 +43,28 @@ pub struct VmConfig<'a> {
     pub name: &'a str,
 }
 
+/// A boot that is not the thin-client image's: the LTSP server (its own kernel, root disk and
+/// the LAN socket) or the netbooted LTSP client (no disk; kernel and initrd served by the
+/// server). Everything else (agent channel, QMP, console, 9p share, stick) is as for `VmConfig`.
+pub struct BootSpec<'a> {
+    pub vmlinuz: &'a Path,
+    pub initrd: &'a Path,
+    pub append: &'a str,
+    /// The root disk (raw, opened with snapshot=on), if any.
+    pub root_disk: Option<&'a Path>,
+    /// Extra QEMU arguments (the network).
+    pub extra: Vec<String>,
+    pub memory_mib: u32,
+    /// From QEMU's start to the agent's greeting.
+    pub boot_timeout: Duration,
+    /// The `-blockdev` of the stick's protocol node (`stickfile`), if one is plugged (see
+    /// [`stick_file_node`]).
+    pub stick: Option<String>,
+    pub share: &'a Path,
+    pub run_dir: &'a Path,
+    pub name: &'a str,
+}
+
 /// The QEMU child, killed and reaped on drop.
 struct QemuProcess {
     child: Child,
@@ -118,15 +140,17 @@ fn stick_device_properties() -> serde_json::Value {
     json!({"driver": "usb-storage", "bus": "xhci.0", "drive": "stick", "id": STICK_DEV, "removable": true})
 }
 
+/// The stick's protocol node for an image file.
+pub fn stick_file_node(stick: &Path) -> String {
+    format!(
+        "driver=file,filename={},node-name=stickfile",
+        stick.display()
+    )
+}
+
 impl Vm {
     pub fn boot(config: &VmConfig) -> Result<Vm> {
-        let stick = config.stick.map(|stick| {
-            format!(
-                "driver=file,filename={},node-name=stickfile",
-                stick.display()
-            )
-        });
-        Vm::boot_with(config, stick)
+        Vm::boot_with(config, config.stick.map(stick_file_node))
     }
 
     /// As `boot`, with the stick served by an NBD server on the unix socket `socket` (the
@@ -145,6 +169,28 @@ impl Vm {
 
     /// `stick`: the `-blockdev` of the stick's protocol node (`stickfile`), if one is plugged.
     fn boot_with(config: &VmConfig, stick: Option<String>) -> Result<Vm> {
+        let (vmlinuz, initrd) = config.image.kernel_files(config.kernel);
+        let rootfs = config.image.rootfs();
+        Vm::boot_spec(
+            &BootSpec {
+                vmlinuz: &vmlinuz,
+                initrd: &initrd,
+                append: "console=ttyS0 root=/dev/vda rw panic=-1 usb-storage.delay_use=0 quiet systemd.show_status=0",
+                root_disk: Some(&rootfs),
+                extra: Vec::new(),
+                memory_mib: 1024,
+                boot_timeout: BOOT_TIMEOUT,
+                stick,
+                share: config.share,
+                run_dir: config.run_dir,
+                name: config.name,
+            },
+            config.kernel.name(),
+        )
+    }
+
+    /// Boots `config`; `what` names the boot in messages.
+    pub fn boot_spec(config: &BootSpec, what: &str) -> Result<Vm> {
         std::fs::create_dir_all(config.run_dir)
             .with_context(|| format!("creating {}", config.run_dir.display()))?;
         let res_sock = config.run_dir.join(format!("{}-res.sock", config.name));
@@ -162,27 +208,31 @@ impl Vm {
                 res_sock.display()
             );
         }
-        let (vmlinuz, initrd) = config.image.kernel_files(config.kernel);
         let mut command = Command::new("qemu-system-x86_64");
         command
-            .args(["-nodefaults", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
+            .args(["-nodefaults", "-accel", "tcg", "-cpu", "max", "-smp", "1"])
+            .arg("-m")
+            .arg(config.memory_mib.to_string())
             .args(["-display", "none", "-no-reboot"])
             .arg("-kernel")
-            .arg(&vmlinuz)
+            .arg(config.vmlinuz)
             .arg("-initrd")
-            .arg(&initrd)
-            .args([
-                "-append",
-                "console=ttyS0 root=/dev/vda rw panic=-1 usb-storage.delay_use=0 quiet systemd.show_status=0",
-            ])
+            .arg(config.initrd)
+            .arg("-append")
+            .arg(config.append);
+        if let Some(disk) = config.root_disk {
             // Snapshot on the root disk only: the global -snapshot would also throw away the
             // stick's writes, which are what the tests look at.
-            .arg("-drive")
-            .arg(format!(
-                "if=none,id=root,format=raw,file={},snapshot=on",
-                config.image.rootfs().display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=root"])
+            command
+                .arg("-drive")
+                .arg(format!(
+                    "if=none,id=root,format=raw,file={},snapshot=on",
+                    disk.display()
+                ))
+                .args(["-device", "virtio-blk-pci,drive=root"]);
+        }
+        command
+            .args(&config.extra)
             .args(["-device", "qemu-xhci,id=xhci"])
             .arg("-virtfs")
             .arg(format!(
@@ -194,10 +244,13 @@ impl Vm {
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-chardev")
-            .arg(format!("socket,id=res,path={},server=on,wait=on", res_sock.display()))
+            .arg(format!(
+                "socket,id=res,path={},server=on,wait=on",
+                res_sock.display()
+            ))
             .args(["-serial", "chardev:res"]);
-        let plugged = stick.is_some();
-        if let Some(stick) = stick {
+        let plugged = config.stick.is_some();
+        if let Some(stick) = &config.stick {
             // -blockdev, not -drive: a -drive disappears with its device on device_del and
             // could not be plugged back.
             command
@@ -258,15 +311,14 @@ impl Vm {
             next_id: 1,
             stick_plugged: plugged,
         };
-        let ready = vm.read_response(BOOT_TIMEOUT).with_context(|| {
-            format!("waiting for the guest agent (booting {:?})", config.kernel)
-        })?;
+        let ready = vm
+            .read_response(config.boot_timeout)
+            .with_context(|| format!("waiting for the guest agent (booting {what})"))?;
         if !ready.ready {
             bail!("the guest agent's first message was not its greeting: {ready:?}");
         }
         eprintln!(
-            "  guest booted ({}) in {:.1} s",
-            config.kernel.name(),
+            "  guest booted ({what}) in {:.1} s",
             started.elapsed().as_secs_f64()
         );
         Ok(vm)

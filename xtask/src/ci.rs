@@ -43,7 +43,7 @@ pub fn run(sh: &Shell) -> Result<()> {
     step("cargo test --workspace");
     crate::cargo_test(sh).context("CI step `cargo test` failed")?;
 
-    step("deb + deb-check: lintian, install, doctor and purge in a clean Debian 12 root");
+    step("deb + deb-check: lintian, install, doctor and purge in clean Debian 12 and 13 roots");
     let deb = crate::deb::build(sh).context("CI step `deb` failed")?;
     crate::deb::check(sh, &deb).context("CI step `deb-check` failed")?;
 

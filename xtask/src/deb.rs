@@ -1,7 +1,8 @@
 //! `cargo xtask deb` and `cargo xtask deb-check`: build the Debian package with cargo-deb from
 //! the files `install` stages, then check it the way an administrator would meet it: lintian,
-//! and a real `apt-get install ./pershome_*.deb` into a clean Debian 12 root made by
-//! mmdebstrap, `pershome-config doctor` there, and a purge that must leave `/etc/pam.d`
+//! and a real `apt-get install ./pershome_*.deb` into a clean root of each Debian release LTSP
+//! labs run (12 bookworm, 13 trixie) made by mmdebstrap, every program pershome runs found
+//! there, `pershome-config doctor` there, and a purge that must leave `/etc/pam.d`
 //! byte-identical to what it was before.
 //!
 //! This module owns the package build and its acceptance checks. It never touches the host's
@@ -143,26 +144,38 @@ pub fn lintian(deb: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// A Debian 12 minbase root as a tarball, made once by mmdebstrap and kept under target/ so
+/// The Debian releases `deb-check` installs the package on: the ones LTSP labs run.
+pub const SUITES: &[&str] = &["bookworm", "trixie"];
+
+/// The host's deb822 mirror list with its release names replaced by `suite` (the same
+/// mirror serves every release; `bookworm-security` becomes `trixie-security`, and so on).
+fn sources_for(host: &str, suite: &str) -> String {
+    host.replace("bookworm", suite)
+}
+
+/// A minbase root of `suite` as a tarball, made once by mmdebstrap and kept under target/ so
 /// CI does not bootstrap again on every run (delete it to refresh; `apt-get update` in the
 /// root brings its package lists up to date anyway).
-fn base_tarball(sh: &Shell) -> Result<PathBuf> {
+fn base_tarball(sh: &Shell, suite: &str) -> Result<PathBuf> {
     let dir = util::target_dir().join("mmdebstrap");
-    let tarball = dir.join("bookworm-minbase.tar");
+    let tarball = dir.join(format!("{suite}-minbase.tar"));
     if tarball.is_file() {
         eprintln!("using the cached base root {}", tarball.display());
         return Ok(tarball);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let partial = dir.join("bookworm-minbase.tar.partial");
-    let sources = std::fs::read("/etc/apt/sources.list.d/debian.sources")
+    let partial = dir.join(format!("{suite}-minbase.tar.partial"));
+    let host = std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
         .context("reading the host's mirror list /etc/apt/sources.list.d/debian.sources")?;
-    util::banner("mmdebstrap: a clean Debian 12 root (cached for later runs)");
+    let sources = sources_for(&host, suite);
+    util::banner(&format!(
+        "mmdebstrap: a clean {suite} root (cached for later runs)"
+    ));
     // `-` as the mirror: mmdebstrap reads the deb822 sources from stdin, so the root uses the
     // same mirror as the host.
     cmd!(
         sh,
-        "mmdebstrap --mode=root --format=tar --variant=minbase bookworm {partial} -"
+        "mmdebstrap --mode=root --format=tar --variant=minbase {suite} {partial} -"
     )
     .stdin(sources)
     .run()
@@ -346,8 +359,35 @@ pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
     util::require_root("deb-check")?;
     deps::ensure_apt(sh, &["lintian", "mmdebstrap"])?;
     let lintian_text = lintian(deb)?;
+    for suite in SUITES {
+        let started = std::time::Instant::now();
+        check_on(sh, deb, suite).with_context(|| format!("deb-check on {suite}"))?;
+        eprintln!(
+            "deb-check on {suite} passed in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!(
+        "deb-check passed on {}: lintian {} finding(s)",
+        SUITES.join(" and "),
+        lintian_findings(&lintian_text).len()
+    );
+    Ok(())
+}
+
+/// Programs pershome runs that its Depends must bring (Recommends and Suggests are left out:
+/// the root is installed with --no-install-recommends).
+const DEPENDS_PROGRAMS: &[&str] = &[
+    "usr/bin/fusermount3",
+    "usr/sbin/blkid",
+    "usr/bin/lsblk",
+    "usr/sbin/pam-auth-update",
+];
+
+/// Install, doctor and purge in a clean `suite` root.
+fn check_on(sh: &Shell, deb: &Path, suite: &str) -> Result<()> {
     crate::guards::sweep_stale()?;
-    let tarball = base_tarball(sh)?;
+    let tarball = base_tarball(sh, suite)?;
     let deb_name = deb
         .file_name()
         .and_then(|n| n.to_str())
@@ -359,7 +399,7 @@ pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
     let tmp = TempDir::new("deb-check root")?;
     let root = tmp.path().join("root");
     std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
-    util::banner("deb-check: unpacking the clean Debian 12 root");
+    util::banner(&format!("deb-check: unpacking the clean {suite} root"));
     cmd!(sh, "tar -C {root} -xf {tarball}")
         .run()
         .context("unpacking the base root")?;
@@ -428,6 +468,26 @@ pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
     for program in install::programs() {
         read_in_root(&root, &[program.name, "--version"])?;
     }
+    for program in DEPENDS_PROGRAMS {
+        // merged /usr: /usr/sbin/blkid may be shipped as /sbin/blkid; both reach the file.
+        if !root.join(program).exists() {
+            bail!("after installing the package on {suite}, /{program} is missing: a Depends is lacking");
+        }
+    }
+    let unit = root.join("lib/systemd/system/pershome-ltsp-client.service");
+    if !unit.is_file() {
+        bail!("the package did not install {}", unit.display());
+    }
+    // Enabled as dh_installsystemd would (postinst, deb-systemd-helper), so that the block in
+    // pamltsp.conf comes back on every LTSP client boot.
+    let wants =
+        root.join("etc/systemd/system/multi-user.target.wants/pershome-ltsp-client.service");
+    if std::fs::symlink_metadata(&wants).is_err() {
+        bail!(
+            "postinst did not enable pershome-ltsp-client.service ({} missing)",
+            wants.display()
+        );
+    }
 
     util::banner("deb-check: pershome-config pam --install, then doctor");
     read_in_root(&root, &["pershome-config", "pam", "--install"])?;
@@ -461,15 +521,15 @@ pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
         "etc/xdg/autostart/pershome-notice.desktop",
         "usr/bin/pershomefs",
         "usr/bin/pershome-config",
+        "lib/systemd/system/pershome-ltsp-client.service",
+        "etc/systemd/system/multi-user.target.wants/pershome-ltsp-client.service",
     ] {
         if root.join(leftover).exists() {
             bail!("after purging pershome, /{leftover} is still there");
         }
     }
     eprintln!(
-        "deb-check passed: lintian {} finding(s), install + purge left /etc/pam.d \
-         byte-identical ({} entries)",
-        lintian_findings(&lintian_text).len(),
+        "{suite}: install + purge left /etc/pam.d byte-identical ({} entries)",
         after.len()
     );
     Ok(())
@@ -478,6 +538,18 @@ pub fn check(sh: &Shell, deb: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_name_the_suite() {
+        let host = "Suites: bookworm bookworm-updates\nURIs: http://deb.debian.org/debian\n\
+                    Suites: bookworm-security\n";
+        let got = sources_for(host, "trixie");
+        assert_eq!(
+            got,
+            "Suites: trixie trixie-updates\nURIs: http://deb.debian.org/debian\n\
+             Suites: trixie-security\n"
+        );
+    }
 
     #[test]
     fn lintian_lines_are_parsed() {

@@ -165,7 +165,7 @@ enum Cmd {
     },
     /// Build the Debian package (target/debian/pershome_*.deb) with cargo-deb.
     Deb,
-    /// Build the Debian package, run lintian, install and purge it in a clean Debian 12 root.
+    /// Build the Debian package, run lintian, install and purge it in clean Debian 12 and 13 roots.
     DebCheck {
         /// Check this .deb instead of building one.
         #[arg(long)]

@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod ltsp;
+
 use super::exit_code;
 use crate::homes_list;
 use crate::pam_setup;
@@ -108,6 +110,7 @@ fn checks(root: &Path) -> Vec<Check> {
         cfg.as_ref().map(|c| c.on_missing_stick),
         users.as_deref(),
     ));
+    out.extend(ltsp::checks(root, cfg.as_ref(), users.as_deref()));
     out.push(pam_user_environment(root));
     out.push(claim_key(root));
     out

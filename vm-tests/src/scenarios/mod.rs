@@ -7,6 +7,7 @@
 mod conformance;
 mod kernels;
 mod login;
+mod ltsp;
 mod msdos;
 mod powercut;
 mod wear;
@@ -72,6 +73,12 @@ pub const ALL: &[Scenario] = &[
         name: "msdos",
         summary: "an 8.3 stick on the real msdos driver: prepare --names 8.3, hostile names, pjdfstest, fsx; vfat remount; only 8.3 names on the disk",
         run: msdos::run,
+    },
+    Scenario {
+        number: 9,
+        name: "ltsp",
+        summary: "LTSP 23 on Debian 13: a server VM netboots a diskless client; alice's stick home beside pamltsp, bob's SSHFS home, the fallback, deny, unlock, carol added",
+        run: ltsp::run,
     },
     Scenario {
         number: 10,
