@@ -377,9 +377,17 @@ impl Backing {
         let mut left = Vec::new();
         for (key, fd, _) in waiting {
             if result.is_ok() {
-                if let Err(e) = sys::sync(self.faults(), fd.as_fd(), false) {
-                    result = Err(e);
-                    left.push((key, fd));
+                match sys::sync(self.faults(), fd.as_fd(), false) {
+                    Ok(()) => {}
+                    // exfat-fuse (and other FUSE backings) answer ENOENT, or ESTALE, for a
+                    // descriptor whose file or directory has since been removed, where a
+                    // kernel filesystem syncs it. Nothing of a removed entry is left to keep:
+                    // its removal is an entry change of its parent, which is synced here too.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        left.push((key, fd));
+                    }
                 }
             } else {
                 left.push((key, fd));
