@@ -424,16 +424,7 @@ impl Backing {
         name: &[u8],
         content: &[u8],
     ) -> io::Result<()> {
-        let file = self.open_at(
-            dir,
-            name,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-            0o600,
-        )?;
-        if !content.is_empty() {
-            self.write_at(&file, content, 0)?;
-        }
-        Ok(())
+        self.create_filled(dir, name, content).map(drop)
     }
 
     /// `write_new_file`, and the file's data made durable before this returns: a file about
@@ -444,14 +435,22 @@ impl Backing {
         name: &[u8],
         content: &[u8],
     ) -> io::Result<()> {
+        let file = self.create_filled(dir, name, content)?;
+        self.sync_file(&file, false)
+    }
+
+    /// A new file (`O_EXCL`) holding `content`, still open.
+    fn create_filled(&self, dir: BorrowedFd<'_>, name: &[u8], content: &[u8]) -> io::Result<File> {
         let file = self.open_at(
             dir,
             name,
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
             0o600,
         )?;
-        self.write_at(&file, content, 0)?;
-        self.sync_file(&file, false)
+        if !content.is_empty() {
+            self.write_at(&file, content, 0)?;
+        }
+        Ok(file)
     }
 
     /// Writes file data, counting it for the wear figures.
