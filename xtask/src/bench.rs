@@ -643,9 +643,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn table_ratios_use_time_for_trees_and_throughput_for_data() {
-        let options = Options {
+    /// The options the table tests format with (10 files in 2 dirs, 100 MiB files).
+    fn table_options() -> Options {
+        Options {
             files: 10,
             dirs: 2,
             big_mib: 100,
@@ -654,7 +654,12 @@ mod tests {
             backing_fs: BackingFs::Ext4,
             mount_opts: vec![],
             no_counters: false,
-        };
+        }
+    }
+
+    #[test]
+    fn table_ratios_use_time_for_trees_and_throughput_for_data() {
+        let options = table_options();
         let mut best = BTreeMap::new();
         for workload in WORKLOADS {
             best.insert((0, workload), Duration::from_secs(1));
@@ -675,16 +680,7 @@ mod tests {
 
     #[test]
     fn table_puts_pershomefs_and_posixovl_side_by_side() {
-        let options = Options {
-            files: 10,
-            dirs: 2,
-            big_mib: 100,
-            quick: true,
-            fs: vec![],
-            backing_fs: BackingFs::Ext4,
-            mount_opts: vec![],
-            no_counters: false,
-        };
+        let options = table_options();
         let mut best = BTreeMap::new();
         for workload in WORKLOADS {
             best.insert((0, workload), Duration::from_secs(1));
