@@ -20,6 +20,7 @@ use crate::backing::Backing;
 use crate::fs::{Fs, FsOptions, Kind, OpenError, ROOT};
 use crate::meta::journal::{Journal, OpenMode, StoreError};
 use crate::meta::layout::{self, StoreLayout};
+use crate::meta::moved::{self, ListedChild};
 use crate::meta::pending::PendingTree;
 use crate::meta::{Meta, Parts, OWNER_ID};
 use crate::names::{self, Decoded};
@@ -83,6 +84,10 @@ pub struct Report {
     pub remaining: Vec<Finding>,
     /// The store was in use by a mount and was read without its lock (`--force`).
     pub live: bool,
+    /// Hard links whose every name is gone (deleted or renamed on another computer, no moved
+    /// placeholder found): link id → the old paths of its names, for the repair to say why
+    /// it moved the content where it did.
+    pub lost_links: BTreeMap<u64, Vec<String>>,
 }
 
 impl Report {
@@ -174,7 +179,7 @@ pub fn fsck(backing: &Path, opts: &FsckOptions) -> Result<Report, FsckError> {
         });
         return Ok(report);
     }
-    report.repairs = repair(backing, &names, report.stale_records)?;
+    report.repairs = repair(backing, &names, report.stale_records, &report.lost_links)?;
     report.remaining = examine(backing, &names, OpenMode::ReadOnly)?.findings;
     Ok(report)
 }
@@ -378,6 +383,60 @@ fn link_of(meta: &Meta) -> Option<u64> {
     }
 }
 
+/// A vanished entry's records that fsck cannot place: the old POSIX path of the top one and
+/// the tree below it.
+struct Unplaced {
+    old: Vec<Vec<u8>>,
+    backing_name: Vec<u8>,
+    tree: PendingTree,
+}
+
+/// The POSIX name of a record's backing name, as a mount would show it.
+fn posix_of(
+    mode: names::NameMode,
+    backing_name: &[u8],
+    meta: Option<&Meta>,
+    at_root: bool,
+) -> Vec<u8> {
+    if let Some(n) = meta
+        .and_then(|m| m.name.clone())
+        .filter(|n| names::is_valid_posix_name(n))
+    {
+        return n;
+    }
+    match names::decode_in(mode, backing_name, at_root) {
+        Decoded::Name(p) => p,
+        _ => backing_name.to_vec(),
+    }
+}
+
+/// One line about one record: its old path and what it held that is now lost.
+fn describe_record(path: &str, meta: &Meta, lost_links: &mut BTreeMap<u64, Vec<String>>) -> String {
+    if let Some(id) = link_of(meta) {
+        lost_links.entry(id).or_default().push(path.to_string());
+        return format!("{path} (a name of hard link {id})");
+    }
+    let kind = match Kind::from_mode(meta.mode) {
+        Some(Kind::Dir) => "folder",
+        Some(Kind::Symlink) => "symlink",
+        _ => "file",
+    };
+    let mut d = format!("{path} ({kind}, mode {:04o}", meta.mode & 0o7777);
+    if !meta.xattrs.is_empty() {
+        let names: Vec<String> = meta
+            .xattrs
+            .iter()
+            .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        d.push_str(&format!(", xattrs {}", names.join(" ")));
+    }
+    d.push(')');
+    d
+}
+
+/// At most this many records are listed per finding; the rest are counted.
+const LISTED_RECORDS: usize = 40;
+
 /// The read-only check.
 fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, FsckError> {
     let path = backing.display().to_string();
@@ -438,6 +497,8 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
     }
 
     let root_tree = std::mem::take(&mut replayed.root);
+    let mut unplaced: Vec<Unplaced> = Vec::new();
+    let mut moved_links: BTreeSet<u64> = BTreeSet::new();
     // (backing path, POSIX path, the store's records below it)
     let mut stack = vec![(Vec::<Vec<u8>>::new(), Vec::<Vec<u8>>::new(), root_tree)];
     while let Some((bpath, ppath, mut tree)) = stack.pop() {
@@ -454,6 +515,9 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
         let at_root = bpath.is_empty();
         let mut records = std::mem::take(&mut tree.children);
         let mut seen: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        // Recorded folders that vanished and were renamed beside it on another computer, as
+        // a mount finds them (`meta::moved::match_dirs`): new backing name → old one.
+        let mut renamed = renamed_dirs(&b, s, &rel, &records, &entries)?;
         for entry in entries {
             if !entry.stat.is_dir && !entry.stat.is_file {
                 // Not shown by pershome; the FAT audit reports it. A record for it is stale.
@@ -467,6 +531,31 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
                     .find(|k| k.eq_ignore_ascii_case(&entry.name))
                     .cloned();
                 record = key.and_then(|k| records.remove(&k));
+            }
+            if record.is_none() && entry.stat.is_dir {
+                if let Some(m) = renamed.remove(&entry.name) {
+                    record = records.remove(&m.from);
+                    let mut old = ppath.clone();
+                    old.push(posix_of(
+                        mode,
+                        &m.from,
+                        record.as_ref().and_then(|t| t.meta.as_ref()),
+                        at_root,
+                    ));
+                    let mut new = ppath.clone();
+                    new.push(entry.name.clone());
+                    add(
+                        &mut report,
+                        Class::Note,
+                        shown(&old),
+                        format!(
+                            "renamed to {:?} on another computer (their contents are {}% \
+                             alike); the next mount keeps the metadata of everything in it",
+                            String::from_utf8_lossy(&entry.name),
+                            m.percent()
+                        ),
+                    );
+                }
             }
             let decoded = names::decode_in(mode, &entry.name, at_root);
             if matches!(decoded, Decoded::Reserved) {
@@ -537,6 +626,26 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
             }
             seen.insert(name, entry.name.clone());
 
+            if entry.stat.is_file && meta.is_none() && entry.stat.size == moved::PLACEHOLDER_LEN {
+                let id = b
+                    .read_small(dir.as_fd(), &entry.name, moved::PLACEHOLDER_LEN)
+                    .ok()
+                    .and_then(|body| moved::parse_placeholder(&body))
+                    .filter(|id| replayed.inodes.contains_key(id));
+                if let Some(id) = id {
+                    names_of.entry(id).or_default().push(shown(&child_path));
+                    moved_links.insert(id);
+                    add(
+                        &mut report,
+                        Class::Note,
+                        shown(&child_path),
+                        format!(
+                            "a name of hard link {id} moved here on another computer; the \
+                             next mount shows its content here and records the name"
+                        ),
+                    );
+                }
+            }
             if entry.stat.is_file {
                 if let Some(p) = meta.as_ref().and_then(|m| m.parts) {
                     parts_of.insert(p.id, (p, shown(&child_path), Some(entry.stat.size)));
@@ -579,31 +688,78 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
                 ));
             }
         }
-        let mut stale: Vec<(Vec<u8>, u64)> = records
-            .iter()
-            .map(|(name, t)| (name.clone(), count_records(t)))
-            .filter(|(_, n)| *n > 0)
+        let mut stale: Vec<(Vec<u8>, PendingTree)> = records
+            .into_iter()
+            .filter(|(_, t)| count_records(t) > 0)
             .collect();
-        stale.sort();
-        for (name, n) in stale {
-            report.stale_records += n;
-            let posix = match names::decode_in(mode, &name, at_root) {
-                Decoded::Name(p) => p,
-                _ => name,
-            };
-            let mut p = ppath.clone();
-            p.push(posix);
-            add(
-                &mut report,
-                Class::Repairable,
-                shown(&p),
-                format!(
-                    "{n} metadata record(s) for an entry that no longer exists (deleted or \
-                     renamed outside pershome); harmless but wasteful, a repair drops them"
-                ),
-            );
+        stale.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in stale {
+            let mut old = ppath.clone();
+            old.push(posix_of(mode, &name, t.meta.as_ref(), at_root));
+            unplaced.push(Unplaced {
+                old,
+                backing_name: name,
+                tree: t,
+            });
         }
     }
+    // Records nothing on the stick matches, named with their old paths (after the walk, so
+    // that a hard link's name found moved elsewhere is known).
+    for u in unplaced {
+        let n = count_records(&u.tree);
+        report.stale_records += n;
+        let mut lines = Vec::new();
+        let mut stack = vec![(u.old.clone(), u.backing_name.clone(), &u.tree)];
+        let mut more = 0usize;
+        while let Some((path, _, t)) = stack.pop() {
+            if let Some(m) = &t.meta {
+                let alive = link_of(m).and_then(|id| names_of.get(&id));
+                if lines.len() < LISTED_RECORDS {
+                    let mut line = describe_record(&shown(&path), m, &mut report.lost_links);
+                    if let Some(names) = alive {
+                        line.push_str(&format!(
+                            ": its content is safe, shown at {}",
+                            names.join(", ")
+                        ));
+                    }
+                    lines.push(line);
+                } else {
+                    more += 1;
+                    describe_record(&shown(&path), m, &mut report.lost_links);
+                }
+            }
+            let mut kids: Vec<_> = t.children.iter().collect();
+            kids.sort_by(|a, b| b.0.cmp(a.0));
+            for (kname, kt) in kids {
+                let mut p = path.clone();
+                p.push(posix_of(mode, kname, kt.meta.as_ref(), false));
+                stack.push((p, kname.clone(), kt));
+            }
+        }
+        if more > 0 {
+            lines.push(format!("and {more} more"));
+        }
+        let why = if moved::matchable(&u.tree) {
+            "this folder is gone: deleted, or renamed or moved on another computer where no \
+             new folder is clearly the same"
+        } else {
+            "this entry is gone: deleted, or renamed or moved on another computer"
+        };
+        add(
+            &mut report,
+            Class::Repairable,
+            shown(&u.old),
+            format!(
+                "{n} metadata record(s) that pershome cannot place ({why}); what they kept is \
+                 lost at the next mount or repair: {}",
+                lines.join("; ")
+            ),
+        );
+    }
+    // A hard link with a name found elsewhere is not lost.
+    report
+        .lost_links
+        .retain(|id, _| !names_of.contains_key(id) && !moved_links.contains(id));
 
     let mut inode_ids: Vec<(&u64, &Meta)> = replayed.inodes.iter().collect();
     inode_ids.sort_by_key(|(id, _)| **id);
@@ -855,12 +1011,82 @@ fn check_parts(
     Ok(())
 }
 
+/// The vanished recorded folders of the directory `rel` that were renamed beside it on
+/// another computer, as a mount matches them: new backing name → the match. Candidates are
+/// listed only when a matchable record vanished.
+fn renamed_dirs(
+    b: &Backing,
+    s: &StoreNames,
+    rel: &[u8],
+    records: &HashMap<Vec<u8>, PendingTree>,
+    entries: &[crate::backing::BackingEntry],
+) -> Result<HashMap<Vec<u8>, moved::DirMatch>, FsckError> {
+    let taken = |name: &[u8]| {
+        entries.iter().any(|e| {
+            e.name == name
+                || (s.layout == StoreLayout::Short83 && e.name.eq_ignore_ascii_case(name))
+        })
+    };
+    let mut vanished: Vec<(&[u8], &PendingTree)> = records
+        .iter()
+        .filter(|(n, t)| moved::matchable(t) && !taken(n))
+        .map(|(n, t)| (n.as_slice(), t))
+        .collect();
+    if vanished.is_empty() {
+        return Ok(HashMap::new());
+    }
+    vanished.sort_by(|x, y| x.0.cmp(y.0));
+    let mut candidates = Vec::new();
+    for e in entries {
+        let recorded = records.contains_key(&e.name)
+            || (s.layout == StoreLayout::Short83
+                && records.keys().any(|k| k.eq_ignore_ascii_case(&e.name)));
+        if !e.stat.is_dir || recorded {
+            continue;
+        }
+        let mut path = rel.to_vec();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(&e.name);
+        let shown_path = String::from_utf8_lossy(&path).into_owned();
+        let dir = b
+            .open_dir(&path)
+            .map_err(io_err(format!("opening {shown_path}")))?;
+        let listed: Vec<ListedChild> = b
+            .list(dir.as_fd())
+            .map_err(io_err(format!("listing {shown_path}")))?
+            .into_iter()
+            .filter(|c| c.stat.is_dir || c.stat.is_file)
+            .map(|c| ListedChild {
+                backing_name: c.name,
+                is_dir: c.stat.is_dir,
+                size: c.stat.size,
+            })
+            .collect();
+        candidates.push((e.name.clone(), listed));
+    }
+    let cands: Vec<(&[u8], &[ListedChild])> = candidates
+        .iter()
+        .map(|(n, l)| (n.as_slice(), l.as_slice()))
+        .collect();
+    Ok(moved::match_dirs(&vanished, &cands)
+        .into_iter()
+        .map(|m| (m.to.clone(), m))
+        .collect())
+}
+
 /// Repairs through the filesystem's own logic: open read-write (which cuts a torn journal
 /// tail and takes the exclusive lock), load every directory (reconciling every record), fix
 /// link counts and unreferenced inodes, write a checkpoint of the live state (stale records
 /// vanish), then move orphaned content to the recovery directory (`pershome-recovered/`, or
 /// `PHRECOV/` on an 8.3 stick). Returns what was done.
-fn repair(backing: &Path, s: &StoreNames, stale: u64) -> Result<Vec<String>, FsckError> {
+fn repair(
+    backing: &Path,
+    s: &StoreNames,
+    stale: u64,
+    lost_links: &BTreeMap<u64, Vec<String>>,
+) -> Result<Vec<String>, FsckError> {
     let path = backing.display().to_string();
     let opts = FsOptions {
         // The store's owner id itself: ids then pass through unchanged, so no file owned by
@@ -949,10 +1175,20 @@ fn repair(backing: &Path, s: &StoreNames, stale: u64) -> Result<Vec<String>, Fsc
         let to = fs
             .recover_link_content(id)
             .map_err(fs_err("moving orphaned content to the recovery directory"))?;
-        done.push(format!(
-            "moved orphaned content {} to {to}",
-            s.inode_path(id)
-        ));
+        done.push(match lost_links.get(&id) {
+            Some(old) => format!(
+                "moved the content of the hard-linked file {} (hard link {id}, kept in {}) to \
+                 {to}: every name of it was deleted or renamed on another computer, so no \
+                 name shows it any more; rename it to whatever you like",
+                old.join(", "),
+                s.inode_path(id)
+            ),
+            None => format!(
+                "moved orphaned content {} to {to}: no name refers to it any more (its names \
+                 were deleted on another computer, or a crash came between steps)",
+                s.inode_path(id)
+            ),
+        });
     }
     // Parts: holes for missing or short parts of live files, then parts directories no file
     // refers to (also those reconciliation just detached) moved where the user sees them.

@@ -11,6 +11,7 @@ use super::{
     Kind, Result, State, ROOT,
 };
 use crate::fatrules::fold_key;
+use crate::meta::moved::placeholder_body;
 use crate::meta::{Meta, Record};
 use crate::names::{self, Form, NameMode};
 
@@ -484,7 +485,7 @@ impl Fs {
         let id = match st.inode(ino)?.link_id {
             Some(id) => {
                 self.backing
-                    .write_new_file(newdir.as_fd(), &new_backing, &[])
+                    .write_new_file(newdir.as_fd(), &new_backing, &placeholder_body(id))
                     .map_err(|e| errno_of(&e))?;
                 id
             }
@@ -580,10 +581,10 @@ impl Fs {
             )
             .map_err(|e| errno_of(&e))?;
         self.backing
-            .write_new_file(old_dir.as_fd(), &old_backing, &[])
+            .write_new_file(old_dir.as_fd(), &old_backing, &placeholder_body(id))
             .map_err(|e| errno_of(&e))?;
         self.backing
-            .write_new_file(newdir, new_backing, &[])
+            .write_new_file(newdir, new_backing, &placeholder_body(id))
             .map_err(|e| errno_of(&e))?;
         st.links.insert(id, ino);
         let inode = st.inode_mut(ino)?;
@@ -948,7 +949,7 @@ impl Fs {
 
 /// The record of one name of a hard-linked file; `name` is the POSIX name when the backing
 /// name does not decode to it (see `Fs::name_to_store`).
-fn link_name_meta(id: u64, name: Option<Vec<u8>>) -> Meta {
+pub(crate) fn link_name_meta(id: u64, name: Option<Vec<u8>>) -> Meta {
     Meta {
         mode: libc::S_IFREG,
         link: Some(id),

@@ -1,8 +1,11 @@
 //! Lazy reconciliation: the first time a directory is needed, its backing listing is matched
 //! with the store's records for it (design property 4). Entries made on another computer get
 //! default metadata, files changed elsewhere get their new size and mtime, records of entries
-//! that vanished are dropped. Nothing here writes to the stick: what it finds is recorded with
-//! the next commit that something else causes.
+//! that vanished are dropped. A recorded directory that vanished is first matched by its
+//! contents to a new directory beside it (renamed on another computer: its records move
+//! over), and a hard-link placeholder found under a name without a record is the link it names
+//! (`meta::moved`). Nothing here writes to the stick: what it finds is recorded with the next
+//! commit that something else causes.
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -13,6 +16,7 @@ use super::{
 };
 use crate::backing::{BackingEntry, BackingStat};
 use crate::fatrules::fold_key;
+use crate::meta::moved::{self, ListedChild};
 use crate::meta::pending::PendingTree;
 use crate::meta::{Meta, Record, Timespec, OWNER_ID};
 use crate::names::{self, Decoded, NameMode};
@@ -122,11 +126,21 @@ pub(crate) fn displayable_alias(backing: &[u8]) -> Vec<u8> {
     alias
 }
 
-/// The backing names of a directory's entries that the store holds a record for, and among
-/// them those recorded as symlinks (whose body is read at loading too).
-fn recorded_names(tree: &PendingTree) -> (HashSet<Vec<u8>>, HashSet<Vec<u8>>) {
+/// What loading a directory needs to know of the store's records for it before listing it.
+pub(crate) struct RecordedNames {
+    /// The backing names of entries the store holds a record for.
+    recorded: HashSet<Vec<u8>>,
+    /// Among them, those recorded as symlinks (whose body is read at loading too).
+    symlinks: HashSet<Vec<u8>>,
+    /// Recorded directories with records below them, which can be found again by their
+    /// contents if another computer renamed them (`meta::moved::matchable`).
+    matchable_dirs: HashSet<Vec<u8>>,
+}
+
+fn recorded_names(tree: &PendingTree) -> RecordedNames {
     let mut recorded = HashSet::new();
     let mut symlinks = HashSet::new();
+    let mut matchable_dirs = HashSet::new();
     for (name, t) in &tree.children {
         if let Some(meta) = &t.meta {
             recorded.insert(name.clone());
@@ -134,8 +148,27 @@ fn recorded_names(tree: &PendingTree) -> (HashSet<Vec<u8>>, HashSet<Vec<u8>>) {
                 symlinks.insert(name.clone());
             }
         }
+        if moved::matchable(t) {
+            matchable_dirs.insert(name.clone());
+        }
     }
-    (recorded, symlinks)
+    RecordedNames {
+        recorded,
+        symlinks,
+        matchable_dirs,
+    }
+}
+
+/// Queues a record that reconciliation found, in its place among the changes: behind the
+/// structural records still pending when there are some (a rename through pershome of a
+/// parent, say, must be replayed first), else with the lazy records, which a commit writes in
+/// front of everything pending since (so a read alone never causes a write).
+fn push_found(st: &mut State, record: Record) {
+    if st.pending.is_empty() {
+        st.lazy_removes.push(record);
+    } else {
+        st.pending.push(record);
+    }
 }
 
 fn valid_meta_kind(meta: &Meta) -> Option<Kind> {
@@ -160,6 +193,10 @@ pub(crate) struct DirScan {
     entries: Vec<BackingEntry>,
     /// By backing name.
     bodies: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    /// The listings of the new directories (without a record), read only when a matchable
+    /// recorded directory is missing from the listing: the candidates it may have been
+    /// renamed to.
+    candidates: Vec<(Vec<u8>, Vec<ListedChild>)>,
 }
 
 /// Whether `ino` is a directory not loaded yet.
@@ -270,11 +307,10 @@ impl Fs {
 
     /// The stick I/O of loading the directory at `dir_path`, given the names the store has
     /// records for and those recorded as symlinks (`recorded_names`). Touches no state.
-    fn scan_dir(
-        &self,
-        dir_path: &[Vec<u8>],
-        (recorded, symlinks): &(HashSet<Vec<u8>>, HashSet<Vec<u8>>),
-    ) -> Result<DirScan> {
+    fn scan_dir(&self, dir_path: &[Vec<u8>], names: &RecordedNames) -> Result<DirScan> {
+        let RecordedNames {
+            recorded, symlinks, ..
+        } = names;
         let dirfd = self
             .backing
             .open_dir(&join_path(dir_path))
@@ -306,11 +342,96 @@ impl Fs {
                 }
             }
         }
+        let candidates = self.scan_candidates(dir_path, names, &entries);
         Ok(DirScan {
             dirfd,
             entries,
             bodies,
+            candidates,
         })
+    }
+
+    /// The listings of the new directories a vanished recorded directory may have become
+    /// (renamed on another computer), or nothing when no such directory vanished. A directory
+    /// that cannot be listed is no candidate.
+    fn scan_candidates(
+        &self,
+        dir_path: &[Vec<u8>],
+        names: &RecordedNames,
+        entries: &[BackingEntry],
+    ) -> Vec<(Vec<u8>, Vec<ListedChild>)> {
+        if names.matchable_dirs.is_empty() {
+            return Vec::new();
+        }
+        let listed: HashSet<Vec<u8>> = entries.iter().map(|e| fold_key(&e.name)).collect();
+        if names
+            .matchable_dirs
+            .iter()
+            .all(|n| listed.contains(&fold_key(n)))
+        {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for e in entries {
+            if !e.stat.is_dir || has_record(&names.recorded, self.names, &e.name) {
+                continue;
+            }
+            let mut path = dir_path.to_vec();
+            path.push(e.name.clone());
+            let Ok(fd) = self.backing.open_dir(&join_path(&path)) else {
+                continue;
+            };
+            let Ok(children) = self.backing.list(fd.as_fd()) else {
+                continue;
+            };
+            let children = children
+                .into_iter()
+                .filter(|c| c.stat.is_dir || c.stat.is_file)
+                .map(|c| ListedChild {
+                    backing_name: c.name,
+                    is_dir: c.stat.is_dir,
+                    size: c.stat.size,
+                })
+                .collect();
+            out.push((e.name.clone(), children));
+        }
+        out
+    }
+
+    /// Which vanished recorded directories of a directory being loaded were renamed to which
+    /// new ones (`meta::moved::match_dirs`): new backing name → the match.
+    fn renamed_dirs(
+        &self,
+        records: &std::collections::HashMap<Vec<u8>, PendingTree>,
+        entries: &[BackingEntry],
+        candidates: &[(Vec<u8>, Vec<ListedChild>)],
+    ) -> std::collections::HashMap<Vec<u8>, moved::DirMatch> {
+        if candidates.is_empty() {
+            return Default::default();
+        }
+        // The records the listing takes, as `install_dir` finds them (8.3: by upper case).
+        let mut taken = HashSet::new();
+        for e in entries {
+            if records.contains_key(&e.name) {
+                taken.insert(e.name.clone());
+            } else if self.names == NameMode::Short83 {
+                taken.insert(e.name.to_ascii_uppercase());
+            }
+        }
+        let mut vanished: Vec<(&[u8], &PendingTree)> = records
+            .iter()
+            .filter(|(n, t)| !taken.contains(*n) && moved::matchable(t))
+            .map(|(n, t)| (n.as_slice(), t))
+            .collect();
+        vanished.sort_by(|a, b| a.0.cmp(b.0));
+        let cands: Vec<(&[u8], &[ListedChild])> = candidates
+            .iter()
+            .map(|(n, l)| (n.as_slice(), l.as_slice()))
+            .collect();
+        moved::match_dirs(&vanished, &cands)
+            .into_iter()
+            .map(|m| (m.to.clone(), m))
+            .collect()
     }
 
     /// Matches a directory's scan with the store's records for it and makes it loaded.
@@ -319,6 +440,7 @@ impl Fs {
             dirfd,
             entries,
             bodies,
+            candidates,
         } = scan;
         let dir_path = st.backing_path(ino)?;
         let mut pending = match st.inode_mut(ino)?.dir.take() {
@@ -326,6 +448,7 @@ impl Fs {
             _ => PendingTree::default(),
         };
         let mut records = std::mem::take(&mut pending.children);
+        let mut renamed = self.renamed_dirs(&records, &entries, &candidates);
         let at_root = ino == super::ROOT;
         let mut children = Children::default();
         let mut sorted = entries;
@@ -347,6 +470,13 @@ impl Fs {
                 let upper = entry.name.to_ascii_uppercase();
                 if upper != entry.name && crate::fatrules::check_short_name(&upper).is_ok() {
                     record = records.remove(&upper);
+                }
+            }
+            let mut moved_here = None;
+            if record.is_none() && entry.stat.is_dir {
+                if let Some(m) = renamed.remove(&entry.name) {
+                    record = records.remove(&m.from);
+                    moved_here = record.as_ref().map(|_| m);
                 }
             }
             let (meta, subtree) = match record {
@@ -387,6 +517,23 @@ impl Fs {
                 dirfd.as_fd(),
                 bodies.get(&entry.name),
             )?;
+            if let Some(m) = moved_here {
+                let mut from = dir_path.clone();
+                from.push(m.from.clone());
+                let mut to = dir_path.clone();
+                to.push(m.to.clone());
+                tracing::info!(
+                    "the folder {:?} was renamed to {:?} on another computer (their contents \
+                     are {}% alike): its metadata and that of everything in it are kept",
+                    String::from_utf8_lossy(&join_path(&from)),
+                    String::from_utf8_lossy(&join_path(&to)),
+                    m.percent()
+                );
+                push_found(st, Record::Rename { from, to });
+                // The records moved along, but a name kept in the directory's own record
+                // (a hashed or escaped name) was the old one: record it afresh.
+                st.lazy_dirty.insert(child);
+            }
             if st.inode(child)?.kind == Kind::Dir {
                 children.subdirs += 1;
             }
@@ -399,11 +546,23 @@ impl Fs {
             );
         }
         // Records whose backing entry is gone: deleted or renamed on another computer.
-        for (backing_name, tree) in records {
+        // Kept until the next commit something else causes, and named by `pershome fsck`
+        // until then.
+        let mut gone: Vec<_> = records.into_iter().collect();
+        gone.sort_by(|a, b| a.0.cmp(&b.0));
+        for (backing_name, tree) in gone {
             if tree.meta.is_some() || !tree.children.is_empty() {
                 let mut path = dir_path.clone();
                 path.push(backing_name);
-                st.lazy_removes.push(Record::Remove { path });
+                if moved::matchable(&tree) {
+                    tracing::info!(
+                        "the folder {:?} is gone (deleted or renamed on another computer, and \
+                         no new folder beside it is clearly the same): the metadata of the \
+                         entries in it is dropped",
+                        String::from_utf8_lossy(&join_path(&path))
+                    );
+                }
+                push_found(st, Record::Remove { path });
             }
         }
         st.inode_mut(ino)?.dir = Some(DirState::Loaded(children));
@@ -424,6 +583,10 @@ impl Fs {
     ) -> Result<Ino> {
         let opts = &self.opts;
         let stat = &entry.stat;
+        let meta = match meta {
+            None if stat.is_file => self.moved_link_name(st, parent, name, entry, body),
+            m => m,
+        };
         let mut persisted = meta.is_some();
         let mut lazy_dirty = false;
         let mut link_id = None;
@@ -590,6 +753,42 @@ impl Fs {
             st.lazy_dirty.insert(ino);
         }
         Ok(ino)
+    }
+
+    /// A name without a record whose file is a hard-link placeholder (`meta::moved`) of a link
+    /// this store knows: a name moved or copied there on another computer. It becomes a name
+    /// of that link, recorded with the next commit. `None` for anything else.
+    fn moved_link_name(
+        &self,
+        st: &mut State,
+        parent: Ino,
+        name: &[u8],
+        entry: &BackingEntry,
+        body: Option<&Vec<u8>>,
+    ) -> Option<Meta> {
+        if entry.stat.size != moved::PLACEHOLDER_LEN {
+            return None;
+        }
+        let id = moved::parse_placeholder(body?)?;
+        if !st.links.contains_key(&id) && !st.link_meta.contains_key(&id) {
+            return None;
+        }
+        let mut path = st.backing_path(parent).ok()?;
+        path.push(entry.name.clone());
+        tracing::info!(
+            "{:?} is a hard link moved on another computer: it is shown with its content again",
+            String::from_utf8_lossy(&join_path(&path))
+        );
+        let stored = self.name_to_store(&entry.name, parent == super::ROOT, name);
+        let meta = super::namespace::link_name_meta(id, stored);
+        push_found(
+            st,
+            Record::Put {
+                path,
+                meta: meta.clone(),
+            },
+        );
+        Some(meta)
     }
 
     /// Size and blocks of a file's content: its backing file, plus its parts if parted.

@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod journal;
 pub mod layout;
+pub mod moved;
 pub mod pending;
 
 pub use crate::faults::Faults;
