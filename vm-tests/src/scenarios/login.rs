@@ -16,7 +16,12 @@
 //!    reads the report with mtools; machine B (joseph is uid 2001) sees the same tree, edits
 //!    the report; the host reads the edit.
 //! 2. Edited on Windows: the same, with the host adding, renaming and deleting files on the
-//!    stick with mtools between the machines; B sees exactly those changes.
+//!    stick with mtools between the machines; B sees exactly those changes. A folder `proj`
+//!    (modes 0700/0600/0640, xattrs, nested folders, a hard link inside it and one of its
+//!    names moved out) is renamed to "Project Files" with `mren`, and a hard-link name moved
+//!    out of it with `mmove` (issue 12, defect 3): B sees every mode, xattr and link of it
+//!    under the new name, the moved name shows the link's content, and the daemon logged the
+//!    match.
 //! 4. No stick / unprepared stick: the login goes on in the normal home, and the person is
 //!    told why and how to prepare a stick; the unprepared stick is left untouched.
 
@@ -59,6 +64,34 @@ printf 'notes\n' > notes.txt
 printf 'old\n' > old.txt
 touch -h -d '2023-01-02 03:04:05.987654321' project/* project
 touch -d '2024-02-29 12:34:56.123456789' report.txt
+"#;
+
+/// The folder that Windows renames between the machines (scenario 2, issue 12 defect 3): what
+/// pershome alone knows about it (modes, xattrs, a hard link) must follow it.
+const PROJ_A: &str = r#"set -e
+cd "$HOME"
+mkdir -m 700 proj proj/src proj/src/deep
+printf 'my notes\n' > proj/notes.txt
+chmod 600 proj/notes.txt
+setfattr -n user.tag -v blue proj/notes.txt
+setfattr -n user.dir -v yes proj/src
+printf 'fn main() {}\n' > proj/src/main.rs
+chmod 640 proj/src/main.rs
+printf '42\n' > proj/src/deep/secret
+chmod 600 proj/src/deep/secret
+printf 'shared content\n' > proj/data.bin
+chmod 600 proj/data.bin
+ln proj/data.bin proj/src/data-link
+ln proj/data.bin proj/far-link
+"#;
+
+/// What must read the same in `proj` on A and in "Project Files" on B (run in the folder;
+/// `far-link` is left out: Windows moves it elsewhere).
+const PROJ_DESCRIBE: &str = r#"set -e
+stat -c '%n %F %a %U %h %s' . notes.txt data.bin src src/main.rs src/data-link src/deep src/deep/secret
+getfattr --only-values -n user.tag notes.txt; echo
+getfattr --only-values -n user.dir src; echo
+cat src/data-link src/deep/secret
 "#;
 
 /// What must read the same on machine B (owner by name: the uid differs on purpose).
@@ -254,7 +287,12 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
         "machine A: pamtester login + logout (login service): the hook mounted and unmounted"
             .to_owned(),
     );
-    let out = login(&mut vm, &format!("{DAY_A}\n{DESCRIBE}"))?;
+    let script = if windows {
+        format!("{DAY_A}\n{PROJ_A}\n{DESCRIBE}\necho ---\ncd \"$HOME/proj\"\n{PROJ_DESCRIBE}")
+    } else {
+        format!("{DAY_A}\n{DESCRIBE}")
+    };
+    let out = login(&mut vm, &script)?;
     if !out.ok() {
         bail!(
             "joseph's session on machine A: {}\n--- the hook's log:\n{}",
@@ -262,7 +300,9 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
             hook_log(&mut vm)
         );
     }
-    let described_a = out.response.stdout.clone();
+    let mut a_parts = out.response.stdout.split("---\n");
+    let described_a = a_parts.next().unwrap_or_default().to_owned();
+    let proj_a = a_parts.next().unwrap_or_default().to_owned();
     expect_message(&mut vm, &out, "your home folder is on your stick")?;
     expect_message(&mut vm, &out, "you can remove your stick now")?;
     expect_logged_out(&mut vm)?;
@@ -298,8 +338,21 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
             .quiet()
             .run()
             .context("mdel")?;
+        // Issue 12, defect 3: a folder renamed, and a hard link's name moved to another folder.
+        let renamed = "::/pershome/Project Files";
+        cmd!(sh, "mren -i {img} ::/pershome/proj {renamed}")
+            .quiet()
+            .run()
+            .context("mren of the folder proj")?;
+        let far_link = "::/pershome/Project Files/far-link";
+        cmd!(sh, "mmove -i {img} {far_link} ::/pershome/moved-link")
+            .quiet()
+            .run()
+            .context("mmove of a hard link's name")?;
         ctx.note(
-            "host (as Windows): added from-windows.txt, renamed notes.txt, deleted old.txt"
+            "host (as Windows): added from-windows.txt, renamed notes.txt, deleted old.txt, \
+             renamed the folder proj to \"Project Files\" (mren), moved the hard-link name \
+             proj/far-link to moved-link (mmove)"
                 .to_owned(),
         );
     }
@@ -338,9 +391,20 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     } else {
         "true"
     };
+    // Issue 12, defect 3: the renamed folder as A left it, the moved link with its content,
+    // and the daemon's log of the match.
+    let proj_b = if windows {
+        format!(
+            "echo ---\ncd \"$HOME/Project Files\"\n{PROJ_DESCRIBE}\necho ---\n\
+             cd \"$HOME\"\ncat moved-link\nstat -c '%h %a' moved-link\n\
+             [ ! -e proj ] || {{ echo 'proj is still there' >&2; exit 1; }}"
+        )
+    } else {
+        String::new()
+    };
     let out = login(
         &mut vm,
-        &format!("{DESCRIBE}\necho ---\n{windows_check}\necho ---\nid -u\n{edit}"),
+        &format!("{DESCRIBE}\necho ---\n{windows_check}\necho ---\nid -u\n{edit}\n{proj_b}"),
     )?;
     if !out.ok() {
         bail!("joseph's session on machine B: {}", out.describe());
@@ -354,6 +418,36 @@ fn day(ctx: &mut Ctx, windows: bool) -> Result<()> {
     let uid_b = parts.next().unwrap_or_default().trim().to_owned();
     if uid_b != UID_B.to_string() {
         bail!("expected joseph to be uid {UID_B} on machine B, got {uid_b:?}");
+    }
+    if windows {
+        let proj_b = parts.next().unwrap_or_default();
+        if proj_b != proj_a {
+            bail!(
+                "the folder renamed on Windows lost what pershome knew about it (issue 12, \
+                 defect 3):\n--- proj on A\n{proj_a}\n--- \"Project Files\" on B\n{proj_b}\n\
+                 --- the daemon's log:\n{}",
+                hook_log(&mut vm)
+            );
+        }
+        let moved = parts.next().unwrap_or_default();
+        if moved != "shared content\n3 600\n" {
+            bail!(
+                "the hard-link name moved on Windows (moved-link): expected its content, 3 \
+                 links and mode 600, got {moved:?}"
+            );
+        }
+        let logged = vm.ok(
+            "journalctl -b --no-pager -o cat -t pershomefs | grep -F 'was renamed to'",
+            guest::SHORT,
+        )?;
+        if !logged.contains("\"proj\" was renamed to \"Project Files\"") {
+            bail!("expected the daemon to log the folder it matched, got {logged:?}");
+        }
+        ctx.note(format!(
+            "machine B: \"Project Files\" (renamed from proj on Windows) has proj's modes, \
+             xattrs and hard link; the moved link name reads its content; logged: {}",
+            logged.trim()
+        ));
     }
     if windows {
         for line in windows_seen.lines() {
