@@ -665,8 +665,9 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
                         )),
                         (_, false) => Some(format!(
                             "a hard-link name of inode {id}, whose content file {} is \
-                             missing: its data is lost; pershome shows an empty file, which \
-                             a repair makes ordinary",
+                             missing: its data is lost; pershome shows the placeholder (32 \
+                             bytes naming the link, or empty if written before format 3), \
+                             which a repair makes an ordinary file",
                             s.inode_path(id)
                         )),
                     };
