@@ -387,7 +387,6 @@ fn link_of(meta: &Meta) -> Option<u64> {
 /// the tree below it.
 struct Unplaced {
     old: Vec<Vec<u8>>,
-    backing_name: Vec<u8>,
     tree: PendingTree,
 }
 
@@ -542,8 +541,10 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
                         record.as_ref().and_then(|t| t.meta.as_ref()),
                         at_root,
                     ));
-                    let mut new = ppath.clone();
-                    new.push(entry.name.clone());
+                    // The POSIX name kept in the record was the old name's (as a mount).
+                    if let Some(meta) = record.as_mut().and_then(|t| t.meta.as_mut()) {
+                        meta.name = None;
+                    }
                     add(
                         &mut report,
                         Class::Note,
@@ -697,11 +698,7 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
         for (name, t) in stale {
             let mut old = ppath.clone();
             old.push(posix_of(mode, &name, t.meta.as_ref(), at_root));
-            unplaced.push(Unplaced {
-                old,
-                backing_name: name,
-                tree: t,
-            });
+            unplaced.push(Unplaced { old, tree: t });
         }
     }
     // Records nothing on the stick matches, named with their old paths (after the walk, so
@@ -710,9 +707,9 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
         let n = count_records(&u.tree);
         report.stale_records += n;
         let mut lines = Vec::new();
-        let mut stack = vec![(u.old.clone(), u.backing_name.clone(), &u.tree)];
+        let mut stack = vec![(u.old.clone(), &u.tree)];
         let mut more = 0usize;
-        while let Some((path, _, t)) = stack.pop() {
+        while let Some((path, t)) = stack.pop() {
             if let Some(m) = &t.meta {
                 let alive = link_of(m).and_then(|id| names_of.get(&id));
                 if lines.len() < LISTED_RECORDS {
@@ -734,7 +731,7 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
             for (kname, kt) in kids {
                 let mut p = path.clone();
                 p.push(posix_of(mode, kname, kt.meta.as_ref(), false));
-                stack.push((p, kname.clone(), kt));
+                stack.push((p, kt));
             }
         }
         if more > 0 {

@@ -367,3 +367,31 @@ fn a_folder_renamed_elsewhere_inside_one_renamed_here_keeps_its_metadata() {
     assert_eq!(src.perm, 0o750, "src: got {:o}", src.perm);
     fs.shutdown();
 }
+
+/// A name the store kept for the folder (here an 8.3 stick's mixed-case name) belonged to the
+/// old name: the renamed folder is shown under its new name, with its metadata.
+#[test]
+fn a_renamed_folder_on_an_8_3_stick_takes_its_new_name() {
+    use pershome::fs::FsOptions;
+    use pershome::names::NameMode;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let opts = FsOptions {
+        names: Some(NameMode::Short83),
+        ..common::opts()
+    };
+    let fs = Fs::open_backing(tmp.path(), opts.clone()).expect("open 8.3");
+    let proj = fs.mkdir(USER, ROOT, b"Proj", 0o700).expect("mkdir").ino;
+    create(&fs, proj, b"notes.txt", 0o600, b"my notes");
+    create(&fs, proj, b"plan.txt", 0o640, b"plan");
+    fs.shutdown();
+    drop(fs);
+    assert!(tmp.path().join("PROJ").is_dir(), "8.3 backing name PROJ");
+    std::fs::rename(tmp.path().join("PROJ"), tmp.path().join("WORK")).expect("ren");
+    let fs = Fs::open_backing(tmp.path(), opts).expect("reopen 8.3");
+    assert!(fs.lookup(ROOT, b"Proj").is_err(), "the old name is gone");
+    let work = lookup(&fs, ROOT, "work");
+    assert_eq!(work.perm, 0o700, "work: got {:o}", work.perm);
+    let notes = lookup(&fs, work.ino, "notes.txt");
+    assert_eq!(notes.perm, 0o600, "notes.txt: got {:o}", notes.perm);
+    fs.shutdown();
+}

@@ -476,6 +476,11 @@ impl Fs {
             if record.is_none() && entry.stat.is_dir {
                 if let Some(m) = renamed.remove(&entry.name) {
                     record = records.remove(&m.from);
+                    // A POSIX name kept in the folder's record (hashed, or an 8.3 stick's)
+                    // was the old name's: the folder is now called what the stick says.
+                    if let Some(meta) = record.as_mut().and_then(|t| t.meta.as_mut()) {
+                        meta.name = None;
+                    }
                     moved_here = record.as_ref().map(|_| m);
                 }
             }
