@@ -161,6 +161,6 @@ fn free_space() -> String {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return "? GiB".to_owned();
     }
-    let bytes = st.f_bfree as f64 * st.f_frsize as f64;
+    let bytes = st.f_bavail as f64 * st.f_frsize as f64;
     format!("{:.1} GiB", bytes / f64::from(1u32 << 30))
 }
