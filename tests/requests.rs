@@ -313,3 +313,220 @@ fn the_security_namespace_is_declined_and_others_are_kept() {
         "getxattr security.selinux: expected EOPNOTSUPP, got {r} ({e})"
     );
 }
+
+/// A tarball of `dirs` directories of `files` files each (0644, owner 0:0, 1–4 KiB of data),
+/// as the bench's, made with GNU tar from a tree in `scratch`.
+fn make_tarball(scratch: &Path, dirs: usize, files: usize) -> std::path::PathBuf {
+    let src = scratch.join("tar-src");
+    for d in 0..dirs {
+        let dir = src.join(format!("tree/d{d}"));
+        std::fs::create_dir_all(&dir).expect("mkdir tar source");
+        for f in 0..files {
+            std::fs::write(dir.join(format!("f{f:03}")), vec![b'x'; 1024 * (1 + f % 4)])
+                .expect("write tar source");
+        }
+    }
+    let tar = scratch.join("tree.tar");
+    run(
+        "tar",
+        &[
+            "--sort=name".as_ref(),
+            "--owner=0".as_ref(),
+            "--group=0".as_ref(),
+            "--numeric-owner".as_ref(),
+            "--mode=0644".as_ref(),
+            "--mtime=@1000000000".as_ref(),
+            "-cf".as_ref(),
+            tar.as_os_str(),
+            "-C".as_ref(),
+            src.as_os_str(),
+            "tree".as_ref(),
+        ],
+    );
+    tar
+}
+
+/// GNU tar as root (what the bench runs) on a tree of `DIRS` directories of `FILES` files.
+/// Per file, what the kernel sends (Linux 6.18; file data goes by passthrough, so no WRITE):
+/// LOOKUP of the new name and CREATE (open O_CREAT|O_EXCL); SETATTR three times, because tar
+/// creates the file 0600 when it will chown it, then sets the mtime (futimens, atime
+/// omitted), the owner (fchown) and the mode (fchmod): one system call each, no cache can
+/// answer them; GETXATTR security.capability twice, asked by the kernel itself before the
+/// write (`file_remove_privs`) and before the chown (`notify_change`, ATTR_KILL_PRIV): the
+/// daemon declines the namespace, and the kernel does not remember a refusal; GETATTR of the
+/// parent, whose attributes each create invalidates (`fuse_dir_changed`) and the permission
+/// check of the next create refetches (`default_permissions`); RELEASE at the close.
+/// FUSE_HANDLE_KILLPRIV_V2 took away a GETATTR per file (the kernel refetched the file's
+/// attributes before every chown to clear set-ID bits itself) and, through SB_NOSEC, the
+/// second security.capability question per directory.
+#[test]
+fn untarring_costs_nine_requests_per_file() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let tar = make_tarball(s._dir.path(), DIRS, FILES);
+    let m = Mount::new(&s.backing, &s.mnt, "counters");
+    let mut got = during(&m.mountpoint, || {
+        run(
+            "tar",
+            &[
+                "-xf".as_ref(),
+                tar.as_os_str(),
+                "-C".as_ref(),
+                m.mountpoint.as_os_str(),
+            ],
+        )
+    });
+    got.remove("FORGET");
+    let files = (DIRS * FILES) as u64;
+    let dirs = (DIRS + 1) as u64;
+    // Per directory (`tree` and its subdirectories): LOOKUP and MKDIR, and at the end tar's
+    // delayed SETATTRs of its times, owner and mode; and tar stats the mount's root twice and
+    // lists it once (GETATTR, OPENDIR).
+    let expected = report(&[
+        ("LOOKUP", files + dirs),
+        ("CREATE", files),
+        ("MKDIR", dirs),
+        ("SETATTR", 3 * files + 3 * dirs),
+        ("GETXATTR", 2 * files),
+        ("GETATTR", files + 2),
+        ("RELEASE", files),
+        ("OPENDIR", 1),
+        ("RELEASEDIR", 1),
+    ]);
+    assert_eq!(
+        got,
+        expected,
+        "tar x of {files} files in {dirs} directories: expected {expected:?} ({} per file), got {got:?} ({} per file)",
+        total(&expected) as f64 / files as f64,
+        total(&got) as f64 / files as f64
+    );
+}
+
+/// Runs `args` as uid/gid 65534 (nobody) with no supplementary groups.
+fn run_as_nobody(args: &[&std::ffi::OsStr]) {
+    let status = Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args)
+        .env_clear()
+        .status()
+        .unwrap_or_else(|e| panic!("running /usr/bin/setpriv: {e}"));
+    assert!(status.success(), "as nobody: {args:?} failed: {status}");
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// With FUSE_HANDLE_KILLPRIV_V2 the kernel no longer clears set-ID bits itself: the daemon
+/// must, exactly as Linux does on a local filesystem. Checked with passthrough writes (the
+/// default for root) and with writes served by the daemon (`parts=always`, no passthrough
+/// for writers), after a remount too (the store has the cleared mode).
+#[test]
+fn set_id_bits_are_cleared_by_chown_truncate_and_unprivileged_writes() {
+    if !can_mount() {
+        return;
+    }
+    for opts in ["", "parts=always"] {
+        let s = scratch();
+        // nobody must reach the mount point.
+        set_mode(s._dir.path(), 0o755);
+        let m = Mount::new(
+            &s.backing,
+            &s.mnt,
+            &format!(
+                "allow_other{}",
+                if opts.is_empty() {
+                    String::new()
+                } else {
+                    format!(",{opts}")
+                }
+            ),
+        );
+        set_mode(&m.mountpoint, 0o777);
+        let p = |n: &str| m.mountpoint.join(n);
+        for n in ["w", "t", "c", "c-nox", "root-w", "d"] {
+            if n == "d" {
+                std::fs::create_dir(p(n)).expect("mkdir");
+            } else {
+                std::fs::write(p(n), b"0123").expect("create");
+            }
+        }
+        // An unprivileged write and truncate clear both bits (the group may execute).
+        set_mode(&p("w"), 0o6777);
+        run_as_nobody(&[
+            "/usr/bin/dd".as_ref(),
+            "if=/dev/zero".as_ref(),
+            format!("of={}", p("w").display()).as_ref(),
+            "bs=1".as_ref(),
+            "count=1".as_ref(),
+            "conv=notrunc".as_ref(),
+            "status=none".as_ref(),
+        ]);
+        assert_eq!(mode_of(&p("w")), 0o777, "[{opts}] after a write by nobody");
+        set_mode(&p("t"), 0o6777);
+        run_as_nobody(&[
+            "/usr/bin/truncate".as_ref(),
+            "-s1".as_ref(),
+            p("t").as_os_str(),
+        ]);
+        assert_eq!(
+            mode_of(&p("t")),
+            0o777,
+            "[{opts}] after a truncate by nobody"
+        );
+        // A chown clears set-user-ID always, set-group-ID only with group execute.
+        set_mode(&p("c"), 0o6755);
+        std::os::unix::fs::chown(p("c"), Some(1), Some(1)).expect("chown");
+        assert_eq!(mode_of(&p("c")), 0o755, "[{opts}] after chown");
+        set_mode(&p("c-nox"), 0o6745);
+        std::os::unix::fs::chown(p("c-nox"), Some(1), None).expect("chown");
+        assert_eq!(
+            mode_of(&p("c-nox")),
+            0o2745,
+            "[{opts}] after chown, no group execute"
+        );
+        // chown(-1, -1) clears them too (Linux, as pjdfstest's chown/00.t expects).
+        set_mode(&p("c"), 0o6755);
+        std::os::unix::fs::chown(p("c"), None, None).expect("chown -1 -1");
+        assert_eq!(mode_of(&p("c")), 0o755, "[{opts}] after chown(-1, -1)");
+        // Root (CAP_FSETID) writes and truncates without losing them; directories keep theirs.
+        set_mode(&p("root-w"), 0o6777);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(p("root-w"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
+            .expect("write as root");
+        assert_eq!(
+            mode_of(&p("root-w")),
+            0o6777,
+            "[{opts}] after a write by root"
+        );
+        set_mode(&p("d"), 0o2775);
+        std::os::unix::fs::chown(p("d"), Some(1), Some(1)).expect("chown dir");
+        assert_eq!(mode_of(&p("d")), 0o2775, "[{opts}] directory after chown");
+        m.unmount();
+        let m = Mount::new(&s.backing, &s.mnt, opts);
+        let p = |n: &str| m.mountpoint.join(n);
+        for (n, want) in [
+            ("w", 0o777),
+            ("t", 0o777),
+            ("c", 0o755),
+            ("c-nox", 0o2745),
+            ("root-w", 0o6777),
+        ] {
+            assert_eq!(mode_of(&p(n)), want, "[{opts}] {n} after a remount");
+        }
+    }
+}
