@@ -688,33 +688,32 @@ impl Filesystem for Adapter {
         Self::empty(reply, self.fs.fsync(fh.0, datasync));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.count(Op::Opendir);
-        match self.fs.opendir(ino.0) {
-            // The kernel keeps the listing in the directory's page cache (CACHE_DIR, and
-            // KEEP_CACHE so the next opendir does not drop it). It drops the cache itself
-            // whenever a create, unlink, rename or link through this mount changes the
-            // directory (its iversion moves), and the daemon is the only writer while
-            // mounted, so no listing can go stale. A cached listing also spares the kernel
-            // the READDIRPLUS that would forget every entry's cached ACL.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(err(e)),
-        }
+        // ENOSYS once: the kernel then opens every directory of this mount by itself
+        // (fc->no_opendir, fs/fuse/file.c `fuse_file_open`), with FOPEN_CACHE_DIR |
+        // FOPEN_KEEP_CACHE, and sends neither OPENDIR nor RELEASEDIR again: two round trips
+        // less per directory a walk enters. Listings are read by inode and offset
+        // (`Fs::list_dir`). The kernel keeps each listing in the directory's page cache and
+        // drops it whenever a create, unlink, rename or link through this mount changes the
+        // directory (its iversion moves); the daemon is the only writer while mounted, so no
+        // listing can go stale. A cached listing also spares the kernel the READDIRPLUS
+        // that would forget every entry's cached ACL. The kernel still checks the
+        // permission to open the directory (default_permissions).
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         self.count(Op::Readdir);
-        match self.fs.readdir(fh.0, offset) {
+        // The kernel's buffer holds a few dozen entries; ask for a bounded batch.
+        match self.fs.list_dir(ino.0, offset, 256) {
             Ok(entries) => {
                 for (off, e) in entries {
                     if reply.add(
@@ -735,14 +734,14 @@ impl Filesystem for Adapter {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         self.count(Op::Readdirplus);
         // The kernel's buffer holds a few dozen entries; ask for a bounded batch.
-        match self.fs.readdirplus(fh.0, offset, 256) {
+        match self.fs.list_dir_plus(ino.0, offset, 256) {
             Ok(entries) => {
                 let mut taken = Vec::new();
                 for (off, e, a) in entries {
@@ -777,6 +776,7 @@ impl Filesystem for Adapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        // Not sent once OPENDIR was declined (see `opendir`); counted, so one would show.
         self.count(Op::Releasedir);
         self.fs.releasedir(fh.0);
         reply.ok();
