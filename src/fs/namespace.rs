@@ -976,24 +976,30 @@ impl Fs {
                 ));
             }
         }
-        let mut entries: Vec<(u64, &Vec<u8>)> = children
-            .entries
-            .iter()
-            .map(|(name, d)| (d.ino, name))
-            .collect();
+        // The kernel reads a big folder a few dozen entries at a time: each call picks the
+        // next `max` offsets in linear time (names come in byte order, so a rank is the
+        // number of earlier names of the same inode) and sorts only those.
+        let mut ranks: std::collections::HashMap<Ino, u64> = std::collections::HashMap::new();
+        let mut entries: Vec<(u64, Ino, &Vec<u8>)> = Vec::new();
+        for (name, d) in &children.entries {
+            let rank = ranks.entry(d.ino).or_insert(0);
+            let off = entry_offset(d.ino, *rank);
+            *rank += 1;
+            if off > offset {
+                entries.push((off, d.ino, name));
+            }
+        }
+        let room = max.saturating_sub(out.len());
+        if entries.len() > room {
+            if room == 0 {
+                entries.clear();
+            } else {
+                entries.select_nth_unstable(room - 1);
+                entries.truncate(room);
+            }
+        }
         entries.sort_unstable();
-        let mut rank = 0;
-        let mut prev = None;
-        for (child, name) in entries {
-            rank = if prev == Some(child) { rank + 1 } else { 0 };
-            prev = Some(child);
-            let off = entry_offset(child, rank);
-            if off <= offset {
-                continue;
-            }
-            if out.len() >= max {
-                break;
-            }
+        for (off, child, name) in entries {
             let kind = st.inode(child).map(|i| i.kind).unwrap_or(Kind::File);
             out.push((
                 off,
