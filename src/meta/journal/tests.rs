@@ -930,7 +930,17 @@ fn a_lazily_read_checkpoint_answers_as_a_full_replay_does() {
     );
     assert_eq!(lazy.inodes, full.inodes, "the inode table is in memory");
     // Everything the full replay has, the lazy state gives, in the same order.
-    assert_eq!(lazy.try_snapshot().expect("snapshot"), full.snapshot());
+    let (got, want) = (lazy.try_snapshot().expect("snapshot"), full.snapshot());
+    if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        panic!(
+            "the lazily read state and the full replay differ first at record {i} (of {} and \
+             {}): lazy {:?}, full {:?}",
+            got.len(),
+            want.len(),
+            got.get(i),
+            want.get(i)
+        );
+    }
     // Directory by directory, as the filesystem loads them.
     let mut top = lazy.root.clone();
     top.materialize_level().expect("top level");
