@@ -335,17 +335,27 @@ impl PendingTree {
                     });
                 }
             }
-            let mut listed: HashMap<Vec<u8>, Option<Meta>> = HashMap::new();
+            // The base subtree in one pass (a pass per child would read a chunk per child):
+            // what lies under a child the tree overrides is that child's to give (its own
+            // base, when it was not moved here, covers it), the rest goes out as it is.
+            let mut listed: HashMap<Vec<u8>, Meta> = HashMap::new();
             if let Some(base) = &node.base {
-                for (name, meta) in base.checkpoint.children(&base.path)? {
-                    if node.children.contains_key(&name) {
-                        listed.insert(name, meta);
-                        continue;
+                let cut = base.path.len();
+                base.checkpoint.subtree(&base.path, |found, meta| {
+                    let Some(child) = found.get(cut) else {
+                        // The node's own record: given above.
+                        return;
+                    };
+                    if node.children.contains_key(child) {
+                        if found.len() == cut + 1 {
+                            listed.insert(child.clone(), meta);
+                        }
+                        return;
                     }
                     let mut at = path.clone();
-                    at.push(name.clone());
-                    whole_base(&base.child(&name), &at, true, out)?;
-                }
+                    at.extend_from_slice(&found[cut..]);
+                    out.push(Record::Put { path: at, meta });
+                })?;
             }
             for (name, child) in &node.children {
                 let mut at = path.clone();
@@ -361,7 +371,7 @@ impl PendingTree {
                     _ => false,
                 };
                 let known = if derived {
-                    Some(listed.remove(name).flatten())
+                    Some(listed.remove(name))
                 } else {
                     None
                 };

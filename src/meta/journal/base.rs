@@ -19,6 +19,7 @@
 
 use std::cmp::Ordering;
 use std::io;
+use std::sync::{Arc, Mutex};
 
 use super::file_io::StoreReader;
 use super::format::{read_frame, Frame, CHUNK_MAGIC};
@@ -43,7 +44,13 @@ pub struct BaseCheckpoint {
     file: StoreReader,
     generation: u64,
     chunks: Vec<Chunk>,
+    /// The chunk decoded last: sibling directories often share one, and a compaction
+    /// visits them one after the other.
+    last: Mutex<Option<(usize, Arc<Records>)>>,
 }
+
+/// The `Put` records of one chunk, in order.
+type Records = Vec<(Path, Meta)>;
 
 /// Component-wise path order: the order of a checkpoint's `Put` records.
 pub fn path_cmp(a: &[Vec<u8>], b: &[Vec<u8>]) -> Ordering {
@@ -63,6 +70,7 @@ impl BaseCheckpoint {
             file,
             generation,
             chunks,
+            last: Mutex::new(None),
         }
     }
 
@@ -72,7 +80,19 @@ impl BaseCheckpoint {
     }
 
     /// The `Put` records of chunk `i`, in order.
-    fn chunk_records(&self, i: usize) -> io::Result<Vec<(Path, Meta)>> {
+    fn chunk_records(&self, i: usize) -> io::Result<Arc<Records>> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((n, records)) = last.as_ref() {
+            if *n == i {
+                return Ok(records.clone());
+            }
+        }
+        let records = Arc::new(self.decode_chunk(i)?);
+        *last = Some((i, records.clone()));
+        Ok(records)
+    }
+
+    fn decode_chunk(&self, i: usize) -> io::Result<Records> {
         let at = self.chunks[i].at as usize;
         let payload = match read_frame(&self.file, at, self.generation) {
             Ok(Frame::Good { magic, payload, .. }) if magic == CHUNK_MAGIC => payload,
@@ -108,10 +128,10 @@ impl BaseCheckpoint {
             if !first.starts_with(prefix) && path_cmp(first, prefix) == Ordering::Greater {
                 break;
             }
-            for (path, meta) in self.chunk_records(i)? {
+            for (path, meta) in self.chunk_records(i)?.iter() {
                 if path.starts_with(prefix) {
-                    f(path, meta);
-                } else if path_cmp(&path, prefix) == Ordering::Greater {
+                    f(path.clone(), meta.clone());
+                } else if path_cmp(path, prefix) == Ordering::Greater {
                     return Ok(());
                 }
             }
@@ -128,10 +148,10 @@ impl BaseCheckpoint {
             if path_cmp(&self.chunks[i].first, path) == Ordering::Greater {
                 break;
             }
-            for (p, meta) in self.chunk_records(i)? {
-                match path_cmp(&p, path) {
+            for (p, meta) in self.chunk_records(i)?.iter() {
+                match path_cmp(p, path) {
                     Ordering::Equal => {
-                        found = Some(meta);
+                        found = Some(meta.clone());
                         break;
                     }
                     Ordering::Greater => return Ok(None),
@@ -177,14 +197,14 @@ impl BaseCheckpoint {
                 i += 1;
                 continue;
             }
-            for (path, meta) in self.chunk_records(i)? {
+            for (path, meta) in self.chunk_records(i)?.iter() {
                 if path.starts_with(dir) {
                     if path.len() == depth + 1 {
-                        note(&mut out, &path[depth], Some(meta));
+                        note(&mut out, &path[depth], Some(meta.clone()));
                     } else if path.len() > depth + 1 {
                         note(&mut out, &path[depth], None);
                     }
-                } else if path_cmp(&path, dir) == Ordering::Greater {
+                } else if path_cmp(path, dir) == Ordering::Greater {
                     return Ok(out);
                 }
             }
