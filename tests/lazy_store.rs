@@ -202,3 +202,85 @@ fn lazily_read_records_survive_renames_journal_and_compaction() {
     expect(&fs);
     fs.shutdown();
 }
+
+/// A checkpoint written by an earlier pershome (its records not in checkpoint order) is
+/// replayed into memory as before, every record right; the mount's unmount rewrites it in
+/// order, and the next mount holds none of its records until a directory is listed.
+#[test]
+fn an_unordered_checkpoint_is_read_whole_then_rewritten_in_order_at_unmount() {
+    use pershome::meta::{Journal, Meta, OpenMode, Record, OWNER_ID};
+    use std::os::fd::AsFd;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut records = Vec::new();
+    for d in 0..3u32 {
+        std::fs::create_dir(dir.path().join(format!("d{d:02}"))).unwrap();
+        records.push(Record::Put {
+            path: vec![dir_name(d)],
+            meta: Meta {
+                mode: libc::S_IFDIR | 0o750,
+                uid: OWNER_ID,
+                gid: OWNER_ID,
+                ..Meta::default()
+            },
+        });
+        for f in 0..5u32 {
+            let path = dir.path().join(format!("d{d:02}/f{f:03}.dat"));
+            std::fs::write(&path, b"").unwrap();
+            let mtime = std::fs::metadata(&path).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            let t = pershome::meta::Timespec {
+                sec: mtime.mtime(),
+                nsec: mtime.mtime_nsec() as u32,
+            };
+            records.push(Record::Put {
+                path: vec![dir_name(d), file_name(f)],
+                meta: Meta {
+                    mode: libc::S_IFREG | perm_of(d, f),
+                    uid: OWNER_ID,
+                    gid: OWNER_ID,
+                    mtime: t,
+                    atime: t,
+                    ctime: t,
+                    btime: t,
+                    backing_mtime: t,
+                    ..Meta::default()
+                },
+            });
+        }
+    }
+    // Children before parents, last name first: an order no checkpoint of this pershome has.
+    records.reverse();
+    {
+        let root = std::fs::File::open(dir.path()).unwrap();
+        let (mut journal, _) = Journal::open(root.as_fd(), OpenMode::ReadWrite).unwrap();
+        journal.checkpoint(&records).unwrap();
+    }
+    let check = |fs: &Fs| {
+        for d in 0..3 {
+            for f in 0..5 {
+                let attr = lookup_path(fs, &[&dir_name(d), &file_name(f)]);
+                assert_eq!(attr.perm, perm_of(d, f), "d{d}/f{f}");
+            }
+        }
+    };
+
+    let fs = common::open(dir.path());
+    let held = fs.resident();
+    assert_eq!(
+        held.records, 18,
+        "an unordered checkpoint is held in memory: {held:?}"
+    );
+    check(&fs);
+    fs.shutdown();
+    drop(fs);
+
+    let fs = common::open(dir.path());
+    let held = fs.resident();
+    assert_eq!(
+        held.records, 0,
+        "rewritten in order at unmount, the checkpoint is read lazily: {held:?}"
+    );
+    check(&fs);
+    fs.shutdown();
+}

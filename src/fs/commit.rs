@@ -535,7 +535,8 @@ impl Fs {
         let result = self.commit().and_then(|()| {
             // The next mount holds the journal's records in memory (the checkpoint's stay on
             // the stick until needed): leave it a short journal.
-            if self.journal().compaction_due(UNMOUNT_COMPACT_AFTER_BYTES) {
+            if self.reorder_at_unmount || self.journal().compaction_due(UNMOUNT_COMPACT_AFTER_BYTES)
+            {
                 if let Err(e) = self.compact() {
                     // The journal still holds everything.
                     tracing::warn!("compacting the metadata store at unmount failed: {e}");

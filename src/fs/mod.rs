@@ -498,6 +498,10 @@ pub struct Fs {
     /// Compact the journal once it holds this many bytes (tests lower it to compact at
     /// nearly every commit: `set_compact_after`).
     pub(crate) compact_after: std::sync::atomic::AtomicU64,
+    /// The store's checkpoint was written by an earlier pershome, not in checkpoint order, so
+    /// this mount holds all of it in memory: compact at unmount, so the next mount reads it
+    /// lazily (`docs/format.md` § Memory).
+    pub(crate) reorder_at_unmount: bool,
     /// Unit tests' hooks, to place a racing operation at an exact point (never a timing).
     #[cfg(test)]
     pub(crate) hooks: std::sync::RwLock<Hooks>,
@@ -630,6 +634,8 @@ impl Fs {
                     path: backing_path.display().to_string(),
                     source,
                 })?;
+        let unordered_base = recovered.unordered_base;
+        let read_only = opts.read_only;
         let mut replayed = recovered.replayed;
         let mut warnings = recovered.warnings;
         if replayed.refused > 0 {
@@ -725,6 +731,7 @@ impl Fs {
             parts_lock: Mutex::new(()),
             part_cache: Mutex::new(HashMap::new()),
             compact_after: std::sync::atomic::AtomicU64::new(commit::COMPACT_AFTER_BYTES),
+            reorder_at_unmount: unordered_base && !read_only,
             #[cfg(test)]
             hooks: Default::default(),
         };

@@ -107,6 +107,10 @@ pub struct Recovered {
     pub warnings: Vec<String>,
     /// True when this open created the store (ReadWrite, no store files before).
     pub created: bool,
+    /// A lazy open (`open_lazy_in`) had to replay the base checkpoint into memory because
+    /// its records are not in checkpoint order (an earlier pershome wrote it): the next
+    /// compaction writes it in order, and the daemon makes one at unmount.
+    pub unordered_base: bool,
 }
 
 /// Why the store could not be opened or written.

@@ -115,6 +115,7 @@ impl Journal {
                     generation: 0,
                     warnings: Vec::new(),
                     created: false,
+                    unordered_base: false,
                 };
                 return Ok((journal, recovered));
             }
@@ -230,6 +231,7 @@ impl Journal {
                 generation: self.generation,
                 warnings,
                 created,
+                unordered_base: false,
             });
         }
         let max_gen = gens.keys().next_back().copied().unwrap_or(1);
@@ -246,6 +248,7 @@ impl Journal {
         let mut base: Option<(u64, Replayed)> = None;
         // The base when it is read lazily (an indexed checkpoint).
         let mut base_state: Option<(u64, Replayed)> = None;
+        let mut unordered_base = false;
         let mut salvage: Option<(u64, Replayed, usize)> = None;
         for (&generation, files) in gens.iter().rev() {
             if !files.checkpoint {
@@ -293,6 +296,8 @@ impl Journal {
             }
             let mut replayed = Replayed::default();
             let scan = scan_checkpoint(&file, generation, &mut replayed)?;
+            // Complete, yet not indexed: its order is an earlier pershome's.
+            unordered_base = self.lazy && scan.complete;
             if scan.complete {
                 if let Some(why) = scan.problem {
                     warnings.push(format!("{sd}/{name}: {why}"));
@@ -441,6 +446,7 @@ impl Journal {
                 generation: base_gen,
                 warnings,
                 created: false,
+                unordered_base,
             });
         }
 
@@ -521,6 +527,7 @@ impl Journal {
             generation: self.generation,
             warnings,
             created: false,
+            unordered_base,
         })
     }
 
