@@ -19,6 +19,7 @@
 
 use std::cmp::Ordering;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
 use super::file_io::StoreReader;
@@ -47,6 +48,10 @@ pub struct BaseCheckpoint {
     /// The chunk decoded last: sibling directories often share one, and a compaction
     /// visits them one after the other.
     last: Mutex<Option<(usize, Arc<Records>)>>,
+    /// Entries `children` may still hand out: each becomes a node in memory when its
+    /// directory is loaded, so a hostile store with millions of records in one directory is
+    /// held to the same bound as a replay (`pending::MAX_NODES`).
+    budget: AtomicUsize,
 }
 
 /// The `Put` records of one chunk, in order.
@@ -71,7 +76,17 @@ impl BaseCheckpoint {
             generation,
             chunks,
             last: Mutex::new(None),
+            budget: AtomicUsize::new(crate::meta::pending::MAX_NODES),
         }
+    }
+
+    /// Takes one entry from the budget; false once it is spent.
+    fn spend(&self) -> bool {
+        self.budget
+            .fetch_update(AtomicOrdering::Relaxed, AtomicOrdering::Relaxed, |b| {
+                b.checked_sub(1)
+            })
+            .is_ok()
     }
 
     /// How many chunks the index holds (tests, memory figures).
@@ -169,16 +184,19 @@ impl BaseCheckpoint {
     pub fn children(&self, dir: &[Vec<u8>]) -> io::Result<Vec<(Vec<u8>, Option<Meta>)>> {
         let depth = dir.len();
         let mut out: Vec<(Vec<u8>, Option<Meta>)> = Vec::new();
-        fn note(out: &mut Vec<(Vec<u8>, Option<Meta>)>, name: &[u8], meta: Option<Meta>) {
-            match out.last_mut() {
+        let mut refused = 0u64;
+        let mut note =
+            |out: &mut Vec<(Vec<u8>, Option<Meta>)>, name: &[u8], meta: Option<Meta>| match out
+                .last_mut()
+            {
                 Some((last, m)) if last.as_slice() == name => {
                     if meta.is_some() {
                         *m = meta;
                     }
                 }
-                _ => out.push((name.to_vec(), meta)),
-            }
-        }
+                _ if self.spend() => out.push((name.to_vec(), meta)),
+                _ => refused += 1,
+            };
         let mut i = self.first_chunk_for(dir);
         while i < self.chunks.len() {
             let first = &self.chunks[i].first;
@@ -205,10 +223,18 @@ impl BaseCheckpoint {
                         note(&mut out, &path[depth], None);
                     }
                 } else if path_cmp(path, dir) == Ordering::Greater {
-                    return Ok(out);
+                    i = self.chunks.len();
+                    break;
                 }
             }
             i += 1;
+        }
+        if refused > 0 {
+            tracing::warn!(
+                "the metadata store holds more entries than pershome accepts ({refused} \
+                 entries of a directory ignored); the stick may have been tampered with: run \
+                 `pershome fsck`"
+            );
         }
         Ok(out)
     }
