@@ -21,7 +21,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::codec::MAX_PATH_COMPONENTS;
-use super::journal::BaseCheckpoint;
+use super::journal::{BaseCheckpoint, BaseChild};
 use super::{Meta, Record};
 
 /// One node of the replayed tree: the metadata of the entry at this path (if a record set it)
@@ -205,10 +205,14 @@ impl PendingTree {
     }
 
     fn materialize_from(&mut self, base: &BaseRef) -> io::Result<()> {
-        let mut listed: HashMap<Vec<u8>, Option<Meta>> =
-            base.checkpoint.children(&base.path)?.into_iter().collect();
+        let mut listed: HashMap<Vec<u8>, BaseChild> = base
+            .checkpoint
+            .children(&base.path)?
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect();
         for (name, child) in self.children.iter_mut() {
-            let from_listing = listed.remove(name);
+            let from_listing = listed.remove(name).map(|c| c.meta);
             if child.meta.is_some() {
                 continue;
             }
@@ -227,11 +231,13 @@ impl PendingTree {
                 own.checkpoint.record_at(&own.path)?
             };
         }
-        for (name, meta) in listed {
+        for (name, listed) in listed {
+            // Only a child with records below it needs its base (a file has none): this
+            // spares a copy of the path per file of a directory being loaded.
             let child = PendingTree {
-                meta,
+                meta: listed.meta,
                 children: HashMap::new(),
-                base: Some(Box::new(base.child(&name))),
+                base: listed.below.then(|| Box::new(base.child(&name))),
             };
             self.children.insert(name, child);
         }

@@ -57,6 +57,16 @@ pub struct BaseCheckpoint {
 /// The `Put` records of one chunk, in order.
 type Records = Vec<(Path, Meta)>;
 
+/// A direct child of a directory in the checkpoint.
+#[derive(Debug)]
+pub struct BaseChild {
+    pub name: Vec<u8>,
+    /// Its own record, if the checkpoint holds one.
+    pub meta: Option<Meta>,
+    /// Whether the checkpoint holds records below it.
+    pub below: bool,
+}
+
 /// Component-wise path order: the order of a checkpoint's `Put` records.
 pub fn path_cmp(a: &[Vec<u8>], b: &[Vec<u8>]) -> Ordering {
     a.cmp(b)
@@ -178,25 +188,31 @@ impl BaseCheckpoint {
         Ok(found)
     }
 
-    /// The direct children of `dir` in the checkpoint, in name order: each with its record,
-    /// or `None` when the checkpoint holds records only below it. Chunks that lie wholly
+    /// The direct children of `dir` in the checkpoint, in name order: each with its record
+    /// (if any) and whether records lie below it. Chunks that lie wholly
     /// inside one child's subtree are not read.
-    pub fn children(&self, dir: &[Vec<u8>]) -> io::Result<Vec<(Vec<u8>, Option<Meta>)>> {
+    pub fn children(&self, dir: &[Vec<u8>]) -> io::Result<Vec<BaseChild>> {
         let depth = dir.len();
-        let mut out: Vec<(Vec<u8>, Option<Meta>)> = Vec::new();
+        let mut out: Vec<BaseChild> = Vec::new();
         let mut refused = 0u64;
-        let mut note =
-            |out: &mut Vec<(Vec<u8>, Option<Meta>)>, name: &[u8], meta: Option<Meta>| match out
-                .last_mut()
-            {
-                Some((last, m)) if last.as_slice() == name => {
+        // `meta` is the child's own record; `None` means a record below it.
+        let mut note = |out: &mut Vec<BaseChild>, name: &[u8], meta: Option<Meta>| {
+            let below = meta.is_none();
+            match out.last_mut() {
+                Some(last) if last.name.as_slice() == name => {
                     if meta.is_some() {
-                        *m = meta;
+                        last.meta = meta;
                     }
+                    last.below |= below;
                 }
-                _ if self.spend() => out.push((name.to_vec(), meta)),
+                _ if self.spend() => out.push(BaseChild {
+                    name: name.to_vec(),
+                    meta,
+                    below,
+                }),
                 _ => refused += 1,
-            };
+            }
+        };
         let mut i = self.first_chunk_for(dir);
         while i < self.chunks.len() {
             let first = &self.chunks[i].first;

@@ -35,7 +35,7 @@ mod recovery;
 mod tests;
 
 pub use append::fits_in_one_batch;
-pub use base::BaseCheckpoint;
+pub use base::{BaseCheckpoint, BaseChild};
 pub use format::MAX_FRAME_LEN;
 
 use std::collections::BTreeMap;
