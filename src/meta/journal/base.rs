@@ -90,6 +90,12 @@ impl BaseCheckpoint {
         }
     }
 
+    /// Test hook: how many entries `children` may still hand out.
+    #[cfg(test)]
+    pub(crate) fn set_budget(&self, entries: usize) {
+        self.budget.store(entries, AtomicOrdering::Relaxed);
+    }
+
     /// Takes one entry from the budget; false once it is spent.
     fn spend(&self) -> bool {
         self.budget

@@ -983,3 +983,38 @@ fn a_lazily_read_checkpoint_answers_as_a_full_replay_does() {
         Some(meta(0o100666, 4))
     );
 }
+
+/// The entries a lazily read checkpoint hands out for directories being loaded draw on a
+/// budget, as a replay's nodes do: a hostile store cannot make one listing allocate a node per
+/// record without bound (`docs/format.md` § Memory).
+#[test]
+fn a_lazily_read_checkpoint_hands_out_no_more_entries_than_its_budget() {
+    let root = TempDir::new().expect("tempdir");
+    let records: Vec<Record> = (0..10u32)
+        .map(|f| Record::Put {
+            path: vec![b"dir".to_vec(), format!("f{f:02}").into_bytes()],
+            meta: Meta {
+                mode: 0o100644,
+                ..Meta::default()
+            },
+        })
+        .collect();
+    {
+        let (mut jn, _) = open_ok(&root, OpenMode::ReadWrite);
+        jn.checkpoint(&records).expect("checkpoint");
+    }
+    let dir = fs::File::open(root.path()).expect("open temp root");
+    let (_jn, rec) = Journal::open_lazy_in(dir.as_fd(), OpenMode::ReadOnly, StoreLayout::Long)
+        .expect("open lazily");
+    let base = rec.replayed.root.base.as_ref().expect("read lazily");
+    base.checkpoint.set_budget(4);
+    let top = base.checkpoint.children(&[]).expect("top");
+    assert_eq!(top.len(), 1, "the top holds `dir`");
+    let listed = base.checkpoint.children(&[b"dir".to_vec()]).expect("dir");
+    assert_eq!(
+        listed.len(),
+        3,
+        "a budget of 4 entries, one spent on `dir`, leaves 3 of its 10 files; got {}",
+        listed.len()
+    );
+}
