@@ -4,6 +4,7 @@
 //! This module owns the list. A scenario never leaves a QEMU running (its `Vm`s are dropped,
 //! and so killed, on every path out of it).
 
+mod bench;
 mod conformance;
 mod kernels;
 mod login;
@@ -85,5 +86,11 @@ pub const ALL: &[Scenario] = &[
         name: "powercut",
         summary: "power cuts: nbdkit's write-back cache and QEMU killed mid-workload, three times; fsync'ed files intact, the rest old or new, never garbage",
         run: powercut::run,
+    },
+    Scenario {
+        number: 11,
+        name: "bench",
+        summary: "issue 14's workloads (tar x, find, ls -lR cold and warm, rm -rf, a 64 MiB write) on pershomefs over vfat and on plain vfat, in one VM: the ratio table (informational)",
+        run: bench::run,
     },
 ];
