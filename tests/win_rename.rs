@@ -87,6 +87,9 @@ fn make_proj(backing: &Path) {
     create(&fs, deep, b"secret", 0o600, b"42");
     let data = create(&fs, proj, b"data.bin", 0o600, b"shared content");
     fs.link(data, sub, b"data-link").expect("link");
+    // A checkpoint, so the next session reads these records lazily from it (a folder's
+    // records below its own are read only when needed).
+    fs.compact().expect("compact");
     fs.shutdown();
     drop(fs);
 }

@@ -71,7 +71,7 @@ impl DirMatch {
 fn recorded_dir(t: &PendingTree) -> bool {
     match &t.meta {
         Some(m) => m.mode & libc::S_IFMT == libc::S_IFDIR,
-        None => !t.children.is_empty(),
+        None => !t.children.is_empty() || t.base.is_some(),
     }
 }
 
@@ -79,9 +79,10 @@ fn recorded_dir(t: &PendingTree) -> bool {
 /// (an empty one has nothing to compare).
 pub fn matchable(t: &PendingTree) -> bool {
     recorded_dir(t)
-        && t.children
-            .values()
-            .any(|c| c.meta.is_some() || !c.children.is_empty())
+        && (t.base.is_some()
+            || t.children
+                .values()
+                .any(|c| c.meta.is_some() || !c.children.is_empty() || c.base.is_some()))
 }
 
 /// The similarity of a recorded directory's children and a listed directory's, as
@@ -200,6 +201,7 @@ mod tests {
                 ..Meta::default()
             }),
             children: HashMap::new(),
+            base: None,
         }
     }
 
@@ -213,6 +215,7 @@ mod tests {
                 .iter()
                 .map(|(n, t)| (n.as_bytes().to_vec(), t.clone()))
                 .collect(),
+            base: None,
         }
     }
 
