@@ -529,27 +529,37 @@ impl Fs {
             return Err(Errno::EEXIST);
         }
         let newdir = self.open_dir_of(&st, newparent)?;
-        // The new name's placeholder is made first, O_EXCL: a name that answers on the stick
-        // (an 8.3 alias) is a clash and the next candidate is taken, before anything else
-        // changes. (Made after the content moved, as it once was, a clash failed the link
-        // with the content already gone from the old name: it read 0 bytes until remount.)
+        let linked = st.inode(ino)?.link_id;
+        // A name that answers on the stick (an 8.3 alias) is a clash: the next candidate is
+        // taken. A file already hard-linked only gets a placeholder, made O_EXCL. A file
+        // linked for the first time must have its records committed before its content
+        // moves and the placeholders appear (a crash in between must leave the content under
+        // the old name, see `start_link`), so its new name is probed first, by a lookup (which
+        // on vfat finds an alias); the placeholder made later is still O_EXCL.
         let (new_backing, ()) =
             self.with_free_backing_name(&st, newparent, newname, None, |candidate| {
-                self.backing.write_new_file(newdir.as_fd(), candidate, &[])
+                if linked.is_some() {
+                    return self.backing.write_new_file(newdir.as_fd(), candidate, &[]);
+                }
+                match self.backing.stat_at(newdir.as_fd(), candidate) {
+                    Ok(_) => Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                    Err(e) => Err(e),
+                }
             })?;
         let mut new_path = st.backing_path(newparent)?;
         new_path.push(new_backing.clone());
         let t = now();
-        let id = match st.inode(ino)?.link_id {
+        let id = match linked {
             Some(id) => id,
-            None => match self.start_link(&mut st, ino, &new_path, newname, &new_backing) {
-                Ok(id) => id,
-                Err(e) => {
-                    // Best effort: the placeholder is pershome's own, made just now.
-                    let _ = self.backing.unlink_at(newdir.as_fd(), &new_backing, false);
-                    return Err(e);
-                }
-            },
+            None => self.start_link(
+                &mut st,
+                ino,
+                &new_path,
+                newname,
+                &new_backing,
+                newdir.as_fd(),
+            )?,
         };
         let stored_name = self.name_to_store(&new_backing, newparent == ROOT, newname);
         st.pending.push(Record::Put {
@@ -577,8 +587,7 @@ impl Fs {
     }
 
     /// Turns a one-name file into a hard-linked one: the records go to the stick first, then
-    /// the content moves into the store's inode directory and the old name becomes a
-    /// placeholder (the new name's placeholder the caller made already).
+    /// the content moves into the store's inode directory and both names become placeholders.
     /// A crash between the steps leaves a name that still holds the content, which the next
     /// mount reads as an ordinary file (see reconcile).
     fn start_link(
@@ -588,6 +597,7 @@ impl Fs {
         new_path: &[Vec<u8>],
         newname: &[u8],
         new_backing: &[u8],
+        newdir: std::os::fd::BorrowedFd<'_>,
     ) -> Result<u64> {
         let id = st.next_link_id;
         // Refused before anything is recorded when the id has no name in this layout.
@@ -637,12 +647,28 @@ impl Fs {
         self.backing
             .write_new_file(old_dir.as_fd(), &old_backing, &[])
             .map_err(|e| errno_of(&e))?;
+        let placed = self.backing.write_new_file(newdir, new_backing, &[]);
+        match &placed {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(e)),
+            _ => {}
+        }
         st.links.insert(id, ino);
         let inode = st.inode_mut(ino)?;
         inode.link_id = Some(id);
         inode.meta.nlink = 1; // link() adds the new name
         inode.dentries = vec![(old_parent, old_name)];
         inode.parent = 0;
+        if placed.is_err() {
+            // The new name was free when `link` looked it up and is taken now (another
+            // computer writing the stick this very moment). The content is in the store and
+            // the old name a placeholder, as recorded: the file reads as before, with one
+            // name; the new name's record goes.
+            st.pending.push(Record::Remove {
+                path: new_path.to_vec(),
+            });
+            st.mark_dirty(ino);
+            return Err(Errno::EEXIST);
+        }
         Ok(id)
     }
 

@@ -10,6 +10,7 @@ mod login;
 mod ltsp;
 mod msdos;
 mod powercut;
+mod vfat;
 mod wear;
 mod yank;
 
@@ -85,5 +86,11 @@ pub const ALL: &[Scenario] = &[
         name: "powercut",
         summary: "power cuts: nbdkit's write-back cache and QEMU killed mid-workload, three times; fsync'ed files intact, the rest old or new, never garbage",
         run: powercut::run,
+    },
+    Scenario {
+        number: 11,
+        name: "vfat",
+        summary: "the kernel's vfat: renames, creates, links, symlinks and mkdirs onto 8.3 aliases of Windows-made files (long and names=8.3); renames durable after a folder fsync across a power cut, beside raw vfat",
+        run: vfat::run,
     },
 ];
