@@ -462,41 +462,51 @@ pub fn run(ctx: &mut Ctx) -> Result<()> {
     }
     phase(&mut vm, "after the cut", CHECK_ALIASES, "", &mut fails)?;
     unmount_both(&mut vm)?;
-    // The Windows-made long names cannot be in an 8.3 folder (fsck rightly says so): they go
-    // before the store is checked.
-    vm.ok(
-        &format!("rm '{SHORT_BACKING}/Makefile.backup-old' '{SHORT_BACKING}/Notes from class.txt'"),
-        guest::SHORT,
-    )?;
-    vm.ok(
-        &format!(
-            "pershome fsck {} 2>&1 && pershome fsck {SHORT_BACKING} 2>&1",
-            guest::BACKING
-        ),
-        Duration::from_secs(300),
-    )
-    .context("pershome fsck at the end")?;
-    vm.ok(&format!("umount {}", guest::STICK_MNT), guest::SHORT)?;
-    let cost = vm.ok(
-        &format!(
-            "sh -c {} sh {} {} 2>&1",
-            shq(DIRSYNC_COST),
-            shq(&device),
-            shq(guest::stick_options(StickFs::Fat32))
-        ),
-        Duration::from_secs(600),
-    )?;
-    ctx.note(format!(
-        "100 creates + 100 renames + sync through pershomefs, stick mounted as the hook does \
-         vs also dirsync: {}",
-        cost.trim().replace('\n', "; ")
-    ));
-    vm.ok(
-        &format!("fsck.vfat -n {device} 2>&1"),
-        Duration::from_secs(300),
-    )
-    .context("fsck.vfat -n at the end")?;
-    vm.shutdown()?;
+    // The last checks report their failure together with the gathered ones.
+    let end = (|| -> Result<()> {
+        // The Windows-made long names cannot be in an 8.3 folder (fsck rightly says so): they go
+        // before the store is checked.
+        vm.ok(
+            &format!(
+                "rm '{SHORT_BACKING}/Makefile.backup-old' '{SHORT_BACKING}/Notes from class.txt'"
+            ),
+            guest::SHORT,
+        )?;
+        vm.ok(
+            &format!(
+                "pershome fsck {} 2>&1 && pershome fsck {SHORT_BACKING} 2>&1",
+                guest::BACKING
+            ),
+            Duration::from_secs(300),
+        )
+        .context("pershome fsck at the end")?;
+        vm.ok(&format!("umount {}", guest::STICK_MNT), guest::SHORT)?;
+        let cost = vm.ok(
+            &format!(
+                "sh -c {} sh {} {} 2>&1",
+                shq(DIRSYNC_COST),
+                shq(&device),
+                shq(guest::stick_options(StickFs::Fat32))
+            ),
+            Duration::from_secs(600),
+        )?;
+        ctx.note(format!(
+            "100 creates + 100 renames + sync through pershomefs, stick mounted as the hook does \
+             vs also dirsync: {}",
+            cost.trim().replace('\n', "; ")
+        ));
+        vm.ok(
+            &format!("fsck.vfat -n {device} 2>&1"),
+            Duration::from_secs(300),
+        )
+        .context("fsck.vfat -n at the end")?;
+        Ok(())
+    })();
+    if let Err(e) = end {
+        fails.push(format!("{e:#}"));
+    } else {
+        vm.shutdown()?;
+    }
     nbd.kill();
     if !fails.is_empty() {
         bail!("{} broken case(s):\n  {}", fails.len(), fails.join("\n  "));
