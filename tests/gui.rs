@@ -185,7 +185,12 @@ impl Dialog {
 
 /// The windows titled `title` whose zenity runs with `kind` (`--question`, `--info`, …).
 fn dialogs(x: &Xvfb, title: &str, kind: &str) -> Vec<Dialog> {
-    let (_, ids) = xdotool(x, &["search", "--name", &format!("^{title}$")]);
+    // Visible windows only: GTK names a window before it maps it, and focusing an unmapped
+    // window fails (seen under load, once the machine was busy enough to land in between).
+    let (_, ids) = xdotool(
+        x,
+        &["search", "--onlyvisible", "--name", &format!("^{title}$")],
+    );
     let mut found = Vec::new();
     for id in ids.lines() {
         let (ok, pid) = xdotool(x, &["getwindowpid", id]);
@@ -242,10 +247,19 @@ fn screenshot(x: &Xvfb, d: &Dialog, name: &str) {
         .status();
 }
 
-/// Focuses the dialog (there is no window manager to do it) and types `key`.
+/// Focuses the dialog (there is no window manager to do it) and types `key`. Focusing is
+/// retried until PATIENCE runs out: a window that has just been mapped may not take the focus
+/// yet on a loaded machine.
 fn press(x: &Xvfb, d: &Dialog, key: &str) {
-    let (ok, _) = xdotool(x, &["windowfocus", "--sync", &d.window]);
-    assert!(ok, "focusing window {}", d.window);
+    let deadline = Instant::now() + PATIENCE;
+    while !xdotool(x, &["windowfocus", "--sync", &d.window]).0 {
+        assert!(
+            Instant::now() < deadline,
+            "focusing window {} failed for {PATIENCE:?}",
+            d.window
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (ok, _) = xdotool(x, &["key", key]);
     assert!(ok, "typing {key}");
 }

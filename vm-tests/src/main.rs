@@ -170,13 +170,23 @@ fn run() -> Result<bool> {
             notes: Vec::new(),
         };
         let t = Instant::now();
-        let outcome = (scenario.run)(&mut ctx);
+        let outcome = check_disk(&ctx.run_dir).and_then(|()| (scenario.run)(&mut ctx));
         let secs = t.elapsed().as_secs_f64();
         match &outcome {
-            Ok(()) => eprintln!(
-                "\nPASS  {} {} ({secs:.0} s)",
-                scenario.number, scenario.name
-            ),
+            Ok(()) => {
+                eprintln!(
+                    "\nPASS  {} {} ({secs:.0} s)",
+                    scenario.number, scenario.name
+                );
+                let freed = util::prune_large_files(&ctx.run_dir, PRUNE_ABOVE)?;
+                if freed > 0 {
+                    eprintln!(
+                        "  removed its images ({}); its logs stay in {}",
+                        util::gib(freed),
+                        ctx.run_dir.display()
+                    );
+                }
+            }
             Err(e) => {
                 eprintln!(
                     "\nFAIL  {} {} ({secs:.0} s): {e:#}",
@@ -214,6 +224,32 @@ fn run() -> Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(all_ok)
+}
+
+/// A passing scenario's files that take more disk than this (stick images, disks) are
+/// deleted; its logs and listings stay. A failing scenario keeps everything until its next
+/// run, for inspection.
+const PRUNE_ABOVE: u64 = 16 << 20;
+
+/// The least free space a scenario starts with. The largest need is a conformance stick
+/// (4 GiB, sparse on the host but for what the tests leave on it) plus the guest's own
+/// writes; below this the failure would be a confusing ENOSPC deep inside a scenario.
+const MIN_FREE: u64 = 3 << 30;
+
+fn check_disk(run_dir: &Path) -> Result<()> {
+    let free = util::free_bytes(run_dir)?;
+    eprintln!("  {} free under {}", util::gib(free), run_dir.display());
+    if free < MIN_FREE {
+        bail!(
+            "only {} is free on the disk of {}; a scenario needs at least {}: free some \
+             space (old runs are in {}) and run it again",
+            util::gib(free),
+            run_dir.display(),
+            util::gib(MIN_FREE),
+            util::vm_dir().join("runs").display()
+        );
+    }
+    Ok(())
 }
 
 fn select(names: &[String]) -> Result<Vec<&'static scenarios::Scenario>> {

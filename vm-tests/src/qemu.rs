@@ -57,9 +57,9 @@ pub struct BootSpec<'a> {
     pub memory_mib: u32,
     /// From QEMU's start to the agent's greeting.
     pub boot_timeout: Duration,
-    /// The `-blockdev` of the stick's protocol node (`stickfile`), if one is plugged (see
-    /// [`stick_file_node`]).
-    pub stick: Option<String>,
+    /// The stick's `-blockdev` nodes, protocol node first and the format node named `stick`
+    /// last, if one is plugged (see [`stick_file_node`]).
+    pub stick: Option<Vec<String>>,
     pub share: &'a Path,
     pub run_dir: &'a Path,
     pub name: &'a str,
@@ -140,12 +140,20 @@ fn stick_device_properties() -> serde_json::Value {
     json!({"driver": "usb-storage", "bus": "xhci.0", "drive": "stick", "id": STICK_DEV, "removable": true})
 }
 
-/// The stick's protocol node for an image file.
-pub fn stick_file_node(stick: &Path) -> String {
-    format!(
-        "driver=file,filename={},node-name=stickfile",
-        stick.display()
-    )
+/// The stick's `-blockdev` nodes for an image file. The guest's zero writes (FAT has no
+/// sparse files: pjdfstest's write at 2 GiB makes the kernel write 2 GiB of zeros) and its
+/// discards become holes in the image (`detect-zeroes=unmap`, `discard=unmap`), so a 4 GiB
+/// stick does not take 4 GiB of the host's disk. The guest reads the same zeros back; the
+/// device's write counters (the wear scenario's) are taken above this layer and still count
+/// every byte the guest wrote.
+pub fn stick_file_node(stick: &Path) -> Vec<String> {
+    vec![
+        format!(
+            "driver=file,filename={},node-name=stickfile,discard=unmap",
+            stick.display()
+        ),
+        "driver=raw,file=stickfile,node-name=stick,discard=unmap,detect-zeroes=unmap".to_owned(),
+    ]
 }
 
 impl Vm {
@@ -160,15 +168,20 @@ impl Vm {
         if config.stick.is_some() {
             bail!("boot_nbd: the stick comes from the NBD server, not from an image file");
         }
-        let node = format!(
-            "driver=nbd,server.type=unix,server.path={},node-name=stickfile",
-            socket.display()
-        );
-        Vm::boot_with(config, Some(node))
+        // No zero detection here: the write-back cache must see the guest's writes as the
+        // guest made them, or a power cut would not lose what a real stick loses.
+        let nodes = vec![
+            format!(
+                "driver=nbd,server.type=unix,server.path={},node-name=stickfile",
+                socket.display()
+            ),
+            "driver=raw,file=stickfile,node-name=stick".to_owned(),
+        ];
+        Vm::boot_with(config, Some(nodes))
     }
 
-    /// `stick`: the `-blockdev` of the stick's protocol node (`stickfile`), if one is plugged.
-    fn boot_with(config: &VmConfig, stick: Option<String>) -> Result<Vm> {
+    /// `stick`: the stick's `-blockdev` nodes (see [`BootSpec::stick`]), if one is plugged.
+    fn boot_with(config: &VmConfig, stick: Option<Vec<String>>) -> Result<Vm> {
         let (vmlinuz, initrd) = config.image.kernel_files(config.kernel);
         let rootfs = config.image.rootfs();
         Vm::boot_spec(
@@ -253,14 +266,13 @@ impl Vm {
         if let Some(stick) = &config.stick {
             // -blockdev, not -drive: a -drive disappears with its device on device_del and
             // could not be plugged back.
-            command
-                .arg("-blockdev")
-                .arg(stick)
-                .args(["-blockdev", "driver=raw,file=stickfile,node-name=stick"])
-                .args([
-                    "-device",
-                    &format!("usb-storage,bus=xhci.0,drive=stick,id={STICK_DEV},removable=on"),
-                ]);
+            for node in stick {
+                command.arg("-blockdev").arg(node);
+            }
+            command.args([
+                "-device",
+                &format!("usb-storage,bus=xhci.0,drive=stick,id={STICK_DEV},removable=on"),
+            ]);
         }
         let qemu_log = config.run_dir.join(format!("qemu-{}.log", config.name));
         let log =

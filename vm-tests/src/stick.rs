@@ -7,7 +7,7 @@
 //! This module owns the layout of a stick image. It never touches a real block device.
 
 use std::fs::OpenOptions;
-use std::io::{Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -117,8 +117,7 @@ pub fn mtools_image(path: &Path) -> String {
     format!("{}@@{PART_OFFSET}", path.display())
 }
 
-/// Copy all of `from` into `to` at byte `offset`, keeping holes sparse is not needed: the
-/// formatted partition is mostly metadata at its start.
+/// Copy all of `from` into `to` at byte `offset`, leaving holes where `from` is zero.
 fn copy_into(from: &Path, to: &Path, offset: u64) -> Result<()> {
     let mut src =
         std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
@@ -126,15 +125,46 @@ fn copy_into(from: &Path, to: &Path, offset: u64) -> Result<()> {
         .write(true)
         .open(to)
         .with_context(|| format!("opening {}", to.display()))?;
-    dst.seek(SeekFrom::Start(offset))
-        .with_context(|| format!("seeking in {}", to.display()))?;
-    std::io::copy(&mut src, &mut dst)
-        .with_context(|| format!("copying {} into {}", from.display(), to.display()))?;
+    copy_sparse(&mut src, &mut dst, offset)
+        .with_context(|| format!("copying {} into {}", from.display(), to.display()))
+}
+
+/// Copy the rest of `src` to `dst` from byte `at` of `dst` on, seeking over blocks of zeros
+/// instead of writing them: a 4 GiB stick that holds a few MiB of data must not take 4 GiB
+/// of the host's disk when it is copied (CI once ran out of space this way). `dst` ends at
+/// `at` plus the bytes copied, holes included.
+fn copy_sparse(src: &mut std::fs::File, dst: &mut std::fs::File, at: u64) -> std::io::Result<()> {
+    const BLOCK: usize = 1 << 20;
+    let mut buf = vec![0u8; BLOCK];
+    let mut pos = at;
+    loop {
+        let mut filled = 0;
+        while filled < BLOCK {
+            match src.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        if buf[..filled].iter().any(|&b| b != 0) {
+            dst.seek(SeekFrom::Start(pos))?;
+            dst.write_all(&buf[..filled])?;
+        }
+        pos += filled as u64;
+        if filled < BLOCK {
+            break;
+        }
+    }
+    if dst.metadata()?.len() < pos {
+        dst.set_len(pos)?;
+    }
     Ok(())
 }
 
 /// `fsck.fat -n` on the FAT32 partition of a stick image, from the host, without a loop
-/// device: the partition is copied out to a file first (fsck.fat has no offset option).
+/// device: the partition is copied out to a sparse file first (fsck.fat has no offset option).
 /// Returns fsck's output; fails if it found anything.
 pub fn fsck_fat_host(sh: &Shell, image: &Path) -> Result<String> {
     let part = PathBuf::from(format!("{}.fsck", image.display()));
@@ -144,7 +174,8 @@ pub fn fsck_fat_host(sh: &Shell, image: &Path) -> Result<String> {
         .with_context(|| format!("seeking in {}", image.display()))?;
     let mut dst =
         std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
-    std::io::copy(&mut src, &mut dst).with_context(|| format!("copying out {}", part.display()))?;
+    copy_sparse(&mut src, &mut dst, 0)
+        .with_context(|| format!("copying out {}", part.display()))?;
     drop(dst);
     let out = cmd!(sh, "fsck.fat -n {part}")
         .quiet()
@@ -161,4 +192,37 @@ pub fn fsck_fat_host(sh: &Shell, image: &Path) -> Result<String> {
         anyhow::bail!("fsck.fat -n found problems ({}):\n{text}", out.status);
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    /// A 64 MiB source with 3 bytes of data in its middle copies to the same bytes at the
+    /// offset, in a file that takes a few blocks of disk, not 64 MiB.
+    #[test]
+    fn copy_sparse_keeps_the_bytes_and_leaves_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        let mut src = std::fs::File::create(&from).unwrap();
+        src.set_len(64 << 20).unwrap();
+        src.seek(SeekFrom::Start(32 << 20)).unwrap();
+        src.write_all(b"FAT").unwrap();
+        std::fs::write(&to, b"head").unwrap();
+        copy_into(&from, &to, 4).unwrap();
+        let copied = std::fs::read(&to).unwrap();
+        assert_eq!(copied.len(), 4 + (64 << 20));
+        assert_eq!(&copied[..4], b"head");
+        let data = 4 + (32 << 20);
+        assert_eq!(&copied[data..data + 3], b"FAT");
+        assert!(copied[4..data].iter().all(|&b| b == 0));
+        assert!(copied[data + 3..].iter().all(|&b| b == 0));
+        let allocated = std::fs::metadata(&to).unwrap().blocks() * 512;
+        assert!(
+            allocated <= 2 << 20,
+            "the copy took {allocated} bytes of disk for 7 bytes of data"
+        );
+    }
 }

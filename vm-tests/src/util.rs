@@ -64,3 +64,38 @@ pub fn run_logged(mut command: Command, what: &str, log: &Path) -> Result<()> {
 pub fn shq(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
+
+/// Bytes available on the filesystem that holds `path`, as `df` shows them: on these
+/// machines the free blocks count far more than a writer (root included) can use.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    let st =
+        nix::sys::statvfs::statvfs(path).with_context(|| format!("statvfs {}", path.display()))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Human-readable GiB with one decimal.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// Delete the files of `dir` (recursively) that take more than `min_bytes` of disk, and
+/// return the bytes freed. A passing scenario's stick images and disks are of no further
+/// use, and the suite's scenarios together would otherwise hold over 10 GiB of them.
+pub fn prune_large_files(dir: &Path, min_bytes: u64) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut freed = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let meta = entry
+            .metadata()
+            .with_context(|| format!("stat {}", entry.path().display()))?;
+        if meta.is_dir() {
+            freed += prune_large_files(&entry.path(), min_bytes)?;
+        } else if meta.is_file() && meta.blocks() * 512 > min_bytes {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            freed += meta.blocks() * 512;
+        }
+    }
+    Ok(freed)
+}

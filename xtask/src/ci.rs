@@ -17,10 +17,13 @@ use crate::{bench, deps, fsx, fuzz, pjdfstest, util, wear};
 
 pub fn run(sh: &Shell) -> Result<()> {
     let started = std::time::Instant::now();
+    // Each banner says how much disk is left: CI's disk is shared, and a run that ran out of
+    // space in the QEMU suite must show where the space went.
     let step = |name: &str| {
         util::banner(&format!(
-            "CI step: {name} (at {:.0} s)",
-            started.elapsed().as_secs_f64()
+            "CI step: {name} (at {:.0} s, {} free)",
+            started.elapsed().as_secs_f64(),
+            free_space()
         ))
     };
 
@@ -139,6 +142,25 @@ pub fn run(sh: &Shell) -> Result<()> {
         }
     }
 
-    eprintln!("\nCI passed in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "\nCI passed in {:.0} s ({} free)",
+        started.elapsed().as_secs_f64(),
+        free_space()
+    );
     Ok(())
+}
+
+/// Free space on the disk of the working directory (the clone, whose `target/` takes the
+/// builds and the QEMU suite's images), for the step banners.
+fn free_space() -> String {
+    let Ok(path) = std::ffi::CString::new(".") else {
+        return "? GiB".to_owned();
+    };
+    // SAFETY: statvfs writes into the zeroed struct it is given and reads a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return "? GiB".to_owned();
+    }
+    let bytes = st.f_bavail as f64 * st.f_frsize as f64;
+    format!("{:.1} GiB", bytes / f64::from(1u32 << 30))
 }
