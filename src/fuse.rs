@@ -62,6 +62,8 @@ pub struct Adapter {
     passthrough: Passthrough,
     /// Per-opcode request counts (`-o counters`); `None`, the default, counts nothing.
     counters: Option<Arc<Counters>>,
+    /// The kernel agreed to FUSE_HANDLE_KILLPRIV_V2: the daemon clears set-ID bits itself.
+    killpriv: AtomicBool,
 }
 
 impl std::fmt::Debug for Adapter {
@@ -158,6 +160,7 @@ impl Adapter {
             destroyed: AtomicBool::new(false),
             passthrough: Passthrough::default(),
             counters: None,
+            killpriv: AtomicBool::new(false),
         }
     }
 
@@ -346,6 +349,19 @@ impl Filesystem for Adapter {
         ] {
             let _ = config.add_capabilities(flag);
         }
+        // FUSE_HANDLE_KILLPRIV_V2: the daemon clears the set-ID bits on chown, truncate and
+        // write, so the kernel stops fetching the attributes before every chown (one GETATTR
+        // per file `tar x` untars as root, fs/fuse/dir.c `fuse_setattr`), and marks the
+        // superblock SB_NOSEC, so a file that was found free of set-ID bits and
+        // security.capability is not asked again at each write (`file_remove_privs`).
+        // fuser 0.18 passes FUSE_WRITE_KILL_SUIDGID to `write` but not FATTR_KILL_SUIDGID to
+        // `setattr`; `setattr` below infers it from the request the way the kernel sets it.
+        if config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok()
+        {
+            self.killpriv.store(true, Ordering::SeqCst);
+        }
         // Passthrough needs a stacking depth of 1 and CAP_SYS_ADMIN (checked by the kernel at
         // the first open; a refusal there switches it off again).
         if config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
@@ -414,7 +430,7 @@ impl Filesystem for Adapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -431,6 +447,24 @@ impl Filesystem for Adapter {
         reply: ReplyAttr,
     ) {
         self.count(Op::Setattr);
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel drops ATTR_KILL_SUID/SGID and the mode it
+        // derived from them (fuse_setattr), and flags FATTR_KILL_SUIDGID, which fuser 0.18
+        // does not pass on, for: a chown of a non-directory (always), a size change by a
+        // caller without CAP_FSETID (the daemon sees only the uid: root is taken to have it),
+        // and a SETATTR that carries nothing else, which is `file_remove_privs` before a
+        // passthrough write or a chown(-1, -1) (utimensat with both times omitted returns
+        // before reaching the filesystem). `Fs::setattr` leaves directories alone.
+        let nothing_else = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
+        let kill_set_id = self.killpriv.load(Ordering::Relaxed)
+            && (uid.is_some()
+                || gid.is_some()
+                || (size.is_some() && req.uid() != 0)
+                || nothing_else);
         let set = SetAttr {
             mode,
             uid,
@@ -440,6 +474,7 @@ impl Filesystem for Adapter {
             mtime: mtime.map(set_time),
             ctime: ctime.map(from_system_time),
             fh: fh.map(|f| f.0),
+            kill_set_id,
         };
         match self.fs.setattr(ino.0, set) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
@@ -588,18 +623,27 @@ impl Filesystem for Adapter {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         self.count(Op::Write);
         match self.fs.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                // Set by the kernel only under FUSE_HANDLE_KILLPRIV_V2, for a caller without
+                // CAP_FSETID: the write must clear the set-ID bits, as it would on ext4.
+                if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                    if let Err(e) = self.fs.kill_set_id(ino.0) {
+                        return reply.error(err(e));
+                    }
+                }
+                reply.written(n)
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -644,33 +688,32 @@ impl Filesystem for Adapter {
         Self::empty(reply, self.fs.fsync(fh.0, datasync));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.count(Op::Opendir);
-        match self.fs.opendir(ino.0) {
-            // The kernel keeps the listing in the directory's page cache (CACHE_DIR, and
-            // KEEP_CACHE so the next opendir does not drop it). It drops the cache itself
-            // whenever a create, unlink, rename or link through this mount changes the
-            // directory (its iversion moves), and the daemon is the only writer while
-            // mounted, so no listing can go stale. A cached listing also spares the kernel
-            // the READDIRPLUS that would forget every entry's cached ACL.
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(err(e)),
-        }
+        // ENOSYS once: the kernel then opens every directory of this mount by itself
+        // (fc->no_opendir, fs/fuse/file.c `fuse_file_open`), with FOPEN_CACHE_DIR |
+        // FOPEN_KEEP_CACHE, and sends neither OPENDIR nor RELEASEDIR again: two round trips
+        // less per directory a walk enters. Listings are read by inode and offset
+        // (`Fs::list_dir`). The kernel keeps each listing in the directory's page cache and
+        // drops it whenever a create, unlink, rename or link through this mount changes the
+        // directory (its iversion moves); the daemon is the only writer while mounted, so no
+        // listing can go stale. A cached listing also spares the kernel the READDIRPLUS
+        // that would forget every entry's cached ACL. The kernel still checks the
+        // permission to open the directory (default_permissions).
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         self.count(Op::Readdir);
-        match self.fs.readdir(fh.0, offset) {
+        // The kernel's buffer holds a few dozen entries; ask for a bounded batch.
+        match self.fs.list_dir(ino.0, offset, 256) {
             Ok(entries) => {
                 for (off, e) in entries {
                     if reply.add(
@@ -691,14 +734,14 @@ impl Filesystem for Adapter {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         self.count(Op::Readdirplus);
         // The kernel's buffer holds a few dozen entries; ask for a bounded batch.
-        match self.fs.readdirplus(fh.0, offset, 256) {
+        match self.fs.list_dir_plus(ino.0, offset, 256) {
             Ok(entries) => {
                 let mut taken = Vec::new();
                 for (off, e, a) in entries {
@@ -733,6 +776,7 @@ impl Filesystem for Adapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        // Not sent once OPENDIR was declined (see `opendir`); counted, so one would show.
         self.count(Op::Releasedir);
         self.fs.releasedir(fh.0);
         reply.ok();

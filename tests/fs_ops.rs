@@ -913,3 +913,71 @@ fn hard_linked_hashed_names_keep_their_names() {
     assert_eq!(lookup(&fs, &["ÉCOLÉ".as_bytes()]).nlink, 3);
     assert_fat_clean(backing);
 }
+
+/// A listing read by inode in small batches (as the kernel reads it once OPENDIR is declined)
+/// while the directory changes between batches: every entry that exists throughout is listed
+/// exactly once, offsets only grow, and hard links in one folder are two entries.
+#[test]
+fn a_listing_by_offset_survives_changes_between_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = open(dir.path());
+    let d = fs.mkdir(USER, ROOT, b"d", 0o755).unwrap().ino;
+    for i in 0..40 {
+        create_file(&fs, d, format!("f{i:02}").as_bytes(), 0o644, b"");
+    }
+    let f05 = lookup(&fs, &[b"d", b"f05"]).ino;
+    fs.link(f05, d, b"f05-link").unwrap();
+    let mut seen: Vec<Vec<u8>> = Vec::new();
+    let mut offset = 0;
+    let mut round = 0;
+    loop {
+        let batch = fs.list_dir(d, offset, 3).unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for (off, e) in &batch {
+            assert!(
+                *off > offset,
+                "offset {off} after {offset} for {:?}",
+                e.name
+            );
+            offset = *off;
+            seen.push(e.name.clone());
+        }
+        // Between batches: remove an entry already listed and one not listed yet (f39 is the
+        // newest, so listed last), and add new ones.
+        round += 1;
+        if round == 2 {
+            fs.unlink(d, b"f00").unwrap();
+            fs.unlink(d, b"f39").unwrap();
+        }
+        if round <= 5 {
+            create_file(&fs, d, format!("new{round:02}").as_bytes(), 0o644, b"");
+        }
+    }
+    let mut expected: Vec<Vec<u8>> = [b".".to_vec(), b"..".to_vec(), b"f05-link".to_vec()]
+        .into_iter()
+        .chain((0..39).map(|i| format!("f{i:02}").into_bytes()))
+        .collect();
+    expected.sort();
+    let mut stable: Vec<Vec<u8>> = seen
+        .iter()
+        .filter(|n| !n.starts_with(b"new"))
+        .cloned()
+        .collect();
+    stable.sort();
+    assert_eq!(
+        stable,
+        expected,
+        "entries that existed throughout, each once: expected {:?}, got {:?}",
+        expected
+            .iter()
+            .map(|n| String::from_utf8_lossy(n))
+            .collect::<Vec<_>>(),
+        stable
+            .iter()
+            .map(|n| String::from_utf8_lossy(n))
+            .collect::<Vec<_>>()
+    );
+    assert_fat_clean(dir.path());
+}

@@ -20,9 +20,10 @@ fn scratch() -> Scratch {
 
 /// The requests the daemon served while `work` ran.
 ///
-/// The kernel sends RELEASE and RELEASEDIR in the background after the last close
-/// (`fuse_file_put` does not wait for the reply), so they may reach the daemon after `work`
-/// has returned. The count is read again until every open that `work` made has its release;
+/// The kernel sends RELEASE in the background after the last close (`fuse_file_put` does
+/// not wait for the reply), so it may reach the daemon after `work` has returned. The count
+/// is read again until every open that `work` made has its release (directories have none:
+/// the daemon declines OPENDIR, so the kernel opens and closes them by itself);
 /// this waits for events that are certain to come, it does not judge a time (after 10 s the
 /// count is compared as it stands, and a missing release then fails the caller's assertion).
 fn during(mnt: &Path, work: impl FnOnce()) -> Report {
@@ -38,8 +39,8 @@ fn during(mnt: &Path, work: impl FnOnce()) -> Report {
                 .map(|n| diff.get(*n).copied().unwrap_or(0))
                 .sum()
         };
-        let opens = count(&["OPEN", "OPENDIR", "CREATE"]);
-        let releases = count(&["RELEASE", "RELEASEDIR"]);
+        let opens = count(&["OPEN", "CREATE"]);
+        let releases = count(&["RELEASE"]);
         if releases >= opens || std::time::Instant::now() >= deadline {
             return diff;
         }
@@ -125,7 +126,6 @@ fn a_warm_listing_is_served_from_the_kernel_caches() {
     let m = Mount::new(&s.backing, &s.mnt, "counters");
     make_tree(&m.mountpoint);
     let tree = m.mountpoint.join("tree");
-    let dirs = (DIRS + 1) as u64;
     let entries = (DIRS * FILES + DIRS) as u64;
 
     // The first listing fills the kernel's caches (names, attributes, listings, ACLs).
@@ -147,20 +147,16 @@ fn a_warm_listing_is_served_from_the_kernel_caches() {
         total(&second) * 10 <= entries,
         "the second ls -lR must cost at most 0.1 requests per entry: {second:?} for {entries}"
     );
-    // Warm: the kernel lists every directory from its page cache (FOPEN_CACHE_DIR), keeps
-    // names and attributes, and keeps each file's ACL because no READDIRPLUS forgets it;
-    // ls asks security.selinux once, is told the namespace is not supported, and stops.
-    // What is left is one OPENDIR and RELEASEDIR per directory, and the access and default
-    // ACLs of each listed subdirectory, which reach the daemon on every listing (measured on
-    // Linux 6.18).
+    // Warm: the kernel opens every directory itself (OPENDIR was declined once, at the
+    // first listing), lists it from its page cache (FOPEN_CACHE_DIR), keeps names and
+    // attributes, and keeps each file's ACL because no READDIRPLUS forgets it; ls asks
+    // security.selinux once, is told the namespace is not supported, and stops. What is
+    // left is the access and default ACLs of each listed subdirectory, which reach the
+    // daemon on every listing (measured on Linux 6.18).
     let warm = during(&m.mountpoint, || {
         run("ls", &["-lR".as_ref(), tree.as_os_str()])
     });
-    let expected = report(&[
-        ("OPENDIR", dirs),
-        ("RELEASEDIR", dirs),
-        ("GETXATTR", 1 + 2 * DIRS as u64),
-    ]);
+    let expected = report(&[("GETXATTR", 1 + 2 * DIRS as u64)]);
     assert_eq!(
         warm, expected,
         "warm ls -lR of {entries} entries: expected {expected:?}, got {warm:?}"
@@ -171,8 +167,9 @@ fn a_warm_listing_is_served_from_the_kernel_caches() {
         total(&warm)
     );
     let warm_find = during(&m.mountpoint, || run("find", &[tree.as_os_str()]));
-    // find asks statfs once (to learn the filesystem type) and opens every directory.
-    let expected = report(&[("OPENDIR", dirs), ("RELEASEDIR", dirs), ("STATFS", 1)]);
+    // find asks statfs once (to learn the filesystem type); it opens every directory, which
+    // the kernel does without the daemon.
+    let expected = report(&[("STATFS", 1)]);
     assert_eq!(
         warm_find, expected,
         "warm find: expected {expected:?}, got {warm_find:?}"
@@ -250,13 +247,12 @@ fn removing_a_tree_costs_its_unlinks_and_a_parent_refresh_each() {
     got.remove("FORGET");
     // Each unlink invalidates the parent's attributes in the kernel (fuse_dir_changed), so
     // the permission check of the next one (default_permissions) fetches them again: one
-    // GETATTR per entry that no reply of the daemon can spare.
+    // GETATTR per entry that no reply of the daemon can spare. rm opens each directory
+    // twice, without the daemon (OPENDIR is declined).
     let expected = report(&[
         ("UNLINK", files),
         ("RMDIR", dirs),
         ("GETATTR", files + dirs - 1),
-        ("OPENDIR", 2 * dirs),
-        ("RELEASEDIR", 2 * dirs),
         ("STATFS", 1),
     ]);
     assert_eq!(
@@ -312,4 +308,222 @@ fn the_security_namespace_is_declined_and_others_are_kept() {
         r < 0 && e.raw_os_error() == Some(libc::EOPNOTSUPP),
         "getxattr security.selinux: expected EOPNOTSUPP, got {r} ({e})"
     );
+}
+
+/// A tarball of `dirs` directories of `files` files each (0644, owner 0:0, 1–4 KiB of data),
+/// as the bench's, made with GNU tar from a tree in `scratch`.
+fn make_tarball(scratch: &Path, dirs: usize, files: usize) -> std::path::PathBuf {
+    let src = scratch.join("tar-src");
+    for d in 0..dirs {
+        let dir = src.join(format!("tree/d{d}"));
+        std::fs::create_dir_all(&dir).expect("mkdir tar source");
+        for f in 0..files {
+            std::fs::write(dir.join(format!("f{f:03}")), vec![b'x'; 1024 * (1 + f % 4)])
+                .expect("write tar source");
+        }
+    }
+    let tar = scratch.join("tree.tar");
+    run(
+        "tar",
+        &[
+            "--sort=name".as_ref(),
+            "--owner=0".as_ref(),
+            "--group=0".as_ref(),
+            "--numeric-owner".as_ref(),
+            "--mode=0644".as_ref(),
+            "--mtime=@1000000000".as_ref(),
+            "-cf".as_ref(),
+            tar.as_os_str(),
+            "-C".as_ref(),
+            src.as_os_str(),
+            "tree".as_ref(),
+        ],
+    );
+    tar
+}
+
+/// GNU tar as root (what the bench runs) on a tree of `DIRS` directories of `FILES` files.
+/// Per file, what the kernel sends (Linux 6.18; file data goes by passthrough, so no WRITE):
+/// LOOKUP of the new name and CREATE (open O_CREAT|O_EXCL); SETATTR three times, because tar
+/// creates the file 0600 when it will chown it, then sets the mtime (futimens, atime
+/// omitted), the owner (fchown) and the mode (fchmod): one system call each, no cache can
+/// answer them; GETXATTR security.capability twice, asked by the kernel itself before the
+/// write (`file_remove_privs`) and before the chown (`notify_change`, ATTR_KILL_PRIV): the
+/// daemon declines the namespace, and the kernel does not remember a refusal; GETATTR of the
+/// parent, whose attributes each create invalidates (`fuse_dir_changed`) and the permission
+/// check of the next create refetches (`default_permissions`); RELEASE at the close.
+/// FUSE_HANDLE_KILLPRIV_V2 took away a GETATTR per file (the kernel refetched the file's
+/// attributes before every chown to clear set-ID bits itself) and, through SB_NOSEC, the
+/// second security.capability question per directory.
+#[test]
+fn untarring_costs_nine_requests_per_file() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let tar = make_tarball(s._dir.path(), DIRS, FILES);
+    let m = Mount::new(&s.backing, &s.mnt, "counters");
+    let mut got = during(&m.mountpoint, || {
+        run(
+            "tar",
+            &[
+                "-xf".as_ref(),
+                tar.as_os_str(),
+                "-C".as_ref(),
+                m.mountpoint.as_os_str(),
+            ],
+        )
+    });
+    got.remove("FORGET");
+    let files = (DIRS * FILES) as u64;
+    let dirs = (DIRS + 1) as u64;
+    // Per directory (`tree` and its subdirectories): LOOKUP and MKDIR, and at the end tar's
+    // delayed SETATTRs of its times, owner and mode; and tar stats the mount's root twice and
+    // opens it once (GETATTR, OPENDIR).
+    let expected = report(&[
+        ("LOOKUP", files + dirs),
+        ("CREATE", files),
+        ("MKDIR", dirs),
+        ("SETATTR", 3 * files + 3 * dirs),
+        ("GETXATTR", 2 * files),
+        ("GETATTR", files + 2),
+        ("RELEASE", files),
+        // The first directory opened on the mount (tar lists the mount's root): declined,
+        // and the only OPENDIR the kernel ever sends.
+        ("OPENDIR", 1),
+    ]);
+    assert_eq!(
+        got,
+        expected,
+        "tar x of {files} files in {dirs} directories: expected {expected:?} ({} per file), got {got:?} ({} per file)",
+        total(&expected) as f64 / files as f64,
+        total(&got) as f64 / files as f64
+    );
+}
+
+/// Runs `args` as uid/gid 65534 (nobody) with no supplementary groups.
+fn run_as_nobody(args: &[&std::ffi::OsStr]) {
+    let status = Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args)
+        .env_clear()
+        .status()
+        .unwrap_or_else(|e| panic!("running /usr/bin/setpriv: {e}"));
+    assert!(status.success(), "as nobody: {args:?} failed: {status}");
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// With FUSE_HANDLE_KILLPRIV_V2 the kernel no longer clears set-ID bits itself: the daemon
+/// must, exactly as Linux does on a local filesystem. Checked with passthrough writes (the
+/// default for root) and with writes served by the daemon (`parts=always`, no passthrough
+/// for writers), after a remount too (the store has the cleared mode).
+#[test]
+fn set_id_bits_are_cleared_by_chown_truncate_and_unprivileged_writes() {
+    if !can_mount() {
+        return;
+    }
+    for opts in ["", "parts=always"] {
+        let s = scratch();
+        // nobody must reach the mount point.
+        set_mode(s._dir.path(), 0o755);
+        let m = Mount::new(
+            &s.backing,
+            &s.mnt,
+            &format!(
+                "allow_other{}",
+                if opts.is_empty() {
+                    String::new()
+                } else {
+                    format!(",{opts}")
+                }
+            ),
+        );
+        set_mode(&m.mountpoint, 0o777);
+        let p = |n: &str| m.mountpoint.join(n);
+        for n in ["w", "t", "c", "c-nox", "root-w", "d"] {
+            if n == "d" {
+                std::fs::create_dir(p(n)).expect("mkdir");
+            } else {
+                std::fs::write(p(n), b"0123").expect("create");
+            }
+        }
+        // An unprivileged write and truncate clear both bits (the group may execute).
+        set_mode(&p("w"), 0o6777);
+        run_as_nobody(&[
+            "/usr/bin/dd".as_ref(),
+            "if=/dev/zero".as_ref(),
+            format!("of={}", p("w").display()).as_ref(),
+            "bs=1".as_ref(),
+            "count=1".as_ref(),
+            "conv=notrunc".as_ref(),
+            "status=none".as_ref(),
+        ]);
+        assert_eq!(mode_of(&p("w")), 0o777, "[{opts}] after a write by nobody");
+        set_mode(&p("t"), 0o6777);
+        run_as_nobody(&[
+            "/usr/bin/truncate".as_ref(),
+            "-s1".as_ref(),
+            p("t").as_os_str(),
+        ]);
+        assert_eq!(
+            mode_of(&p("t")),
+            0o777,
+            "[{opts}] after a truncate by nobody"
+        );
+        // A chown clears set-user-ID always, set-group-ID only with group execute.
+        set_mode(&p("c"), 0o6755);
+        std::os::unix::fs::chown(p("c"), Some(1), Some(1)).expect("chown");
+        assert_eq!(mode_of(&p("c")), 0o755, "[{opts}] after chown");
+        set_mode(&p("c-nox"), 0o6745);
+        std::os::unix::fs::chown(p("c-nox"), Some(1), None).expect("chown");
+        assert_eq!(
+            mode_of(&p("c-nox")),
+            0o2745,
+            "[{opts}] after chown, no group execute"
+        );
+        // chown(-1, -1) clears them too (Linux, as pjdfstest's chown/00.t expects).
+        set_mode(&p("c"), 0o6755);
+        std::os::unix::fs::chown(p("c"), None, None).expect("chown -1 -1");
+        assert_eq!(mode_of(&p("c")), 0o755, "[{opts}] after chown(-1, -1)");
+        // Root (CAP_FSETID) writes and truncates without losing them; directories keep theirs.
+        set_mode(&p("root-w"), 0o6777);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(p("root-w"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"x"))
+            .expect("write as root");
+        assert_eq!(
+            mode_of(&p("root-w")),
+            0o6777,
+            "[{opts}] after a write by root"
+        );
+        set_mode(&p("d"), 0o2775);
+        std::os::unix::fs::chown(p("d"), Some(1), Some(1)).expect("chown dir");
+        assert_eq!(mode_of(&p("d")), 0o2775, "[{opts}] directory after chown");
+        m.unmount();
+        let m = Mount::new(&s.backing, &s.mnt, opts);
+        let p = |n: &str| m.mountpoint.join(n);
+        for (n, want) in [
+            ("w", 0o777),
+            ("t", 0o777),
+            ("c", 0o755),
+            ("c-nox", 0o2745),
+            ("root-w", 0o6777),
+        ] {
+            assert_eq!(mode_of(&p(n)), want, "[{opts}] {n} after a remount");
+        }
+    }
 }

@@ -586,6 +586,9 @@ impl Fs {
         if let Some(gid) = set.gid {
             inode.meta.gid = gid;
         }
+        if set.kill_set_id {
+            inode.meta.mode = without_set_id(inode.kind, inode.meta.mode);
+        }
         if let Some(size) = set.size {
             inode.size = size;
             inode.blocks = size.div_ceil(512);
@@ -607,6 +610,22 @@ impl Fs {
         Ok(attr)
     }
 
+    /// Clears the set-ID bits a write by an unprivileged caller removes (the kernel asks for
+    /// it with FUSE_WRITE_KILL_SUIDGID once the daemon handles that, see `crate::fuse`).
+    pub fn kill_set_id(&self, ino: Ino) -> Result<Attr> {
+        let mut st = self.lock();
+        let inode = st.inode_mut(ino)?;
+        let mode = without_set_id(inode.kind, inode.meta.mode);
+        if mode != inode.meta.mode {
+            inode.meta.mode = mode;
+            inode.meta.ctime = now();
+            let attr = inode.attr(ino);
+            st.mark_dirty(ino);
+            return Ok(attr);
+        }
+        Ok(inode.attr(ino))
+    }
+
     pub fn statfs(&self) -> Result<StatFs> {
         let s = self.backing.statvfs().map_err(|e| errno_of(&e))?;
         Ok(StatFs {
@@ -620,4 +639,19 @@ impl Fs {
             frsize: s.f_frsize as u32,
         })
     }
+}
+
+/// `mode` as a chown, a truncate or a write by an unprivileged caller leaves it on Linux: no
+/// set-user-ID bit, and no set-group-ID bit where the group may execute (a set-group-ID bit
+/// without group execute marks mandatory locking, and stays). Directories keep both: their
+/// set-group-ID bit is inheritance, not privilege.
+pub(crate) fn without_set_id(kind: Kind, mode: u32) -> u32 {
+    if kind == Kind::Dir {
+        return mode;
+    }
+    let mut mode = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        mode &= !libc::S_ISGID;
+    }
+    mode
 }

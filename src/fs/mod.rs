@@ -242,6 +242,11 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
     pub ctime: Option<Timespec>,
     pub fh: Option<u64>,
+    /// Clear the set-user-ID bit, and the set-group-ID bit of a group-executable file, as
+    /// the kernel would have (a chown, a truncate by an unprivileged caller, a write's
+    /// `file_remove_privs`): with FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that to the
+    /// daemon and sends no mode (see `crate::fuse`). Directories keep their bits.
+    pub kill_set_id: bool,
 }
 
 /// One entry of a directory listing.

@@ -1049,6 +1049,101 @@ impl Fs {
     pub fn releasedir(&self, fh: u64) {
         self.lock().dir_handles.remove(&fh);
     }
+
+    /// A directory's entries after `offset`, at most `max`, for a kernel that opens
+    /// directories without asking the daemon (the adapter declines OPENDIR, so there is no
+    /// handle and no listing kept per open). Offsets must stay valid while the directory
+    /// changes between two calls, so they name entries, not positions: `.` is 1, `..` is 2,
+    /// and an entry's offset is [`entry_offset`] of its inode number and its rank among the
+    /// names of that inode in this directory (hard links); entries come in offset order.
+    /// An entry added or removed meanwhile is listed or not, as POSIX allows; every other
+    /// entry is listed exactly once.
+    pub fn list_dir(&self, ino: Ino, offset: u64, max: usize) -> Result<Vec<(u64, DirEntry)>> {
+        let mut st = self.lock_loaded(&[ino]);
+        self.ensure_loaded(&mut st, ino)?;
+        let inode = st.inode(ino)?;
+        let parent = if ino == ROOT {
+            ROOT
+        } else {
+            inode.parent.max(ROOT)
+        };
+        let children = inode.children().ok_or(Errno::ENOTDIR)?;
+        let mut out = Vec::new();
+        for (off, name, child) in [(1, &b"."[..], ino), (2, &b".."[..], parent)] {
+            if offset < off && out.len() < max {
+                out.push((
+                    off,
+                    DirEntry {
+                        ino: child,
+                        kind: Kind::Dir,
+                        name: name.to_vec(),
+                    },
+                ));
+            }
+        }
+        // The kernel reads a big folder a few dozen entries at a time: each call picks the
+        // next `max` offsets in linear time (names come in byte order, so a rank is the
+        // number of earlier names of the same inode) and sorts only those.
+        let mut ranks: std::collections::HashMap<Ino, u64> = std::collections::HashMap::new();
+        let mut entries: Vec<(u64, Ino, &Vec<u8>)> = Vec::new();
+        for (name, d) in &children.entries {
+            let rank = ranks.entry(d.ino).or_insert(0);
+            let off = entry_offset(d.ino, *rank);
+            *rank += 1;
+            if off > offset {
+                entries.push((off, d.ino, name));
+            }
+        }
+        let room = max.saturating_sub(out.len());
+        if entries.len() > room {
+            if room == 0 {
+                entries.clear();
+            } else {
+                entries.select_nth_unstable(room - 1);
+                entries.truncate(room);
+            }
+        }
+        entries.sort_unstable();
+        for (off, child, name) in entries {
+            let kind = st.inode(child).map(|i| i.kind).unwrap_or(Kind::File);
+            out.push((
+                off,
+                DirEntry {
+                    ino: child,
+                    kind,
+                    name: name.clone(),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// `list_dir` with every entry's attributes (READDIRPLUS).
+    pub fn list_dir_plus(
+        &self,
+        ino: Ino,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, DirEntry, Attr)>> {
+        let entries = self.list_dir(ino, offset, max)?;
+        let st = self.lock();
+        let mut out = Vec::with_capacity(entries.len());
+        for (off, e) in entries {
+            // An entry removed since `list_dir` let go of the lock is left out.
+            let Ok(inode) = st.inode(e.ino) else { continue };
+            let attr = inode.attr(e.ino);
+            out.push((off, e, attr));
+        }
+        Ok(out)
+    }
+}
+
+/// The readdir offset of the `rank`-th name (in byte order) of inode `ino` in a directory:
+/// above 2 (`.` and `..`), ordered by inode number, and below 2^63 (the kernel's `loff_t`)
+/// for every inode number below 2^47 and up to 65,536 names of one inode in one folder
+/// (more share the last offset; inode numbers are allocated from 2 upwards).
+pub(crate) fn entry_offset(ino: Ino, rank: u64) -> u64 {
+    (ino.min((1 << 47) - 1) << 16) | rank.min(0xffff)
 }
 
 /// The record of one name of a hard-linked file; `name` is the POSIX name when the backing

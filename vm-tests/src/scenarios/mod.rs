@@ -4,6 +4,7 @@
 //! This module owns the list. A scenario never leaves a QEMU running (its `Vm`s are dropped,
 //! and so killed, on every path out of it).
 
+mod bench;
 mod conformance;
 mod kernels;
 mod login;
@@ -89,6 +90,12 @@ pub const ALL: &[Scenario] = &[
     },
     Scenario {
         number: 11,
+        name: "bench",
+        summary: "issue 14's workloads (tar x, find, ls -lR cold and warm, rm -rf, a 64 MiB write) on pershomefs over vfat and on plain vfat, in one VM: the ratio table (informational)",
+        run: bench::run,
+    },
+    Scenario {
+        number: 12,
         name: "vfat",
         summary: "the kernel's vfat: renames, creates, links, symlinks and mkdirs onto 8.3 aliases of Windows-made files (long and names=8.3); renames durable after a folder fsync across a power cut, beside raw vfat",
         run: vfat::run,

@@ -1,4 +1,4 @@
-//! Scenario 11, the kernel's vfat as a student's stick meets it (issue 12, defects 1 and 2).
+//! Scenario 12, the kernel's vfat as a student's stick meets it (issue 12, defects 1 and 2).
 //!
 //! **8.3 aliases.** vfat also finds a file by its 8.3 alias: "Quarterly Report.odt" answers to
 //! `quarte~1.odt`, a name no listing shows. Files with long names are made on the raw stick
