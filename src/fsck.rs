@@ -575,6 +575,7 @@ fn examine(backing: &Path, s: &StoreNames, mode: OpenMode) -> Result<Report, Fsc
                     PendingTree {
                         meta: None,
                         children: subtree,
+                        base: None,
                     },
                 ));
             }

@@ -249,6 +249,16 @@ pub struct SetAttr {
     pub kill_set_id: bool,
 }
 
+/// What `Fs::resident` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resident {
+    /// Inodes in the table (the root included).
+    pub inodes: u64,
+    /// Store records held in memory: those of directories not loaded yet (read from the
+    /// store when the directory is first needed), and hard-link inode records.
+    pub records: u64,
+}
+
 /// One entry of a directory listing.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -285,8 +295,36 @@ pub(crate) struct Children {
     pub entries: BTreeMap<Vec<u8>, Dentry>,
     /// Fold keys (Windows case-insensitive form) of every backing name in the directory,
     /// including entries pershome skips, so a new backing name never clashes on the stick.
-    pub folds: HashSet<Vec<u8>>,
+    pub folds: FoldSet,
     pub subdirs: u32,
+}
+
+/// A set of fold keys, kept as 64-bit hashes: a key costs 8 bytes instead of a copy of the
+/// name (memory per entry, issue 14). Two keys with one hash only make a free name look
+/// taken (it then gets the next candidate); a taken name never looks free.
+#[derive(Debug, Default)]
+pub(crate) struct FoldSet(HashSet<u64>);
+
+impl FoldSet {
+    fn hash(key: &[u8]) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // Fixed keys: the same hash for a key all through the mount.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        h.finish()
+    }
+
+    pub fn insert(&mut self, key: impl AsRef<[u8]>) -> bool {
+        self.0.insert(FoldSet::hash(key.as_ref()))
+    }
+
+    pub fn contains(&self, key: impl AsRef<[u8]>) -> bool {
+        self.0.contains(&FoldSet::hash(key.as_ref()))
+    }
+
+    pub fn remove(&mut self, key: impl AsRef<[u8]>) -> bool {
+        self.0.remove(&FoldSet::hash(key.as_ref()))
+    }
 }
 
 #[derive(Debug)]
@@ -295,7 +333,8 @@ pub(crate) enum DirState {
     /// Boxed: a `PendingTree` is 248 bytes, and every inode carries this enum's size, files
     /// included (memory per looked-up entry, issue 14).
     Unloaded(Box<PendingTree>),
-    Loaded(Children),
+    /// Boxed, like `Unloaded`'s tree: the enum is in every inode, files included.
+    Loaded(Box<Children>),
 }
 
 #[derive(Debug)]
@@ -328,14 +367,14 @@ pub(crate) struct Inode {
 impl Inode {
     pub fn children(&self) -> Option<&Children> {
         match &self.dir {
-            Some(DirState::Loaded(c)) => Some(c),
+            Some(DirState::Loaded(c)) => Some(c.as_ref()),
             _ => None,
         }
     }
 
     pub fn children_mut(&mut self) -> Option<&mut Children> {
         match &mut self.dir {
-            Some(DirState::Loaded(c)) => Some(c),
+            Some(DirState::Loaded(c)) => Some(c.as_mut()),
             _ => None,
         }
     }
@@ -464,6 +503,10 @@ pub struct Fs {
     /// Compact the journal once it holds this many bytes (tests lower it to compact at
     /// nearly every commit: `set_compact_after`).
     pub(crate) compact_after: std::sync::atomic::AtomicU64,
+    /// The store's checkpoint was written by an earlier pershome, not in checkpoint order, so
+    /// this mount holds all of it in memory: compact at unmount, so the next mount reads it
+    /// lazily (`docs/format.md` § Memory).
+    pub(crate) reorder_at_unmount: bool,
     /// Unit tests' hooks, to place a racing operation at an exact point (never a timing).
     #[cfg(test)]
     pub(crate) hooks: std::sync::RwLock<Hooks>,
@@ -583,7 +626,7 @@ impl Fs {
             opts.read_only,
         )?;
         let names = layout.names();
-        let (journal, recovered) = Journal::open_in(backing.root(), mode, layout)?;
+        let (journal, recovered) = Journal::open_lazy_in(backing.root(), mode, layout)?;
         let paths = StorePaths::resolve(&backing, layout);
         let journal = (!opts.read_only).then_some(journal);
         for w in &recovered.warnings {
@@ -596,6 +639,8 @@ impl Fs {
                     path: backing_path.display().to_string(),
                     source,
                 })?;
+        let unordered_base = recovered.unordered_base;
+        let read_only = opts.read_only;
         let mut replayed = recovered.replayed;
         let mut warnings = recovered.warnings;
         if replayed.refused > 0 {
@@ -607,7 +652,16 @@ impl Fs {
             tracing::warn!("{w}");
             warnings.push(w);
         }
-        let root_record = replayed.root.meta.take();
+        let mut root_record = replayed.root.meta.take();
+        if let (None, Some(base)) = (&root_record, &replayed.root.base) {
+            root_record = base
+                .checkpoint
+                .record_at(&[])
+                .map_err(|source| OpenError::Backing {
+                    path: backing_path.display().to_string(),
+                    source,
+                })?;
+        }
         let tree = std::mem::take(&mut replayed.root);
         let persisted = root_record.is_some();
         let mut root_meta = match root_record {
@@ -682,6 +736,7 @@ impl Fs {
             parts_lock: Mutex::new(()),
             part_cache: Mutex::new(HashMap::new()),
             compact_after: std::sync::atomic::AtomicU64::new(commit::COMPACT_AFTER_BYTES),
+            reorder_at_unmount: unordered_base && !read_only,
             #[cfg(test)]
             hooks: Default::default(),
         };
@@ -748,6 +803,26 @@ impl Fs {
             inode.lookups = inode.lookups.saturating_sub(nlookup);
         }
         st.maybe_drop(ino);
+    }
+
+    /// What the daemon holds in memory for the tree (issue 14, Scale): inodes, and records
+    /// of the store kept for directories not loaded yet. Counts, for tests and the bench;
+    /// never used to decide anything.
+    pub fn resident(&self) -> Resident {
+        let st = self.lock();
+        let records = st
+            .inodes
+            .values()
+            .filter_map(|i| match &i.dir {
+                Some(DirState::Unloaded(tree)) => Some(tree.count_records()),
+                _ => None,
+            })
+            .sum::<u64>()
+            + st.link_meta.len() as u64;
+        Resident {
+            inodes: st.inodes.len() as u64,
+            records,
+        }
     }
 
     /// How many backing directories have been listed since the mount.
@@ -938,7 +1013,7 @@ impl State {
         inode.meta.ctime = t;
         let children = inode.children_mut().ok_or(Errno::EIO)?;
         children.entries.remove(name);
-        children.folds.remove(&crate::fatrules::fold_key(backing));
+        children.folds.remove(crate::fatrules::fold_key(backing));
         if is_dir {
             children.subdirs = children.subdirs.saturating_sub(1);
         }

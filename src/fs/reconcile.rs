@@ -225,11 +225,18 @@ impl Fs {
     /// `ensure_loaded`, which the caller runs next under the lock, to report.
     pub(crate) fn preload(&self, ino: Ino) {
         let (dir_path, recorded) = {
-            let st = self.lock();
-            let Some(DirState::Unloaded(tree)) = st.inodes.get(&ino).and_then(|i| i.dir.as_ref())
+            let mut st = self.lock();
+            let Some(DirState::Unloaded(tree)) =
+                st.inodes.get_mut(&ino).and_then(|i| i.dir.as_mut())
             else {
                 return;
             };
+            // The store's records of this directory, read from the stick if they are still
+            // there (the base checkpoint): a few chunks, under the lock so that no rename
+            // moves the tree meanwhile.
+            if tree.materialize_level().is_err() {
+                return;
+            }
             let recorded = recorded_names(tree);
             let Ok(path) = st.backing_path(ino) else {
                 return;
@@ -258,9 +265,15 @@ impl Fs {
     /// listing is done here, under the caller's state lock, only when `preload` did not do it
     /// first (a directory reached inside an operation, such as the target of a rename).
     pub(crate) fn ensure_loaded(&self, st: &mut State, ino: Ino) -> Result<()> {
-        let recorded = match &st.inode(ino)?.dir {
+        let recorded = match &mut st.inode_mut(ino)?.dir {
             Some(DirState::Loaded(_)) => return Ok(()),
-            Some(DirState::Unloaded(tree)) => recorded_names(tree),
+            Some(DirState::Unloaded(tree)) => {
+                tree.materialize_level().map_err(|e| {
+                    tracing::error!("reading the metadata store for directory {ino}: {e}");
+                    Errno::EIO
+                })?;
+                recorded_names(tree)
+            }
             None => return Err(Errno::ENOTDIR),
         };
         let dir_path = st.backing_path(ino)?;
@@ -325,6 +338,13 @@ impl Fs {
             Some(DirState::Unloaded(t)) => *t,
             _ => PendingTree::default(),
         };
+        // `preload` or `ensure_loaded` made the records explicit; should that have failed
+        // after all, the directory stays unloaded rather than lose them.
+        if let Err(e) = pending.materialize_level() {
+            tracing::error!("reading the metadata store for directory {ino}: {e}");
+            st.inode_mut(ino)?.dir = Some(DirState::Unloaded(Box::new(pending)));
+            return Err(Errno::EIO);
+        }
         let mut records = std::mem::take(&mut pending.children);
         let at_root = ino == super::ROOT;
         let mut children = Children::default();
@@ -350,8 +370,8 @@ impl Fs {
                 }
             }
             let (meta, subtree) = match record {
-                Some(mut t) => (t.meta.take(), std::mem::take(&mut t.children)),
-                None => (None, Default::default()),
+                Some(mut t) => (t.meta.take(), t),
+                None => (None, PendingTree::default()),
             };
             let decoded = names::decode_in(self.names, &entry.name, at_root);
             if matches!(decoded, Decoded::Reserved) {
@@ -400,13 +420,13 @@ impl Fs {
         }
         // Records whose backing entry is gone: deleted or renamed on another computer.
         for (backing_name, tree) in records {
-            if tree.meta.is_some() || !tree.children.is_empty() {
+            if !tree.is_empty() {
                 let mut path = dir_path.clone();
                 path.push(backing_name);
                 st.lazy_removes.push(Record::Remove { path });
             }
         }
-        st.inode_mut(ino)?.dir = Some(DirState::Loaded(children));
+        st.inode_mut(ino)?.dir = Some(DirState::Loaded(Box::new(children)));
         Ok(())
     }
 
@@ -418,7 +438,7 @@ impl Fs {
         name: &[u8],
         entry: &BackingEntry,
         meta: Option<Meta>,
-        subtree: std::collections::HashMap<Vec<u8>, PendingTree>,
+        subtree: PendingTree,
         dirfd: BorrowedFd<'_>,
         body: Option<&Vec<u8>>,
     ) -> Result<Ino> {
@@ -556,12 +576,9 @@ impl Fs {
             blocks = 8;
         }
         let ino = st.alloc_ino();
-        let dir = (kind == Kind::Dir).then(|| {
-            DirState::Unloaded(Box::new(PendingTree {
-                meta: None,
-                children: subtree,
-            }))
-        });
+        // The records below a directory stay where they are (in memory, or on the stick in
+        // the base checkpoint) until it is loaded.
+        let dir = (kind == Kind::Dir).then(|| DirState::Unloaded(Box::new(subtree)));
         let inode = Inode {
             kind,
             meta,

@@ -9,18 +9,57 @@
 //! nests it one level deeper per record of a few bytes. So nothing here recurses over the
 //! tree (dropping, snapshotting and pruning walk with a heap stack), and a replay ends with
 //! `limit_depth`, which cuts what lies deeper than a record path may reach.
+//!
+//! A node may stand on a subtree of the base checkpoint (`base`, read lazily from the stick:
+//! `journal::BaseCheckpoint`): the node's own metadata and children, when set, override the
+//! base's; a child node with no metadata, no base and no children (a *whiteout*) hides the
+//! base's entry of that name. Only the daemon's mount has bases; a node's base is its
+//! parent's base path plus its name unless a rename moved it.
 
 use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
 
 use super::codec::MAX_PATH_COMPONENTS;
+use super::journal::{BaseCheckpoint, BaseChild};
 use super::{Meta, Record};
 
 /// One node of the replayed tree: the metadata of the entry at this path (if a record set it)
-/// and the nodes below it, keyed by backing name.
+/// and the nodes below it, keyed by backing name, over what the base checkpoint holds at
+/// `base` (if anything).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PendingTree {
     pub meta: Option<Meta>,
     pub children: HashMap<Vec<u8>, PendingTree>,
+    /// Boxed: most nodes have none, and a node of a loaded directory's parent costs this
+    /// field's size (memory per entry, issue 14).
+    pub base: Option<Box<BaseRef>>,
+}
+
+/// A subtree of the base checkpoint: the records at and below `path` in it.
+#[derive(Debug, Clone)]
+pub struct BaseRef {
+    pub checkpoint: Arc<BaseCheckpoint>,
+    pub path: Vec<Vec<u8>>,
+}
+
+impl PartialEq for BaseRef {
+    fn eq(&self, other: &BaseRef) -> bool {
+        Arc::ptr_eq(&self.checkpoint, &other.checkpoint) && self.path == other.path
+    }
+}
+
+impl Eq for BaseRef {}
+
+impl BaseRef {
+    fn child(&self, name: &[u8]) -> BaseRef {
+        let mut path = self.path.clone();
+        path.push(name.to_vec());
+        BaseRef {
+            checkpoint: self.checkpoint.clone(),
+            path,
+        }
+    }
 }
 
 /// How many tree nodes and inode-table entries a replay may create. A node costs over a
@@ -82,19 +121,128 @@ impl PendingTree {
         for component in path {
             if !node.children.contains_key(component) {
                 *budget = budget.checked_sub(1)?;
+                let base = node.base.as_ref().map(|b| Box::new(b.child(component)));
+                node.children
+                    .insert(component.clone(), PendingTree::on_base(base));
             }
-            node = node.children.entry(component.clone()).or_default();
+            node = node.children.get_mut(component)?;
         }
         Some(node)
     }
 
-    fn take(&mut self, path: &[Vec<u8>]) -> Option<PendingTree> {
-        let (last, parents) = path.split_last()?;
-        let mut node = self;
-        for component in parents {
-            node = node.children.get_mut(component)?;
+    /// A node with nothing of its own over `base`.
+    pub fn on_base(base: Option<Box<BaseRef>>) -> PendingTree {
+        PendingTree {
+            meta: None,
+            children: HashMap::new(),
+            base,
         }
-        node.children.remove(last)
+    }
+
+    /// A node that hides whatever the base holds at its place.
+    fn whiteout() -> PendingTree {
+        PendingTree::default()
+    }
+
+    /// Takes the subtree at `path` out (what the base holds there included), leaving nothing
+    /// in its place.
+    fn take(&mut self, path: &[Vec<u8>], budget: &mut usize) -> Option<PendingTree> {
+        let (last, parents) = path.split_last()?;
+        // Do the parents exist? Where they do not, only a base can hold the path: the nodes
+        // are then made, to hide it in.
+        let mut complete = true;
+        let mut walk = &*self;
+        for component in parents {
+            match walk.children.get(component) {
+                Some(child) => walk = child,
+                None => {
+                    walk.base.as_ref()?;
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        let node = if complete {
+            let mut node = self;
+            for component in parents {
+                node = node.children.get_mut(component)?;
+            }
+            node
+        } else {
+            self.node_mut(parents, budget)?
+        };
+        let taken = node.children.remove(last);
+        match &node.base {
+            None => taken,
+            Some(base) => {
+                let taken =
+                    taken.unwrap_or_else(|| PendingTree::on_base(Some(Box::new(base.child(last)))));
+                node.children.insert(last.clone(), PendingTree::whiteout());
+                Some(taken)
+            }
+        }
+    }
+
+    /// Whether this node stands for nothing: no record, no base, nothing below.
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_none() && self.base.is_none() && self.children.is_empty()
+    }
+
+    /// Makes this node's children explicit, reading its base's part of the store: every
+    /// child the base holds becomes a node of its own (with its record, standing on its own
+    /// base), a child without a record of its own takes the base's, and whiteouts go. The
+    /// node then no longer stands on a base. A no-op for a node without one.
+    pub fn materialize_level(&mut self) -> io::Result<()> {
+        let Some(base) = self.base.take() else {
+            return Ok(());
+        };
+        let result = self.materialize_from(&base);
+        if result.is_err() {
+            // Nothing was lost: children only got records equal to the base's.
+            self.base = Some(base);
+        }
+        result
+    }
+
+    fn materialize_from(&mut self, base: &BaseRef) -> io::Result<()> {
+        let mut listed: HashMap<Vec<u8>, BaseChild> = base
+            .checkpoint
+            .children(&base.path)?
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect();
+        for (name, child) in self.children.iter_mut() {
+            let from_listing = listed.remove(name).map(|c| c.meta);
+            if child.meta.is_some() {
+                continue;
+            }
+            let Some(own) = &child.base else {
+                continue;
+            };
+            // A child standing on its parent's base (not moved here by a rename) has its
+            // record in the listing; a moved one's is elsewhere in the store.
+            let derived = Arc::ptr_eq(&own.checkpoint, &base.checkpoint)
+                && own.path.len() == base.path.len() + 1
+                && own.path.starts_with(&base.path)
+                && own.path.last() == Some(name);
+            child.meta = if derived {
+                from_listing.flatten()
+            } else {
+                own.checkpoint.record_at(&own.path)?
+            };
+        }
+        for (name, listed) in listed {
+            // Only a child with records below it needs its base (a file has none): this
+            // spares a copy of the path per file of a directory being loaded.
+            let child = PendingTree {
+                meta: listed.meta,
+                children: HashMap::new(),
+                base: listed.below.then(|| Box::new(base.child(&name))),
+            };
+            self.children.insert(name, child);
+        }
+        self.children.retain(|_, child| !child.is_empty());
+        Ok(())
     }
 
     fn put_subtree(
@@ -113,6 +261,11 @@ impl PendingTree {
             Some(subtree) => {
                 parent.children.insert(last.clone(), subtree);
             }
+            None if parent.base.is_some() => {
+                parent
+                    .children
+                    .insert(last.clone(), PendingTree::whiteout());
+            }
             None => {
                 parent.children.remove(last);
             }
@@ -120,43 +273,118 @@ impl PendingTree {
         true
     }
 
-    /// Appends a record for every node that carries metadata, parents before children, with
-    /// `prefix` as the path of this node. Walks with a heap stack (see the module comment).
-    pub fn snapshot_into(&self, prefix: &mut Vec<Vec<u8>>, out: &mut Vec<Record>) {
-        fn emit(node: &PendingTree, prefix: &[Vec<u8>], out: &mut Vec<Record>) {
-            if let Some(meta) = &node.meta {
-                if !prefix.is_empty() {
+    /// Appends a record for every node that carries metadata (its own or its base's), with
+    /// `prefix` as the path of this node, in no particular order (a checkpoint sorts them).
+    /// Walks with a heap stack (see the module comment). Fails only when the base cannot
+    /// be read: a snapshot without it would lose its records.
+    pub fn snapshot_into(&self, prefix: &[Vec<u8>], out: &mut Vec<Record>) -> io::Result<()> {
+        self.snapshot_walk(prefix, true, out)
+    }
+
+    /// `snapshot_into` without this node's own record (a directory's record comes from its
+    /// inode; this tree holds what lies below it).
+    pub fn snapshot_children_into(
+        &self,
+        prefix: &[Vec<u8>],
+        out: &mut Vec<Record>,
+    ) -> io::Result<()> {
+        self.snapshot_walk(prefix, false, out)
+    }
+
+    fn snapshot_walk(
+        &self,
+        prefix: &[Vec<u8>],
+        with_self: bool,
+        out: &mut Vec<Record>,
+    ) -> io::Result<()> {
+        // The records of a base subtree, moved to `at`.
+        fn whole_base(
+            base: &BaseRef,
+            at: &[Vec<u8>],
+            with_self: bool,
+            out: &mut Vec<Record>,
+        ) -> io::Result<()> {
+            let cut = base.path.len();
+            base.checkpoint.subtree(&base.path, |path, meta| {
+                if path.len() == cut && !with_self {
+                    return;
+                }
+                let mut full = at.to_vec();
+                full.extend_from_slice(&path[cut..]);
+                if !full.is_empty() {
+                    out.push(Record::Put { path: full, meta });
+                }
+            })
+        }
+        // (node, its path, its base's record when the parent's listing gave it, own record?)
+        type Work<'a> = (&'a PendingTree, Vec<Vec<u8>>, Option<Option<Meta>>, bool);
+        let mut stack: Vec<Work<'_>> = vec![(self, prefix.to_vec(), None, with_self)];
+        while let Some((node, path, known, emit_self)) = stack.pop() {
+            if node.meta.is_none() && node.children.is_empty() {
+                // Nothing of its own: exactly its base subtree (nothing for a whiteout).
+                if let Some(base) = &node.base {
+                    whole_base(base, &path, emit_self, out)?;
+                }
+                continue;
+            }
+            if emit_self && !path.is_empty() {
+                let meta = match (&node.meta, known, &node.base) {
+                    (Some(m), _, _) => Some(m.clone()),
+                    (None, Some(known), _) => known,
+                    (None, None, Some(base)) => base.checkpoint.record_at(&base.path)?,
+                    (None, None, None) => None,
+                };
+                if let Some(meta) = meta {
                     out.push(Record::Put {
-                        path: prefix.to_vec(),
-                        meta: meta.clone(),
+                        path: path.clone(),
+                        meta,
                     });
                 }
             }
-        }
-        // Sorted so that a checkpoint of the same state is the same bytes.
-        fn sorted(node: &PendingTree) -> std::vec::IntoIter<(&Vec<u8>, &PendingTree)> {
-            let mut children: Vec<_> = node.children.iter().collect();
-            children.sort_by(|a, b| a.0.cmp(b.0));
-            children.into_iter()
-        }
-        emit(self, prefix, out);
-        let mut stack = vec![sorted(self)];
-        while let Some(level) = stack.last_mut() {
-            match level.next() {
-                Some((name, child)) => {
-                    prefix.push(name.clone());
-                    emit(child, prefix, out);
-                    stack.push(sorted(child));
-                }
-                None => {
-                    stack.pop();
-                    // The level just finished was a child's: its name leaves the path.
-                    if !stack.is_empty() {
-                        prefix.pop();
+            // The base subtree in one pass (a pass per child would read a chunk per child):
+            // what lies under a child the tree overrides is that child's to give (its own
+            // base, when it was not moved here, covers it), the rest goes out as it is.
+            let mut listed: HashMap<Vec<u8>, Meta> = HashMap::new();
+            if let Some(base) = &node.base {
+                let cut = base.path.len();
+                base.checkpoint.subtree(&base.path, |found, meta| {
+                    let Some(child) = found.get(cut) else {
+                        // The node's own record: given above.
+                        return;
+                    };
+                    if node.children.contains_key(child) {
+                        if found.len() == cut + 1 {
+                            listed.insert(child.clone(), meta);
+                        }
+                        return;
                     }
-                }
+                    let mut at = path.clone();
+                    at.extend_from_slice(&found[cut..]);
+                    out.push(Record::Put { path: at, meta });
+                })?;
+            }
+            for (name, child) in &node.children {
+                let mut at = path.clone();
+                at.push(name.clone());
+                // The listing's record is the child's own only if it was not moved here.
+                let derived = match (&node.base, &child.base) {
+                    (Some(base), Some(own)) => {
+                        Arc::ptr_eq(&own.checkpoint, &base.checkpoint)
+                            && own.path.len() == base.path.len() + 1
+                            && own.path.starts_with(&base.path)
+                            && own.path.last() == Some(name)
+                    }
+                    _ => false,
+                };
+                let known = if derived {
+                    Some(listed.remove(name))
+                } else {
+                    None
+                };
+                stack.push((child, at, known, true));
             }
         }
+        Ok(())
     }
 
     /// How many nodes of this tree (itself included) carry metadata. Iterative.
@@ -183,7 +411,7 @@ impl Replayed {
                 None => self.refused += 1,
             },
             Record::Remove { path } => {
-                self.root.take(&path);
+                self.root.take(&path, &mut self.budget);
             }
             Record::Rename { from, to } => {
                 if from == to {
@@ -194,7 +422,7 @@ impl Replayed {
                 if to.starts_with(&from) {
                     return;
                 }
-                let moved = self.root.take(&from);
+                let moved = self.root.take(&from, &mut self.budget);
                 if !self.root.put_subtree(&to, moved, &mut self.budget) {
                     self.refused += 1;
                 }
@@ -203,8 +431,8 @@ impl Replayed {
                 if a == b || a.starts_with(&b) || b.starts_with(&a) {
                     return;
                 }
-                let at_a = self.root.take(&a);
-                let at_b = self.root.take(&b);
+                let at_a = self.root.take(&a, &mut self.budget);
+                let at_b = self.root.take(&b, &mut self.budget);
                 let ok_a = self.root.put_subtree(&a, at_b, &mut self.budget);
                 let ok_b = self.root.put_subtree(&b, at_a, &mut self.budget);
                 if !(ok_a && ok_b) {
@@ -247,8 +475,19 @@ impl Replayed {
         self.refused += cut.iter().map(PendingTree::count_records).sum::<u64>();
     }
 
-    /// The records that rebuild this state from nothing: what a checkpoint holds.
+    /// `try_snapshot` of a state replayed into memory (no base: it cannot fail). A state
+    /// standing on a base must use `try_snapshot`.
     pub fn snapshot(&self) -> Vec<Record> {
+        self.try_snapshot().unwrap_or_else(|e| {
+            tracing::error!("snapshot of a lazily read store state failed: {e}");
+            Vec::new()
+        })
+    }
+
+    /// The records that rebuild this state from nothing: what a checkpoint holds, in the
+    /// order a checkpoint is written (`sort_for_checkpoint`). Fails only when a base cannot
+    /// be read.
+    pub fn try_snapshot(&self) -> io::Result<Vec<Record>> {
         let mut out = Vec::new();
         let mut ids: Vec<&u64> = self.inodes.keys().collect();
         ids.sort();
@@ -258,9 +497,41 @@ impl Replayed {
                 meta: self.inodes[id].clone(),
             });
         }
-        self.root.snapshot_into(&mut Vec::new(), &mut out);
-        out
+        self.root.snapshot_into(&[], &mut out)?;
+        sort_for_checkpoint(&mut out);
+        Ok(out)
     }
+}
+
+/// Puts a checkpoint's records in the order a lazily read base needs (`journal::base`):
+/// `PutInode` records first (by id), then `Put` records by path, one per path (the last one
+/// given wins), and drops `Put`s deeper than a record path may be (renames can nest the tree
+/// deeper; a record the decoder refuses would make the checkpoint unreadable).
+pub fn sort_for_checkpoint(records: &mut Vec<Record>) {
+    fn key(r: &Record) -> (u8, u64, &[Vec<u8>]) {
+        match r {
+            Record::PutInode { id, .. } => (0, *id, &[]),
+            Record::Put { path, .. } => (1, 0, path.as_slice()),
+            _ => (2, 0, &[]),
+        }
+    }
+    records.retain(|r| !matches!(r, Record::Put { path, .. } if path.len() > MAX_DEPTH));
+    // Stable: of two records for one path, the later stays later, and is kept below.
+    records.sort_by(|a, b| key(a).cmp(&key(b)));
+    let mut i = records.len();
+    let mut keep = vec![true; records.len()];
+    while i > 1 {
+        i -= 1;
+        if let (Record::Put { path: a, .. }, Record::Put { path: b, .. }) =
+            (&records[i - 1], &records[i])
+        {
+            if a == b {
+                keep[i - 1] = false;
+            }
+        }
+    }
+    let mut flags = keep.into_iter();
+    records.retain(|_| flags.next().unwrap_or(true));
 }
 
 #[cfg(test)]

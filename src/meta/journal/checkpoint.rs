@@ -6,7 +6,9 @@
 
 use std::os::fd::OwnedFd;
 
-use super::format::{build_checkpoint, encode_header_version, HEADER_LEN};
+use super::base::BaseCheckpoint;
+use super::file_io::StoreReader;
+use super::format::{build_checkpoint_indexed, encode_header_version, HEADER_LEN};
 use super::{version_for, Journal, Kind, Record, StoreError, MAX_FILE_LEN};
 
 impl Journal {
@@ -19,7 +21,8 @@ impl Journal {
         records: &[Record],
     ) -> Result<OwnedFd, StoreError> {
         let sd = self.layout.store_dir();
-        let checkpoint = build_checkpoint(generation, records);
+        let (checkpoint, index) = build_checkpoint_indexed(generation, records);
+        self.written_index = None;
         if checkpoint.len() as u64 > MAX_FILE_LEN {
             return Err(StoreError::TooLarge {
                 name: format!("{sd}/{}", self.name_of(Kind::Checkpoint, generation)?),
@@ -34,6 +37,9 @@ impl Journal {
                 &encode_header_version(Kind::Journal, generation, version_for(records)),
             )
         });
+        if result.is_ok() {
+            self.written_index = index.map(|chunks| (generation, chunks));
+        }
         if result.is_err() {
             // Best effort: the older generation is still the authoritative one either way,
             // and recovery removes these if they survive.
@@ -60,5 +66,21 @@ impl Journal {
         self.unlink(&self.name_of(Kind::Journal, old)?)?;
         self.unlink(&self.name_of(Kind::Checkpoint, old)?)?;
         Ok(())
+    }
+
+    /// The checkpoint written last (by `checkpoint`), opened as a lazily read base, when it
+    /// is the live generation's and its records were in a checkpoint's order. Once: the
+    /// index is handed over. `None` also when the file cannot be opened (the caller keeps
+    /// its old base, whose file stays open).
+    pub fn take_written_base(&mut self) -> Option<std::sync::Arc<BaseCheckpoint>> {
+        let (generation, chunks) = self.written_index.take()?;
+        if generation != self.generation {
+            return None;
+        }
+        let name = self.name_of(Kind::Checkpoint, generation).ok()?;
+        let file = StoreReader::open(self.dir().ok()?, self.layout.store_dir(), &name).ok()??;
+        Some(std::sync::Arc::new(BaseCheckpoint::new(
+            file, generation, chunks,
+        )))
     }
 }

@@ -86,6 +86,7 @@ pub(super) fn read_at_most(
 
 /// A store file open for reading, read in pieces by the scans of `format` (never whole: a
 /// stick decides how large its store files are).
+#[derive(Debug)]
 pub(super) struct StoreReader {
     fd: OwnedFd,
     len: usize,

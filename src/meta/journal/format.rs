@@ -359,29 +359,68 @@ pub(super) fn scan_checkpoint<S: Source + ?Sized>(
 }
 
 /// Builds a whole checkpoint file.
+#[cfg(test)]
 pub(super) fn build_checkpoint(generation: u64, records: &[Record]) -> Vec<u8> {
+    build_checkpoint_indexed(generation, records).0
+}
+
+/// `build_checkpoint`, with the chunk index a lazily read base needs (`base`) when the
+/// records are in a checkpoint's order (`pending::sort_for_checkpoint`), else `None`.
+pub(super) fn build_checkpoint_indexed(
+    generation: u64,
+    records: &[Record],
+) -> (Vec<u8>, Option<Vec<super::base::Chunk>>) {
     let mut file = encode_header_version(Kind::Checkpoint, generation, version_for(records));
     let mut chunk = Vec::new();
     let mut one = Vec::new();
+    let mut index = Some(Vec::new());
+    let mut in_order = true;
+    let mut chunk_first: Option<Vec<Vec<u8>>> = None;
+    let mut last: Option<&[Vec<u8>]> = None;
+    let close = |file: &mut Vec<u8>,
+                 chunk: &mut Vec<u8>,
+                 first: &mut Option<Vec<Vec<u8>>>,
+                 index: &mut Option<Vec<super::base::Chunk>>| {
+        let at = file.len() as u64;
+        push_frame(file, CHUNK_MAGIC, generation, chunk);
+        chunk.clear();
+        if let (Some(index), Some(first)) = (index.as_mut(), first.take()) {
+            index.push(super::base::Chunk { at, first });
+        }
+    };
     for r in records {
         one.clear();
         encode_record(r, &mut one);
         // A chunk holds at most CHUNK_TARGET bytes or a single record, so every chunk stays
         // far below MAX_FRAME_LEN (a record is at most a few MiB: codec limits).
         if !chunk.is_empty() && chunk.len() + one.len() > CHUNK_TARGET {
-            push_frame(&mut file, CHUNK_MAGIC, generation, &chunk);
-            chunk.clear();
+            close(&mut file, &mut chunk, &mut chunk_first, &mut index);
         }
         chunk.extend_from_slice(&one);
+        match r {
+            Record::Put { path, .. } => {
+                if last.is_some_and(|l| l >= path.as_slice()) {
+                    // Not in order: readable only by a full replay.
+                    in_order = false;
+                }
+                last = Some(path);
+                if chunk_first.is_none() {
+                    chunk_first = Some(path.clone());
+                }
+            }
+            Record::PutInode { .. } => {}
+            _ => in_order = false,
+        }
     }
     if !chunk.is_empty() {
-        push_frame(&mut file, CHUNK_MAGIC, generation, &chunk);
+        close(&mut file, &mut chunk, &mut chunk_first, &mut index);
     }
+    let index = index.filter(|_| in_order);
     let mut trailer = Vec::with_capacity(TRAILER_PAYLOAD_LEN);
     trailer.extend_from_slice(&(records.len() as u64).to_le_bytes());
     trailer.extend_from_slice(&crc32c::crc32c(&file).to_le_bytes());
     push_frame(&mut file, TRAILER_MAGIC, generation, &trailer);
-    file
+    (file, index)
 }
 
 /// What a journal file yielded.
@@ -486,4 +525,94 @@ pub(super) fn intact_frame_after<S: Source + ?Sized>(
         start = start + last_candidate + 1;
     }
     Ok(false)
+}
+
+/// A checkpoint's chunk index, and a note about stray bytes after its trailer.
+pub(super) type Indexed = (Vec<super::base::Chunk>, Option<String>);
+
+/// Reads a checkpoint whose header is already checked as a lazily read base (see `base`):
+/// every frame is checked as `scan_checkpoint` checks it, `PutInode` records are applied to
+/// `state`, and of `Put` records only the first path of each chunk is kept. `None` when the
+/// checkpoint cannot be read so (not complete, `Put`s not in path order, a record of another
+/// kind, or more chunks than the node budget): the caller then scans it the ordinary way.
+pub(super) fn index_checkpoint<S: Source + ?Sized>(
+    src: &S,
+    generation: u64,
+    state: &mut Replayed,
+) -> Result<Option<Indexed>, StoreError> {
+    let mut chunks = Vec::new();
+    let mut records: u64 = 0;
+    let mut last: Option<Vec<Vec<u8>>> = None;
+    let mut at = HEADER_LEN;
+    let mut file_crc = {
+        let mut header = [0u8; HEADER_LEN];
+        src.read_at(0, &mut header)?;
+        crc32c::crc32c(&header)
+    };
+    loop {
+        let Frame::Good {
+            magic,
+            header,
+            payload,
+        } = read_frame(src, at, generation)?
+        else {
+            return Ok(None);
+        };
+        match magic {
+            CHUNK_MAGIC => {
+                let mut off = 0;
+                let mut first = None;
+                while off < payload.len() {
+                    let Ok((record, used)) = decode_record(&payload[off..]) else {
+                        return Ok(None);
+                    };
+                    off += used;
+                    records += 1;
+                    match record {
+                        Record::Put { path, .. } => {
+                            if last.as_ref().is_some_and(|l| *l >= path) {
+                                return Ok(None);
+                            }
+                            if first.is_none() {
+                                first = Some(path.clone());
+                            }
+                            last = Some(path);
+                        }
+                        r @ Record::PutInode { .. } => state.apply(r),
+                        _ => return Ok(None),
+                    }
+                }
+                if let Some(first) = first {
+                    let Some(left) = state.budget.checked_sub(1) else {
+                        return Ok(None);
+                    };
+                    state.budget = left;
+                    chunks.push(super::base::Chunk {
+                        at: at as u64,
+                        first,
+                    });
+                }
+            }
+            TRAILER_MAGIC => {
+                if payload.len() != TRAILER_PAYLOAD_LEN
+                    || u64_at(&payload, 0) != records
+                    || u32_at(&payload, 8) != file_crc
+                {
+                    return Ok(None);
+                }
+                let end = at + FRAME_HEADER_LEN + payload.len();
+                let problem = (end != src.len()).then(|| {
+                    format!(
+                        "{} stray bytes follow the trailer (ignored)",
+                        src.len() - end
+                    )
+                });
+                return Ok(Some((chunks, problem)));
+            }
+            _ => return Ok(None),
+        }
+        file_crc = crc32c::crc32c_append(file_crc, &header);
+        file_crc = crc32c::crc32c_append(file_crc, &payload);
+        at += FRAME_HEADER_LEN + payload.len();
+    }
 }

@@ -26,6 +26,7 @@
 //! - `recovery`: opening the store and choosing what to trust after a crash or damage.
 
 mod append;
+mod base;
 mod checkpoint;
 mod file_io;
 mod format;
@@ -34,6 +35,7 @@ mod recovery;
 mod tests;
 
 pub use append::fits_in_one_batch;
+pub use base::{BaseCheckpoint, BaseChild};
 pub use format::MAX_FRAME_LEN;
 
 use std::collections::BTreeMap;
@@ -105,6 +107,10 @@ pub struct Recovered {
     pub warnings: Vec<String>,
     /// True when this open created the store (ReadWrite, no store files before).
     pub created: bool,
+    /// A lazy open (`open_lazy_in`) had to replay the base checkpoint into memory because
+    /// its records are not in checkpoint order (an earlier pershome wrote it): the next
+    /// compaction writes it in order, and the daemon makes one at unmount.
+    pub unordered_base: bool,
 }
 
 /// Why the store could not be opened or written.
@@ -185,6 +191,12 @@ pub struct Journal {
     /// than the one this module writes (a `msdos` mount lists 8.3 names in lower case): the
     /// listed name is the one opened, renamed and removed.
     listed: BTreeMap<(Kind, u64), String>,
+    /// Recover with the base checkpoint read lazily (`base`), when it can be: the daemon's
+    /// open. Tools that walk the whole store (fsck) replay it into memory.
+    lazy: bool,
+    /// The chunk index of the checkpoint this writer wrote last, when its records were in
+    /// path order: `take_written_base` opens it as the new lazily read base.
+    written_index: Option<(u64, Vec<base::Chunk>)>,
 }
 
 impl Journal {

@@ -14,14 +14,17 @@ use nix::sys::stat::{fstatat, Mode, SFlag};
 
 use crate::backing::sys;
 
+use super::base::BaseCheckpoint;
 use super::file_io::{list_store, open_at, read_header, StoreReader};
 use super::format::{
-    check_header, encode_header, replay_journal, scan_checkpoint, HeaderProblem, Source, HEADER_LEN,
+    check_header, encode_header, index_checkpoint, replay_journal, scan_checkpoint, HeaderProblem,
+    Source, HEADER_LEN,
 };
 use super::{
     io_err, sys_err, Journal, Kind, OpenMode, Recovered, Replayed, StoreError, StoreLayout,
     WriteStats, FORMAT_VERSION, LOCK_WAIT,
 };
+use crate::meta::pending::BaseRef;
 
 impl Journal {
     /// Opens (ReadWrite: creating if missing, and repairing) the store of `backing_root` and
@@ -38,6 +41,26 @@ impl Journal {
         backing_root: BorrowedFd<'_>,
         mode: OpenMode,
         layout: StoreLayout,
+    ) -> Result<(Journal, Recovered), StoreError> {
+        Journal::open_with(backing_root, mode, layout, false)
+    }
+
+    /// `open_in` for the daemon: the base checkpoint is read lazily when it can be
+    /// (`Recovered::replayed` then stands on a `BaseCheckpoint`, see `base`), so a mount
+    /// holds the records of a directory only once the directory is needed.
+    pub fn open_lazy_in(
+        backing_root: BorrowedFd<'_>,
+        mode: OpenMode,
+        layout: StoreLayout,
+    ) -> Result<(Journal, Recovered), StoreError> {
+        Journal::open_with(backing_root, mode, layout, true)
+    }
+
+    fn open_with(
+        backing_root: BorrowedFd<'_>,
+        mode: OpenMode,
+        layout: StoreLayout,
+        lazy: bool,
     ) -> Result<(Journal, Recovered), StoreError> {
         let sd = layout.store_dir();
         let store_name: String = match layout {
@@ -66,6 +89,8 @@ impl Journal {
             stats: WriteStats::default(),
             faults: None,
             live_version: None,
+            lazy,
+            written_index: None,
         };
         let root = backing_root.as_raw_fd();
         let root_fd = backing_root.as_fd();
@@ -90,6 +115,7 @@ impl Journal {
                     generation: 0,
                     warnings: Vec::new(),
                     created: false,
+                    unordered_base: false,
                 };
                 return Ok((journal, recovered));
             }
@@ -205,6 +231,7 @@ impl Journal {
                 generation: self.generation,
                 warnings,
                 created,
+                unordered_base: false,
             });
         }
         let max_gen = gens.keys().next_back().copied().unwrap_or(1);
@@ -219,6 +246,9 @@ impl Journal {
         // bytes or records): the base's becomes the state; the newest damaged one's is kept
         // for a salvage.
         let mut base: Option<(u64, Replayed)> = None;
+        // The base when it is read lazily (an indexed checkpoint).
+        let mut base_state: Option<(u64, Replayed)> = None;
+        let mut unordered_base = false;
         let mut salvage: Option<(u64, Replayed, usize)> = None;
         for (&generation, files) in gens.iter().rev() {
             if !files.checkpoint {
@@ -248,8 +278,26 @@ impl Journal {
                 }
                 continue;
             }
+            if self.lazy {
+                let mut replayed = Replayed::default();
+                if let Some((chunks, problem)) = index_checkpoint(&file, generation, &mut replayed)?
+                {
+                    if let Some(why) = problem {
+                        warnings.push(format!("{sd}/{name}: {why}"));
+                    }
+                    let base = std::sync::Arc::new(BaseCheckpoint::new(file, generation, chunks));
+                    replayed.root.base = Some(Box::new(BaseRef {
+                        checkpoint: base,
+                        path: Vec::new(),
+                    }));
+                    base_state = Some((generation, replayed));
+                    break;
+                }
+            }
             let mut replayed = Replayed::default();
             let scan = scan_checkpoint(&file, generation, &mut replayed)?;
+            // Complete, yet not indexed: its order is an earlier pershome's.
+            unordered_base = self.lazy && scan.complete;
             if scan.complete {
                 if let Some(why) = scan.problem {
                     warnings.push(format!("{sd}/{name}: {why}"));
@@ -273,6 +321,7 @@ impl Journal {
             }
         }
 
+        let base = base_state.or(base);
         let (base_gen, mut state) = match base {
             Some(b) => b,
             None => {
@@ -397,14 +446,26 @@ impl Journal {
                 generation: base_gen,
                 warnings,
                 created: false,
+                unordered_base,
             });
         }
 
+        if needs_repair && state.root.base.is_some() {
+            // A repair writes the whole recovered state as a new generation: recover again
+            // with everything in memory (nothing was written yet).
+            self.lazy = false;
+            let again = self.recover();
+            self.lazy = true;
+            return again;
+        }
         if needs_repair {
             let new = max_gen
                 .checked_add(1)
                 .ok_or(StoreError::GenerationOverflow)?;
-            let fd = self.write_generation(new, &state.snapshot())?;
+            let snapshot = state
+                .try_snapshot()
+                .map_err(sys_err("reading the recovered state"))?;
+            let fd = self.write_generation(new, &snapshot)?;
             self.file = Some(fd);
             self.generation = new;
             self.len = HEADER_LEN as u64;
@@ -466,6 +527,7 @@ impl Journal {
             generation: self.generation,
             warnings,
             created: false,
+            unordered_base,
         })
     }
 

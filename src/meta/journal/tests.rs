@@ -846,3 +846,175 @@ fn an_unlocked_read_only_open_sees_a_live_store_without_waiting() {
     );
     assert!(rec.warnings.is_empty(), "got warnings {:?}", rec.warnings);
 }
+
+/// A checkpoint large enough for many chunks, read lazily: the directories' children, single
+/// records and whole subtrees come back exactly as a full replay gives them, including where
+/// chunks lie wholly inside one directory (which `children` passes over without reading), and
+/// a journal on top (a rename of a directory never loaded, a remove, a put) applies to what
+/// the base holds.
+#[test]
+fn a_lazily_read_checkpoint_answers_as_a_full_replay_does() {
+    let root = TempDir::new().expect("tempdir");
+    let meta = |mode: u32, uid: u32| Meta {
+        mode,
+        uid,
+        ..Meta::default()
+    };
+    let mut full = Replayed::default();
+    // Three big directories (thousands of records each, many 64 KiB chunks), files between
+    // them at the top, and a nested directory.
+    for d in ["alpha", "beta", "gamma"] {
+        full.apply(Record::Put {
+            path: vec![d.into()],
+            meta: meta(0o40750, 7),
+        });
+        for f in 0..4000u32 {
+            full.apply(Record::Put {
+                path: vec![
+                    d.into(),
+                    format!("file-with-a-longish-name-{f:05}").into_bytes(),
+                ],
+                meta: meta(0o100600 | (f % 64), f),
+            });
+        }
+        full.apply(Record::Put {
+            path: vec![format!("{d}.txt").into_bytes()],
+            meta: meta(0o100640, 1),
+        });
+    }
+    full.apply(Record::Put {
+        path: vec![b"beta".to_vec(), b"sub".to_vec(), b"deep".to_vec()],
+        meta: meta(0o100604, 2),
+    });
+    full.apply(Record::PutInode {
+        id: 9,
+        meta: meta(0o100600, 3),
+    });
+    {
+        let (mut jn, _) = open_ok(&root, OpenMode::ReadWrite);
+        jn.checkpoint(&full.snapshot()).expect("checkpoint");
+        let more = [
+            Record::Rename {
+                from: vec![b"gamma".to_vec()],
+                to: vec![b"beta".to_vec(), b"moved".to_vec()],
+            },
+            Record::Remove {
+                path: vec![
+                    b"alpha".to_vec(),
+                    b"file-with-a-longish-name-00007".to_vec(),
+                ],
+            },
+            Record::Put {
+                path: vec![b"alpha".to_vec(), b"new".to_vec()],
+                meta: meta(0o100666, 4),
+            },
+        ];
+        jn.append(&more).expect("append");
+        for r in more {
+            full.apply(r);
+        }
+    }
+    let dir = fs::File::open(root.path()).expect("open temp root");
+    let (_jn, rec) = Journal::open_lazy_in(dir.as_fd(), OpenMode::ReadOnly, StoreLayout::Long)
+        .expect("open lazily");
+    let lazy = rec.replayed;
+    let base = lazy
+        .root
+        .base
+        .as_ref()
+        .expect("the checkpoint is read lazily");
+    assert!(
+        base.checkpoint.chunk_count() > 8,
+        "many chunks: {}",
+        base.checkpoint.chunk_count()
+    );
+    assert_eq!(lazy.inodes, full.inodes, "the inode table is in memory");
+    // Everything the full replay has, the lazy state gives, in the same order.
+    let (got, want) = (lazy.try_snapshot().expect("snapshot"), full.snapshot());
+    if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        panic!(
+            "the lazily read state and the full replay differ first at record {i} (of {} and \
+             {}): lazy {:?}, full {:?}",
+            got.len(),
+            want.len(),
+            got.get(i),
+            want.get(i)
+        );
+    }
+    // Directory by directory, as the filesystem loads them.
+    let mut top = lazy.root.clone();
+    top.materialize_level().expect("top level");
+    let mut names: Vec<&Vec<u8>> = top.children.keys().collect();
+    names.sort();
+    let want: Vec<Vec<u8>> = ["alpha", "alpha.txt", "beta", "beta.txt", "gamma.txt"]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+    assert_eq!(names, want.iter().collect::<Vec<_>>());
+    for name in &want {
+        assert_eq!(
+            top.children[name].meta, full.root.children[name].meta,
+            "{name:?}"
+        );
+    }
+    let mut beta = top.children.remove(b"beta".as_slice()).expect("beta");
+    beta.materialize_level().expect("beta");
+    assert_eq!(beta.children.len(), 4000 + 2, "files, sub, moved");
+    let mut moved = beta.children.remove(b"moved".as_slice()).expect("moved");
+    assert_eq!(
+        moved.meta,
+        Some(meta(0o40750, 7)),
+        "gamma's own record moved"
+    );
+    moved.materialize_level().expect("moved");
+    assert_eq!(moved.children.len(), 4000);
+    assert_eq!(
+        moved.children[b"file-with-a-longish-name-03999".as_slice()].meta,
+        Some(meta(0o100600 | (3999 % 64), 3999))
+    );
+    let mut alpha = top.children.remove(b"alpha".as_slice()).expect("alpha");
+    alpha.materialize_level().expect("alpha");
+    assert_eq!(alpha.children.len(), 4000, "one removed, one added");
+    assert!(!alpha
+        .children
+        .contains_key(b"file-with-a-longish-name-00007".as_slice()));
+    assert_eq!(
+        alpha.children[b"new".as_slice()].meta,
+        Some(meta(0o100666, 4))
+    );
+}
+
+/// The entries a lazily read checkpoint hands out for directories being loaded draw on a
+/// budget, as a replay's nodes do: a hostile store cannot make one listing allocate a node per
+/// record without bound (`docs/format.md` § Memory).
+#[test]
+fn a_lazily_read_checkpoint_hands_out_no_more_entries_than_its_budget() {
+    let root = TempDir::new().expect("tempdir");
+    let records: Vec<Record> = (0..10u32)
+        .map(|f| Record::Put {
+            path: vec![b"dir".to_vec(), format!("f{f:02}").into_bytes()],
+            meta: Meta {
+                mode: 0o100644,
+                ..Meta::default()
+            },
+        })
+        .collect();
+    {
+        let (mut jn, _) = open_ok(&root, OpenMode::ReadWrite);
+        jn.checkpoint(&records).expect("checkpoint");
+    }
+    let dir = fs::File::open(root.path()).expect("open temp root");
+    let (_jn, rec) = Journal::open_lazy_in(dir.as_fd(), OpenMode::ReadOnly, StoreLayout::Long)
+        .expect("open lazily");
+    let base = rec.replayed.root.base.as_ref().expect("read lazily");
+    base.checkpoint.set_budget(4);
+    let top = base.checkpoint.children(&[]).expect("top");
+    assert_eq!(top.len(), 1, "the top holds `dir`");
+    let listed = base.checkpoint.children(&[b"dir".to_vec()]).expect("dir");
+    assert_eq!(
+        listed.len(),
+        3,
+        "a budget of 4 entries, one spent on `dir`, leaves 3 of its 10 files; got {}",
+        listed.len()
+    );
+}
