@@ -78,8 +78,12 @@ pub struct Backing {
     /// whose entries pershome changed (created, removed or renamed a name in), since on a
     /// pulled stick a directory entry is only there if its directory was synced; and files
     /// whose data the store's records depend on (`keep_in_order`: the parts of a parted file,
-    /// whose lengths are its layout).
+    /// whose lengths are its layout); and files and directories renamed, whose new entry
+    /// on vfat is only complete once their own inode is written (`rename_at`).
     unsynced: Mutex<HashMap<(u64, u64), OwnedFd>>,
+    /// The backing answered `EINVAL` to `RENAME_NOREPLACE` (a libfuse 2 backing such as
+    /// exfat-fuse): `rename_noreplace` claims the name by creating it instead.
+    no_rename_flags: std::sync::atomic::AtomicBool,
 }
 
 /// How many directories and files may wait for the next commit's sync: past it they are
@@ -129,6 +133,7 @@ impl Backing {
             stats: DataStats::default(),
             faults: OnceLock::new(),
             unsynced: Mutex::new(HashMap::new()),
+            no_rename_flags: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -403,6 +408,13 @@ impl Backing {
     }
 
     /// `renameat2`; `flags` may hold `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
+    ///
+    /// The next commit syncs both directories and the moved entry itself (both, when
+    /// exchanging). FAT quirk: the kernel's vfat writes a renamed file's new directory entry
+    /// with start cluster 0 and size 0, and fills them in only when the file's inode is written
+    /// back (about 30 s later), so an fsync of the directory alone makes a 0-byte file durable
+    /// under the new name (and frees nothing: the old entry is gone). Syncing the moved file
+    /// or directory writes its inode, that is its entry.
     pub fn rename_at(
         &self,
         from_dir: BorrowedFd<'_>,
@@ -412,8 +424,81 @@ impl Backing {
         flags: libc::c_uint,
     ) -> io::Result<()> {
         sys::renameat(self.faults(), from_dir, from, to_dir, to, flags)?;
+        self.moved(to_dir, to);
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            self.moved(from_dir, from);
+        }
         self.changed(from_dir)?;
         self.changed(to_dir)
+    }
+
+    /// Renames `from` to a name pershome believes free, and never over anything: `EEXIST`
+    /// when `to` answers, which on vfat includes a long-named file whose 8.3 alias `to` is
+    /// (`QUARTE~1.ODT` for "Quarterly Report.odt"), a name no listing shows. The caller then
+    /// takes its next candidate name.
+    ///
+    /// `RENAME_NOREPLACE` where the backing has it (kernel vfat and exfat, ext4, tmpfs: the
+    /// VFS answers `EEXIST` for any name the filesystem's lookup finds, aliases included).
+    /// FUSE backings built on libfuse 2, such as exfat-fuse, answer `EINVAL` to any rename
+    /// flag: there the name is first claimed race-free by creating it (`O_EXCL`, or `mkdir`
+    /// for a directory, which fail with `EEXIST` just as well), and the rename then replaces
+    /// only that placeholder of pershome's own.
+    pub fn rename_noreplace(
+        &self,
+        from_dir: BorrowedFd<'_>,
+        from: &[u8],
+        to_dir: BorrowedFd<'_>,
+        to: &[u8],
+    ) -> io::Result<()> {
+        if !self.no_rename_flags.load(Ordering::Relaxed) {
+            match self.rename_at(from_dir, from, to_dir, to, libc::RENAME_NOREPLACE) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                    tracing::info!(
+                        "the backing refuses RENAME_NOREPLACE ({e}): renames to a free name \
+                         claim the name by creating it first"
+                    );
+                    self.no_rename_flags.store(true, Ordering::Relaxed);
+                }
+                done => return done,
+            }
+        }
+        let is_dir = self.stat_at(from_dir, from)?.is_dir;
+        if is_dir {
+            self.mkdir_at(to_dir, to)?;
+        } else {
+            self.open_at(
+                to_dir,
+                to,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+                0o600,
+            )?;
+        }
+        let renamed = self.rename_at(from_dir, from, to_dir, to, 0);
+        if renamed.is_err() {
+            // Best effort: the placeholder is pershome's own, made just now.
+            let _ = self.unlink_at(to_dir, to, is_dir);
+        }
+        renamed
+    }
+
+    /// Notes that the entry `name` of `dir` was just renamed there: the next commit syncs it
+    /// (see `rename_at`). Not found (a FUSE backing racing a removal) means nothing to keep.
+    fn moved(&self, dir: BorrowedFd<'_>, name: &[u8]) {
+        let opened = sys::openat(None, dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0);
+        match opened {
+            Ok(fd) => {
+                if let Err(e) = self.sync_before_next_commit(fd.as_fd()) {
+                    tracing::warn!(
+                        "syncing the renamed {:?}: {e}",
+                        crate::backing::display(name)
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(
+                "opening the renamed {:?} to sync it: {e}",
+                crate::backing::display(name)
+            ),
+        }
     }
 
     /// Creates (or truncates) a file and fills it with `content`; used for symlinks and

@@ -588,9 +588,18 @@ fn crash_at(storage: Storage, n: u64, crash: Crash, k: u64, clean: &Run) -> bool
     // byte must then be one that some candidate has at that offset, or a hole's zero.
     for (path, g) in &got {
         let meant = &clean.states[run.last_synced.min(clean.states.len() - 1)..];
+        // After a power cut, data no fsync of the file's own made durable may also be older
+        // data (`Run::data_durable`): what it had at some earlier point, made durable by a
+        // sync the commit gave it (a renamed file is synced, for vfat's sake).
+        let older: &[Tree] = if power_cut && !run.data_durable(path) {
+            &run.states[..run.last_synced]
+        } else {
+            &[]
+        };
         let at_path: Vec<&Seen> = candidates
             .iter()
             .chain(meant)
+            .chain(older)
             .filter_map(|t| t.get(path))
             .collect();
         let known = at_path

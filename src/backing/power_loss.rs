@@ -14,6 +14,12 @@
 //!   a directory never synced is empty;
 //! - `syncfs` makes everything durable.
 //!
+//! `PowerLoss::new_vfat` adds the kernel vfat's rename quirk: a renamed file or directory is
+//! found under its new name (once that directory was synced) with no content, a 0-byte file
+//! or an empty directory, until it is synced itself after the rename. vfat writes the new
+//! directory entry with start cluster 0 and size 0 and fills them in only when the moved
+//! inode is written back (docs/testing.md, "What the kernel's vfat does").
+//!
 //! Files are told apart by inode number, with care for reuse: a removed name's inode is
 //! forgotten (`PowerLoss::forget`), so a new file that gets the same number is a new file.
 //! A renamed file or directory is the same object under its new name. The model sees what
@@ -58,6 +64,13 @@ struct Model {
     /// durable directory entry may still name them.
     nodes: HashMap<Id, Node>,
     next: Id,
+    /// The vfat rename quirk is modelled (`PowerLoss::new_vfat`).
+    vfat: bool,
+    /// Objects renamed and not synced since: their entries taken as durable meanwhile
+    /// (`half_entries`) come back empty.
+    half_moved: HashSet<Id>,
+    /// Durable entries (directory, name) made while their object was half moved.
+    half_entries: HashSet<(Id, Vec<u8>)>,
 }
 
 /// The durable image of a backing tree (see the module documentation).
@@ -96,6 +109,7 @@ impl Model {
     /// below it) as durable.
     fn take_dir(&mut self, path: &Path, deep: bool) -> io::Result<()> {
         let mut entries = BTreeMap::new();
+        let mut half = Vec::new();
         for e in std::fs::read_dir(path)? {
             let e = e?;
             let md = match e.metadata() {
@@ -108,7 +122,11 @@ impl Model {
                 continue;
             }
             let id = self.id_of(md.ino(), md.is_dir(), mtime_of(&md));
-            entries.insert(e.file_name().as_bytes().to_vec(), id);
+            let name = e.file_name().as_bytes().to_vec();
+            if self.half_moved.contains(&id) {
+                half.push((name.clone(), id));
+            }
+            entries.insert(name, id);
             if deep {
                 if md.is_dir() {
                     self.take_dir(&e.path(), true)?;
@@ -121,6 +139,10 @@ impl Model {
         let md = std::fs::metadata(path)?;
         let id = self.id_of(md.ino(), true, mtime_of(&md));
         self.nodes.insert(id, Node::Dir(entries, mtime_of(&md)));
+        self.half_entries.retain(|(dir, _)| *dir != id);
+        for (name, _) in half {
+            self.half_entries.insert((id, name));
+        }
         Ok(())
     }
 }
@@ -129,6 +151,15 @@ impl PowerLoss {
     /// Starts the model on the backing tree at `root`: all of it, as it is now, counts as
     /// durable (the test's starting point was synced).
     pub fn new(root: &Path) -> io::Result<PowerLoss> {
+        PowerLoss::start(root, false)
+    }
+
+    /// As `new`, with the kernel vfat's rename quirk (see the module documentation).
+    pub fn new_vfat(root: &Path) -> io::Result<PowerLoss> {
+        PowerLoss::start(root, true)
+    }
+
+    fn start(root: &Path, vfat: bool) -> io::Result<PowerLoss> {
         let md = std::fs::metadata(root)?;
         let mut model = Model {
             dev: md.dev(),
@@ -136,6 +167,9 @@ impl PowerLoss {
             ids: HashMap::new(),
             nodes: HashMap::new(),
             next: 1,
+            vfat,
+            half_moved: HashSet::new(),
+            half_entries: HashSet::new(),
         };
         model.root = model.id_of(md.ino(), true, mtime_of(&md));
         model.take_dir(root, true)?;
@@ -159,6 +193,10 @@ impl PowerLoss {
         if md.dev() != model.dev {
             return;
         }
+        // Syncing an object writes its inode, and so on vfat its directory entry too.
+        if let Some(&id) = model.ids.get(&md.ino()) {
+            model.half_moved.remove(&id);
+        }
         if md.is_dir() {
             // A failure to list leaves the older durable state: the harsher outcome.
             let _ = model.take_dir(&proc_fd(fd), false);
@@ -173,6 +211,7 @@ impl PowerLoss {
     /// After `syncfs`: everything is durable.
     pub fn synced_all(&self) {
         let mut model = self.model();
+        model.half_moved.clear();
         let _ = model.take_dir(&self.root, true);
     }
 
@@ -181,6 +220,24 @@ impl PowerLoss {
     pub(crate) fn inode_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Option<u64> {
         let path = proc_fd(dir).join(OsStr::from_bytes(name));
         std::fs::symlink_metadata(path).ok().map(|md| md.ino())
+    }
+
+    /// After a rename put an object at `name` of `dir`: under the vfat quirk, its entry there
+    /// holds no content until the object is synced.
+    pub(crate) fn renamed(&self, dir: BorrowedFd<'_>, name: &[u8]) {
+        let path = proc_fd(dir).join(OsStr::from_bytes(name));
+        let mut model = self.model();
+        if !model.vfat {
+            return;
+        }
+        let Ok(md) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if md.dev() != model.dev || !(md.is_dir() || md.is_file()) {
+            return;
+        }
+        let id = model.id_of(md.ino(), md.is_dir(), mtime_of(&md));
+        model.half_moved.insert(id);
     }
 
     /// After the name that held inode `ino` was removed (unlink, rmdir, replaced by a
@@ -211,6 +268,8 @@ impl PowerLoss {
         // The tree was written anew, with new inode numbers: it is the durable state now.
         model.ids.clear();
         model.nodes.clear();
+        model.half_moved.clear();
+        model.half_entries.clear();
         let md = std::fs::metadata(&self.root)?;
         model.root = model.id_of(md.ino(), true, mtime_of(&md));
         model.take_dir(&self.root, true)
@@ -223,6 +282,18 @@ fn build(model: &Model, path: &Path, dir: Id, seen: &mut HashSet<Id>) -> io::Res
     };
     for (name, &id) in entries {
         let p = path.join(OsStr::from_bytes(name));
+        if model.half_moved.contains(&id) && model.half_entries.contains(&(dir, name.clone())) {
+            // The vfat quirk: the entry is there, with start cluster 0 and size 0.
+            match model.nodes.get(&id) {
+                Some(Node::File(_, mtime)) => {
+                    std::fs::write(&p, b"")?;
+                    set_mtime(&p, *mtime)?;
+                }
+                Some(Node::Dir(..)) => std::fs::create_dir(&p)?,
+                None => {}
+            }
+            continue;
+        }
         match model.nodes.get(&id) {
             Some(Node::File(content, mtime)) => {
                 std::fs::write(&p, content)?;

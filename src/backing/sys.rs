@@ -221,6 +221,10 @@ pub fn renameat(
     })?;
     if let Some(p) = power {
         p.forget(victim);
+        p.renamed(to_dir, to);
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            p.renamed(from_dir, from);
+        }
     }
     Ok(())
 }

@@ -51,42 +51,89 @@ impl Fs {
         Ok(inode.attr(ino))
     }
 
-    /// Picks the backing name for a new POSIX name in a loaded directory.
+    /// What a directory with no free name left answers.
+    fn no_free_name(&self) -> Errno {
+        match self.names {
+            NameMode::Long => Errno::EEXIST,
+            // Every candidate taken: the directory is as full as an 8.3 directory gets.
+            NameMode::Short83 => Errno::ENOSPC,
+        }
+    }
+
+    /// The backing names for a new POSIX name in a loaded directory, free as far as its
+    /// listing shows, best first. `ignore` is a name taken by the entry being renamed.
     ///
     /// Long names: the name itself when FAT takes it, else its escaped form; when that clashes
     /// case-insensitively with another name on the stick, the case-escaped form; as a last
-    /// resort the hashed form. 8.3 names: the first of `names::short_candidate` that does not
-    /// clash (`REPORT.TXT`, then `REPORT~1.TXT`, …); the commit keeps the POSIX name in the
-    /// store whenever the short name does not decode to it.
-    pub(crate) fn choose_backing_name(
+    /// resort the hashed form. 8.3 names: `names::short_candidate` in order (`REPORT.TXT`,
+    /// then `REPORT~1.TXT`, …); the commit keeps the POSIX name in the store whenever the
+    /// short name does not decode to it. A name free here may still be taken on the stick:
+    /// only `with_free_backing_name` claims one.
+    fn backing_candidates<'a>(
+        &'a self,
+        st: &'a State,
+        dir: Ino,
+        name: &'a [u8],
+        ignore: Option<&'a [u8]>,
+    ) -> Result<Box<dyn Iterator<Item = Vec<u8>> + 'a>> {
+        let children = st.inode(dir)?.children().ok_or(Errno::EIO)?;
+        let ignore_fold = ignore.map(fold_key);
+        let free = move |candidate: &Vec<u8>| {
+            let fold = fold_key(candidate);
+            !children.folds.contains(&fold) || ignore_fold.as_ref() == Some(&fold)
+        };
+        Ok(match self.names {
+            NameMode::Long => Box::new(
+                [Form::Natural, Form::CaseEscaped, Form::Hashed]
+                    .into_iter()
+                    .map(move |form| names::encode(name, form, dir == ROOT))
+                    .filter(|c| c.len() <= names::MAX_BACKING_BYTES)
+                    .filter(free),
+            ),
+            NameMode::Short83 => Box::new(
+                (0..names::SHORT_ATTEMPTS)
+                    .filter_map(move |attempt| names::short_candidate(name, attempt))
+                    .filter(free),
+            ),
+        })
+    }
+
+    /// Makes a new entry for `name` in `dir` on the stick with `make`, which must create or
+    /// rename onto its backing name without ever replacing anything (`O_EXCL`, `mkdir`,
+    /// `Backing::rename_noreplace`); returns the backing name it took and what `make` gave.
+    ///
+    /// A name the listing shows free can still be taken: the kernel's vfat also finds a file
+    /// by its 8.3 alias (`QUARTE~1.ODT` is "Quarterly Report.odt"), and another computer may
+    /// have added a name since the listing. `EEXIST` from `make` therefore means "clash":
+    /// the next candidate is tried, the clash is logged, and the user never sees it.
+    pub(crate) fn with_free_backing_name<T>(
         &self,
         st: &State,
         dir: Ino,
         name: &[u8],
         ignore: Option<&[u8]>,
-    ) -> Result<Vec<u8>> {
-        let children = st.inode(dir)?.children().ok_or(Errno::EIO)?;
-        let ignore_fold = ignore.map(fold_key);
-        let free = |candidate: &[u8]| {
-            let fold = fold_key(candidate);
-            !children.folds.contains(&fold) || ignore_fold.as_ref() == Some(&fold)
-        };
-        match self.names {
-            NameMode::Long => {
-                for form in [Form::Natural, Form::CaseEscaped, Form::Hashed] {
-                    let candidate = names::encode(name, form, dir == ROOT);
-                    if candidate.len() <= names::MAX_BACKING_BYTES && free(&candidate) {
-                        return Ok(candidate);
-                    }
+        mut make: impl FnMut(&[u8]) -> std::io::Result<T>,
+    ) -> Result<(Vec<u8>, T)> {
+        for candidate in self.backing_candidates(st, dir, name, ignore)? {
+            match make(&candidate) {
+                Ok(made) => return Ok((candidate, made)),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    let dir_path = st.backing_path(dir).unwrap_or_default();
+                    tracing::info!(
+                        "clash resolved: in {:?} the backing name {:?} for {:?} is taken on \
+                         the stick though the folder's listing does not show it (on vfat, \
+                         another file's 8.3 alias); trying the next name",
+                        String::from_utf8_lossy(&crate::backing::join(
+                            &dir_path.iter().map(Vec::as_slice).collect::<Vec<_>>()
+                        )),
+                        String::from_utf8_lossy(&candidate),
+                        String::from_utf8_lossy(name),
+                    );
                 }
-                Err(Errno::EEXIST)
+                Err(e) => return Err(errno_of(&e)),
             }
-            // Every candidate taken: the directory is as full as an 8.3 directory gets.
-            NameMode::Short83 => (0..names::SHORT_ATTEMPTS)
-                .filter_map(|attempt| names::short_candidate(name, attempt))
-                .find(|candidate| free(candidate))
-                .ok_or(Errno::ENOSPC),
         }
+        Err(self.no_free_name())
     }
 
     /// The POSIX name a record must keep for `name` at `backing_name`: `None` when decoding the
@@ -133,38 +180,43 @@ impl Fs {
             .iter()
             .find(|(n, _)| n == acl::DEFAULT)
             .and_then(|(_, v)| acl::parse(v));
-        let backing_name = self.choose_backing_name(&st, parent, name, None)?;
         let dirfd = self.open_dir_of(&st, parent)?;
         let dirfd = dirfd.as_fd();
-        let mut file = None;
         // A directory's size means nothing portable (FAT and exFAT report their cluster
         // allocation); show what ext4 shows for a small directory, the same at every mount.
-        let mut size = if node.kind == Kind::Dir { 4096 } else { 0 };
-        match node.kind {
-            Kind::Dir => self.backing.mkdir_at(dirfd, &backing_name),
-            Kind::File => {
-                let flags = open_flags.map_or(libc::O_RDWR, backing_open_flags);
-                self.backing
-                    .open_at(
+        let size = match node.kind {
+            Kind::Dir => 4096,
+            Kind::Symlink => node.symlink.unwrap_or_default().len() as u64,
+            _ => 0,
+        };
+        // Every way below fails with EEXIST on a name that answers (an 8.3 alias included):
+        // mkdir, O_EXCL, and a rename that never replaces.
+        let (backing_name, file) =
+            self.with_free_backing_name(&st, parent, name, None, |candidate| match node.kind {
+                Kind::Dir => self.backing.mkdir_at(dirfd, candidate).map(|()| None),
+                Kind::File => {
+                    let flags = open_flags.map_or(libc::O_RDWR, backing_open_flags);
+                    self.backing
+                        .open_at(
+                            dirfd,
+                            candidate,
+                            flags | libc::O_CREAT | libc::O_EXCL,
+                            0o600,
+                        )
+                        .map(Some)
+                }
+                Kind::Symlink => self
+                    .write_whole_new_file(
                         dirfd,
-                        &backing_name,
-                        flags | libc::O_CREAT | libc::O_EXCL,
-                        0o600,
+                        candidate,
+                        &super::reconcile::symlink_body(node.symlink.unwrap_or_default()),
                     )
-                    .map(|f| file = Some(f))
-            }
-            Kind::Symlink => {
-                let target = node.symlink.unwrap_or_default();
-                size = target.len() as u64;
-                self.write_whole_new_file(
-                    dirfd,
-                    &backing_name,
-                    &super::reconcile::symlink_body(target),
-                )
-            }
-            _ => self.backing.write_new_file(dirfd, &backing_name, &[]),
-        }
-        .map_err(|e| errno_of(&e))?;
+                    .map(|()| None),
+                _ => self
+                    .backing
+                    .write_new_file(dirfd, candidate, &[])
+                    .map(|()| None),
+            })?;
         let t = now();
         let mut xattrs = Vec::new();
         let perm = match (&parent_default_acl, node.kind) {
@@ -477,18 +529,34 @@ impl Fs {
         {
             return Err(Errno::EEXIST);
         }
-        let new_backing = self.choose_backing_name(&st, newparent, newname, None)?;
+        let newdir = self.open_dir_of(&st, newparent)?;
+        let linked = st.inode(ino)?.link_id;
+        // A name that answers on the stick (an 8.3 alias) is a clash: the next candidate is
+        // taken. A file already hard-linked only gets a placeholder, made O_EXCL. A file
+        // linked for the first time must have its records committed before its content
+        // moves and the placeholders appear (a crash in between must leave the content under
+        // the old name, see `start_link`), so its new name is probed first, by a lookup (which
+        // on vfat finds an alias); the placeholder made later is still O_EXCL.
+        let (new_backing, ()) =
+            self.with_free_backing_name(&st, newparent, newname, None, |candidate| {
+                if let Some(id) = linked {
+                    return self.backing.write_new_file(
+                        newdir.as_fd(),
+                        candidate,
+                        &placeholder_body(id),
+                    );
+                }
+                match self.backing.stat_at(newdir.as_fd(), candidate) {
+                    Ok(_) => Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })?;
         let mut new_path = st.backing_path(newparent)?;
         new_path.push(new_backing.clone());
-        let newdir = self.open_dir_of(&st, newparent)?;
         let t = now();
-        let id = match st.inode(ino)?.link_id {
-            Some(id) => {
-                self.backing
-                    .write_new_file(newdir.as_fd(), &new_backing, &placeholder_body(id))
-                    .map_err(|e| errno_of(&e))?;
-                id
-            }
+        let id = match linked {
+            Some(id) => id,
             None => self.start_link(
                 &mut st,
                 ino,
@@ -580,18 +648,34 @@ impl Fs {
                 0,
             )
             .map_err(|e| errno_of(&e))?;
+        // The old name was the content's own a moment ago: no alias can take it.
         self.backing
             .write_new_file(old_dir.as_fd(), &old_backing, &placeholder_body(id))
             .map_err(|e| errno_of(&e))?;
-        self.backing
-            .write_new_file(newdir, new_backing, &placeholder_body(id))
-            .map_err(|e| errno_of(&e))?;
+        let placed = self
+            .backing
+            .write_new_file(newdir, new_backing, &placeholder_body(id));
+        match &placed {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(errno_of(e)),
+            _ => {}
+        }
         st.links.insert(id, ino);
         let inode = st.inode_mut(ino)?;
         inode.link_id = Some(id);
         inode.meta.nlink = 1; // link() adds the new name
         inode.dentries = vec![(old_parent, old_name)];
         inode.parent = 0;
+        if placed.is_err() {
+            // The new name was free when `link` looked it up and is taken now (another
+            // computer writing the stick this very moment). The content is in the store and
+            // the old name a placeholder, as recorded: the file reads as before, with one
+            // name; the new name's record goes.
+            st.pending.push(Record::Remove {
+                path: new_path.to_vec(),
+            });
+            st.mark_dirty(ino);
+            return Err(Errno::EEXIST);
+        }
         Ok(id)
     }
 
@@ -670,26 +754,53 @@ impl Fs {
                 _ => {}
             }
         }
-        let new_backing = match &dst {
-            Some(d) => d.backing.clone(),
-            None => {
-                let ignore = (parent == newparent).then_some(src.backing.as_slice());
-                self.choose_backing_name(&st, newparent, newname, ignore)?
-            }
-        };
         let from_dir = self.open_dir_of(&st, parent)?;
         let to_dir = self.open_dir_of(&st, newparent)?;
-        if !(parent == newparent && src.backing == new_backing) {
-            self.backing
-                .rename_at(
-                    from_dir.as_fd(),
-                    &src.backing,
-                    to_dir.as_fd(),
-                    &new_backing,
-                    0,
-                )
-                .map_err(|e| errno_of(&e))?;
-        }
+        let new_backing = match &dst {
+            // Replacing a name pershome knows is what was asked for.
+            Some(d) => {
+                if !(parent == newparent && src.backing == d.backing) {
+                    self.backing
+                        .rename_at(
+                            from_dir.as_fd(),
+                            &src.backing,
+                            to_dir.as_fd(),
+                            &d.backing,
+                            0,
+                        )
+                        .map_err(|e| errno_of(&e))?;
+                }
+                d.backing.clone()
+            }
+            None => {
+                let ignore = (parent == newparent).then_some(src.backing.as_slice());
+                let own_fold = fold_key(&src.backing);
+                let (name, ()) =
+                    self.with_free_backing_name(&st, newparent, newname, ignore, |candidate| {
+                        if parent == newparent && candidate == src.backing.as_slice() {
+                            Ok(())
+                        } else if parent == newparent && fold_key(candidate) == own_fold {
+                            // A change of case only: the name that answers is the entry
+                            // itself, which a rename that never replaces would refuse.
+                            self.backing.rename_at(
+                                from_dir.as_fd(),
+                                &src.backing,
+                                to_dir.as_fd(),
+                                candidate,
+                                0,
+                            )
+                        } else {
+                            self.backing.rename_noreplace(
+                                from_dir.as_fd(),
+                                &src.backing,
+                                to_dir.as_fd(),
+                                candidate,
+                            )
+                        }
+                    })?;
+                name
+            }
+        };
         let mut from = st.backing_path(parent)?;
         from.push(src.backing.clone());
         let mut to = st.backing_path(newparent)?;
@@ -1100,8 +1211,9 @@ impl Fs {
             .backing
             .write_new_file_synced(staging.as_fd(), &tmp, content)
             .and_then(|()| {
+                // Never over anything: `name` was only free as far as pershome could see.
                 self.backing
-                    .rename_at(staging.as_fd(), &tmp, dirfd, name, 0)
+                    .rename_noreplace(staging.as_fd(), &tmp, dirfd, name)
             });
         if staged.is_err() {
             // Best effort: on a pulled stick this fails too, and the next mount clears it.

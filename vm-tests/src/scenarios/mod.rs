@@ -11,6 +11,7 @@ mod login;
 mod ltsp;
 mod msdos;
 mod powercut;
+mod vfat;
 mod wear;
 mod yank;
 
@@ -92,5 +93,11 @@ pub const ALL: &[Scenario] = &[
         name: "bench",
         summary: "issue 14's workloads (tar x, find, ls -lR cold and warm, rm -rf, a 64 MiB write) on pershomefs over vfat and on plain vfat, in one VM: the ratio table (informational)",
         run: bench::run,
+    },
+    Scenario {
+        number: 12,
+        name: "vfat",
+        summary: "the kernel's vfat: renames, creates, links, symlinks and mkdirs onto 8.3 aliases of Windows-made files (long and names=8.3); renames durable after a folder fsync across a power cut, beside raw vfat",
+        run: vfat::run,
     },
 ];

@@ -61,16 +61,17 @@ while :; do
 done
 "#;
 
-/// The nbdkit process serving the stick, killed (SIGKILL) and reaped on drop.
-struct Nbdkit {
+/// The nbdkit process serving the stick, killed (SIGKILL) and reaped on drop. Scenario
+/// `vfat` cuts the power the same way.
+pub(super) struct Nbdkit {
     child: Child,
-    socket: PathBuf,
+    pub(super) socket: PathBuf,
 }
 
 impl Nbdkit {
     /// Serves `image` on a unix socket in `run_dir` through a write-back cache that keeps
     /// writes in memory until the client flushes.
-    fn start(image: &Path, run_dir: &Path, round: usize) -> Result<Nbdkit> {
+    pub(super) fn start(image: &Path, run_dir: &Path, round: usize) -> Result<Nbdkit> {
         let socket = run_dir.join(format!("nbd-{round}.sock"));
         if socket.exists() {
             std::fs::remove_file(&socket)
@@ -111,7 +112,7 @@ impl Nbdkit {
     }
 
     /// The power cut for the cache: SIGKILL, no flush of what it holds.
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
