@@ -55,6 +55,19 @@ pub struct BackingEntry {
     pub stat: BackingStat,
 }
 
+impl BackingEntry {
+    /// What the match of a folder renamed elsewhere compares of this entry
+    /// (`meta::moved`): files and folders only. The mount and fsck both match.
+    pub fn into_listed_child(self) -> Option<crate::meta::moved::ListedChild> {
+        let keep = self.stat.is_dir || self.stat.is_file;
+        keep.then_some(crate::meta::moved::ListedChild {
+            backing_name: self.name,
+            is_dir: self.stat.is_dir,
+            size: self.stat.size,
+        })
+    }
+}
+
 /// Counters of what pershome wrote to the backing as file data (metadata is counted by the
 /// journal). Bytes and write calls, for the flash-wear benchmark.
 #[derive(Debug, Default)]

@@ -1056,12 +1056,7 @@ fn renamed_dirs(
             .list(dir.as_fd())
             .map_err(io_err(format!("listing {shown_path}")))?
             .into_iter()
-            .filter(|c| c.stat.is_dir || c.stat.is_file)
-            .map(|c| ListedChild {
-                backing_name: c.name,
-                is_dir: c.stat.is_dir,
-                size: c.stat.size,
-            })
+            .filter_map(crate::backing::BackingEntry::into_listed_child)
             .collect();
         candidates.push((e.name.clone(), listed));
     }

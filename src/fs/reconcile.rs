@@ -399,12 +399,7 @@ impl Fs {
             };
             let children = children
                 .into_iter()
-                .filter(|c| c.stat.is_dir || c.stat.is_file)
-                .map(|c| ListedChild {
-                    backing_name: c.name,
-                    is_dir: c.stat.is_dir,
-                    size: c.stat.size,
-                })
+                .filter_map(BackingEntry::into_listed_child)
                 .collect();
             out.push((e.name.clone(), children));
         }
