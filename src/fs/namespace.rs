@@ -1015,34 +1015,6 @@ impl Fs {
             .collect())
     }
 
-    /// Like `readdir`, with attributes; every entry but `.` and `..` counts as a lookup.
-    pub fn readdirplus(
-        &self,
-        fh: u64,
-        offset: u64,
-        max: usize,
-    ) -> Result<Vec<(u64, DirEntry, Attr)>> {
-        let st = self.lock();
-        let entries: Vec<(u64, DirEntry)> = {
-            let handle = st.dir_handles.get(&fh).ok_or(Errno::EBADF)?;
-            handle
-                .entries
-                .iter()
-                .enumerate()
-                .skip(offset as usize)
-                .take(max)
-                .map(|(i, e)| (i as u64 + 1, e.clone()))
-                .collect()
-        };
-        let mut out = Vec::with_capacity(entries.len());
-        for (off, e) in entries {
-            let Ok(inode) = st.inode(e.ino) else { continue };
-            let attr = inode.attr(e.ino);
-            out.push((off, e, attr));
-        }
-        Ok(out)
-    }
-
     /// The adapter tells how many readdirplus entries the kernel took, so lookups stay exact.
     pub fn count_lookups(&self, inos: &[Ino]) {
         let mut st = self.lock();
