@@ -19,7 +19,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -188,18 +187,8 @@ impl Workload {
     }
 }
 
-/// xorshift64*: a tiny deterministic generator, so the tarball is identical on every machine
-/// (`wear` builds the same tree with it).
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
+/// The tarball is identical on every machine (`wear` builds the same tree with this generator).
+pub(crate) use pershome::testing::Rng;
 
 /// Above this many files the tree's files are empty: a home of half a million entries is
 /// about metadata (mount, listing, memory), and 2 GB of contents would only fill the disk.
@@ -218,32 +207,13 @@ fn tarball(options: &Options) -> Result<PathBuf> {
     util::banner(&format!("generating {}", tar.display()));
     let scratch = TempDir::new("bench-gen")?;
     let tree = scratch.path().join("tree");
-    let dirs = options.dirs.max(1);
-    for d in 0..dirs {
-        let path = tree.join(format!("d{d:04}"));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-    }
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut buf = Vec::with_capacity(8193);
-    for f in 0..options.files {
-        let size = usize::try_from(rng.next() % 8193).unwrap_or(0);
-        let size = if options.files > MAX_FILES_WITH_DATA {
-            0
-        } else {
-            size
-        };
-        buf.clear();
-        while buf.len() < size {
-            buf.extend_from_slice(&rng.next().to_le_bytes());
-        }
-        buf.truncate(size);
-        let path = tree
-            .join(format!("d{:04}", f % dirs))
-            .join(format!("f{f:06}.dat"));
-        File::create(&path)
-            .and_then(|mut file| file.write_all(&buf))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    pershome::testing::write_bench_tree(
+        &tree,
+        options.files,
+        options.dirs,
+        options.files <= MAX_FILES_WITH_DATA,
+    )
+    .with_context(|| format!("generating the tree in {}", tree.display()))?;
     let partial = dir.join(format!(
         "tree-{}-{}.tar.partial",
         options.files, options.dirs

@@ -11,8 +11,6 @@
 //! never times anything on the host: every time is measured in the guest around one command.
 
 use std::fmt::Write as _;
-use std::fs::File;
-use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -99,19 +97,6 @@ enum Side {
     Pershome,
 }
 
-/// xorshift64*, the generator of `cargo xtask bench` (xtask/src/bench.rs), so the tree has
-/// the same sizes as the host bench's.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// Writes `tree/dNNNN/fNNNNNN.dat` under `scratch` and tars it (fixed owner, mtimes and
 /// order) into `tar`.
 fn make_tarball(ctx: &Ctx, scratch: &Path, tar: &Path) -> Result<()> {
@@ -120,26 +105,9 @@ fn make_tarball(ctx: &Ctx, scratch: &Path, tar: &Path) -> Result<()> {
         std::fs::remove_dir_all(scratch)
             .with_context(|| format!("removing {}", scratch.display()))?;
     }
-    for d in 0..DIRS {
-        let dir = tree.join(format!("d{d:04}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut buf = Vec::with_capacity(8200);
-    for f in 0..FILES {
-        let size = usize::try_from(rng.next() % 8193).unwrap_or(0);
-        buf.clear();
-        while buf.len() < size {
-            buf.extend_from_slice(&rng.next().to_le_bytes());
-        }
-        buf.truncate(size);
-        let path = tree
-            .join(format!("d{:04}", f % DIRS))
-            .join(format!("f{f:06}.dat"));
-        File::create(&path)
-            .and_then(|mut file| file.write_all(&buf))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    // The host bench's own generator (pershome::testing), so the sizes are the same.
+    pershome::testing::write_bench_tree(&tree, FILES, DIRS, true)
+        .with_context(|| format!("generating the tree in {}", tree.display()))?;
     let sh = &ctx.sh;
     xshell::cmd!(
         sh,
