@@ -91,7 +91,7 @@ pub const ALL: &[Scenario] = &[
     Scenario {
         number: 11,
         name: "bench",
-        summary: "issue 14's workloads (tar x, find, ls -lR cold and warm, rm -rf, a 64 MiB write) on pershomefs over vfat and on plain vfat, in one VM: the ratio table (informational)",
+        summary: "issue 14's workloads (tar x, find, ls -lR cold and warm, rm -rf, a 32 MiB write) on pershomefs over vfat and on plain vfat, in one VM: the ratio table (informational)",
         run: bench::run,
     },
     Scenario {
