@@ -397,9 +397,9 @@ impl Fs {
     /// The record that states an inode's metadata now, if it has a place in the store.
     fn record_for(&self, st: &State, ino: Ino) -> Option<Record> {
         let inode = st.inodes.get(&ino)?;
-        let mut meta = self.stored_meta(&inode.meta);
-        if let Some(id) = inode.link_id {
-            if inode.meta.nlink == 0 {
+        let mut meta = self.stored_meta(&inode.meta.to_meta());
+        if let Some(id) = inode.link_id() {
+            if inode.meta.nlink() == 0 {
                 return None;
             }
             meta.name = None;
@@ -479,14 +479,14 @@ impl Fs {
                 unloaded.push((dir, path.clone()));
             }
             Some(DirState::Loaded(children)) => {
-                for (name, dentry) in &children.entries {
-                    path.push(dentry.backing.clone());
+                for (name, dentry) in children.entries.iter() {
+                    path.push(dentry.backing.to_vec());
                     if let Some(child) = st.inodes.get(&dentry.ino) {
-                        if let Some(id) = child.link_id {
+                        if let Some(id) = child.link_id() {
                             let meta = Meta {
                                 mode: libc::S_IFREG,
                                 link: Some(id),
-                                name: self.name_to_store(&dentry.backing, dir == ROOT, name),
+                                name: self.name_to_store(dentry.backing, dir == ROOT, name),
                                 ..Meta::default()
                             };
                             out.push(Record::Put {

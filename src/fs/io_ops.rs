@@ -105,7 +105,7 @@ impl Fs {
         let inode = st.inode_mut(ino)?;
         inode.opens += 1;
         if bflags & libc::O_TRUNC != 0 && inode.size != 0 {
-            if let Some(p) = inode.meta.parts {
+            if let Some(p) = inode.meta.parts() {
                 self.remove_parts_from(p, 1)?;
             }
             let inode = st.inode_mut(ino)?;
@@ -141,7 +141,7 @@ impl Fs {
         Ok(Io {
             ino: h.ino,
             file: h.file.clone(),
-            parts: inode.meta.parts,
+            parts: inode.meta.parts(),
             size: inode.size,
         })
     }
@@ -211,7 +211,7 @@ impl Fs {
         let writable = st.handles.get(&fh).is_some_and(|h| h.writable);
         let others = st.handles.iter().any(|(&f, h)| h.ino == ino && f != fh);
         if others
-            || inode.meta.parts.is_some()
+            || inode.meta.parts().is_some()
             || (self.split && (writable || inode.size >= self.part_size / 2))
         {
             return Err(Errno::EOPNOTSUPP);
@@ -320,15 +320,15 @@ impl Fs {
             }
             inode.opens = inode.opens.saturating_sub(1);
             if inode.opens == 0 {
-                if let Some(id) = inode.link_id.filter(|_| inode.meta.nlink == 0) {
+                if let Some(id) = inode.link_id().filter(|_| inode.meta.nlink() == 0) {
                     remove_link = Some(id);
                 }
-                let gone = match inode.link_id {
-                    Some(_) => inode.meta.nlink == 0,
+                let gone = match inode.link_id() {
+                    Some(_) => inode.meta.nlink() == 0,
                     None => inode.parent == 0,
                 };
                 if gone {
-                    remove_parts = inode.meta.parts;
+                    remove_parts = inode.meta.parts();
                 }
             }
         }
@@ -514,7 +514,7 @@ impl Fs {
             let (kind, parts, cur) = {
                 let st = self.lock();
                 let i = st.inode(ino)?;
-                (i.kind, i.meta.parts, i.size)
+                (i.kind, i.meta.parts(), i.size)
             };
             if kind == Kind::File
                 && (parts.is_some() || (size > self.part_size && size > cur && self.may_split(ino)))
@@ -522,7 +522,7 @@ impl Fs {
                 _parts = self.parts_guard();
                 // Not `match self.lock()…`: the guard would live through `make_parted`, which
                 // takes the state lock itself.
-                let known = self.lock().inode(ino)?.meta.parts;
+                let known = self.lock().inode(ino)?.meta.parts();
                 let parts = match known {
                     Some(p) => p,
                     None => self.make_parted(ino)?,

@@ -17,6 +17,7 @@
 
 pub mod acl;
 mod commit;
+mod inode_meta;
 mod io_ops;
 pub mod name_mode;
 mod namespace;
@@ -27,6 +28,7 @@ mod reconcile;
 mod repair;
 pub mod xattr;
 
+pub(crate) use inode_meta::InodeMeta;
 pub use repair::{LinkInode, RECOVERED_DIR};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -288,11 +290,113 @@ pub(crate) struct Dentry {
     pub backing: Vec<u8>,
 }
 
+impl DentryRef<'_> {
+    pub fn to_dentry(self) -> Dentry {
+        Dentry {
+            ino: self.ino,
+            backing: self.backing.to_vec(),
+        }
+    }
+}
+
+/// A name in a loaded directory, borrowed from its `Entries`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DentryRef<'a> {
+    pub ino: Ino,
+    pub backing: &'a [u8],
+}
+
+/// The names of a loaded directory, by POSIX name, each with its inode and backing entry.
+/// Kept compact, since a home has one per entry (issue 14, Scale: memory per looked-up
+/// entry): a name is a boxed slice (no spare capacity), and the backing name is kept only when
+/// it differs from the POSIX name, which it does not for a FAT-legal name (design property 3:
+/// most names of a home).
+#[derive(Debug, Default)]
+pub(crate) struct Entries(BTreeMap<Box<[u8]>, Slot>);
+
+#[derive(Debug)]
+struct Slot {
+    ino: Ino,
+    /// `None`: the backing name is the POSIX name.
+    backing: Option<Box<[u8]>>,
+}
+
+impl Entries {
+    fn view<'a>(name: &'a [u8], slot: &'a Slot) -> DentryRef<'a> {
+        DentryRef {
+            ino: slot.ino,
+            backing: slot.backing.as_deref().unwrap_or(name),
+        }
+    }
+
+    /// The entry `name`, borrowed.
+    pub fn get_ref(&self, name: &[u8]) -> Option<DentryRef<'_>> {
+        self.0
+            .get_key_value(name)
+            .map(|(n, slot)| Entries::view(n, slot))
+    }
+
+    /// The entry `name`, as an owned copy.
+    pub fn get(&self, name: &[u8]) -> Option<Dentry> {
+        self.get_ref(name).map(DentryRef::to_dentry)
+    }
+
+    /// The inode of the entry `name`.
+    pub fn ino(&self, name: &[u8]) -> Option<Ino> {
+        self.0.get(name).map(|slot| slot.ino)
+    }
+
+    pub fn contains_key(&self, name: &[u8]) -> bool {
+        self.0.contains_key(name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn insert(&mut self, name: &[u8], dentry: Dentry) {
+        let backing = (dentry.backing != name).then(|| dentry.backing.into_boxed_slice());
+        self.0.insert(
+            name.into(),
+            Slot {
+                ino: dentry.ino,
+                backing,
+            },
+        );
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> Option<Dentry> {
+        self.0.remove_entry(name).map(|(n, slot)| Dentry {
+            ino: slot.ino,
+            backing: slot.backing.unwrap_or(n).into_vec(),
+        })
+    }
+
+    /// Points the entry `name` at another inode (its backing entry stays); false when there
+    /// is no such entry.
+    pub fn set_ino(&mut self, name: &[u8], ino: Ino) -> bool {
+        match self.0.get_mut(name) {
+            Some(slot) => {
+                slot.ino = ino;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every entry, in byte order of the POSIX names.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], DentryRef<'_>)> + '_ {
+        self.0
+            .iter()
+            .map(|(n, slot)| (&**n, Entries::view(n, slot)))
+    }
+}
+
 /// The children of a loaded directory.
 #[derive(Debug, Default)]
 pub(crate) struct Children {
     /// By POSIX name.
-    pub entries: BTreeMap<Vec<u8>, Dentry>,
+    pub entries: Entries,
     /// Fold keys (Windows case-insensitive form) of every backing name in the directory,
     /// including entries pershome skips, so a new backing name never clashes on the stick.
     pub folds: FoldSet,
@@ -341,18 +445,17 @@ pub(crate) enum DirState {
 pub(crate) struct Inode {
     pub kind: Kind,
     /// Metadata with real ids (the store's `OWNER_ID` already mapped to the mount owner).
-    pub meta: Meta,
+    pub meta: InodeMeta,
     pub size: u64,
     pub blocks: u64,
     /// For directories and files with one name: the directory holding the name, and the name.
     /// `parent == 0` once unlinked. Unused for hard-linked files (see `dentries`).
     pub parent: Ino,
-    pub name: Vec<u8>,
-    /// Hard-link inode id: the content is `.pershome/inodes/<id>`.
-    pub link_id: Option<u64>,
-    /// For hard-linked files: the names of it seen so far (directories not yet loaded may
-    /// hold more; `meta.nlink` is the true count).
-    pub dentries: Vec<(Ino, Vec<u8>)>,
+    /// A boxed slice, not a `Vec`: no spare capacity in every inode.
+    pub name: Box<[u8]>,
+    /// A hard link's id and names, a symlink's target: boxed, since few inodes have them
+    /// (`None` when none is set).
+    pub extra: Option<Box<InodeExtra>>,
     pub dir: Option<DirState>,
     /// For a directory not yet loaded: its link count from the backing.
     pub nlink_hint: u32,
@@ -361,10 +464,58 @@ pub(crate) struct Inode {
     pub persisted: bool,
     pub lookups: u64,
     pub opens: u32,
+}
+
+/// What few inodes have (memory per entry, issue 14: boxed out of `Inode`).
+#[derive(Debug, Default)]
+pub(crate) struct InodeExtra {
+    /// Hard-link inode id: the content is `.pershome/inodes/<id>`.
+    pub link_id: Option<u64>,
+    /// For hard-linked files: the names of it seen so far (directories not yet loaded may
+    /// hold more; `meta.nlink` is the true count).
+    pub dentries: Vec<(Ino, Vec<u8>)>,
+    /// A symlink's target.
     pub symlink: Option<Vec<u8>>,
 }
 
+impl InodeExtra {
+    /// The box an inode carries for these, `None` when there is nothing to keep.
+    pub fn boxed(
+        link_id: Option<u64>,
+        dentries: Vec<(Ino, Vec<u8>)>,
+        symlink: Option<Vec<u8>>,
+    ) -> Option<Box<InodeExtra>> {
+        (link_id.is_some() || !dentries.is_empty() || symlink.is_some()).then(|| {
+            Box::new(InodeExtra {
+                link_id,
+                dentries,
+                symlink,
+            })
+        })
+    }
+}
+
 impl Inode {
+    /// Hard-link inode id: the content is `.pershome/inodes/<id>`.
+    pub fn link_id(&self) -> Option<u64> {
+        self.extra.as_ref().and_then(|e| e.link_id)
+    }
+
+    /// For hard-linked files: the names of it seen so far.
+    pub fn dentries(&self) -> &[(Ino, Vec<u8>)] {
+        self.extra.as_ref().map_or(&[], |e| e.dentries.as_slice())
+    }
+
+    /// A symlink's target.
+    pub fn symlink(&self) -> Option<&[u8]> {
+        self.extra.as_ref().and_then(|e| e.symlink.as_deref())
+    }
+
+    /// The extra fields, boxed now if they were not.
+    pub fn extra_mut(&mut self) -> &mut InodeExtra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
     pub fn children(&self) -> Option<&Children> {
         match &self.dir {
             Some(DirState::Loaded(c)) => Some(c.as_ref()),
@@ -385,22 +536,22 @@ impl Inode {
                 Some(c) => 2 + c.subdirs,
                 None => self.nlink_hint.max(2),
             },
-            _ if self.link_id.is_some() => self.meta.nlink,
+            _ if self.link_id().is_some() => self.meta.nlink(),
             _ => u32::from(self.parent != 0),
         }
     }
 
     /// The inode's name `from` (directory, name) is now `to`.
     pub fn move_name(&mut self, from: (Ino, &[u8]), to: (Ino, &[u8])) {
-        if self.link_id.is_some() {
-            for d in self.dentries.iter_mut() {
+        if let Some(extra) = self.extra.as_mut().filter(|e| e.link_id.is_some()) {
+            for d in extra.dentries.iter_mut() {
                 if d.0 == from.0 && d.1 == from.1 {
                     *d = (to.0, to.1.to_vec());
                 }
             }
         } else {
             self.parent = to.0;
-            self.name = to.1.to_vec();
+            self.name = to.1.into();
         }
     }
 
@@ -422,7 +573,7 @@ impl Inode {
             nlink: self.nlink(),
             uid: self.meta.uid,
             gid: self.meta.gid,
-            rdev: self.meta.rdev,
+            rdev: self.meta.rdev(),
             size: self.size,
             blocks: self.blocks,
             atime: self.meta.atime,
@@ -679,19 +830,17 @@ impl Fs {
         }
         let root = Inode {
             kind: Kind::Dir,
-            meta: root_meta,
+            meta: root_meta.into(),
             size: 4096,
             blocks: 8,
             parent: 0,
-            name: Vec::new(),
-            link_id: None,
-            dentries: Vec::new(),
+            name: Box::default(),
+            extra: None,
             dir: Some(DirState::Unloaded(Box::new(tree))),
             nlink_hint: root_stat.nlink as u32,
             persisted,
             lookups: 1,
             opens: 0,
-            symlink: None,
         };
         let next_link_id = replayed.inodes.keys().max().map_or(1, |m| m + 1);
         let mut inodes = HashMap::new();
@@ -876,12 +1025,12 @@ impl State {
         let Some(inode) = self.inodes.get(&ino) else {
             return;
         };
-        let linked = match inode.link_id {
-            Some(_) => inode.meta.nlink > 0,
+        let linked = match inode.link_id() {
+            Some(_) => inode.meta.nlink() > 0,
             None => inode.parent != 0,
         };
         if !linked && inode.lookups == 0 && inode.opens == 0 {
-            if let Some(id) = inode.link_id {
+            if let Some(id) = inode.link_id() {
                 self.links.remove(&id);
             }
             self.inodes.remove(&ino);
@@ -902,9 +1051,9 @@ impl State {
             let parent = self.inode(inode.parent)?;
             let dentry = parent
                 .children()
-                .and_then(|c| c.entries.get(&inode.name))
+                .and_then(|c| c.entries.get_ref(&inode.name))
                 .ok_or(Errno::EIO)?;
-            parts.push(dentry.backing.clone());
+            parts.push(dentry.backing.to_vec());
             cur = inode.parent;
             if parts.len() > 4096 {
                 return Err(Errno::ELOOP);
@@ -918,7 +1067,7 @@ impl State {
     /// `fs` names the store's files (a hard-linked file's content is there).
     pub fn content_location(&self, fs: &Fs, ino: Ino) -> Result<(Vec<u8>, Vec<u8>)> {
         let inode = self.inode(ino)?;
-        if let Some(id) = inode.link_id {
+        if let Some(id) = inode.link_id() {
             let dir = fs.paths.inodes.clone();
             let name = match fs.backing.open_dir(&dir) {
                 Ok(fd) => fs.link_file_in(fd.as_fd(), id)?,
@@ -991,7 +1140,7 @@ impl State {
         children
             .folds
             .insert(crate::fatrules::fold_key(&dentry.backing));
-        children.entries.insert(name.to_vec(), dentry);
+        children.entries.insert(name, dentry);
         if is_dir {
             children.subdirs += 1;
         }
@@ -1105,5 +1254,17 @@ impl Fs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&ino);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Every entry of every loaded directory has an inode: its size is paid once per entry
+    /// of a home (issue 14, Scale; `tests/entry_memory.rs` counts the whole cost). 200 bytes
+    /// is what malloc rounds to 208; the inode was 424 bytes before the rare fields were boxed.
+    #[test]
+    fn an_inode_stays_within_200_bytes() {
+        let size = std::mem::size_of::<super::Inode>();
+        assert!(size <= 200, "Inode is {size} bytes");
     }
 }

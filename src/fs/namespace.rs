@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use super::acl;
 use super::{
     errno_of, leaf, now, Attr, Ctx, Dentry, DirEntry, DirHandle, DirState, Errno, Fs, Ino, Inode,
-    Kind, Result, State, ROOT,
+    InodeExtra, Kind, Result, State, ROOT,
 };
 use crate::fatrules::fold_key;
 use crate::meta::moved::placeholder_body;
@@ -43,8 +43,7 @@ impl Fs {
         let ino = st
             .inode(parent)?
             .children()
-            .and_then(|c| c.entries.get(name))
-            .map(|d| d.ino)
+            .and_then(|c| c.entries.ino(name))
             .ok_or(Errno::ENOENT)?;
         let inode = st.inode_mut(ino)?;
         inode.lookups += 1;
@@ -176,7 +175,7 @@ impl Fs {
         let parent_gid = pinode.meta.gid;
         let parent_default_acl = pinode
             .meta
-            .xattrs
+            .xattrs()
             .iter()
             .find(|(n, _)| n == acl::DEFAULT)
             .and_then(|(_, v)| acl::parse(v));
@@ -255,19 +254,17 @@ impl Fs {
         let ino = st.alloc_ino();
         let inode = Inode {
             kind: node.kind,
-            meta,
+            meta: meta.into(),
             size,
             blocks: size.div_ceil(512),
             parent,
-            name: name.to_vec(),
-            link_id: None,
-            dentries: Vec::new(),
+            name: name.into(),
+            extra: InodeExtra::boxed(None, Vec::new(), node.symlink.map(|t| t.to_vec())),
             dir: (node.kind == Kind::Dir).then(|| DirState::Loaded(Default::default())),
             nlink_hint: 2,
             persisted: true,
             lookups: 1,
             opens: 0,
-            symlink: node.symlink.map(|t| t.to_vec()),
         };
         let mut inode = inode;
         if let Some(stat) = file
@@ -347,7 +344,7 @@ impl Fs {
         if inode.kind != Kind::Symlink {
             return Err(Errno::EINVAL);
         }
-        inode.symlink.clone().ok_or(Errno::EIO)
+        inode.symlink().map(<[u8]>::to_vec).ok_or(Errno::EIO)
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
@@ -370,7 +367,6 @@ impl Fs {
             .inode(parent)?
             .children()
             .and_then(|c| c.entries.get(name))
-            .cloned()
             .ok_or(Errno::ENOENT)?;
         let kind = st.inode(dentry.ino)?.kind;
         match (want_dir, kind == Kind::Dir) {
@@ -411,13 +407,16 @@ impl Fs {
         st.remove_entry(parent, name, &dentry.backing, is_dir, t)?;
         let inode = st.inode_mut(ino)?;
         inode.meta.ctime = t;
-        match inode.link_id {
+        match inode.link_id() {
             Some(id) => {
-                inode.meta.nlink = inode.meta.nlink.saturating_sub(1);
-                inode.dentries.retain(|(p, n)| !(*p == parent && n == name));
-                let nlink = inode.meta.nlink;
+                inode.meta.set_nlink(inode.meta.nlink().saturating_sub(1));
+                inode
+                    .extra_mut()
+                    .dentries
+                    .retain(|(p, n)| !(*p == parent && n == name));
+                let nlink = inode.meta.nlink();
                 let opens = inode.opens;
-                let parts = inode.meta.parts;
+                let parts = inode.meta.parts();
                 st.mark_dirty(ino);
                 if nlink == 0 {
                     if opens == 0 {
@@ -436,7 +435,7 @@ impl Fs {
                 // The first part is gone from the backing already; the other parts follow
                 // (at the last close if the file is still open). A crash in between leaves
                 // orphan parts, which fsck finds: never a name missing its parts.
-                if let (Some(p), 0) = (inode.meta.parts, inode.opens) {
+                if let (Some(p), 0) = (inode.meta.parts(), inode.opens) {
                     self.remove_all_parts(p);
                 }
                 st.dirty.remove(&ino);
@@ -461,7 +460,7 @@ impl Fs {
     /// that name, so the stick shows an ordinary file again.
     fn undo_link(&self, st: &mut State, ino: Ino) -> Result<()> {
         let inode = st.inode(ino)?;
-        let (Some(id), [(parent, name)]) = (inode.link_id, inode.dentries.as_slice()) else {
+        let (Some(id), [(parent, name)]) = (inode.link_id(), inode.dentries()) else {
             return Ok(());
         };
         let (parent, name) = (*parent, name.clone());
@@ -469,7 +468,6 @@ impl Fs {
             .inode(parent)?
             .children()
             .and_then(|c| c.entries.get(&name))
-            .cloned()
         else {
             return Ok(());
         };
@@ -493,11 +491,15 @@ impl Fs {
         st.pending.push(Record::RemoveInode { id });
         st.links.remove(&id);
         let inode = st.inode_mut(ino)?;
-        inode.link_id = None;
-        inode.dentries.clear();
+        let extra = inode.extra_mut();
+        extra.link_id = None;
+        extra.dentries = Vec::new();
+        if extra.symlink.is_none() {
+            inode.extra = None;
+        }
         inode.parent = parent;
-        inode.name = name;
-        inode.meta.nlink = 0;
+        inode.name = name.into();
+        inode.meta.set_nlink(0);
         st.mark_dirty(ino);
         Ok(())
     }
@@ -511,13 +513,13 @@ impl Fs {
         if inode.kind == Kind::Dir {
             return Err(Errno::EPERM);
         }
-        if inode.link_id.is_none() && inode.parent == 0 {
+        if inode.link_id().is_none() && inode.parent == 0 {
             return Err(Errno::ENOENT);
         }
-        if inode.link_id.is_some() && inode.meta.nlink == 0 {
+        if inode.link_id().is_some() && inode.meta.nlink() == 0 {
             return Err(Errno::ENOENT);
         }
-        if inode.meta.nlink >= 65000 {
+        if inode.meta.nlink() >= 65000 {
             return Err(Errno::EMLINK);
         }
         if st
@@ -530,7 +532,7 @@ impl Fs {
             return Err(Errno::EEXIST);
         }
         let newdir = self.open_dir_of(&st, newparent)?;
-        let linked = st.inode(ino)?.link_id;
+        let linked = st.inode(ino)?.link_id();
         // A name that answers on the stick (an 8.3 alias) is a clash: the next candidate is
         // taken. A file already hard-linked only gets a placeholder, made O_EXCL. A file
         // linked for the first time must have its records committed before its content
@@ -572,9 +574,12 @@ impl Fs {
             meta: link_name_meta(id, stored_name),
         });
         let inode = st.inode_mut(ino)?;
-        inode.meta.nlink += 1;
+        inode.meta.set_nlink(inode.meta.nlink() + 1);
         inode.meta.ctime = t;
-        inode.dentries.push((newparent, newname.to_vec()));
+        inode
+            .extra_mut()
+            .dentries
+            .push((newparent, newname.to_vec()));
         inode.lookups += 1;
         let attr = inode.attr(ino);
         st.mark_dirty(ino);
@@ -614,7 +619,7 @@ impl Fs {
             (i.parent, i.name.clone())
         };
         let old_backing = old_path.last().cloned().ok_or(Errno::EIO)?;
-        let mut link_meta = st.inode(ino)?.meta.clone();
+        let mut link_meta = st.inode(ino)?.meta.to_meta();
         link_meta.nlink = 2;
         let old_stored = self.name_to_store(&old_backing, old_path.len() == 1, &old_name);
         st.pending.push(Record::Put {
@@ -661,9 +666,10 @@ impl Fs {
         }
         st.links.insert(id, ino);
         let inode = st.inode_mut(ino)?;
-        inode.link_id = Some(id);
-        inode.meta.nlink = 1; // link() adds the new name
-        inode.dentries = vec![(old_parent, old_name)];
+        let extra = inode.extra_mut();
+        extra.link_id = Some(id);
+        extra.dentries = vec![(old_parent, old_name.into_vec())];
+        inode.meta.set_nlink(1); // link() adds the new name
         inode.parent = 0;
         if placed.is_err() {
             // The new name was free when `link` looked it up and is taken now (another
@@ -705,13 +711,11 @@ impl Fs {
             .inode(parent)?
             .children()
             .and_then(|c| c.entries.get(name))
-            .cloned()
             .ok_or(Errno::ENOENT)?;
         let dst = st
             .inode(newparent)?
             .children()
-            .and_then(|c| c.entries.get(newname))
-            .cloned();
+            .and_then(|c| c.entries.get(newname));
         let src_kind = st.inode(src.ino)?.kind;
         // Moving a directory below itself.
         if src_kind == Kind::Dir {
@@ -817,7 +821,7 @@ impl Fs {
         });
         // A hard-linked name's record is not rewritten by the inode's own commit (that is its
         // PutInode): state its new POSIX name here, or the record keeps the old one.
-        if let Some(id) = st.inode(src.ino)?.link_id {
+        if let Some(id) = st.inode(src.ino)?.link_id() {
             let stored_name = self.name_to_store(&new_backing, newparent == ROOT, newname);
             st.pending.push(Record::Put {
                 path: to,
@@ -898,7 +902,7 @@ impl Fs {
         for (ino, path, new_name, dir) in
             [(src.ino, b, newname, newparent), (dst.ino, a, name, parent)]
         {
-            if let Some(id) = st.inode(ino)?.link_id {
+            if let Some(id) = st.inode(ino)?.link_id() {
                 let backing_name = path.last().cloned().unwrap_or_default();
                 let stored_name = self.name_to_store(&backing_name, dir == ROOT, new_name);
                 st.pending.push(Record::Put {
@@ -918,9 +922,7 @@ impl Fs {
             pinode.meta.mtime = t;
             pinode.meta.ctime = t;
             let c = pinode.children_mut().ok_or(Errno::EIO)?;
-            if let Some(d) = c.entries.get_mut(nm) {
-                d.ino = ino;
-            }
+            c.entries.set_ino(nm, ino);
             if parent != newparent {
                 c.subdirs = (c.subdirs + u32::from(delta_in)).saturating_sub(u32::from(delta_out));
             }
@@ -989,12 +991,12 @@ impl Fs {
             },
         ];
         let children = inode.children().ok_or(Errno::ENOTDIR)?;
-        for (name, d) in &children.entries {
+        for (name, d) in children.entries.iter() {
             let kind = st.inode(d.ino).map(|i| i.kind).unwrap_or(Kind::File);
             entries.push(DirEntry {
                 ino: d.ino,
                 kind,
-                name: name.clone(),
+                name: name.to_vec(),
             });
         }
         let fh = st.alloc_fh();
@@ -1064,8 +1066,8 @@ impl Fs {
         // next `max` offsets in linear time (names come in byte order, so a rank is the
         // number of earlier names of the same inode) and sorts only those.
         let mut ranks: std::collections::HashMap<Ino, u64> = std::collections::HashMap::new();
-        let mut entries: Vec<(u64, Ino, &Vec<u8>)> = Vec::new();
-        for (name, d) in &children.entries {
+        let mut entries: Vec<(u64, Ino, &[u8])> = Vec::new();
+        for (name, d) in children.entries.iter() {
             let rank = ranks.entry(d.ino).or_insert(0);
             let off = entry_offset(d.ino, *rank);
             *rank += 1;
@@ -1090,7 +1092,7 @@ impl Fs {
                 DirEntry {
                     ino: child,
                     kind,
-                    name: name.clone(),
+                    name: name.to_vec(),
                 },
             ));
         }

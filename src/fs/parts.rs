@@ -526,7 +526,7 @@ impl Fs {
     pub(crate) fn make_parted(&self, ino: Ino) -> Result<Parts> {
         {
             let st = self.lock();
-            if let Some(p) = st.inode(ino)?.meta.parts {
+            if let Some(p) = st.inode(ino)?.meta.parts() {
                 return Ok(p);
             }
             // The kernel reads and writes a passthrough file by itself and would go on seeing
@@ -565,12 +565,12 @@ impl Fs {
             .and_then(|()| {
                 let mut st = self.lock();
                 let inode = st.inode_mut(ino)?;
-                inode.meta.parts = Some(parts);
+                inode.meta.set_parts(Some(parts));
                 st.mark_dirty(ino);
                 let r = self.commit_locked(&mut st);
                 if r.is_err() {
                     if let Ok(inode) = st.inode_mut(ino) {
-                        inode.meta.parts = None;
+                        inode.meta.set_parts(None);
                     }
                 }
                 r

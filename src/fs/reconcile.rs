@@ -11,8 +11,8 @@ use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::{
-    errno_of, join_path, now, Children, Dentry, DirState, Errno, Fs, Ino, Inode, Kind, Result,
-    State,
+    errno_of, join_path, now, Children, Dentry, DirState, Errno, Fs, Ino, Inode, InodeExtra, Kind,
+    Result, State,
 };
 use crate::backing::{BackingEntry, BackingStat};
 use crate::fatrules::fold_key;
@@ -243,8 +243,7 @@ impl Fs {
             .inodes
             .get(&parent)
             .and_then(|p| p.children())
-            .and_then(|c| c.entries.get(name))
-            .map(|d| d.ino);
+            .and_then(|c| c.entries.ino(name));
         match entry {
             Some(ino) if unloaded_dir(&st, ino) => {
                 drop(st);
@@ -567,7 +566,7 @@ impl Fs {
                 children.subdirs += 1;
             }
             children.entries.insert(
-                name,
+                &name,
                 Dentry {
                     ino: child,
                     backing: entry.name.clone(),
@@ -636,7 +635,7 @@ impl Fs {
                     let id = m.link.unwrap_or_default();
                     if let Some(&ino) = st.links.get(&id) {
                         let inode = st.inode_mut(ino)?;
-                        inode.dentries.push((parent, name.to_vec()));
+                        inode.extra_mut().dentries.push((parent, name.to_vec()));
                         return Ok(ino);
                     }
                     let content = self.link_content_stat(id);
@@ -753,23 +752,25 @@ impl Fs {
         let dir = (kind == Kind::Dir).then(|| DirState::Unloaded(Box::new(subtree)));
         let inode = Inode {
             kind,
-            meta,
+            meta: meta.into(),
             size,
             blocks,
             parent,
-            name: name.to_vec(),
-            link_id,
-            dentries: if link_id.is_some() {
-                vec![(parent, name.to_vec())]
-            } else {
-                Vec::new()
-            },
+            name: name.into(),
+            extra: InodeExtra::boxed(
+                link_id,
+                if link_id.is_some() {
+                    vec![(parent, name.to_vec())]
+                } else {
+                    Vec::new()
+                },
+                symlink,
+            ),
             dir,
             nlink_hint: stat.nlink as u32,
             persisted,
             lookups: 0,
             opens: 0,
-            symlink,
         };
         st.inodes.insert(ino, Box::new(inode));
         if let Some(id) = link_id {

@@ -53,8 +53,8 @@ impl Fs {
                 let inode = st.inodes.get(ino)?;
                 Some(LinkInode {
                     id,
-                    nlink: inode.meta.nlink,
-                    names: u32::try_from(inode.dentries.len()).unwrap_or(u32::MAX),
+                    nlink: inode.meta.nlink(),
+                    names: u32::try_from(inode.dentries().len()).unwrap_or(u32::MAX),
                 })
             })
             .collect();
@@ -71,7 +71,7 @@ impl Fs {
         }
         let mut st = self.lock();
         let ino = *st.links.get(&id).ok_or(Errno::ENOENT)?;
-        st.inode_mut(ino)?.meta.nlink = nlink;
+        st.inode_mut(ino)?.meta.set_nlink(nlink);
         st.dirty.insert(ino);
         Ok(())
     }
@@ -116,8 +116,8 @@ impl Fs {
         let st = self.lock();
         st.inodes
             .values()
-            .filter(|i| i.parent != 0 || i.link_id.is_some())
-            .filter_map(|i| i.meta.parts)
+            .filter(|i| i.parent != 0 || i.link_id().is_some())
+            .filter_map(|i| i.meta.parts())
             .chain(st.link_meta.values().filter_map(|m| m.parts))
             .map(|p| (p.id, p))
             .collect()

@@ -48,7 +48,7 @@ impl Fs {
         let inode = st.inode(ino)?;
         let value = inode
             .meta
-            .xattrs
+            .xattrs()
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.clone())
@@ -61,7 +61,7 @@ impl Fs {
         let inode = st.inode(ino)?;
         let mut list = Vec::new();
         // A store written before the namespace was declined may still hold such names.
-        for (n, _) in inode.meta.xattrs.iter().filter(|(n, _)| !declined(n)) {
+        for (n, _) in inode.meta.xattrs().iter().filter(|(n, _)| !declined(n)) {
             list.extend_from_slice(n);
             list.push(0);
         }
@@ -91,14 +91,16 @@ impl Fs {
                 // step, and store no ACL that says no more than the mode (as ext4 does).
                 inode.meta.mode = (inode.meta.mode & !0o777) | acl::mode_bits(&entries);
                 if acl::is_minimal(&entries) {
-                    inode.meta.xattrs.retain(|(n, _)| n != acl::ACCESS);
+                    inode
+                        .meta
+                        .change_xattrs(|x| x.retain(|(n, _)| n != acl::ACCESS));
                     inode.meta.ctime = now();
                     st.mark_dirty(ino);
                     return Ok(());
                 }
             }
         }
-        let xattrs = &mut inode.meta.xattrs;
+        let xattrs = inode.meta.xattrs();
         let pos = xattrs.binary_search_by(|(n, _)| n.as_slice().cmp(name));
         match (pos, flags) {
             (Ok(_), f) if f & libc::XATTR_CREATE != 0 => return Err(Errno::EEXIST),
@@ -112,10 +114,10 @@ impl Fs {
         if total > MAX_TOTAL {
             return Err(Errno::ENOSPC);
         }
-        match pos {
+        inode.meta.change_xattrs(|xattrs| match pos {
             Ok(i) => xattrs[i].1 = value.to_vec(),
             Err(i) => xattrs.insert(i, (name.to_vec(), value.to_vec())),
-        }
+        });
         inode.meta.ctime = now();
         st.mark_dirty(ino);
         Ok(())
@@ -130,10 +132,10 @@ impl Fs {
         let inode = st.inode_mut(ino)?;
         let pos = inode
             .meta
-            .xattrs
+            .xattrs()
             .binary_search_by(|(n, _)| n.as_slice().cmp(name))
             .map_err(|_| Errno::ENODATA)?;
-        inode.meta.xattrs.remove(pos);
+        inode.meta.change_xattrs(|x| x.remove(pos));
         inode.meta.ctime = now();
         st.mark_dirty(ino);
         Ok(())
