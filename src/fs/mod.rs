@@ -308,32 +308,23 @@ pub(crate) struct DentryRef<'a> {
 
 /// The names of a loaded directory, by POSIX name, each with its inode and backing entry.
 /// Kept compact, since a home has one per entry (issue 14, Scale: memory per looked-up
-/// entry): a name is a boxed slice (no spare capacity), and the backing name is kept only when
-/// it differs from the POSIX name, which it does not for a FAT-legal name (design property 3:
-/// most names of a home).
+/// entry): a name is a boxed slice (no spare capacity), and a backing name is kept, in a map
+/// of its own, only when it differs from the POSIX name, which it does not for a FAT-legal
+/// name (design property 3: most names of a home).
 #[derive(Debug, Default)]
-pub(crate) struct Entries(BTreeMap<Box<[u8]>, Slot>);
-
-#[derive(Debug)]
-struct Slot {
-    ino: Ino,
-    /// `None`: the backing name is the POSIX name.
-    backing: Option<Box<[u8]>>,
+pub(crate) struct Entries {
+    inos: BTreeMap<Box<[u8]>, Ino>,
+    /// The backing names that differ from their POSIX name (the key).
+    backing: HashMap<Box<[u8]>, Box<[u8]>>,
 }
 
 impl Entries {
-    fn view<'a>(name: &'a [u8], slot: &'a Slot) -> DentryRef<'a> {
-        DentryRef {
-            ino: slot.ino,
-            backing: slot.backing.as_deref().unwrap_or(name),
-        }
-    }
-
     /// The entry `name`, borrowed.
     pub fn get_ref(&self, name: &[u8]) -> Option<DentryRef<'_>> {
-        self.0
-            .get_key_value(name)
-            .map(|(n, slot)| Entries::view(n, slot))
+        self.inos.get_key_value(name).map(|(n, &ino)| DentryRef {
+            ino,
+            backing: self.backing.get(name).map_or(&**n, |b| &**b),
+        })
     }
 
     /// The entry `name`, as an owned copy.
@@ -343,41 +334,41 @@ impl Entries {
 
     /// The inode of the entry `name`.
     pub fn ino(&self, name: &[u8]) -> Option<Ino> {
-        self.0.get(name).map(|slot| slot.ino)
+        self.inos.get(name).copied()
     }
 
     pub fn contains_key(&self, name: &[u8]) -> bool {
-        self.0.contains_key(name)
+        self.inos.contains_key(name)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.inos.is_empty()
     }
 
     pub fn insert(&mut self, name: &[u8], dentry: Dentry) {
-        let backing = (dentry.backing != name).then(|| dentry.backing.into_boxed_slice());
-        self.0.insert(
-            name.into(),
-            Slot {
-                ino: dentry.ino,
-                backing,
-            },
-        );
+        if dentry.backing == name {
+            self.backing.remove(name);
+        } else {
+            self.backing
+                .insert(name.into(), dentry.backing.into_boxed_slice());
+        }
+        self.inos.insert(name.into(), dentry.ino);
     }
 
     pub fn remove(&mut self, name: &[u8]) -> Option<Dentry> {
-        self.0.remove_entry(name).map(|(n, slot)| Dentry {
-            ino: slot.ino,
-            backing: slot.backing.unwrap_or(n).into_vec(),
+        let (n, ino) = self.inos.remove_entry(name)?;
+        Some(Dentry {
+            ino,
+            backing: self.backing.remove(name).unwrap_or(n).into_vec(),
         })
     }
 
     /// Points the entry `name` at another inode (its backing entry stays); false when there
     /// is no such entry.
     pub fn set_ino(&mut self, name: &[u8], ino: Ino) -> bool {
-        match self.0.get_mut(name) {
+        match self.inos.get_mut(name) {
             Some(slot) => {
-                slot.ino = ino;
+                *slot = ino;
                 true
             }
             None => false,
@@ -386,9 +377,54 @@ impl Entries {
 
     /// Every entry, in byte order of the POSIX names.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], DentryRef<'_>)> + '_ {
-        self.0
+        self.inos.iter().map(|(n, &ino)| {
+            (
+                &**n,
+                DentryRef {
+                    ino,
+                    backing: self.backing.get(n).map_or(&**n, |b| &**b),
+                },
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod entries_tests {
+    use super::{Dentry, Entries};
+
+    #[test]
+    fn a_backing_name_is_kept_only_when_it_differs_and_always_comes_back() {
+        let mut e = Entries::default();
+        let d = |ino, b: &[u8]| Dentry {
+            ino,
+            backing: b.to_vec(),
+        };
+        e.insert(b"same", d(2, b"same"));
+        e.insert(b"a:b", d(3, b"a\xef\x80\xbab"));
+        assert!(e.backing.len() == 1, "only the differing name is kept");
+        assert_eq!(e.get_ref(b"a:b").unwrap().backing, b"a\xef\x80\xbab");
+        assert_eq!(e.get_ref(b"same").unwrap().backing, b"same");
+        // Renamed over by an entry whose backing name is its own name: the old one goes.
+        e.insert(b"a:b", d(4, b"a:b"));
+        assert!(e.backing.is_empty());
+        e.insert(b"x", d(5, b"X~1"));
+        let listed: Vec<(Vec<u8>, u64, Vec<u8>)> = e
             .iter()
-            .map(|(n, slot)| (&**n, Entries::view(n, slot)))
+            .map(|(n, r)| (n.to_vec(), r.ino, r.backing.to_vec()))
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                (b"a:b".to_vec(), 4, b"a:b".to_vec()),
+                (b"same".to_vec(), 2, b"same".to_vec()),
+                (b"x".to_vec(), 5, b"X~1".to_vec()),
+            ]
+        );
+        let removed = e.remove(b"x").unwrap();
+        assert_eq!((removed.ino, removed.backing), (5, b"X~1".to_vec()));
+        assert!(e.backing.is_empty() && e.ino(b"x").is_none());
+        assert!(e.set_ino(b"same", 9) && e.ino(b"same") == Some(9));
     }
 }
 
