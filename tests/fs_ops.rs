@@ -462,7 +462,7 @@ fn edits_made_elsewhere_are_reconciled() {
     assert_eq!(changed.size, 15);
     let on_disk = std::fs::metadata(backing.join("Documents/changed.txt")).unwrap();
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(changed.mtime.sec, on_disk.mtime());
+    assert_eq!({ changed.mtime.sec }, on_disk.mtime());
     let documents = lookup(&fs, &[b"Documents"]);
     let mut names = list(&fs, documents.ino);
     names.sort();

@@ -26,10 +26,12 @@ pub mod parts;
 mod race_tests;
 mod reconcile;
 mod repair;
+mod short_name;
 pub mod xattr;
 
 pub(crate) use inode_meta::InodeMeta;
 pub use repair::{LinkInode, RECOVERED_DIR};
+pub(crate) use short_name::Name;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -313,7 +315,7 @@ pub(crate) struct DentryRef<'a> {
 /// name (design property 3: most names of a home).
 #[derive(Debug, Default)]
 pub(crate) struct Entries {
-    inos: BTreeMap<Box<[u8]>, Ino>,
+    inos: BTreeMap<Name, Ino>,
     /// The backing names that differ from their POSIX name (the key).
     backing: HashMap<Box<[u8]>, Box<[u8]>>,
 }
@@ -359,7 +361,10 @@ impl Entries {
         let (n, ino) = self.inos.remove_entry(name)?;
         Some(Dentry {
             ino,
-            backing: self.backing.remove(name).unwrap_or(n).into_vec(),
+            backing: self
+                .backing
+                .remove(name)
+                .map_or_else(|| n.to_vec(), <[u8]>::into_vec),
         })
     }
 
@@ -382,7 +387,7 @@ impl Entries {
                 &**n,
                 DentryRef {
                     ino,
-                    backing: self.backing.get(n).map_or(&**n, |b| &**b),
+                    backing: self.backing.get(&**n).map_or(&**n, |b| &**b),
                 },
             )
         })
@@ -487,8 +492,8 @@ pub(crate) struct Inode {
     /// For directories and files with one name: the directory holding the name, and the name.
     /// `parent == 0` once unlinked. Unused for hard-linked files (see `dentries`).
     pub parent: Ino,
-    /// A boxed slice, not a `Vec`: no spare capacity in every inode.
-    pub name: Box<[u8]>,
+    /// Inline when short (`Name`): no heap allocation for most names.
+    pub name: Name,
     /// A hard link's id and names, a symlink's target: boxed, since few inodes have them
     /// (`None` when none is set).
     pub extra: Option<Box<InodeExtra>>,
@@ -870,7 +875,7 @@ impl Fs {
             size: 4096,
             blocks: 8,
             parent: 0,
-            name: Box::default(),
+            name: Name::default(),
             extra: None,
             dir: Some(DirState::Unloaded(Box::new(tree))),
             nlink_hint: root_stat.nlink as u32,

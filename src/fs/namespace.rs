@@ -668,7 +668,7 @@ impl Fs {
         let inode = st.inode_mut(ino)?;
         let extra = inode.extra_mut();
         extra.link_id = Some(id);
-        extra.dentries = vec![(old_parent, old_name.into_vec())];
+        extra.dentries = vec![(old_parent, old_name.to_vec())];
         inode.meta.set_nlink(1); // link() adds the new name
         inode.parent = 0;
         if placed.is_err() {
