@@ -1525,6 +1525,104 @@ mod tests {
     }
 
     #[test]
+    fn the_table_has_a_row_per_home_and_pools_every_sample_in_the_overall_row() {
+        let options = Options {
+            mounts: 2,
+            seconds: 1,
+            interval_ms: 50,
+            first_uid: 700_000_000,
+            seed: 14,
+            kill_daemon: None,
+        };
+        // Home 0's stats take 1..=50 ms, home 1's 51..=100 ms: alone each has its own p50,
+        // pooled the p50 is 50 ms and the p99 99 ms.
+        let ms = |r: std::ops::RangeInclusive<u64>| r.map(|v| v * 1_000_000).collect::<Vec<_>>();
+        let results = vec![
+            Results {
+                stat_ns: ms(1..=50),
+                write_ns: ms(10..=10),
+                ops: 51,
+                manifest: vec![],
+            },
+            Results {
+                stat_ns: ms(51..=100),
+                write_ns: ms(30..=30),
+                ops: 51,
+                manifest: vec![],
+            },
+        ];
+        let mut memory = Memory::default();
+        memory.peak.insert(0, 4096);
+        memory.peak.insert(1, 5120);
+        memory.peak_total = 9216;
+        let report = Report {
+            options: &options,
+            results: &results,
+            memory: &memory,
+            cpu: vec![0.5, 0.25],
+            wall: Duration::from_secs(1),
+            machine_busy: 50.0,
+            load_before: "before".into(),
+            load_after: "after".into(),
+            checked: 0,
+        };
+        let table = report.format();
+        let row = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter(|w| *w != "|")
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        // name uid ops stat-n p50 p99 write-n p50 p99 rss cpu
+        assert_eq!(
+            row("u00 "),
+            [
+                "u00",
+                "700000000",
+                "51",
+                "50",
+                "25.00",
+                "50.00",
+                "1",
+                "10.00",
+                "10.00",
+                "4.0",
+                "0.50"
+            ],
+            "home 0's row in:\n{table}"
+        );
+        assert_eq!(
+            row("u01 "),
+            [
+                "u01",
+                "700000001",
+                "51",
+                "50",
+                "75.00",
+                "100.00",
+                "1",
+                "30.00",
+                "30.00",
+                "5.0",
+                "0.25"
+            ],
+            "home 1's row in:\n{table}"
+        );
+        assert_eq!(
+            row("all "),
+            [
+                "all", "2", "users", "102", "100", "50.00", "99.00", "2", "10.00", "30.00", "9.0",
+                "0.75"
+            ],
+            "the overall row in:\n{table}"
+        );
+    }
+
+    #[test]
     fn home_seeds_differ_and_are_never_zero() {
         let seeds: BTreeSet<u64> = (0..30).map(|i| home_seed(0, i)).collect();
         assert_eq!(seeds.len(), 30, "expected 30 distinct seeds, got {seeds:?}");
