@@ -215,8 +215,8 @@ enum Cmd {
     },
     /// Check that every .nix file parses (nix-instantiate --parse).
     NixCheck,
-    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, the QEMU suite, fuzz, a
-    /// short bench, wear, the Nix parse check and the Debian package checks.
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, many-mounts, the QEMU
+    /// suite, fuzz, a short bench, wear, the Nix parse check and the Debian package checks.
     Ci,
 }
 
