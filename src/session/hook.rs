@@ -488,8 +488,6 @@ fn teardown(
     Ok(())
 }
 
-/// The file the pershomefs daemon writes its exit status to (`status=`), in the hook's
-/// root-only runtime directory.
 /// The `-o` words the hook mounts a user's home with (`mounts::mount_pershomefs`): a root
 /// daemon serving `uid`/`gid`, committing every `commit_secs`, leaving its exit status in
 /// `status`, shown in `mount` and `df` as `pershome:<stick_name>`. Public so that
@@ -524,6 +522,8 @@ pub fn home_mount_options(
     ]
 }
 
+/// The file the pershomefs daemon writes its exit status to (`status=`), in the hook's
+/// root-only runtime directory.
 fn status_file(run: &UserRunDir) -> PathBuf {
     run.path().join("daemon-status")
 }
