@@ -215,8 +215,8 @@ impl Fs {
         let mut st = self.lock();
         for (ino, path) in unloaded {
             if let Some(inode) = st.inodes.get_mut(&ino) {
-                if let Some(DirState::Unloaded(tree)) = &mut inode.dir {
-                    **tree = crate::meta::PendingTree::on_base(Some(Box::new(
+                if let Some(DirState::Unloaded { tree, .. }) = inode.dir.as_deref_mut() {
+                    *tree = crate::meta::PendingTree::on_base(Some(Box::new(
                         crate::meta::pending::BaseRef {
                             checkpoint: base.clone(),
                             path,
@@ -470,8 +470,8 @@ impl Fs {
         let Some(inode) = st.inodes.get(&dir) else {
             return Ok(());
         };
-        match &inode.dir {
-            Some(DirState::Unloaded(tree)) => {
+        match inode.dir.as_deref() {
+            Some(DirState::Unloaded { tree, .. }) => {
                 tree.snapshot_children_into(path, out).map_err(|e| {
                     tracing::error!("reading the metadata store for a checkpoint: {e}");
                     Errno::EIO

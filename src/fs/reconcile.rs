@@ -202,8 +202,8 @@ pub(crate) struct DirScan {
 /// Whether `ino` is a directory not loaded yet.
 fn unloaded_dir(st: &State, ino: Ino) -> bool {
     matches!(
-        st.inodes.get(&ino).and_then(|i| i.dir.as_ref()),
-        Some(DirState::Unloaded(_))
+        st.inodes.get(&ino).and_then(|i| i.dir.as_deref()),
+        Some(DirState::Unloaded { .. })
     )
 }
 
@@ -262,8 +262,8 @@ impl Fs {
     pub(crate) fn preload(&self, ino: Ino) {
         let (dir_path, recorded) = {
             let mut st = self.lock();
-            let Some(DirState::Unloaded(tree)) =
-                st.inodes.get_mut(&ino).and_then(|i| i.dir.as_mut())
+            let Some(DirState::Unloaded { tree, .. }) =
+                st.inodes.get_mut(&ino).and_then(|i| i.dir.as_deref_mut())
             else {
                 return;
             };
@@ -287,8 +287,8 @@ impl Fs {
         // directory that is not loaded (every operation on a name in it loads it first), and
         // the scan was made through the directory's own descriptor, which follows a rename.
         let unloaded = matches!(
-            st.inodes.get(&ino).and_then(|i| i.dir.as_ref()),
-            Some(DirState::Unloaded(_))
+            st.inodes.get(&ino).and_then(|i| i.dir.as_deref()),
+            Some(DirState::Unloaded { .. })
         );
         if unloaded {
             if let Err(e) = self.install_dir(&mut st, ino, scan) {
@@ -301,9 +301,9 @@ impl Fs {
     /// listing is done here, under the caller's state lock, only when `preload` did not do it
     /// first (a directory reached inside an operation, such as the target of a rename).
     pub(crate) fn ensure_loaded(&self, st: &mut State, ino: Ino) -> Result<()> {
-        let recorded = match &mut st.inode_mut(ino)?.dir {
+        let recorded = match st.inode_mut(ino)?.dir.as_deref_mut() {
             Some(DirState::Loaded(_)) => return Ok(()),
-            Some(DirState::Unloaded(tree)) => {
+            Some(DirState::Unloaded { tree, .. }) => {
                 tree.materialize_level().map_err(|e| {
                     tracing::error!("reading the metadata store for directory {ino}: {e}");
                     Errno::EIO
@@ -459,15 +459,18 @@ impl Fs {
             candidates,
         } = scan;
         let dir_path = st.backing_path(ino)?;
-        let mut pending = match st.inode_mut(ino)?.dir.take() {
-            Some(DirState::Unloaded(t)) => *t,
-            _ => PendingTree::default(),
+        let (mut pending, nlink_hint) = match st.inode_mut(ino)?.dir.take().map(|d| *d) {
+            Some(DirState::Unloaded { tree, nlink_hint }) => (tree, nlink_hint),
+            _ => (PendingTree::default(), 2),
         };
         // `preload` or `ensure_loaded` made the records explicit; should that have failed
         // after all, the directory stays unloaded rather than lose them.
         if let Err(e) = pending.materialize_level() {
             tracing::error!("reading the metadata store for directory {ino}: {e}");
-            st.inode_mut(ino)?.dir = Some(DirState::Unloaded(Box::new(pending)));
+            st.inode_mut(ino)?.dir = Some(Box::new(DirState::Unloaded {
+                tree: pending,
+                nlink_hint,
+            }));
             return Err(Errno::EIO);
         }
         let mut records = std::mem::take(&mut pending.children);
@@ -593,7 +596,7 @@ impl Fs {
                 push_found(st, Record::Remove { path });
             }
         }
-        st.inode_mut(ino)?.dir = Some(DirState::Loaded(Box::new(children)));
+        st.inode_mut(ino)?.dir = Some(Box::new(DirState::Loaded(children)));
         Ok(())
     }
 
@@ -749,7 +752,12 @@ impl Fs {
         let ino = st.alloc_ino();
         // The records below a directory stay where they are (in memory, or on the stick in
         // the base checkpoint) until it is loaded.
-        let dir = (kind == Kind::Dir).then(|| DirState::Unloaded(Box::new(subtree)));
+        let dir = (kind == Kind::Dir).then(|| {
+            Box::new(DirState::Unloaded {
+                tree: subtree,
+                nlink_hint: stat.nlink as u32,
+            })
+        });
         let inode = Inode {
             kind,
             meta: meta.into(),
@@ -767,7 +775,6 @@ impl Fs {
                 symlink,
             ),
             dir,
-            nlink_hint: stat.nlink as u32,
             persisted,
             lookups: 0,
             opens: 0,
