@@ -93,15 +93,48 @@ pub struct Backing {
     /// whose data the store's records depend on (`keep_in_order`: the parts of a parted file,
     /// whose lengths are its layout); and files and directories renamed, whose new entry
     /// on vfat is only complete once their own inode is written (`rename_at`).
-    unsynced: Mutex<HashMap<(u64, u64), OwnedFd>>,
+    unsynced: Mutex<Unsynced>,
     /// The backing answered `EINVAL` to `RENAME_NOREPLACE` (a libfuse 2 backing such as
     /// exfat-fuse): `rename_noreplace` claims the name by creating it instead.
     no_rename_flags: std::sync::atomic::AtomicBool,
 }
 
-/// How many directories and files may wait for the next commit's sync: past it they are
-/// synced at once, so a big unpacking does not hold thousands of fds.
+/// How many directories and files may wait for the next commit's sync: past it the one that
+/// has waited longest is synced at once, so a big unpacking does not hold thousands of fds.
 const MAX_UNSYNCED: usize = 256;
+
+/// What waits for the next commit's sync, by (device, inode), in the order it was noted.
+///
+/// When it is full, the entry noted first is synced and let go to make room (`note`), not the
+/// newcomer: `tar x`, `rm -rf` and `cp -r` change one directory after another, several times
+/// each, so a newcomer synced at once (as before) was synced again at every later change in
+/// it: with 500 directories changed between two commits, one `fsync` per create or unlink
+/// past the 256th directory (984 for `tar x` of 2,000 files in 500 directories, where 501
+/// suffice), each a journal commit on ext4 and a rewritten directory sector on a stick.
+#[derive(Debug, Default)]
+struct Unsynced {
+    fds: HashMap<(u64, u64), OwnedFd>,
+    /// The keys of `fds`, oldest first.
+    order: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Unsynced {
+    fn insert(&mut self, key: (u64, u64), fd: OwnedFd) {
+        if self.fds.insert(key, fd).is_none() {
+            self.order.push_back(key);
+        }
+    }
+
+    fn take_oldest(&mut self) -> Option<((u64, u64), OwnedFd)> {
+        let key = self.order.pop_front()?;
+        self.fds.remove(&key).map(|fd| (key, fd))
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = ((u64, u64), OwnedFd)> + '_ {
+        self.order.clear();
+        self.fds.drain()
+    }
+}
 
 fn cstr(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -145,7 +178,7 @@ impl Backing {
             root,
             stats: DataStats::default(),
             faults: OnceLock::new(),
-            unsynced: Mutex::new(HashMap::new()),
+            unsynced: Mutex::new(Unsynced::default()),
             no_rename_flags: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -360,19 +393,31 @@ impl Backing {
         let st = unsafe { st.assume_init() };
         let key = (st.st_dev, st.st_ino);
         let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
-        if unsynced.contains_key(&key) {
+        if unsynced.fds.contains_key(&key) {
             return Ok(());
         }
-        match fd.try_clone_to_owned() {
-            Ok(dup) if unsynced.len() < MAX_UNSYNCED => {
-                unsynced.insert(key, dup);
-                Ok(())
-            }
-            _ => {
-                drop(unsynced);
-                sys::sync(self.faults(), fd, false)
+        let Ok(dup) = fd.try_clone_to_owned() else {
+            drop(unsynced);
+            return sys::sync(self.faults(), fd, false);
+        };
+        if unsynced.fds.len() >= MAX_UNSYNCED {
+            // Synced under the lock: a commit that is about to record what depends on the
+            // oldest entry waits here (in `sync_before_commit`) until it is durable, rather
+            // than finding it gone from the list and writing its batch too early.
+            if let Some((old_key, old_fd)) = unsynced.take_oldest() {
+                if let Err(e) = self.sync_noted(old_fd.as_fd()) {
+                    // Still due: the next commit tries it again. The newcomer is synced now,
+                    // as when nothing can be let go, and that result is the caller's.
+                    unsynced.fds.insert(old_key, old_fd);
+                    unsynced.order.push_front(old_key);
+                    drop(unsynced);
+                    tracing::warn!("syncing a stick directory early failed: {e}");
+                    return sys::sync(self.faults(), fd, false);
+                }
             }
         }
+        unsynced.insert(key, dup);
+        Ok(())
     }
 
     /// Syncs every directory and file noted since the last commit (`changed`,
@@ -395,17 +440,9 @@ impl Backing {
         let mut left = Vec::new();
         for (key, fd, _) in waiting {
             if result.is_ok() {
-                match sys::sync(self.faults(), fd.as_fd(), false) {
-                    Ok(()) => {}
-                    // exfat-fuse (and other FUSE backings) answer ENOENT, or ESTALE, for a
-                    // descriptor whose file or directory has since been removed, where a
-                    // kernel filesystem syncs it. Nothing of a removed entry is left to keep:
-                    // its removal is an entry change of its parent, which is synced here too.
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => {}
-                    Err(e) => {
-                        result = Err(e);
-                        left.push((key, fd));
-                    }
+                if let Err(e) = self.sync_noted(fd.as_fd()) {
+                    result = Err(e);
+                    left.push((key, fd));
                 }
             } else {
                 left.push((key, fd));
@@ -414,10 +451,23 @@ impl Backing {
         if !left.is_empty() {
             let mut unsynced = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
             for (key, fd) in left {
-                unsynced.entry(key).or_insert(fd);
+                if !unsynced.fds.contains_key(&key) {
+                    unsynced.insert(key, fd);
+                }
             }
         }
         result
+    }
+
+    /// Syncs a noted directory or file. exfat-fuse (and other FUSE backings) answer ENOENT,
+    /// or ESTALE, for a descriptor whose file or directory has since been removed, where a
+    /// kernel filesystem syncs it. Nothing of a removed entry is left to keep: its removal
+    /// is an entry change of its parent, which is noted and synced too.
+    fn sync_noted(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        match sys::sync(self.faults(), fd, false) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESTALE)) => Ok(()),
+            other => other,
+        }
     }
 
     /// `renameat2`; `flags` may hold `RENAME_NOREPLACE` or `RENAME_EXCHANGE`.
@@ -702,4 +752,51 @@ impl Backing {
 /// A backing name as an `OsStr`, for messages.
 pub fn display(name: &[u8]) -> &OsStr {
     OsStr::from_bytes(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rm -rf` of a tree of 300 directories of 4 files between two commits: each directory
+    /// is synced once, whether it waited for the commit or was let go early to keep the fds
+    /// held under `MAX_UNSYNCED` (before, every unlink in a directory past the 256th was an
+    /// fsync of its own: 1,376 operations here instead of 1,244).
+    #[test]
+    fn each_changed_directory_is_synced_once_however_many_wait() {
+        const DIRS: usize = 300;
+        const FILES: usize = 4;
+        let tmp = tempfile::tempdir().unwrap();
+        for d in 0..DIRS {
+            let dir = tmp.path().join(format!("d{d:03}"));
+            std::fs::create_dir(&dir).unwrap();
+            for f in 0..FILES {
+                std::fs::write(dir.join(format!("f{f}")), b"x").unwrap();
+            }
+        }
+        let backing = Backing::open(tmp.path()).unwrap();
+        let faults = Arc::new(Faults::counting());
+        backing.set_faults(faults.clone());
+        for d in 0..DIRS {
+            let dir = backing.open_dir(format!("d{d:03}").as_bytes()).unwrap();
+            for f in 0..FILES {
+                backing
+                    .unlink_at(dir.as_fd(), format!("f{f}").as_bytes(), false)
+                    .unwrap();
+            }
+        }
+        let unlinks = (DIRS * FILES) as u64;
+        let early = (DIRS - MAX_UNSYNCED) as u64;
+        assert_eq!(
+            faults.operations(),
+            unlinks + early,
+            "{unlinks} unlinks and one early sync per directory past the {MAX_UNSYNCED} that wait"
+        );
+        backing.sync_before_commit().unwrap();
+        assert_eq!(
+            faults.operations(),
+            unlinks + DIRS as u64,
+            "the commit syncs the {MAX_UNSYNCED} directories that waited: one sync per directory"
+        );
+    }
 }
