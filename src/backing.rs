@@ -94,14 +94,38 @@ pub struct Backing {
     /// whose lengths are its layout); and files and directories renamed, whose new entry
     /// on vfat is only complete once their own inode is written (`rename_at`).
     unsynced: Mutex<Unsynced>,
+    /// How many may wait in `unsynced` (`unsynced_cap`).
+    unsynced_cap: std::sync::atomic::AtomicUsize,
     /// The backing answered `EINVAL` to `RENAME_NOREPLACE` (a libfuse 2 backing such as
     /// exfat-fuse): `rename_noreplace` claims the name by creating it instead.
     no_rename_flags: std::sync::atomic::AtomicBool,
 }
 
-/// How many directories and files may wait for the next commit's sync: past it the one that
-/// has waited longest is synced at once, so a big unpacking does not hold thousands of fds.
+/// How many directories and files may wait for the next commit's sync, at least: past the
+/// cap the one that has waited longest is synced at once, so a big unpacking does not hold
+/// thousands of fds. An early sync runs on the request path (under the state lock), where
+/// the commit's run in the commit thread beside the requests, so the cap grows with the fds
+/// the process may open (`unsynced_cap`).
 const MAX_UNSYNCED: usize = 256;
+/// The most that may wait, whatever the fd limit (a few hundred KiB of kernel memory).
+const MAX_UNSYNCED_CEILING: usize = 4096;
+
+/// The cap on waiting fds: a quarter of the soft `RLIMIT_NOFILE` (the rest is for the
+/// directory cache, open files and the store), between `MAX_UNSYNCED` and
+/// `MAX_UNSYNCED_CEILING`. With the usual soft limit of 1,024 that is 256.
+fn unsynced_cap() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid rlimit the call writes; the result is checked.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+    } else {
+        0
+    };
+    (soft / 4).clamp(MAX_UNSYNCED, MAX_UNSYNCED_CEILING)
+}
 
 /// What waits for the next commit's sync, by (device, inode), in the order it was noted.
 ///
@@ -185,6 +209,7 @@ impl Backing {
             stats: DataStats::default(),
             faults: OnceLock::new(),
             unsynced: Mutex::new(Unsynced::default()),
+            unsynced_cap: std::sync::atomic::AtomicUsize::new(unsynced_cap()),
             no_rename_flags: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -440,7 +465,7 @@ impl Backing {
             drop(unsynced);
             return sys::sync(self.faults(), fd, false);
         };
-        if unsynced.fds.len() >= MAX_UNSYNCED {
+        if unsynced.fds.len() >= self.unsynced_cap.load(Ordering::Relaxed) {
             // Synced under the lock: a commit that is about to record what depends on the
             // oldest entry waits here (in `sync_before_commit`) until it is durable, rather
             // than finding it gone from the list and writing its batch too early.
@@ -497,6 +522,12 @@ impl Backing {
             }
         }
         result
+    }
+
+    /// Test hook: how many directories and files may wait for the next commit's sync.
+    #[cfg(test)]
+    fn set_unsynced_cap(&self, cap: usize) {
+        self.unsynced_cap.store(cap, Ordering::Relaxed);
     }
 
     /// Syncs a noted directory or file. exfat-fuse (and other FUSE backings) answer ENOENT,
@@ -815,6 +846,7 @@ mod tests {
             }
         }
         let backing = Backing::open(tmp.path()).unwrap();
+        backing.set_unsynced_cap(MAX_UNSYNCED);
         let faults = Arc::new(Faults::counting());
         backing.set_faults(faults.clone());
         for d in 0..DIRS {
@@ -857,6 +889,7 @@ mod tests {
             }
         }
         let backing = Backing::open(tmp.path()).unwrap();
+        backing.set_unsynced_cap(MAX_UNSYNCED);
         let faults = Arc::new(Faults::counting());
         backing.set_faults(faults.clone());
         let top = backing.open_dir(b"").unwrap();
