@@ -268,27 +268,13 @@ pub fn open(
         .as_ref()
         .map(|d| d.display().to_string())
         .unwrap_or_else(|| found.backing.display().to_string());
-    let options = vec![
-        format!("uid={}", account.uid),
-        format!("gid={}", account.gid),
-        // The daemon runs as root, so the kernel must let the user in (allow_other);
-        // default_permissions (always on) then applies the modes. private_home makes the
-        // daemon show every stored owner as the user and the top directory as theirs, 0700,
-        // from the mount on (no chmod afterwards), so other users get EACCES as with a
-        // normal home whatever the stick says.
-        "allow_other".to_owned(),
-        "private_home".to_owned(),
-        format!("commit={}", cfg.commit_secs()),
-        // Where the daemon leaves its exit status: whether its last commit landed.
-        format!(
-            "status={}",
-            crate::mount_opts::escape_option_value(&status_file(&run).to_string_lossy())
-        ),
-        format!(
-            "fsname=pershome:{}",
-            crate::mount_opts::escape_option_value(&stick_name)
-        ),
-    ];
+    let options = home_mount_options(
+        account.uid,
+        account.gid,
+        cfg.commit_secs(),
+        &status_file(&run),
+        &stick_name,
+    );
     // A status left by an earlier daemon must not speak for this one.
     let _ = std::fs::remove_file(status_file(&run));
     if let Err(e) = mounts::mount_pershomefs(&found.backing, &account.home, &options) {
@@ -500,6 +486,40 @@ fn teardown(
         "pershome: your files are saved; you can remove your stick now.\n",
     );
     Ok(())
+}
+
+/// The `-o` words the hook mounts a user's home with (`mounts::mount_pershomefs`): a root
+/// daemon serving `uid`/`gid`, committing every `commit_secs`, leaving its exit status in
+/// `status`, shown in `mount` and `df` as `pershome:<stick_name>`. Public so that
+/// `cargo xtask many-mounts` mounts its homes exactly as a login does.
+pub fn home_mount_options(
+    uid: u32,
+    gid: u32,
+    commit_secs: u32,
+    status: &Path,
+    stick_name: &str,
+) -> Vec<String> {
+    vec![
+        format!("uid={uid}"),
+        format!("gid={gid}"),
+        // The daemon runs as root, so the kernel must let the user in (allow_other);
+        // default_permissions (always on) then applies the modes. private_home makes the
+        // daemon show every stored owner as the user and the top directory as theirs, 0700,
+        // from the mount on (no chmod afterwards), so other users get EACCES as with a
+        // normal home whatever the stick says.
+        "allow_other".to_owned(),
+        "private_home".to_owned(),
+        format!("commit={commit_secs}"),
+        // Where the daemon leaves its exit status: whether its last commit landed.
+        format!(
+            "status={}",
+            crate::mount_opts::escape_option_value(&status.to_string_lossy())
+        ),
+        format!(
+            "fsname=pershome:{}",
+            crate::mount_opts::escape_option_value(stick_name)
+        ),
+    ]
 }
 
 /// The file the pershomefs daemon writes its exit status to (`status=`), in the hook's

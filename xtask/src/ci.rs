@@ -4,16 +4,18 @@
 //! checks) run right after the tests, before the long conformance runs; the QEMU suite
 //! (`cargo vm-test`) after the host's own conformance runs.
 //!
-//! This module owns the order and the parameters of the CI steps. The short benchmark and the
-//! flash-wear table at the end are informational: their tables are printed, and neither their
-//! numbers nor their failure to complete can fail the run, with one exception: the wear run's
-//! check that reading the tree writes nothing to the stick (a design property) fails CI.
+//! This module owns the order and the parameters of the CI steps. The short many-mounts run
+//! fails CI on an error (an operation, a daemon, fsck, the comparison after a remount), never
+//! on its figures. The short benchmark and the flash-wear table at the end are informational:
+//! their tables are printed, and neither their numbers nor their failure to complete can fail
+//! the run, with one exception: the wear run's check that reading the tree writes nothing to
+//! the stick (a design property) fails CI.
 
 use anyhow::{Context, Result};
 use xshell::{cmd, Shell};
 
 use crate::target::{BackingKind, Fs};
-use crate::{bench, deps, fsx, fuzz, pjdfstest, util, wear};
+use crate::{bench, deps, fsx, fuzz, many_mounts, pjdfstest, util, wear};
 
 pub fn run(sh: &Shell) -> Result<()> {
     let started = std::time::Instant::now();
@@ -91,6 +93,18 @@ pub fn run(sh: &Shell) -> Result<()> {
         part_size: Some(4096),
     })
     .context("CI step `fsx --part-size 4096` failed")?;
+
+    // Many users on one machine (issue 14), short: errors fail CI, the figures never do.
+    step("many-mounts --mounts 30 --seconds 15 (fails on errors only)");
+    many_mounts::run(&many_mounts::Options {
+        mounts: 30,
+        seconds: 15,
+        interval_ms: 50,
+        first_uid: 700_000_000,
+        seed: 14,
+        kill_daemon: None,
+    })
+    .context("CI step `many-mounts` failed")?;
 
     // The QEMU end-to-end suite (vm-tests/, docs/vm-tests.md): real vfat and exFAT, a stick
     // that is pulled, both kernels. Budgeted at 35 minutes of CI's 90.

@@ -119,7 +119,8 @@ fn proc_start_time(pid: i32) -> Option<u64> {
 }
 
 impl Proc {
-    fn alive(&self) -> bool {
+    /// Whether the process still runs (not a zombie, and not a new process that reused the pid).
+    pub fn alive(&self) -> bool {
         // A zombie has finished serving; only its parent can reap it.
         let state = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
             .ok()
@@ -362,6 +363,12 @@ impl Mount {
             mounted: true,
             fuse: what.starts_with("fuse"),
         }
+    }
+
+    /// The daemon processes serving the mount (none for a kernel filesystem), as found when
+    /// it appeared: `many-mounts` watches them and reads their memory and CPU time.
+    pub fn daemons(&self) -> &[Proc] {
+        &self.daemons
     }
 
     /// Give up the guard and keep the mount: only `cargo xtask demo` does this, on purpose.

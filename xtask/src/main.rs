@@ -14,6 +14,7 @@ mod fsx;
 mod fuzz;
 mod guards;
 mod install;
+mod many_mounts;
 mod nix;
 mod pjdfstest;
 mod target;
@@ -101,6 +102,47 @@ enum Cmd {
         #[arg(long)]
         no_counters: bool,
     },
+    /// Many users on one machine: N pershomefs homes mounted at once as the login hook mounts
+    /// them, each used by its own unprivileged uid with a light desktop-like load (as root).
+    #[command(long_about = MANY_MOUNTS_HELP)]
+    ManyMounts {
+        /// How many homes (one user each) are mounted at once.
+        #[arg(long, default_value_t = 30)]
+        mounts: u32,
+        /// Seconds of load, counted from when every worker has made its tree.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Mean pause between two rounds of a worker, in milliseconds (each round is one stat
+        /// and one other operation; the pause varies from half to one and a half times this).
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        /// The first user's uid: home i is used by uid FIRST_UID + i (gid the same). The
+        /// default lies above the subordinate-id ranges Debian's adduser hands out; a uid that
+        /// belongs to an account is refused.
+        #[arg(long, default_value_t = 700_000_000)]
+        first_uid: u32,
+        /// Seed of the workers' choices (each home derives its own).
+        #[arg(long, default_value_t = 14)]
+        seed: u64,
+        /// Checks the harness itself: SIGKILL home N's daemon halfway through. The run must
+        /// then fail, naming that home.
+        #[arg(long, value_name = "N")]
+        kill_daemon: Option<u32>,
+    },
+    /// One user's load for `many-mounts` (started by it as that user; not for direct use).
+    #[command(hide = true)]
+    ManyMountsWorker {
+        #[arg(long)]
+        home: PathBuf,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        interval_ms: u64,
+        #[arg(long)]
+        neighbour: Option<PathBuf>,
+    },
     /// Flash wear: bytes pershome writes to the stick (data vs metadata) for four workloads,
     /// in-process, next to the raw directory; fails only if reading the tree writes anything.
     Wear {
@@ -173,10 +215,35 @@ enum Cmd {
     },
     /// Check that every .nix file parses (nix-instantiate --parse).
     NixCheck,
-    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, the QEMU suite, fuzz, a
-    /// short bench, wear, the Nix parse check and the Debian package checks.
+    /// Everything CI runs: deps, fmt, clippy, tests, pjdfstest, fsx, many-mounts, the QEMU
+    /// suite, fuzz, a short bench, wear, the Nix parse check and the Debian package checks.
     Ci,
 }
+
+const MANY_MOUNTS_HELP: &str = "\
+Many users on one machine (issue 14): MOUNTS pershomefs homes at once, for SECONDS, with no errors.
+
+Each home is mounted as the login hook mounts one: the release pershomefs as root with the \
+hook's options (uid=, gid=, allow_other, private_home, commit=, status=, fsname=), over its own \
+backing directory on one fresh ext4 loop filesystem, for its own unprivileged uid. One worker \
+per home runs as that uid (no supplementary groups): it makes a small tree (5 folders of 20 \
+files, 4 documents, 2 files of 64 KiB), then, every INTERVAL_MS on average, a stat and one of: \
+a 4 KiB write + fsync into a file kept open, readdir, a read, an editor save (temp file, fsync, \
+rename over), a temp file, mkdir/rmdir, an xattr set and get, a lookup of a missing name, a \
+look into the next user's home (which must be refused).
+
+At the end each home is unmounted (its daemon must exit 0), checked with `pershome fsck` and \
+the FAT audit, mounted again and compared with what its worker wrote, and unmounted.
+
+Reported (never judged: the figures depend on the machine): the daemons' total and largest \
+RSS, sampled every second; their CPU time and its share of the machine; the machine's load \
+(uptime); per home and overall, p50/p99 latency of a stat and of a 4 KiB write + fsync. The \
+table is also saved to target/many-mounts.txt.
+
+Fails, naming the home, the operation and the error, on: any operation error or wrong bytes, a \
+daemon that dies, a worker that hangs, a failed unmount, daemon exit status, fsck, audit or \
+comparison. Everything (workers, mounts, daemons, the loop device) is cleaned up on failure \
+and on Ctrl-C.";
 
 fn main() -> ExitCode {
     util::install_signal_handlers();
@@ -234,6 +301,34 @@ fn run() -> Result<()> {
             backing_fs,
             mount_opts,
             no_counters,
+        }),
+        Cmd::ManyMounts {
+            mounts,
+            seconds,
+            interval_ms,
+            first_uid,
+            seed,
+            kill_daemon,
+        } => many_mounts::run(&many_mounts::Options {
+            mounts,
+            seconds,
+            interval_ms,
+            first_uid,
+            seed,
+            kill_daemon,
+        }),
+        Cmd::ManyMountsWorker {
+            home,
+            seed,
+            seconds,
+            interval_ms,
+            neighbour,
+        } => many_mounts::worker(&many_mounts::WorkerArgs {
+            home,
+            seed,
+            seconds,
+            interval_ms,
+            neighbour,
         }),
         Cmd::Wear { files, dirs, quick } => wear::run(&wear::Options::new(files, dirs, quick)),
         Cmd::WearStep {

@@ -56,20 +56,32 @@ impl BackingKind {
 /// Where the release `pershomefs` binary is: `$PERSHOMEFS` if set, else the workspace's
 /// `target/release/pershomefs`, built first.
 pub fn pershomefs_binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("PERSHOMEFS") {
+    release_binary("pershomefs", "PERSHOMEFS")
+}
+
+/// Where the release `pershome` binary (the user's tools: `pershome fsck`) is: `$PERSHOME`
+/// if set, else the workspace's `target/release/pershome`, built first.
+pub fn pershome_binary() -> Result<PathBuf> {
+    release_binary("pershome", "PERSHOME")
+}
+
+/// The release binary `name`: the path in the environment variable `env` if set, else built
+/// with cargo into the workspace's `target/release/`.
+fn release_binary(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            bail!("PERSHOMEFS={} is not a file", path.display());
+            bail!("{env}={} is not a file", path.display());
         }
         return Ok(path);
     }
-    util::banner("building pershomefs (release)");
+    util::banner(&format!("building {name} (release)"));
     let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cargo
         .current_dir(util::project_root())
-        .args(["build", "--release", "--bin", "pershomefs"]);
-    util::run_checked(cargo, "cargo build --release --bin pershomefs")?;
-    let bin = util::target_dir().join("release/pershomefs");
+        .args(["build", "--release", "--bin", name]);
+    util::run_checked(cargo, &format!("cargo build --release --bin {name}"))?;
+    let bin = util::target_dir().join("release").join(name);
     if !bin.is_file() {
         bail!("cargo build succeeded but {} does not exist", bin.display());
     }
