@@ -914,4 +914,72 @@ mod tests {
             "the commit syncs the top directory only"
         );
     }
+
+    /// The durability side of the cap (power-loss model): a file unlinked in each of 300
+    /// folders, with 256 allowed to wait, is gone after the commit's sync and a pulled stick,
+    /// in the folders synced early as in those the commit synced.
+    #[test]
+    fn every_changed_directory_is_durable_after_the_commit_however_many_waited() {
+        const DIRS: usize = 300;
+        let tmp = tempfile::tempdir().unwrap();
+        for d in 0..DIRS {
+            let dir = tmp.path().join(format!("d{d:03}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("gone"), b"x").unwrap();
+            std::fs::write(dir.join("kept"), b"y").unwrap();
+        }
+        let power = Arc::new(crate::backing::power_loss::PowerLoss::new(tmp.path()).unwrap());
+        let backing = Backing::open(tmp.path()).unwrap();
+        backing.set_unsynced_cap(MAX_UNSYNCED);
+        backing.set_faults(Arc::new(Faults::with_power_loss(u64::MAX, power.clone())));
+        for d in 0..DIRS {
+            let dir = backing.open_dir(format!("d{d:03}").as_bytes()).unwrap();
+            backing.unlink_at(dir.as_fd(), b"gone", false).unwrap();
+        }
+        backing.sync_before_commit().unwrap();
+        power.pull().unwrap();
+        let back: Vec<usize> = (0..DIRS)
+            .filter(|d| tmp.path().join(format!("d{d:03}/gone")).exists())
+            .collect();
+        assert!(
+            back.is_empty(),
+            "unlinked files back after the pull in folders {back:?}"
+        );
+        for d in 0..DIRS {
+            assert!(tmp.path().join(format!("d{d:03}/kept")).exists());
+        }
+    }
+
+    /// The durability side of dropping a removed folder's sync (power-loss model): after
+    /// `rm -rf` of 300 folders, the commit's sync and a pulled stick, none of them is back.
+    #[test]
+    fn removed_directories_stay_removed_after_the_commit() {
+        const DIRS: usize = 300;
+        let tmp = tempfile::tempdir().unwrap();
+        for d in 0..DIRS {
+            let dir = tmp.path().join(format!("d{d:03}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("f"), b"x").unwrap();
+        }
+        let power = Arc::new(crate::backing::power_loss::PowerLoss::new(tmp.path()).unwrap());
+        let backing = Backing::open(tmp.path()).unwrap();
+        backing.set_unsynced_cap(MAX_UNSYNCED);
+        backing.set_faults(Arc::new(Faults::with_power_loss(u64::MAX, power.clone())));
+        let top = backing.open_dir(b"").unwrap();
+        for d in 0..DIRS {
+            let name = format!("d{d:03}");
+            let dir = backing.open_dir(name.as_bytes()).unwrap();
+            backing.unlink_at(dir.as_fd(), b"f", false).unwrap();
+            backing
+                .unlink_at(top.as_fd(), name.as_bytes(), true)
+                .unwrap();
+        }
+        backing.sync_before_commit().unwrap();
+        power.pull().unwrap();
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "back after the pull: {left:?}");
+    }
 }
