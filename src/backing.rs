@@ -829,6 +829,22 @@ pub fn display(name: &[u8]) -> &OsStr {
 mod tests {
     use super::*;
 
+    /// A backing directory of `dirs` folders `d000`… holding the files `files` (content "x"),
+    /// with `MAX_UNSYNCED` of them allowed to wait for the commit's sync.
+    fn folders(dirs: usize, files: &[&str]) -> (tempfile::TempDir, Backing) {
+        let tmp = tempfile::tempdir().unwrap();
+        for d in 0..dirs {
+            let dir = tmp.path().join(format!("d{d:03}"));
+            std::fs::create_dir(&dir).unwrap();
+            for f in files {
+                std::fs::write(dir.join(f), b"x").unwrap();
+            }
+        }
+        let backing = Backing::open(tmp.path()).unwrap();
+        backing.set_unsynced_cap(MAX_UNSYNCED);
+        (tmp, backing)
+    }
+
     /// `rm -rf` of a tree of 300 directories of 4 files between two commits: each directory
     /// is synced once, whether it waited for the commit or was let go early to keep the fds
     /// held under `MAX_UNSYNCED` (before, every unlink in a directory past the 256th was an
@@ -837,16 +853,7 @@ mod tests {
     fn each_changed_directory_is_synced_once_however_many_wait() {
         const DIRS: usize = 300;
         const FILES: usize = 4;
-        let tmp = tempfile::tempdir().unwrap();
-        for d in 0..DIRS {
-            let dir = tmp.path().join(format!("d{d:03}"));
-            std::fs::create_dir(&dir).unwrap();
-            for f in 0..FILES {
-                std::fs::write(dir.join(format!("f{f}")), b"x").unwrap();
-            }
-        }
-        let backing = Backing::open(tmp.path()).unwrap();
-        backing.set_unsynced_cap(MAX_UNSYNCED);
+        let (_tmp, backing) = folders(DIRS, &["f0", "f1", "f2", "f3"]);
         let faults = Arc::new(Faults::counting());
         backing.set_faults(faults.clone());
         for d in 0..DIRS {
@@ -880,16 +887,7 @@ mod tests {
     fn a_removed_directory_is_not_synced() {
         const DIRS: usize = 300;
         const FILES: usize = 4;
-        let tmp = tempfile::tempdir().unwrap();
-        for d in 0..DIRS {
-            let dir = tmp.path().join(format!("d{d:03}"));
-            std::fs::create_dir(&dir).unwrap();
-            for f in 0..FILES {
-                std::fs::write(dir.join(format!("f{f}")), b"x").unwrap();
-            }
-        }
-        let backing = Backing::open(tmp.path()).unwrap();
-        backing.set_unsynced_cap(MAX_UNSYNCED);
+        let (_tmp, backing) = folders(DIRS, &["f0", "f1", "f2", "f3"]);
         let faults = Arc::new(Faults::counting());
         backing.set_faults(faults.clone());
         let top = backing.open_dir(b"").unwrap();
@@ -921,16 +919,8 @@ mod tests {
     #[test]
     fn every_changed_directory_is_durable_after_the_commit_however_many_waited() {
         const DIRS: usize = 300;
-        let tmp = tempfile::tempdir().unwrap();
-        for d in 0..DIRS {
-            let dir = tmp.path().join(format!("d{d:03}"));
-            std::fs::create_dir(&dir).unwrap();
-            std::fs::write(dir.join("gone"), b"x").unwrap();
-            std::fs::write(dir.join("kept"), b"y").unwrap();
-        }
+        let (tmp, backing) = folders(DIRS, &["gone", "kept"]);
         let power = Arc::new(crate::backing::power_loss::PowerLoss::new(tmp.path()).unwrap());
-        let backing = Backing::open(tmp.path()).unwrap();
-        backing.set_unsynced_cap(MAX_UNSYNCED);
         backing.set_faults(Arc::new(Faults::with_power_loss(u64::MAX, power.clone())));
         for d in 0..DIRS {
             let dir = backing.open_dir(format!("d{d:03}").as_bytes()).unwrap();
@@ -955,15 +945,8 @@ mod tests {
     #[test]
     fn removed_directories_stay_removed_after_the_commit() {
         const DIRS: usize = 300;
-        let tmp = tempfile::tempdir().unwrap();
-        for d in 0..DIRS {
-            let dir = tmp.path().join(format!("d{d:03}"));
-            std::fs::create_dir(&dir).unwrap();
-            std::fs::write(dir.join("f"), b"x").unwrap();
-        }
+        let (tmp, backing) = folders(DIRS, &["f"]);
         let power = Arc::new(crate::backing::power_loss::PowerLoss::new(tmp.path()).unwrap());
-        let backing = Backing::open(tmp.path()).unwrap();
-        backing.set_unsynced_cap(MAX_UNSYNCED);
         backing.set_faults(Arc::new(Faults::with_power_loss(u64::MAX, power.clone())));
         let top = backing.open_dir(b"").unwrap();
         for d in 0..DIRS {
