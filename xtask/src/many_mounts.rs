@@ -650,7 +650,10 @@ pub fn run(options: &Options) -> Result<()> {
     let disk = Disk::create(&scratch, 256 + 8 * u64::from(options.mounts))?;
     // The workers run as other users, who may not reach this binary where it was built.
     let exe = scratch.path().join("xtask-worker");
-    let own = std::env::current_exe().context("finding this program's path")?;
+    // Copied from /proc/self/exe, the running image, not from its path: under `cargo xtask
+    // ci` an earlier step (`cargo test --workspace`) rebuilds target/debug/xtask, and the
+    // path then names a deleted file ("… (deleted)"), which failed CI.
+    let own = std::path::PathBuf::from("/proc/self/exe");
     std::fs::copy(&own, &exe)
         .with_context(|| format!("copying {} to {}", own.display(), exe.display()))?;
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
