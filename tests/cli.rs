@@ -462,6 +462,9 @@ fn foreground_and_sigint() -> TestResult {
     let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
     let result = (|| -> TestResult {
         wait_until("the foreground mount appears", || is_pershome_mount(&s.mnt))?;
+        // The mount is in mountinfo before the kernel's INIT reaches the daemon, whose
+        // init() writes the pid marker: wait for it too (CI once read it too early).
+        wait_until("the daemon's pid marker", || daemon_pid(&s.markers).is_ok())?;
         check!(
             daemon_pid(&s.markers)? == child.id(),
             "expected the foreground process itself to serve the mount"
