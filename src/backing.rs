@@ -166,6 +166,23 @@ impl Unsynced {
     }
 }
 
+/// `fstatat` of `name` in `dir`, not following a symlink (for `stat_at` and `key_at`).
+fn fstatat_nofollow(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<libc::stat> {
+    let c = cstr(name)?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: st is written by fstatat on success, which check() verifies.
+    check(unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded, so st is initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
 fn cstr(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
@@ -268,19 +285,7 @@ impl Backing {
     }
 
     pub fn stat_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<BackingStat> {
-        let c = cstr(name)?;
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: st is written by fstatat on success, which check() verifies.
-        check(unsafe {
-            libc::fstatat(
-                dir.as_raw_fd(),
-                c.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })?;
-        // SAFETY: fstatat succeeded, so st is initialised.
-        Ok(BackingStat::from_raw(unsafe { &st.assume_init() }))
+        Ok(BackingStat::from_raw(&fstatat_nofollow(dir, name)?))
     }
 
     fn fstat_fd(fd: BorrowedFd<'_>) -> io::Result<BackingStat> {
@@ -419,19 +424,7 @@ impl Backing {
 
     /// The (device, inode) of `name` in `dir`, not following a symlink.
     fn key_at(&self, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<(u64, u64)> {
-        let c = cstr(name)?;
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: st is written by fstatat on success, which check() verifies.
-        check(unsafe {
-            libc::fstatat(
-                dir.as_raw_fd(),
-                c.as_ptr(),
-                st.as_mut_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })?;
-        // SAFETY: fstatat succeeded, so st is initialised.
-        let st = unsafe { st.assume_init() };
+        let st = fstatat_nofollow(dir, name)?;
         Ok((st.st_dev, st.st_ino))
     }
 
