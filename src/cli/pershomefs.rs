@@ -180,6 +180,8 @@ where
     F: fuser::Filesystem,
     O: FnOnce(&Path, &MountOptions) -> Result<F, OpenError>,
 {
+    // First, while this process has one thread (see the function for why).
+    daemon::limit_malloc_arenas();
     if let Err(e) = daemon::ensure_stdio_open() {
         eprintln!("pershomefs: cannot open /dev/null for closed standard descriptors: {e}");
         return exit_code::INTERNAL;
