@@ -336,9 +336,18 @@ impl Filesystem for Adapter {
         // No FUSE_WRITEBACK_CACHE: measured here it made untarring 10% slower and a 1 GiB
         // sequential write 2.5 times slower (extra SETATTR/GETATTR per file, page-sized
         // writeback), and it would let the kernel own mtime and size.
+        // READDIRPLUS for every batch of a listing, not FUSE_READDIRPLUS_AUTO: with AUTO the
+        // kernel asks for attributes only in the first batch of an uncached listing (or after
+        // a LOOKUP in that directory, `fuse_use_readdirplus`), and `du`, `tar c`, `cp -a`,
+        // `rsync` and `rm -rf` read a whole directory before they look at its entries, so
+        // every entry past the first batch cost a LOOKUP. Measured on a tmpfs backing with
+        // 100 directories of 1,000 files, cold: `du -s` 3.1 s → 0.9 s (80,701 LOOKUPs → 1),
+        // `tar cf /dev/null` 3.2 → 1.0 s, `rm -rf` 8.9 → 6.0 s. A bare `find`, which needs
+        // no attributes, pays for the inodes the kernel now makes (0.56 → 0.81 s there; on the
+        // bench's tree of small folders it got faster, 0.52 → 0.40 requests per entry). The
+        // daemon already holds every entry of a loaded directory, so it costs it nothing.
         for flag in [
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_POSIX_ACL,
             InitFlags::FUSE_BIG_WRITES,
             InitFlags::FUSE_ASYNC_READ,

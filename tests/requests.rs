@@ -176,6 +176,52 @@ fn a_warm_listing_is_served_from_the_kernel_caches() {
     );
 }
 
+/// A cold walk that looks at every entry of a big folder gets the entries' attributes with
+/// the listing, in every batch: `du`, `tar c`, `cp -a`, `rsync` and `rm -rf` read a whole
+/// folder before they look at its entries, so with FUSE_READDIRPLUS_AUTO (attributes only in
+/// the first batch) each entry of the later batches cost a LOOKUP of its own.
+#[test]
+fn a_cold_walk_of_a_big_folder_needs_no_lookup_per_entry() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let files = 2000;
+    let m = Mount::new(&s.backing, &s.mnt, "");
+    let big = m.mountpoint.join("big");
+    std::fs::create_dir(&big).expect("mkdir through the mount");
+    for i in 0..files {
+        std::fs::File::create_new(big.join(format!("document-{i:05}.txt")))
+            .expect("create through the mount");
+    }
+    // Cold: a new mount, so the kernel has neither the folder's listing nor its entries.
+    m.unmount();
+    let m = Mount::new(&s.backing, &s.mnt, "counters");
+    let big = m.mountpoint.join("big");
+    let mut got = during(&m.mountpoint, || {
+        run("du", &["-s".as_ref(), big.as_os_str()])
+    });
+    got.remove("FORGET");
+    let plus = got.get("READDIRPLUS").copied().unwrap_or(0);
+    assert!(
+        plus > 2,
+        "a listing of {files} entries takes several batches: {got:?}"
+    );
+    // The LOOKUP of `big` itself; the mount's first OPENDIR (declined, the only one); du's
+    // STATFS and a GETATTR of the mount's root.
+    let expected = report(&[
+        ("READDIRPLUS", plus),
+        ("LOOKUP", 1),
+        ("OPENDIR", 1),
+        ("STATFS", 1),
+        ("GETATTR", 1),
+    ]);
+    assert_eq!(
+        got, expected,
+        "cold du -s of {files} entries: expected {expected:?}, got {got:?}"
+    );
+}
+
 #[test]
 fn cached_listings_follow_every_change_made_through_the_mount() {
     if !can_mount() {
