@@ -254,16 +254,25 @@ struct CellStats {
     listed_rss_kib: Option<u64>,
 }
 
-/// The resident set (KiB) of the pershomefs daemon serving `mountpoint`, if there is one.
+/// The resident set (KiB) of the pershomefs daemon serving `mountpoint`, if there is one:
+/// the process that has the mountpoint among its arguments and `/dev/fuse` open. Not by
+/// program name, because a `PERSHOMEFS=` binary (an older build kept for a before/after run)
+/// may be called anything.
 fn daemon_rss_kib(mountpoint: &Path) -> Option<u64> {
     let want = mountpoint.as_os_str().as_encoded_bytes();
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        let mut args = cmdline.split(|&b| b == 0);
-        let is_pershomefs = args.next().is_some_and(|a| a.ends_with(b"pershomefs"));
-        if !is_pershomefs || !cmdline.split(|&b| b == 0).any(|a| a == want) {
+        if !cmdline.split(|&b| b == 0).skip(1).any(|a| a == want) {
+            continue;
+        }
+        let holds_fuse = std::fs::read_dir(entry.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new("/dev/fuse")));
+        if !holds_fuse {
             continue;
         }
         let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
