@@ -27,7 +27,24 @@ use crate::requests::{Counters, Op, REPORT_XATTR};
 /// How long the kernel may trust names and attributes without asking. pershome is the only
 /// writer of the backing while mounted, and the kernel invalidates what its own operations
 /// change, so this only bounds how stale a view can be after an unusual path (none known).
-const TTL: Duration = Duration::from_secs(30);
+/// An hour, not seconds: once it ran out the kernel revalidated every name with a LOOKUP and
+/// forgot its cached ACL, so an `ls -lR` 30 s after the last cost more (2.2 requests per
+/// entry) than a cold one (1.6).
+const TTL: Duration = Duration::from_secs(3600);
+
+/// The one attribute the daemon changes on its own: a directory's link count, the backing's
+/// until the directory is first listed (`Attr::nlink_provisional`). Such a reply is trusted
+/// for as long as every reply was before the hour above.
+const PROVISIONAL_TTL: Duration = Duration::from_secs(30);
+
+/// How long the kernel may trust the name and attributes of this reply.
+fn ttl(a: &Attr) -> &'static Duration {
+    if a.nlink_provisional {
+        &PROVISIONAL_TTL
+    } else {
+        &TTL
+    }
+}
 
 /// Flags of every opened or created file. FOPEN_NOFLUSH: `Fs::flush` has nothing to do (data
 /// goes to the backing file on each write, errors are reported there, and there are no POSIX
@@ -132,6 +149,28 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The reply to a LOOKUP of a name that does not exist, for the kernel to remember: only the
+/// node id (0) and the timeout count.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
 fn err(e: Errno) -> fuser::Errno {
     fuser::Errno::from_i32(e as i32)
 }
@@ -191,7 +230,8 @@ impl Adapter {
 
     fn entry(&self, reply: ReplyEntry, r: crate::fs::Result<Attr>) {
         match r {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            // The name itself stays for the hour even when the attributes are provisional.
+            Ok(a) => reply.entry_with_ttls(ttl(&a), &TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -421,7 +461,17 @@ impl Filesystem for Adapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.count(Op::Lookup);
-        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+        match self.fs.lookup(parent.0, name.as_bytes()) {
+            // A name that is not there is remembered too: node id 0 with a timeout is a
+            // negative entry the kernel keeps (fs/fuse/dir.c `fuse_lookup_name`), where a bare
+            // ENOENT is asked again at every access. Programs probe many names that do not
+            // exist (a desktop's config and theme files, a shell's PATH, `make`); only an
+            // operation through this mount can create a name while it is mounted, and the
+            // kernel turns the entry positive when one does. A directory is loaded before its
+            // first answer, so no later discovery on the stick can contradict it.
+            Err(Errno::ENOENT) => reply.entry(&TTL, &negative_entry(), Generation(0)),
+            r => self.entry(reply, r),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -432,7 +482,7 @@ impl Filesystem for Adapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.count(Op::Getattr);
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -486,7 +536,7 @@ impl Filesystem for Adapter {
             kill_set_id,
         };
         match self.fs.setattr(ino.0, set) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -759,7 +809,7 @@ impl Filesystem for Adapter {
                         INodeNo(e.ino),
                         off,
                         name,
-                        &TTL,
+                        ttl(&a),
                         &file_attr(&a),
                         Generation(0),
                     ) {
@@ -871,7 +921,7 @@ impl Filesystem for Adapter {
         {
             Ok((a, fh)) => match self.backing_id(a.ino, fh, |f| reply.open_backing(f)) {
                 Some(id) => reply.created_passthrough(
-                    &TTL,
+                    ttl(&a),
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),
@@ -879,7 +929,7 @@ impl Filesystem for Adapter {
                     &id,
                 ),
                 None => reply.created(
-                    &TTL,
+                    ttl(&a),
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),

@@ -284,3 +284,37 @@ fn an_unordered_checkpoint_is_read_whole_then_rewritten_in_order_at_unmount() {
     check(&fs);
     fs.shutdown();
 }
+
+/// A directory not listed yet shows the backing's link count, which its first listing
+/// replaces by its own (they differ on a backing that does not count subdirectories, such as
+/// exfat-fuse, which says 1); the adapter lets the kernel trust such an attribute for 30 s
+/// instead of an hour (`fuse::ttl`).
+#[test]
+fn an_unlisted_directorys_link_count_is_marked_provisional_until_it_is_listed() {
+    let s = common::scratch("pershome-lazy-nlink");
+    build_store(&s.backing);
+    let fs = common::open(&s.backing);
+    let d = lookup_path(&fs, &[&dir_name(3)]);
+    assert!(
+        d.nlink_provisional,
+        "a directory never listed on this mount: {d:?}"
+    );
+    let other = lookup_path(&fs, &[&dir_name(4)]);
+    let _ = list(&fs, other.ino);
+    let listed = fs.getattr(other.ino).unwrap();
+    assert!(
+        !listed.nlink_provisional && listed.nlink == 2,
+        "after its listing the count is the directory's own: {listed:?}"
+    );
+    let made = fs.mkdir(ctx(), ROOT, b"new", 0o755).unwrap();
+    assert!(
+        !made.nlink_provisional,
+        "a directory made on this mount: {made:?}"
+    );
+    let root = fs.getattr(ROOT).unwrap();
+    assert!(
+        !root.nlink_provisional,
+        "the root is listed at mount: {root:?}"
+    );
+    fs.shutdown();
+}

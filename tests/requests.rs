@@ -222,6 +222,105 @@ fn a_cold_walk_of_a_big_folder_needs_no_lookup_per_entry() {
     );
 }
 
+/// The kernel keeps trusting names and attributes long after a walk: a listing a minute
+/// later is as warm as one right after. (Until December 2026 they were trusted for 30 s;
+/// after that each name cost a LOOKUP, which also made the kernel forget the file's cached
+/// ACL, so `ls -lR` of this tree half a minute later sent over 800 requests.) Waits 31 s: no
+/// timing is judged, only what the kernel asks after the old limit.
+#[test]
+fn a_listing_stays_warm_after_a_pause() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let m = Mount::new(&s.backing, &s.mnt, "counters");
+    make_tree(&m.mountpoint);
+    let tree = m.mountpoint.join("tree");
+    let entries = (DIRS * FILES + DIRS) as u64;
+    for _ in 0..3 {
+        run("ls", &["-lR".as_ref(), tree.as_os_str()]);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(31));
+    let later = during(&m.mountpoint, || {
+        run("ls", &["-lR".as_ref(), tree.as_os_str()])
+    });
+    // What the walk just before the pause cost: the one security.selinux probe each `ls`
+    // run makes (the namespace is declined, so it asks no more). Names, attributes,
+    // listings and ACLs all come from the kernel.
+    let expected = report(&[("GETXATTR", 1)]);
+    assert_eq!(
+        later, expected,
+        "ls -lR of {entries} entries 31 s after the last: expected {expected:?}, got {later:?}"
+    );
+}
+
+/// A name that does not exist is asked once: the kernel keeps the daemon's "no such name"
+/// (a negative entry), and a create, mkdir, symlink, link or rename through the mount makes
+/// the name appear at once, an unlink or rmdir disappear.
+#[test]
+fn a_missing_name_is_asked_once_and_follows_changes() {
+    if !can_mount() {
+        return;
+    }
+    let s = scratch();
+    let m = Mount::new(&s.backing, &s.mnt, "counters");
+    let d = m.mountpoint.join("d");
+    std::fs::create_dir(&d).expect("mkdir");
+    let missing = d.join("settings.ini");
+    // The mkdir left the root's attributes to fetch again (`fuse_dir_changed`); not counted.
+    std::fs::symlink_metadata(&d).expect("stat d");
+    let got = during(&m.mountpoint, || {
+        for _ in 0..10 {
+            let e = std::fs::symlink_metadata(&missing).expect_err("not there yet");
+            assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        }
+    });
+    assert_eq!(
+        got,
+        report(&[("LOOKUP", 1)]),
+        "10 stats of a missing name: expected one LOOKUP, got {got:?}"
+    );
+    let other = d.join("other");
+    std::fs::write(&other, b"x").expect("create");
+    let name = |n: &str| d.join(n);
+    let exists = |p: &Path| std::fs::symlink_metadata(p).is_ok();
+    // Each way a name can come into being, each after the kernel was told it is missing.
+    for (n, make) in [
+        (
+            "created",
+            &(|p: &Path| std::fs::write(p, b"y").expect("create")) as &dyn Fn(&Path),
+        ),
+        ("dir", &|p: &Path| std::fs::create_dir(p).expect("mkdir")),
+        ("sym", &|p: &Path| {
+            std::os::unix::fs::symlink("other", p).expect("symlink")
+        }),
+        ("hard", &|p: &Path| {
+            std::fs::hard_link(&other, p).expect("link")
+        }),
+        ("moved", &|p: &Path| {
+            std::fs::rename(&other, p).expect("rename")
+        }),
+    ] {
+        assert!(!exists(&name(n)), "{n} must not exist yet");
+        make(&name(n));
+        assert!(exists(&name(n)), "{n} must exist right after it was made");
+    }
+    std::fs::remove_file(name("created")).expect("unlink");
+    std::fs::remove_dir(name("dir")).expect("rmdir");
+    assert!(!exists(&name("created")) && !exists(&name("dir")));
+    assert!(!exists(&other), "the rename's source is gone");
+    // And the store agrees after a remount.
+    m.unmount();
+    let m = Mount::new(&s.backing, &s.mnt, "");
+    let d = m.mountpoint.join("d");
+    let mut names: Vec<String> = std::fs::read_dir(&d)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["hard", "moved", "sym"]);
+}
+
 #[test]
 fn cached_listings_follow_every_change_made_through_the_mount() {
     if !can_mount() {

@@ -215,6 +215,10 @@ pub struct Attr {
     pub mtime: Timespec,
     pub ctime: Timespec,
     pub btime: Timespec,
+    /// `nlink` is the backing's count for a directory not listed yet (`DirState::Unloaded`),
+    /// which its first listing replaces by its own count; the two differ on a backing that
+    /// does not count subdirectories (exfat-fuse says 1). The kernel must not keep it long.
+    pub nlink_provisional: bool,
 }
 
 /// Who is asking: the caller of the system call.
@@ -623,6 +627,7 @@ impl Inode {
             mtime: self.meta.mtime,
             ctime: self.meta.ctime,
             btime: self.meta.btime,
+            nlink_provisional: matches!(self.dir.as_deref(), Some(DirState::Unloaded { .. })),
         }
     }
 }
