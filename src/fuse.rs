@@ -26,25 +26,13 @@ use crate::requests::{Counters, Op, REPORT_XATTR};
 
 /// How long the kernel may trust names and attributes without asking. pershome is the only
 /// writer of the backing while mounted, and the kernel invalidates what its own operations
-/// change, so this only bounds how stale a view can be after an unusual path (none known).
-/// An hour, not seconds: once it ran out the kernel revalidated every name with a LOOKUP and
-/// forgot its cached ACL, so an `ls -lR` 30 s after the last cost more (2.2 requests per
-/// entry) than a cold one (1.6).
+/// change, so this only bounds how stale a view can be after an unusual path (none known; a
+/// directory not listed yet shows the backing's link count, the same as its own listing's,
+/// or 1, "unknown", where the backing does not count: `Inode::nlink`). An hour, not seconds:
+/// once it ran out the kernel revalidated every name with a LOOKUP and forgot its cached
+/// ACL, so an `ls -lR` 30 s after the last cost more (2.2 requests per entry) than a cold one
+/// (1.6).
 const TTL: Duration = Duration::from_secs(3600);
-
-/// The one attribute the daemon changes on its own: a directory's link count, the backing's
-/// until the directory is first listed (`Attr::nlink_provisional`). Such a reply is trusted
-/// for as long as every reply was before the hour above.
-const PROVISIONAL_TTL: Duration = Duration::from_secs(30);
-
-/// How long the kernel may trust the name and attributes of this reply.
-fn ttl(a: &Attr) -> &'static Duration {
-    if a.nlink_provisional {
-        &PROVISIONAL_TTL
-    } else {
-        &TTL
-    }
-}
 
 /// Flags of every opened or created file. FOPEN_NOFLUSH: `Fs::flush` has nothing to do (data
 /// goes to the backing file on each write, errors are reported there, and there are no POSIX
@@ -230,8 +218,7 @@ impl Adapter {
 
     fn entry(&self, reply: ReplyEntry, r: crate::fs::Result<Attr>) {
         match r {
-            // The name itself stays for the hour even when the attributes are provisional.
-            Ok(a) => reply.entry_with_ttls(ttl(&a), &TTL, &file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -482,7 +469,7 @@ impl Filesystem for Adapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.count(Op::Getattr);
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(ttl(&a), &file_attr(&a)),
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -536,7 +523,7 @@ impl Filesystem for Adapter {
             kill_set_id,
         };
         match self.fs.setattr(ino.0, set) {
-            Ok(a) => reply.attr(ttl(&a), &file_attr(&a)),
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -809,7 +796,7 @@ impl Filesystem for Adapter {
                         INodeNo(e.ino),
                         off,
                         name,
-                        ttl(&a),
+                        &TTL,
                         &file_attr(&a),
                         Generation(0),
                     ) {
@@ -921,7 +908,7 @@ impl Filesystem for Adapter {
         {
             Ok((a, fh)) => match self.backing_id(a.ino, fh, |f| reply.open_backing(f)) {
                 Some(id) => reply.created_passthrough(
-                    ttl(&a),
+                    &TTL,
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),
@@ -929,7 +916,7 @@ impl Filesystem for Adapter {
                     &id,
                 ),
                 None => reply.created(
-                    ttl(&a),
+                    &TTL,
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),

@@ -215,10 +215,6 @@ pub struct Attr {
     pub mtime: Timespec,
     pub ctime: Timespec,
     pub btime: Timespec,
-    /// `nlink` is the backing's count for a directory not listed yet (`DirState::Unloaded`),
-    /// which its first listing replaces by its own count; the two differ on a backing that
-    /// does not count subdirectories (exfat-fuse says 1). The kernel must not keep it long.
-    pub nlink_provisional: bool,
 }
 
 /// Who is asking: the caller of the system call.
@@ -580,7 +576,15 @@ impl Inode {
         match self.kind {
             Kind::Dir => match self.dir.as_deref() {
                 Some(DirState::Loaded(c)) => 2 + c.subdirs,
-                Some(DirState::Unloaded { nlink_hint, .. }) => (*nlink_hint).max(2),
+                // Not listed yet: the backing's count, which is the listing's own (2 and a
+                // subdirectory each; no subdirectory of a home folder is hidden) on vfat, the
+                // kernel's exFAT and ext4. A backing that does not count subdirectories
+                // (exfat-fuse says 1) shows 1, the conventional "unknown" (btrfs shows 1 for
+                // every directory): the kernel keeps attributes for an hour (`fuse::TTL`),
+                // and a guessed 2 would be a wrong count all that time; 1 only says it is not
+                // known, and `find` then reads the directory instead of trusting the count.
+                Some(DirState::Unloaded { nlink_hint, .. }) if *nlink_hint >= 2 => *nlink_hint,
+                Some(DirState::Unloaded { .. }) => 1,
                 None => 2,
             },
             _ if self.link_id().is_some() => self.meta.nlink(),
@@ -627,7 +631,6 @@ impl Inode {
             mtime: self.meta.mtime,
             ctime: self.meta.ctime,
             btime: self.meta.btime,
-            nlink_provisional: matches!(self.dir.as_deref(), Some(DirState::Unloaded { .. })),
         }
     }
 }
