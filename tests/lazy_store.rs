@@ -9,6 +9,9 @@
 
 mod common;
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
 use pershome::fs::{Ctx, Fs, SetAttr, ROOT};
 
 const DIRS: u32 = 40;
@@ -296,12 +299,7 @@ fn an_unlisted_directory_shows_the_link_count_of_its_listing() {
     // One folder gains two subdirectories on another computer, one of them with a name that
     // FAT would not take from Linux; the other keeps none.
     for sub in ["from windows", "Ünïcode"] {
-        std::fs::create_dir(
-            s.backing
-                .join(std::str::from_utf8(&dir_name(5)).unwrap())
-                .join(sub),
-        )
-        .unwrap();
+        std::fs::create_dir(s.backing.join(OsStr::from_bytes(&dir_name(5))).join(sub)).unwrap();
     }
     let fs = common::open(&s.backing);
     for (d, want) in [(5, 4), (6, 2)] {

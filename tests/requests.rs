@@ -61,6 +61,16 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) {
     assert!(status.success(), "{program} {args:?} failed: {status}");
 }
 
+/// The names in `dir` through the mount, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// `DIRS` directories of `FILES` empty files each, under `mnt/tree`, made through the mount
 /// (100 per directory, as in the bench: costs per directory spread over its entries).
 const DIRS: usize = 4;
@@ -316,12 +326,7 @@ fn a_missing_name_is_asked_once_and_follows_changes() {
     m.unmount();
     let m = Mount::new(&s.backing, &s.mnt, "");
     let d = m.mountpoint.join("d");
-    let mut names: Vec<String> = std::fs::read_dir(&d)
-        .expect("read_dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["hard", "moved", "sym"]);
+    assert_eq!(names(&d), ["hard", "moved", "sym"]);
 }
 
 #[test]
@@ -334,14 +339,6 @@ fn cached_listings_follow_every_change_made_through_the_mount() {
     make_tree(&m.mountpoint);
     let d0 = m.mountpoint.join("tree/d0");
     let d1 = m.mountpoint.join("tree/d1");
-    let names = |dir: &Path| -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .expect("read_dir")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
     // Twice, so the second listing comes from the kernel's cache.
     let _ = names(&d0);
     let before = names(&d0);
